@@ -1,0 +1,81 @@
+-- active-calls-agent: the whole database schema (SPEC 5). A public contract: local scripts
+-- may open the database read-only (`sqlite3 -readonly`) and query these tables.
+--
+-- The database holds only the switch's *current* calls, a cache of state the switch resends
+-- every period; so a schema change bumps `user_version` below and the agent rebuilds the
+-- tables from scratch instead of migrating them.
+
+-- One row per node that fed a snapshot: when it was received decides whether the node's
+-- calls are still current (`feed.stale_after`), also across a restart.
+CREATE TABLE nodes (
+    node_id             INTEGER PRIMARY KEY,
+    received_at_ms      INTEGER NOT NULL, -- unix ms the latest snapshot was received (file: its mtime)
+    snapshot_timestamp  TEXT    NOT NULL, -- 'YYYY-MM-DD hh:mm:ss' UTC, shared by the node's rows
+    source              TEXT    NOT NULL  -- 'file' or 'socket': which feed sent it
+) STRICT;
+
+-- One row per current call. Clustered by account: every customer query names one account,
+-- so its calls are one contiguous range of the table.
+CREATE TABLE calls (
+    customer_acc_id                 INTEGER NOT NULL,
+    node_id                         INTEGER NOT NULL,
+    local_tag                       TEXT    NOT NULL,
+    customer_id                     INTEGER NOT NULL,
+    -- NULL: the row's snapshot_timestamp is its node's (nodes.snapshot_timestamp); kept per
+    -- row only when it differs, so an unchanged call costs no write from one snapshot to the next.
+    snapshot_timestamp              TEXT,
+    start_time                      TEXT    NOT NULL,
+    connect_time                    TEXT,
+    destination_prefix              TEXT    NOT NULL,
+    destination_initial_interval    INTEGER NOT NULL,
+    destination_initial_rate        TEXT    NOT NULL, -- decimal text, as the switch sent it
+    destination_next_interval       INTEGER NOT NULL,
+    destination_next_rate           TEXT    NOT NULL,
+    destination_fee                 TEXT    NOT NULL,
+    src_name_in                     TEXT    NOT NULL,
+    src_prefix_in                   TEXT    NOT NULL,
+    dst_prefix_in                   TEXT    NOT NULL,
+    src_prefix_routing              TEXT    NOT NULL,
+    dst_prefix_routing              TEXT    NOT NULL,
+    from_domain                     TEXT    NOT NULL,
+    to_domain                       TEXT    NOT NULL,
+    ruri_domain                     TEXT    NOT NULL,
+    diversion_in                    TEXT,
+    pai_in                          TEXT,
+    ppi_in                          TEXT,
+    privacy_in                      TEXT,
+    rpid_in                         TEXT,
+    rpid_privacy_in                 TEXT,
+    auth_orig_transport_protocol_id INTEGER NOT NULL,
+    auth_orig_ip                    TEXT    NOT NULL,
+    auth_orig_port                  INTEGER NOT NULL,
+    -- The five filterable strings with their bytes reversed, so that a byte suffix
+    -- (`-ends-with`) is a prefix range search in an index. Not valid UTF-8, hence BLOB.
+    src_name_in_rev                 BLOB    NOT NULL,
+    src_prefix_in_rev               BLOB    NOT NULL,
+    dst_prefix_in_rev               BLOB    NOT NULL,
+    src_prefix_routing_rev          BLOB    NOT NULL,
+    dst_prefix_routing_rev          BLOB    NOT NULL,
+    -- A hash of everything above: a snapshot rewrites a call only when it changed.
+    row_hash                        INTEGER NOT NULL,
+    PRIMARY KEY (customer_acc_id, node_id, local_tag)
+) STRICT, WITHOUT ROWID;
+
+-- A call's identity is (node, local_tag), whatever account it is on.
+CREATE UNIQUE INDEX calls_by_node ON calls (node_id, local_tag);
+
+-- `-eq` and `-starts-with` are ranges over the column within one account (BINARY collation:
+-- plain byte order, so `%`, `_` and case mean nothing special); `-ends-with` is a range over
+-- the reversed column.
+CREATE INDEX calls_src_name_in            ON calls (customer_acc_id, src_name_in);
+CREATE INDEX calls_src_prefix_in          ON calls (customer_acc_id, src_prefix_in);
+CREATE INDEX calls_dst_prefix_in          ON calls (customer_acc_id, dst_prefix_in);
+CREATE INDEX calls_src_prefix_routing     ON calls (customer_acc_id, src_prefix_routing);
+CREATE INDEX calls_dst_prefix_routing     ON calls (customer_acc_id, dst_prefix_routing);
+CREATE INDEX calls_src_name_in_rev        ON calls (customer_acc_id, src_name_in_rev);
+CREATE INDEX calls_src_prefix_in_rev      ON calls (customer_acc_id, src_prefix_in_rev);
+CREATE INDEX calls_dst_prefix_in_rev      ON calls (customer_acc_id, dst_prefix_in_rev);
+CREATE INDEX calls_src_prefix_routing_rev ON calls (customer_acc_id, src_prefix_routing_rev);
+CREATE INDEX calls_dst_prefix_routing_rev ON calls (customer_acc_id, dst_prefix_routing_rev);
+
+PRAGMA user_version = 1;

@@ -1,0 +1,303 @@
+//! The HTTP API: `GET /api/rest/customer/v1/outgoing-active-calls` (SPEC 1), on hyper.
+//!
+//! A request goes through the same steps as in the central API, in its order: authenticate
+//! (401, empty body), check the parameters ([`params`], 400 with the SPEC's body), run the
+//! query on a pooled read connection, and answer with the headers a Rails application sends.
+//! The SQLite work runs on tokio's blocking pool, so a slow scan never stalls the listener.
+//! The body is built in memory and hashed for the `ETag`; a matching `If-None-Match` gets a
+//! 304, and `HEAD` the same headers without a body.
+
+pub mod params;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::Authenticator;
+use crate::directory::{Directory, SwapCell};
+use crate::feed::unix_millis;
+use crate::store::{CallQuery, Readers};
+
+/// The customer endpoint's path.
+pub const OUTGOING_ACTIVE_CALLS: &str = "/api/rest/customer/v1/outgoing-active-calls";
+
+/// A client that sends no complete request head within this time is dropped.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a request needs, shared by all connections.
+pub struct ApiState {
+    pub readers: Arc<Readers>,
+    pub directory: Arc<SwapCell<Directory>>,
+    pub auth: Authenticator,
+    /// Calls of a node silent this long are not shown; `None`: never stale.
+    pub stale_after: Option<Duration>,
+}
+
+type Body = Full<Bytes>;
+
+/// Accepts connections on `listener` until `shutdown` becomes true.
+pub async fn serve(listener: TcpListener, state: Arc<ApiState>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accepting an API connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "API connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Routes one request.
+async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = request_id(req.headers());
+    let mut response = match (req.uri().path(), req.method()) {
+        (OUTGOING_ACTIVE_CALLS, &Method::GET | &Method::HEAD) => outgoing_active_calls(state, &req, &request_id).await,
+        (OUTGOING_ACTIVE_CALLS, _) => {
+            let mut r = empty(StatusCode::METHOD_NOT_ALLOWED);
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r
+        }
+        _ => empty(StatusCode::NOT_FOUND),
+    };
+    finish(&mut response, &request_id, started);
+    if req.method() == Method::HEAD {
+        // The GET's headers, Content-Length included, and no body.
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, Body::default());
+    }
+    response
+}
+
+async fn outgoing_active_calls(state: &ApiState, req: &Request<Incoming>, request_id: &str) -> Response<Body> {
+    let directory = state.directory.load();
+    let Ok(auth) = state.auth.authenticate(req.headers(), &directory) else {
+        return empty(StatusCode::UNAUTHORIZED);
+    };
+    let query = req.uri().query().unwrap_or("").as_bytes();
+    let (account_id, filters) = match params::parse(query, &auth.context, &directory) {
+        Ok(parsed) => parsed,
+        Err(e) => return json(StatusCode::BAD_REQUEST, e.body().into_bytes()),
+    };
+    let now = SystemTime::now();
+    let stale_cutoff_ms = match state.stale_after {
+        Some(stale) => unix_millis(now) - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
+        None => i64::MIN,
+    };
+    let call_query = CallQuery {
+        customer_id: auth.context.customer_id,
+        account_id,
+        filters,
+        stale_cutoff_ms,
+    };
+    let readers = state.readers.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        let mut body = Vec::with_capacity(4096);
+        readers.outgoing_calls(&call_query, &mut body).map(|_| body)
+    })
+    .await;
+    let body = match answered {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            tracing::error!(request_id, error = %e, "outgoing-active-calls query failed");
+            return empty(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        Err(e) => {
+            tracing::error!(request_id, error = %e, "outgoing-active-calls query panicked");
+            return empty(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    };
+    let etag = etag_of(&body);
+    let mut response = if if_none_match(req.headers(), &etag) {
+        let mut r = Response::new(Body::default());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        json(StatusCode::OK, body)
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, header_value(&etag));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=0, private, must-revalidate"),
+    );
+    headers.insert(header::VARY, HeaderValue::from_static("Accept"));
+    if auth.from_cookie
+        && let Some(cookie) = state.auth.refreshed_cookie(&auth.context, now)
+    {
+        headers.insert(header::SET_COOKIE, header_value(&cookie));
+    }
+    response
+}
+
+/// A response with no body.
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    response
+}
+
+/// A JSON response.
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let length = body.len();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if status != StatusCode::OK {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    response
+}
+
+/// The headers every answer carries, as a Rails application's middleware adds them.
+fn finish(response: &mut Response<Body>, request_id: &str, started: Instant) {
+    const SECURITY: [(&str, &str); 5] = [
+        ("x-frame-options", "SAMEORIGIN"),
+        ("x-xss-protection", "0"),
+        ("x-content-type-options", "nosniff"),
+        ("x-permitted-cross-domain-policies", "none"),
+        ("referrer-policy", "strict-origin-when-cross-origin"),
+    ];
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+    }
+    headers.insert(HeaderName::from_static("x-request-id"), header_value(request_id));
+    let runtime = format!("{:.6}", started.elapsed().as_secs_f64());
+    headers.insert(HeaderName::from_static("x-runtime"), header_value(&runtime));
+}
+
+/// The request's own `X-Request-Id`, stripped to `[A-Za-z0-9_@-]` and 255 characters, or a
+/// new uuid when that leaves nothing (as Rails' `ActionDispatch::RequestId`).
+fn request_id(headers: &HeaderMap) -> String {
+    let given: String = headers
+        .get("x-request-id")
+        .map(|v| {
+            v.as_bytes()
+                .iter()
+                .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'@' | b'-'))
+                .take(255)
+                .map(|&b| char::from(b))
+                .collect()
+        })
+        .unwrap_or_default();
+    if given.is_empty() {
+        uuid::Uuid::new_v4().to_string()
+    } else {
+        given
+    }
+}
+
+/// A header value from text the agent made itself (always visible ASCII).
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `W/"<first 128 bits of the body's SHA-256, in hex>"`, Rack's weak ETag.
+fn etag_of(body: &[u8]) -> String {
+    let digest = Sha256::digest(body);
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("W/\"{hex}\"")
+}
+
+/// Whether `If-None-Match` names `etag` (weak comparison: `W/` is ignored), or is `*`.
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    let opaque = etag.trim_start_matches("W/");
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == opaque)
+}
+
+/// Binds the API listener (port 0 picks a free port).
+pub async fn bind(listen: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    use anyhow::Context;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the API listener {listen}"))?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn request_ids_are_stripped_or_made() {
+        assert_eq!(request_id(&headers(&[("x-request-id", "ab c<>@_-9")])), "abc@_-9");
+        let long = "x".repeat(300);
+        assert_eq!(request_id(&headers(&[("x-request-id", &long)])).len(), 255);
+        let made = request_id(&headers(&[("x-request-id", "<>")]));
+        assert!(uuid::Uuid::parse_str(&made).is_ok(), "{made}");
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let etag = etag_of(b"{}");
+        let strong = etag.trim_start_matches("W/").to_string();
+        assert!(if_none_match(&headers(&[("if-none-match", &etag)]), &etag));
+        assert!(if_none_match(&headers(&[("if-none-match", &strong)]), &etag));
+        assert!(if_none_match(&headers(&[("if-none-match", &format!("\"x\", {etag}"))]), &etag));
+        assert!(if_none_match(&headers(&[("if-none-match", "*")]), &etag));
+        assert!(!if_none_match(&headers(&[("if-none-match", "W/\"other\"")]), &etag));
+        assert!(!if_none_match(&headers(&[]), &etag));
+    }
+}

@@ -1,0 +1,170 @@
+//! Configuration: one TOML file, every key defaulted (SPEC 4).
+//!
+//! The file is parsed into plain structs that mirror its sections, so the TOML an operator
+//! reads in the README is exactly the shape of [`Config`]. Unknown keys are an error, not
+//! a silent default: a typo such as `stale_afer` must not quietly keep calls forever.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// The whole configuration of one agent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub api: ApiConfig,
+    pub store: StoreConfig,
+    pub feed: FeedConfig,
+    pub directory: DirectoryConfig,
+}
+
+/// `[api]`: the customer endpoint's listener and its token settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: String,
+    pub jwt_secret: Option<String>,
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Seconds a refreshed cookie token lives; 0 = no `exp` claim, no `expires`.
+    pub token_lifetime: u64,
+}
+
+/// `[store]`: where the SQLite database lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+/// `[feed]`: where snapshots come from and when silence means "no calls".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeedConfig {
+    /// The snapshot file; empty turns the file source off.
+    pub watch: PathBuf,
+    /// The ClickHouse-compatible socket source; empty turns it off.
+    pub listen: String,
+    /// Seconds of silence after which a node has no calls; 0 = never expire.
+    pub stale_after: u64,
+}
+
+/// `[directory]`: the accounts and API accesses file (SPEC 3).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectoryConfig {
+    pub path: PathBuf,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:8080".into(),
+            jwt_secret: None,
+            jwt_secret_file: None,
+            token_lifetime: 0,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: "data/active-calls.db".into(),
+        }
+    }
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            watch: "data/snapshot.jsonl".into(),
+            listen: "127.0.0.1:8124".into(),
+            stale_after: 180,
+        }
+    }
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig {
+            path: "data/directory.json".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or returns the defaults when no file is given.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading configuration {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in configuration {}", path.display()))
+    }
+
+    /// Parses the TOML text of a configuration file.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        if config.api.jwt_secret.is_some() && config.api.jwt_secret_file.is_some() {
+            bail!("set api.jwt_secret or api.jwt_secret_file, not both");
+        }
+        Ok(config)
+    }
+
+    /// The JWT secret, from the inline key or the secret file (trailing newline trimmed).
+    /// `Ok(None)` means no secret is configured: every token will be refused.
+    pub fn jwt_secret(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let secret = match (&self.api.jwt_secret, &self.api.jwt_secret_file) {
+            (Some(inline), _) => inline.clone().into_bytes(),
+            (None, Some(file)) => std::fs::read(file)
+                .with_context(|| format!("reading api.jwt_secret_file {}", file.display()))?,
+            (None, None) => return Ok(None),
+        };
+        let trimmed = secret.trim_ascii_end();
+        Ok((!trimmed.is_empty()).then(|| trimmed.to_vec()))
+    }
+
+    /// `feed.stale_after` as a duration, `None` when silence never expires.
+    pub fn stale_after(&self) -> Option<Duration> {
+        (self.feed.stale_after > 0).then(|| Duration::from_secs(self.feed.stale_after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_has_a_default() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.api.listen, "127.0.0.1:8080");
+        assert_eq!(config.feed.stale_after, 180);
+        assert_eq!(config.store.path, Path::new("data/active-calls.db"));
+        assert!(config.jwt_secret().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_typo_is_an_error_not_a_default() {
+        let err = Config::parse("[feed]\nstale_afer = 5\n").unwrap_err();
+        assert!(format!("{err:#}").contains("stale_afer"), "{err:#}");
+    }
+
+    #[test]
+    fn both_secret_forms_are_refused() {
+        let err = Config::parse("[api]\njwt_secret = \"a\"\njwt_secret_file = \"/x\"\n");
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn secret_file_newline_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let mut config = Config::default();
+        config.api.jwt_secret_file = Some(file);
+        assert_eq!(config.jwt_secret().unwrap().as_deref(), Some(&b"s3cret"[..]));
+    }
+}

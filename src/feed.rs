@@ -1,0 +1,612 @@
+//! The call-state feed: a snapshot of a node's active calls in, one store transaction out.
+//!
+//! A snapshot is newline-delimited JSON ("JSONEachRow", SPEC 2.1), up to hundreds of
+//! megabytes, of which the agent needs ~30 keys out of ~100 per row. So it is read line by
+//! line into one reused buffer, each line deserialized into borrowed raw values (unknown keys
+//! skipped, strings without escapes never copied), converted, and handed straight to the
+//! store's open transaction. Memory does not grow with the snapshot, and a bad line found
+//! late aborts the transaction, so the previous state stays whole.
+//!
+//! Two kinds of bad input are told apart on purpose: a row whose values do not convert is
+//! skipped and counted (its node still counts as sent), while a line that is not a JSON
+//! object means the input is not a snapshot at all, and rejects it whole.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::store::{Origin, Writer};
+
+/// A line longer than this is not a row of a switch (those are ~2.3 KB): the snapshot is
+/// rejected rather than buffered without bound.
+pub const MAX_LINE_BYTES: u64 = 1 << 20;
+
+/// One call, converted and checked, borrowing from the line it was read from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRow<'a> {
+    pub node_id: i64,
+    pub local_tag: Cow<'a, str>,
+    pub customer_id: i64,
+    pub customer_acc_id: i64,
+    /// `None`: the row has none, the snapshot's receive time stands in.
+    pub snapshot_timestamp: Option<Cow<'a, str>>,
+    pub start_time: Cow<'a, str>,
+    pub connect_time: Option<Cow<'a, str>>,
+    pub destination_prefix: Cow<'a, str>,
+    pub destination_initial_interval: i64,
+    pub destination_initial_rate: Cow<'a, str>,
+    pub destination_next_interval: i64,
+    pub destination_next_rate: Cow<'a, str>,
+    pub destination_fee: Cow<'a, str>,
+    pub src_name_in: Cow<'a, str>,
+    pub src_prefix_in: Cow<'a, str>,
+    pub dst_prefix_in: Cow<'a, str>,
+    pub src_prefix_routing: Cow<'a, str>,
+    pub dst_prefix_routing: Cow<'a, str>,
+    pub from_domain: Cow<'a, str>,
+    pub to_domain: Cow<'a, str>,
+    pub ruri_domain: Cow<'a, str>,
+    pub diversion_in: Option<Cow<'a, str>>,
+    pub pai_in: Option<Cow<'a, str>>,
+    pub ppi_in: Option<Cow<'a, str>>,
+    pub privacy_in: Option<Cow<'a, str>>,
+    pub rpid_in: Option<Cow<'a, str>>,
+    pub rpid_privacy_in: Option<Cow<'a, str>>,
+    pub auth_orig_transport_protocol_id: i64,
+    pub auth_orig_ip: Cow<'a, str>,
+    pub auth_orig_port: i64,
+}
+
+/// What one line of a snapshot turned out to be.
+#[derive(Debug, PartialEq)]
+pub enum Line<'a> {
+    /// Blank, or the leading `INSERT INTO … FORMAT JSONEachRow`.
+    Nothing,
+    Row(Box<CallRow<'a>>),
+    /// A JSON object that is not a usable row; `node_id` when it had a readable one.
+    Skipped { node_id: Option<i64>, reason: String },
+}
+
+/// Why a whole snapshot was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("line {line}: {reason}")]
+    Malformed { line: u64, reason: String },
+    #[error("reading the snapshot: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storing the snapshot: {0}")]
+    Store(#[from] rusqlite::Error),
+}
+
+/// What an applied snapshot did, for the log line and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub rows: u64,
+    pub skipped: u64,
+    pub nodes: Vec<i64>,
+    pub written: u64,
+    pub removed: u64,
+    pub duration: Duration,
+}
+
+/// The raw values of the keys the agent reads; every other key is skipped unparsed.
+/// A JSON `null` and an absent key are both `None`.
+#[derive(Deserialize)]
+struct RawRow<'a> {
+    #[serde(borrow)]
+    node_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    local_tag: Option<&'a RawValue>,
+    #[serde(borrow)]
+    orig_call_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    snapshot_timestamp: Option<&'a RawValue>,
+    #[serde(borrow)]
+    customer_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    customer_acc_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    start_time: Option<&'a RawValue>,
+    #[serde(borrow)]
+    connect_time: Option<&'a RawValue>,
+    #[serde(borrow)]
+    destination_prefix: Option<&'a RawValue>,
+    #[serde(borrow)]
+    destination_initial_interval: Option<&'a RawValue>,
+    #[serde(borrow)]
+    destination_initial_rate: Option<&'a RawValue>,
+    #[serde(borrow)]
+    destination_next_interval: Option<&'a RawValue>,
+    #[serde(borrow)]
+    destination_next_rate: Option<&'a RawValue>,
+    #[serde(borrow)]
+    destination_fee: Option<&'a RawValue>,
+    #[serde(borrow)]
+    src_name_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    src_prefix_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    dst_prefix_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    src_prefix_routing: Option<&'a RawValue>,
+    #[serde(borrow)]
+    dst_prefix_routing: Option<&'a RawValue>,
+    #[serde(borrow)]
+    from_domain: Option<&'a RawValue>,
+    #[serde(borrow)]
+    to_domain: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ruri_domain: Option<&'a RawValue>,
+    #[serde(borrow)]
+    diversion_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pai_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    ppi_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    privacy_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    rpid_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    rpid_privacy_in: Option<&'a RawValue>,
+    #[serde(borrow)]
+    auth_orig_transport_protocol_id: Option<&'a RawValue>,
+    /// The older switches' name for `auth_orig_transport_protocol_id`.
+    #[serde(borrow)]
+    auth_orig_protocol_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    auth_orig_ip: Option<&'a RawValue>,
+    #[serde(borrow)]
+    auth_orig_port: Option<&'a RawValue>,
+}
+
+/// A value that did not convert: the key, for the skip reason.
+struct BadValue(&'static str);
+
+/// Reads one line of a snapshot. `Err` means the line is not a JSON object, which makes
+/// the whole snapshot invalid.
+pub fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
+    let line = line.trim_ascii();
+    if line.is_empty() {
+        return Ok(Line::Nothing);
+    }
+    let text = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_string())?;
+    if !text.starts_with('{') {
+        return Err("not a JSON object".into());
+    }
+    let raw: RawRow<'_> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        // A well-formed object that serde refused (a key given twice) is a bad row, not a
+        // bad snapshot; anything else is not JSON at all.
+        Err(e) => {
+            return match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+            {
+                Ok(object) => Ok(Line::Skipped {
+                    node_id: object.get("node_id").and_then(|v| {
+                        v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                    }),
+                    reason: e.to_string(),
+                }),
+                Err(e) => Err(format!("not a JSON object: {e}")),
+            };
+        }
+    };
+    let node_id = raw.node_id.map(integer).transpose().ok().flatten();
+    Ok(match convert(&raw) {
+        Ok(row) => Line::Row(Box::new(row)),
+        Err(BadValue(key)) => Line::Skipped {
+            node_id,
+            reason: format!("bad or missing {key}"),
+        },
+    })
+}
+
+/// Whether a line is the `INSERT INTO <table> FORMAT JSONEachRow` a ClickHouse client
+/// sends first. Any other query is not a snapshot.
+pub fn is_insert_line(line: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(line.trim_ascii()) else {
+        return false;
+    };
+    let words: Vec<&str> = text.split_ascii_whitespace().collect();
+    matches!(words.as_slice(), [insert, into, _table, format, each_row]
+        if insert.eq_ignore_ascii_case("INSERT")
+            && into.eq_ignore_ascii_case("INTO")
+            && format.eq_ignore_ascii_case("FORMAT")
+            && *each_row == "JSONEachRow")
+}
+
+fn convert<'a>(raw: &RawRow<'a>) -> Result<CallRow<'a>, BadValue> {
+    let required = |value: Option<&'a RawValue>, key| value.ok_or(BadValue(key));
+    let local_tag = [raw.local_tag, raw.orig_call_id]
+        .into_iter()
+        .flatten()
+        .map(|v| text(v).map_err(|_| BadValue("local_tag")))
+        .find(|tag| !matches!(tag, Ok(t) if t.is_empty()))
+        .ok_or(BadValue("local_tag"))??;
+    let int = |value: Option<&'a RawValue>, key| match value {
+        Some(v) => integer(v).map_err(|_| BadValue(key)),
+        None => Ok(0),
+    };
+    let string = |value: Option<&'a RawValue>, key| match value {
+        Some(v) => text(v).map_err(|_| BadValue(key)),
+        None => Ok(Cow::Borrowed("")),
+    };
+    let nullable = |value: Option<&'a RawValue>, key| {
+        value
+            .map(|v| text(v).map_err(|_| BadValue(key)))
+            .transpose()
+    };
+    let rate = |value: Option<&'a RawValue>, key| match value {
+        Some(v) => decimal(v).map_err(|_| BadValue(key)),
+        None => Ok(Cow::Borrowed("0")),
+    };
+    let time_of = |value: &'a RawValue, key| time(value).map_err(|_| BadValue(key));
+    Ok(CallRow {
+        node_id: integer(required(raw.node_id, "node_id")?).map_err(|_| BadValue("node_id"))?,
+        local_tag,
+        customer_id: integer(required(raw.customer_id, "customer_id")?)
+            .map_err(|_| BadValue("customer_id"))?,
+        customer_acc_id: integer(required(raw.customer_acc_id, "customer_acc_id")?)
+            .map_err(|_| BadValue("customer_acc_id"))?,
+        snapshot_timestamp: raw
+            .snapshot_timestamp
+            .map(|v| time_of(v, "snapshot_timestamp"))
+            .transpose()?,
+        start_time: time_of(required(raw.start_time, "start_time")?, "start_time")?,
+        connect_time: raw
+            .connect_time
+            .map(|v| time_of(v, "connect_time"))
+            .transpose()?,
+        destination_prefix: string(raw.destination_prefix, "destination_prefix")?,
+        destination_initial_interval: int(
+            raw.destination_initial_interval,
+            "destination_initial_interval",
+        )?,
+        destination_initial_rate: rate(raw.destination_initial_rate, "destination_initial_rate")?,
+        destination_next_interval: int(raw.destination_next_interval, "destination_next_interval")?,
+        destination_next_rate: rate(raw.destination_next_rate, "destination_next_rate")?,
+        destination_fee: rate(raw.destination_fee, "destination_fee")?,
+        src_name_in: string(raw.src_name_in, "src_name_in")?,
+        src_prefix_in: string(raw.src_prefix_in, "src_prefix_in")?,
+        dst_prefix_in: string(raw.dst_prefix_in, "dst_prefix_in")?,
+        src_prefix_routing: string(raw.src_prefix_routing, "src_prefix_routing")?,
+        dst_prefix_routing: string(raw.dst_prefix_routing, "dst_prefix_routing")?,
+        from_domain: string(raw.from_domain, "from_domain")?,
+        to_domain: string(raw.to_domain, "to_domain")?,
+        ruri_domain: string(raw.ruri_domain, "ruri_domain")?,
+        diversion_in: nullable(raw.diversion_in, "diversion_in")?,
+        pai_in: nullable(raw.pai_in, "pai_in")?,
+        ppi_in: nullable(raw.ppi_in, "ppi_in")?,
+        privacy_in: nullable(raw.privacy_in, "privacy_in")?,
+        rpid_in: nullable(raw.rpid_in, "rpid_in")?,
+        rpid_privacy_in: nullable(raw.rpid_privacy_in, "rpid_privacy_in")?,
+        auth_orig_transport_protocol_id: int(
+            raw.auth_orig_transport_protocol_id
+                .or(raw.auth_orig_protocol_id),
+            "auth_orig_transport_protocol_id",
+        )?,
+        auth_orig_ip: string(raw.auth_orig_ip, "auth_orig_ip")?,
+        auth_orig_port: int(raw.auth_orig_port, "auth_orig_port")?,
+    })
+}
+
+/// A JSON string (unescaped, borrowed when it has no escapes) or a number's text.
+fn text(value: &RawValue) -> Result<Cow<'_, str>, ()> {
+    let raw = value.get();
+    match raw.as_bytes().first() {
+        Some(b'"') if !raw.contains('\\') => Ok(Cow::Borrowed(&raw[1..raw.len() - 1])),
+        Some(b'"') => serde_json::from_str::<String>(raw)
+            .map(Cow::Owned)
+            .map_err(|_| ()),
+        Some(b'-' | b'0'..=b'9') => Ok(Cow::Borrowed(raw)),
+        _ => Err(()),
+    }
+}
+
+/// An integer given as a JSON number or as a string of base-10 digits.
+fn integer(value: &RawValue) -> Result<i64, ()> {
+    let digits = text(value)?;
+    let digits = digits.strip_prefix('+').unwrap_or(&digits);
+    digits.parse().map_err(|_| ())
+}
+
+/// A decimal number, kept as the text the switch sent (a rate is money: no float trip).
+fn decimal(value: &RawValue) -> Result<Cow<'_, str>, ()> {
+    let number = text(value)?;
+    is_decimal(&number).then_some(number).ok_or(())
+}
+
+fn is_decimal(text: &str) -> bool {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (mantissa, exponent) = match unsigned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, Some(e.strip_prefix(['+', '-']).unwrap_or(e))),
+        None => (unsigned, None),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(whole) && digits(fraction) && exponent.is_none_or(digits)
+}
+
+/// A `YYYY-MM-DD hh:mm:ss` UTC time, or a unix time in seconds (as ClickHouse accepts).
+fn time(value: &RawValue) -> Result<Cow<'_, str>, ()> {
+    let raw = value.get();
+    if raw.starts_with('"') {
+        let text = text(value)?;
+        return is_datetime(&text).then_some(text).ok_or(());
+    }
+    let seconds: i64 = raw.parse().map_err(|_| ())?;
+    Ok(Cow::Owned(format_datetime(seconds)))
+}
+
+/// Checks the exact `YYYY-MM-DD hh:mm:ss` form and a real calendar date.
+pub fn is_datetime(text: &str) -> bool {
+    let b = text.as_bytes();
+    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' {
+        return false;
+    }
+    if b[16] != b':' {
+        return false;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        b[range]
+            .iter()
+            .try_fold(0u32, |n, &d| d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0')))
+    };
+    let parts = (
+        number(0..4),
+        number(5..7),
+        number(8..10),
+        number(11..13),
+        number(14..16),
+        number(17..19),
+    );
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = parts
+    else {
+        return false;
+    };
+    (1..=12).contains(&month)
+        && day >= 1
+        && day <= days_in_month(year, month)
+        && hour < 24
+        && minute < 60
+        && second < 60
+}
+
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Formats unix seconds as `YYYY-MM-DD hh:mm:ss` UTC (days to civil date after
+/// H. Hinnant's public-domain algorithm).
+pub fn format_datetime(unix_seconds: i64) -> String {
+    let days = unix_seconds.div_euclid(86_400);
+    let secs = unix_seconds.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Milliseconds since the unix epoch.
+pub fn unix_millis(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Reads a whole snapshot from `input` and applies it in one transaction of `writer`.
+/// On any error nothing is applied.
+pub fn apply_snapshot(
+    writer: &mut Writer,
+    mut input: impl BufRead,
+    origin: Origin,
+    received_at: SystemTime,
+) -> Result<ApplyReport, SnapshotError> {
+    let started = Instant::now();
+    let mut tx = writer.begin(origin, received_at)?;
+    let mut report = ApplyReport::default();
+    let mut buf = Vec::with_capacity(8 * 1024);
+    let mut line_no = 0u64;
+    loop {
+        buf.clear();
+        let read = (&mut input)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut buf)?;
+        if read == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.len() as u64 > MAX_LINE_BYTES {
+            return Err(SnapshotError::Malformed {
+                line: line_no,
+                reason: format!("line longer than {MAX_LINE_BYTES} bytes"),
+            });
+        }
+        if line_no == 1 && is_insert_line(&buf) {
+            continue;
+        }
+        let malformed = |reason| SnapshotError::Malformed {
+            line: line_no,
+            reason,
+        };
+        match parse_line(&buf).map_err(malformed)? {
+            Line::Nothing => {}
+            Line::Row(row) => {
+                tx.put(&row)?;
+                report.rows += 1;
+            }
+            Line::Skipped { node_id, reason } => {
+                tracing::debug!(line = line_no, %reason, "snapshot row skipped");
+                report.skipped += 1;
+                if let Some(node) = node_id {
+                    tx.touch_node(node)?;
+                }
+            }
+        }
+    }
+    let changes = tx.commit()?;
+    report.nodes = changes.nodes;
+    report.written = changes.written;
+    report.removed = changes.removed;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// Applies the snapshot file at `path`, received at its modification time (SPEC 2.2).
+pub fn apply_file(writer: &mut Writer, path: &Path) -> Result<ApplyReport, SnapshotError> {
+    let file = File::open(path)?;
+    let received_at = file.metadata()?.modified()?;
+    apply_snapshot(
+        writer,
+        BufReader::with_capacity(256 * 1024, file),
+        Origin::File,
+        received_at,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(line: &str) -> CallRow<'_> {
+        match parse_line(line.as_bytes()) {
+            Ok(Line::Row(row)) => *row,
+            other => panic!("not a row: {other:?}"),
+        }
+    }
+
+    fn skipped(line: &str) -> (Option<i64>, String) {
+        match parse_line(line.as_bytes()) {
+            Ok(Line::Skipped { node_id, reason }) => (node_id, reason),
+            other => panic!("not skipped: {other:?}"),
+        }
+    }
+
+    const MINIMAL: &str = r#"{"node_id":1,"local_tag":"a","customer_id":2,"customer_acc_id":3,"start_time":"2025-11-25 12:47:28"}"#;
+
+    #[test]
+    fn a_minimal_row_gets_the_documented_defaults() {
+        let r = row(MINIMAL);
+        assert_eq!((r.node_id, &*r.local_tag, r.customer_id, r.customer_acc_id), (1, "a", 2, 3));
+        assert_eq!(r.snapshot_timestamp, None);
+        assert_eq!(r.connect_time, None);
+        assert_eq!(r.src_name_in, "");
+        assert_eq!(r.diversion_in, None);
+        assert_eq!((r.auth_orig_port, r.auth_orig_transport_protocol_id), (0, 0));
+    }
+
+    #[test]
+    fn numbers_arrive_as_numbers_or_strings_and_rates_keep_their_text() {
+        let r = row(
+            r#"{"node_id":"1","local_tag":"a","customer_id":2,"customer_acc_id":"3","start_time":"2025-11-25 12:47:28",
+            "auth_orig_port":"5060","destination_initial_rate":0.10,"destination_next_rate":"0.0123",
+            "destination_initial_interval":"60","auth_orig_protocol_id":3,"src_prefix_in":380}"#,
+        );
+        assert_eq!((r.node_id, r.customer_acc_id, r.auth_orig_port), (1, 3, 5060));
+        assert_eq!(r.destination_initial_rate, "0.10");
+        assert_eq!(r.destination_next_rate, "0.0123");
+        assert_eq!(r.destination_initial_interval, 60);
+        assert_eq!(r.auth_orig_transport_protocol_id, 3);
+        assert_eq!(r.src_prefix_in, "380");
+    }
+
+    #[test]
+    fn escapes_and_utf8_decode() {
+        let r = row(
+            r#"{"node_id":1,"local_tag":"a","customer_id":2,"customer_acc_id":3,"start_time":"2025-11-25 12:47:28","src_name_in":"back\\slash \u00c4\"","pai_in":"Zoë"}"#,
+        );
+        assert_eq!(r.src_name_in, "back\\slash Ä\"");
+        assert_eq!(r.pai_in.as_deref(), Some("Zoë"));
+    }
+
+    #[test]
+    fn local_tag_falls_back_to_orig_call_id() {
+        let line = MINIMAL.replace(r#""local_tag":"a""#, r#""orig_call_id":"c-1""#);
+        assert_eq!(row(&line).local_tag, "c-1");
+        let line = MINIMAL.replace(r#""local_tag":"a""#, r#""local_tag":null"#);
+        assert_eq!(skipped(&line).0, Some(1));
+    }
+
+    #[test]
+    fn rows_with_bad_values_are_skipped_with_their_node() {
+        for (from, to) in [
+            (r#""customer_id":2"#, r#""customer_id":"two""#),
+            (r#""customer_acc_id":3"#, r#""customer_acc_id":3.5"#),
+            (r#""start_time":"2025-11-25 12:47:28""#, r#""start_time":"2025-02-30 12:47:28""#),
+            (r#""start_time":"2025-11-25 12:47:28""#, r#""start_time":null"#),
+            (r#""local_tag":"a""#, r#""local_tag":{"x":1}"#),
+            (r#""customer_id":2"#, r#""customer_id":2,"customer_id":2"#),
+            (r#""customer_id":2"#, r#""customer_id":2,"destination_fee":"1,5""#),
+            (r#""customer_id":2"#, r#""customer_id":2,"auth_orig_port":true"#),
+            (r#""customer_id":2"#, r#""customer_id":2,"src_name_in":"\ud800""#),
+        ] {
+            let line = MINIMAL.replace(from, to);
+            assert_eq!(skipped(&line).0, Some(1), "{line}");
+        }
+        assert_eq!(skipped(&MINIMAL.replace(r#""node_id":1,"#, "")).0, None);
+    }
+
+    #[test]
+    fn unix_seconds_are_a_time_too() {
+        let line = MINIMAL.replace(r#""2025-11-25 12:47:28""#, "1764074848");
+        assert_eq!(row(&line).start_time, "2025-11-25 12:47:28");
+    }
+
+    #[test]
+    fn a_line_that_is_not_an_object_is_an_error() {
+        for bad in ["[1,2]", "{\"node_id\":1", "hello", "\"x\"", "{} trailing"] {
+            assert!(parse_line(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert_eq!(parse_line(b"  \r").unwrap(), Line::Nothing);
+    }
+
+    #[test]
+    fn insert_line_is_recognised() {
+        assert!(is_insert_line(b"INSERT INTO active_calls FORMAT JSONEachRow\n"));
+        assert!(is_insert_line(b"insert into db.t format JSONEachRow\r\n"));
+        assert!(!is_insert_line(b"SELECT 1"));
+        assert!(!is_insert_line(b"INSERT INTO t FORMAT CSV"));
+    }
+
+    #[test]
+    fn datetimes_round_trip() {
+        assert_eq!(format_datetime(0), "1970-01-01 00:00:00");
+        assert_eq!(format_datetime(951_782_400), "2000-02-29 00:00:00");
+        assert!(is_datetime("2024-02-29 23:59:59"));
+        assert!(!is_datetime("2023-02-29 00:00:00"));
+        assert!(!is_datetime("2023-01-01T00:00:00"));
+        assert!(!is_datetime("2023-01-01 24:00:00"));
+    }
+
+    #[test]
+    fn decimals() {
+        for good in ["0", "0.0", "-1.25", "1e-3", "12.5E+2"] {
+            assert!(is_decimal(good), "{good}");
+        }
+        for bad in ["", ".5", "1.", "1,5", "abc", "1e", "+-1", "NaN", "inf"] {
+            assert!(!is_decimal(bad), "{bad}");
+        }
+    }
+}

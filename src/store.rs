@@ -1,0 +1,779 @@
+//! The store: the node's current calls in SQLite, written by one writer, read by many.
+//!
+//! SQLite in WAL mode gives exactly the isolation the feed needs: a snapshot is one write
+//! transaction, and every query is one statement, so a reader sees the state before a
+//! snapshot or after it, never a mix, and never waits for it. The schema (`schema.sql`)
+//! is a public contract for local scripts, so it is applied verbatim from that file.
+//!
+//! Writes are the expensive part (ten secondary indexes), so the [`SnapshotTx`] writes only
+//! what changed: it loads each node's (call, hash) pairs once, compares the hash of every
+//! incoming row, and rewrites a call only when its hash differs; calls the snapshot no
+//! longer has are deleted at commit.
+//!
+//! Reads go through a small pool of read-only connections ([`Readers`]) whose prepared
+//! statements stay cached. A query is built from a handful of fixed SQL fragments (one per
+//! filter kind); every value is bound, and each string filter is an index range within the
+//! account (SPEC 5).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OpenFlags, ToSql, params};
+
+use crate::feed::{CallRow, format_datetime, unix_millis};
+
+/// The whole schema, applied to a new database.
+pub const SCHEMA: &str = include_str!("../schema.sql");
+/// The `user_version` that [`SCHEMA`] sets.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How many idle read connections the pool keeps.
+const MAX_IDLE_READERS: usize = 8;
+
+/// Which feed sent a snapshot; a file's content replaces every node the file fed before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    File,
+    Socket,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::File => "file",
+            Origin::Socket => "socket",
+        }
+    }
+}
+
+/// Opens (creating it if needed) a database connection with the agent's settings.
+fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+// ---------------------------------------------------------------------------------------
+// Writing
+
+const LOAD_NODE_CALLS: &str = "SELECT local_tag, customer_acc_id, row_hash FROM calls WHERE node_id = ?1";
+const PUT_CALL: &str = "INSERT OR REPLACE INTO calls (
+    customer_acc_id, node_id, local_tag, customer_id, snapshot_timestamp, start_time, connect_time,
+    destination_prefix, destination_initial_interval, destination_initial_rate,
+    destination_next_interval, destination_next_rate, destination_fee,
+    src_name_in, src_prefix_in, dst_prefix_in, src_prefix_routing, dst_prefix_routing,
+    from_domain, to_domain, ruri_domain,
+    diversion_in, pai_in, ppi_in, privacy_in, rpid_in, rpid_privacy_in,
+    auth_orig_transport_protocol_id, auth_orig_ip, auth_orig_port,
+    src_name_in_rev, src_prefix_in_rev, dst_prefix_in_rev, src_prefix_routing_rev, dst_prefix_routing_rev,
+    row_hash
+) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
+    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36)";
+const DELETE_CALL: &str =
+    "DELETE FROM calls WHERE customer_acc_id = ?1 AND node_id = ?2 AND local_tag = ?3";
+const PUT_NODE: &str = "INSERT OR REPLACE INTO nodes (node_id, received_at_ms, snapshot_timestamp, source)
+    VALUES (?1, ?2, ?3, ?4)";
+const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
+const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
+const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
+const STALE_NODES: &str = "SELECT node_id FROM nodes WHERE received_at_ms <= ?1";
+
+/// The one connection that writes.
+pub struct Writer {
+    conn: Connection,
+}
+
+impl Writer {
+    /// Opens the database at `path`, creating it and its directory if needed, and brings
+    /// the schema to [`SCHEMA_VERSION`] (an older or newer schema is rebuilt empty: the
+    /// calls are a cache of what the switch resends every period).
+    pub fn open(path: &Path) -> anyhow::Result<Writer> {
+        use anyhow::Context;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the store directory {}", dir.display()))?;
+        }
+        let conn = open(path, OpenFlags::default())
+            .with_context(|| format!("opening the store {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The indexes of a 100k-call node must stay in cache during an apply.
+        conn.pragma_update(None, "cache_size", -32 * 1024)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            if version != 0 {
+                tracing::warn!(found = version, want = SCHEMA_VERSION, "store schema differs; rebuilding it empty");
+            }
+            conn.execute_batch(&format!(
+                "BEGIN; DROP TABLE IF EXISTS calls; DROP TABLE IF EXISTS nodes; {SCHEMA} COMMIT;"
+            ))
+            .context("applying schema.sql")?;
+        }
+        Ok(Writer { conn })
+    }
+
+    /// Starts applying one snapshot received at `received_at`.
+    pub fn begin(&mut self, origin: Origin, received_at: SystemTime) -> rusqlite::Result<SnapshotTx<'_>> {
+        let received_at_ms = unix_millis(received_at);
+        Ok(SnapshotTx {
+            tx: self.conn.transaction()?,
+            origin,
+            received_at_ms,
+            received_timestamp: format_datetime(received_at_ms.div_euclid(1000)),
+            nodes: HashMap::new(),
+            written: 0,
+        })
+    }
+
+    /// Removes the calls of every node whose latest snapshot was received at or before
+    /// `cutoff` (SPEC 2.2: silence expires). Returns the nodes removed.
+    pub fn expire(&mut self, cutoff: SystemTime) -> rusqlite::Result<Vec<i64>> {
+        let tx = self.conn.transaction()?;
+        let stale: Vec<i64> = tx
+            .prepare_cached(STALE_NODES)?
+            .query_map([unix_millis(cutoff)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for node in &stale {
+            tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])?;
+            tx.prepare_cached(DELETE_NODE)?.execute([node])?;
+        }
+        tx.commit()?;
+        Ok(stale)
+    }
+
+    /// Checkpoints the WAL into the database file (at shutdown).
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+    }
+}
+
+/// What the store knows of a call while a snapshot is applied.
+struct KnownCall {
+    account: i64,
+    hash: i64,
+    seen: bool,
+}
+
+/// The calls of one node contained in the snapshot being applied.
+struct NodeCalls {
+    /// The node's snapshot timestamp: the first row's (or the receive time).
+    snapshot_timestamp: Option<String>,
+    known: HashMap<String, KnownCall>,
+}
+
+/// What a committed snapshot changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub nodes: Vec<i64>,
+    pub written: u64,
+    pub removed: u64,
+}
+
+/// One snapshot being applied: rows go in with [`put`](Self::put), and nothing is visible
+/// until [`commit`](Self::commit). Dropping it rolls everything back.
+pub struct SnapshotTx<'w> {
+    tx: rusqlite::Transaction<'w>,
+    origin: Origin,
+    received_at_ms: i64,
+    received_timestamp: String,
+    nodes: HashMap<i64, NodeCalls>,
+    written: u64,
+}
+
+impl SnapshotTx<'_> {
+    /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
+    pub fn touch_node(&mut self, node_id: i64) -> rusqlite::Result<()> {
+        load_node(&self.tx, &mut self.nodes, node_id).map(|_| ())
+    }
+
+    /// Adds or updates one call; the last row of a repeated call wins.
+    pub fn put(&mut self, row: &CallRow<'_>) -> rusqlite::Result<()> {
+        let node = load_node(&self.tx, &mut self.nodes, row.node_id)?;
+        let row_timestamp = row
+            .snapshot_timestamp
+            .as_deref()
+            .unwrap_or(&self.received_timestamp);
+        let node_timestamp = node
+            .snapshot_timestamp
+            .get_or_insert_with(|| row_timestamp.to_owned());
+        let own_timestamp = (row_timestamp != node_timestamp.as_str()).then_some(row_timestamp);
+        let hash = row_hash(row, own_timestamp);
+        match node.known.get_mut(&*row.local_tag) {
+            Some(known) if known.hash == hash && known.account == row.customer_acc_id => {
+                known.seen = true;
+                return Ok(());
+            }
+            Some(known) => {
+                *known = KnownCall {
+                    account: row.customer_acc_id,
+                    hash,
+                    seen: true,
+                };
+            }
+            None => {
+                let known = KnownCall {
+                    account: row.customer_acc_id,
+                    hash,
+                    seen: true,
+                };
+                node.known.insert(row.local_tag.to_string(), known);
+            }
+        }
+        let rev = |s: &str| Blob(s.bytes().rev().collect());
+        self.tx.prepare_cached(PUT_CALL)?.execute(params![
+            row.customer_acc_id,
+            row.node_id,
+            row.local_tag,
+            row.customer_id,
+            own_timestamp,
+            row.start_time,
+            row.connect_time,
+            row.destination_prefix,
+            row.destination_initial_interval,
+            row.destination_initial_rate,
+            row.destination_next_interval,
+            row.destination_next_rate,
+            row.destination_fee,
+            row.src_name_in,
+            row.src_prefix_in,
+            row.dst_prefix_in,
+            row.src_prefix_routing,
+            row.dst_prefix_routing,
+            row.from_domain,
+            row.to_domain,
+            row.ruri_domain,
+            row.diversion_in,
+            row.pai_in,
+            row.ppi_in,
+            row.privacy_in,
+            row.rpid_in,
+            row.rpid_privacy_in,
+            row.auth_orig_transport_protocol_id,
+            row.auth_orig_ip,
+            row.auth_orig_port,
+            rev(&row.src_name_in),
+            rev(&row.src_prefix_in),
+            rev(&row.dst_prefix_in),
+            rev(&row.src_prefix_routing),
+            rev(&row.dst_prefix_routing),
+            hash,
+        ])?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Deletes the calls the snapshot no longer has, records its nodes, and makes it
+    /// visible at once.
+    pub fn commit(self) -> rusqlite::Result<Changes> {
+        let mut changes = Changes {
+            written: self.written,
+            ..Changes::default()
+        };
+        for (node_id, node) in &self.nodes {
+            for (tag, known) in node.known.iter().filter(|(_, k)| !k.seen) {
+                let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
+                changes.removed += delete.execute(params![known.account, node_id, tag])? as u64;
+            }
+            let timestamp = node
+                .snapshot_timestamp
+                .as_deref()
+                .unwrap_or(&self.received_timestamp);
+            self.tx.prepare_cached(PUT_NODE)?.execute(params![
+                node_id,
+                self.received_at_ms,
+                timestamp,
+                self.origin.as_str()
+            ])?;
+            changes.nodes.push(*node_id);
+        }
+        if self.origin == Origin::File {
+            // The file is the whole state of the nodes it feeds: a node it fed before and
+            // no longer names has no calls.
+            let fed_before: Vec<i64> = self
+                .tx
+                .prepare_cached(NODES_OF_SOURCE)?
+                .query_map([Origin::File.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
+                changes.removed += self.tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])? as u64;
+                self.tx.prepare_cached(DELETE_NODE)?.execute([node])?;
+            }
+        }
+        self.tx.commit()?;
+        changes.nodes.sort_unstable();
+        Ok(changes)
+    }
+}
+
+/// The node's entry, loading its stored calls the first time the snapshot names it.
+fn load_node<'n>(
+    tx: &rusqlite::Transaction<'_>,
+    nodes: &'n mut HashMap<i64, NodeCalls>,
+    node_id: i64,
+) -> rusqlite::Result<&'n mut NodeCalls> {
+    use std::collections::hash_map::Entry;
+    match nodes.entry(node_id) {
+        Entry::Occupied(entry) => Ok(entry.into_mut()),
+        Entry::Vacant(entry) => {
+            let mut known = HashMap::new();
+            let mut stmt = tx.prepare_cached(LOAD_NODE_CALLS)?;
+            let mut rows = stmt.query([node_id])?;
+            while let Some(r) = rows.next()? {
+                let call = KnownCall {
+                    account: r.get(1)?,
+                    hash: r.get(2)?,
+                    seen: false,
+                };
+                known.insert(r.get(0)?, call);
+            }
+            Ok(entry.insert(NodeCalls {
+                snapshot_timestamp: None,
+                known,
+            }))
+        }
+    }
+}
+
+/// FNV-1a over every stored value of a call: stable across runs and releases (unlike
+/// std's hasher), so hashes stored by one run compare with the next run's.
+fn row_hash(row: &CallRow<'_>, own_timestamp: Option<&str>) -> i64 {
+    let mut h = Fnv::default();
+    h.int(row.customer_id);
+    h.opt(own_timestamp);
+    h.str(&row.start_time);
+    h.opt(row.connect_time.as_deref());
+    h.str(&row.destination_prefix);
+    h.int(row.destination_initial_interval);
+    h.str(&row.destination_initial_rate);
+    h.int(row.destination_next_interval);
+    h.str(&row.destination_next_rate);
+    h.str(&row.destination_fee);
+    for s in [
+        &row.src_name_in,
+        &row.src_prefix_in,
+        &row.dst_prefix_in,
+        &row.src_prefix_routing,
+        &row.dst_prefix_routing,
+        &row.from_domain,
+        &row.to_domain,
+        &row.ruri_domain,
+    ] {
+        h.str(s);
+    }
+    for s in [
+        &row.diversion_in,
+        &row.pai_in,
+        &row.ppi_in,
+        &row.privacy_in,
+        &row.rpid_in,
+        &row.rpid_privacy_in,
+    ] {
+        h.opt(s.as_deref());
+    }
+    h.int(row.auth_orig_transport_protocol_id);
+    h.str(&row.auth_orig_ip);
+    h.int(row.auth_orig_port);
+    h.0 as i64
+}
+
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    /// Length-prefixed, so ("ab","c") and ("a","bc") differ.
+    fn str(&mut self, s: &str) {
+        self.bytes(&(s.len() as u64).to_le_bytes());
+        self.bytes(s.as_bytes());
+    }
+    fn opt(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.bytes(&[1]);
+                self.str(s);
+            }
+            None => self.bytes(&[0]),
+        }
+    }
+    fn int(&mut self, i: i64) {
+        self.bytes(&i.to_le_bytes());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading
+
+/// The five string columns a customer can filter on (SPEC 1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextColumn {
+    SrcNameIn,
+    SrcPrefixIn,
+    DstPrefixIn,
+    SrcPrefixRouting,
+    DstPrefixRouting,
+}
+
+impl TextColumn {
+    pub const ALL: [TextColumn; 5] = [
+        TextColumn::SrcNameIn,
+        TextColumn::SrcPrefixIn,
+        TextColumn::DstPrefixIn,
+        TextColumn::SrcPrefixRouting,
+        TextColumn::DstPrefixRouting,
+    ];
+
+    /// The column's name in `schema.sql` (its reversed twin adds `_rev`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TextColumn::SrcNameIn => "src_name_in",
+            TextColumn::SrcPrefixIn => "src_prefix_in",
+            TextColumn::DstPrefixIn => "dst_prefix_in",
+            TextColumn::SrcPrefixRouting => "src_prefix_routing",
+            TextColumn::DstPrefixRouting => "dst_prefix_routing",
+        }
+    }
+}
+
+/// How a string filter matches its needle (always bytes, never patterns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextMatch {
+    Equals,
+    StartsWith,
+    EndsWith,
+    /// ASCII-case-insensitive substring.
+    Contains,
+}
+
+/// One condition of a customer query; all are ANDed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    Text {
+        column: TextColumn,
+        how: TextMatch,
+        needle: Vec<u8>,
+    },
+    AuthOrigIp(Vec<u8>),
+    AuthOrigPort(i32),
+    AuthOrigTransportProtocolId(i8),
+    /// `true`: only calls not yet connected.
+    ConnectTimeNull(bool),
+}
+
+/// A customer's query: one account of one customer, and its filters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallQuery {
+    pub customer_id: i64,
+    pub account_id: i64,
+    pub filters: Vec<Filter>,
+    /// Calls of nodes whose latest snapshot was received at or before this are stale.
+    pub stale_cutoff_ms: i64,
+}
+
+/// The output columns in the order of SPEC 1.3, each with the JSON key that precedes it.
+const SELECT_CALLS: &str = "SELECT COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
+    c.connect_time, c.destination_prefix, c.destination_initial_interval, c.destination_initial_rate,
+    c.destination_next_interval, c.destination_next_rate, c.destination_fee,
+    c.src_name_in, c.src_prefix_in, c.dst_prefix_in, c.src_prefix_routing, c.dst_prefix_routing,
+    c.from_domain, c.to_domain, c.ruri_domain,
+    c.diversion_in, c.pai_in, c.ppi_in, c.privacy_in, c.rpid_in, c.rpid_privacy_in,
+    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port
+  FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE c.customer_acc_id = ? AND c.customer_id = ? AND n.received_at_ms > ?";
+const ORDER_CALLS: &str = " ORDER BY c.start_time DESC, c.local_tag, c.node_id";
+const ROW_KEYS: [&str; 26] = [
+    "{\"snapshot_timestamp\":",
+    ",\"start_time\":",
+    ",\"connect_time\":",
+    ",\"destination_prefix\":",
+    ",\"destination_initial_interval\":",
+    ",\"destination_initial_rate\":",
+    ",\"destination_next_interval\":",
+    ",\"destination_next_rate\":",
+    ",\"destination_fee\":",
+    ",\"src_name_in\":",
+    ",\"src_prefix_in\":",
+    ",\"dst_prefix_in\":",
+    ",\"src_prefix_routing\":",
+    ",\"dst_prefix_routing\":",
+    ",\"from_domain\":",
+    ",\"to_domain\":",
+    ",\"ruri_domain\":",
+    ",\"diversion_in\":",
+    ",\"pai_in\":",
+    ",\"ppi_in\":",
+    ",\"privacy_in\":",
+    ",\"rpid_in\":",
+    ",\"rpid_privacy_in\":",
+    ",\"auth_orig_transport_protocol_id\":",
+    ",\"auth_orig_ip\":",
+    ",\"auth_orig_port\":",
+];
+
+/// A value bound to a statement: bytes as TEXT (which may be invalid UTF-8, as a
+/// `%FF` in a query string is) or as BLOB, or an integer.
+enum Bound {
+    Int(i64),
+    Text(Vec<u8>),
+    Blob(Vec<u8>),
+}
+
+impl ToSql for Bound {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Bound::Int(i) => ValueRef::Integer(*i),
+            Bound::Text(t) => ValueRef::Text(t),
+            Bound::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+struct Blob(Vec<u8>);
+
+impl ToSql for Blob {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(ValueRef::Blob(&self.0)))
+    }
+}
+
+/// The smallest byte string greater than every string that starts with `prefix`, or `None`
+/// when there is none (the prefix is empty or all `0xFF`).
+fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < 0xFF {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+/// The SQL text and bound values of a query.
+fn build(query: &CallQuery) -> (String, Vec<Bound>) {
+    let mut sql = String::from(SELECT_CALLS);
+    let mut values = vec![
+        Bound::Int(query.account_id),
+        Bound::Int(query.customer_id),
+        Bound::Int(query.stale_cutoff_ms),
+    ];
+    for filter in &query.filters {
+        match filter {
+            Filter::Text { column, how, needle } => {
+                let name = column.name();
+                match how {
+                    TextMatch::Equals => {
+                        sql += &format!(" AND c.{name} = ?");
+                        values.push(Bound::Text(needle.clone()));
+                    }
+                    TextMatch::StartsWith => {
+                        sql += &format!(" AND c.{name} >= ?");
+                        values.push(Bound::Text(needle.clone()));
+                        if let Some(upper) = prefix_upper_bound(needle) {
+                            sql += &format!(" AND c.{name} < ?");
+                            values.push(Bound::Text(upper));
+                        }
+                    }
+                    TextMatch::EndsWith => {
+                        let reversed: Vec<u8> = needle.iter().rev().copied().collect();
+                        sql += &format!(" AND c.{name}_rev >= ?");
+                        if let Some(upper) = prefix_upper_bound(&reversed) {
+                            sql += &format!(" AND c.{name}_rev < ?");
+                            values.push(Bound::Blob(reversed));
+                            values.push(Bound::Blob(upper));
+                        } else {
+                            values.push(Bound::Blob(reversed));
+                        }
+                    }
+                    TextMatch::Contains => {
+                        // SQLite's own lower() folds ASCII only, exactly the rule wanted;
+                        // as BLOBs, instr() compares bytes, not characters.
+                        sql += &format!(" AND instr(CAST(lower(c.{name}) AS BLOB), ?) > 0");
+                        values.push(Bound::Blob(needle.to_ascii_lowercase()));
+                    }
+                }
+            }
+            Filter::AuthOrigIp(ip) => {
+                sql += " AND c.auth_orig_ip = ?";
+                values.push(Bound::Text(ip.clone()));
+            }
+            Filter::AuthOrigPort(port) => {
+                sql += " AND c.auth_orig_port = ?";
+                values.push(Bound::Int(i64::from(*port)));
+            }
+            Filter::AuthOrigTransportProtocolId(id) => {
+                sql += " AND c.auth_orig_transport_protocol_id = ?";
+                values.push(Bound::Int(i64::from(*id)));
+            }
+            Filter::ConnectTimeNull(true) => sql += " AND c.connect_time IS NULL",
+            Filter::ConnectTimeNull(false) => sql += " AND c.connect_time IS NOT NULL",
+        }
+    }
+    sql += ORDER_CALLS;
+    (sql, values)
+}
+
+/// A pool of read-only connections.
+pub struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    /// Readers of the database a [`Writer`] has opened (and so created) at `path`.
+    pub fn new(path: &Path) -> Readers {
+        Readers {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let conn = open(&self.path, flags)?;
+                conn.pragma_update(None, "cache_size", -4 * 1024)?;
+                conn
+            }
+        };
+        let result = f(&conn);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+
+    /// Runs a customer query and writes the SPEC 1.3 body into `out`.
+    /// Returns the number of rows.
+    pub fn outgoing_calls(&self, query: &CallQuery, out: &mut Vec<u8>) -> rusqlite::Result<usize> {
+        let (sql, values) = build(query);
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;
+            out.extend_from_slice(b"{\"data\":[");
+            let mut count = 0usize;
+            while let Some(row) = rows.next()? {
+                if count > 0 {
+                    out.push(b',');
+                }
+                for (i, key) in ROW_KEYS.iter().enumerate() {
+                    out.extend_from_slice(key.as_bytes());
+                    write_json_value(out, row.get_ref(i)?);
+                }
+                out.push(b'}');
+                count += 1;
+            }
+            out.extend_from_slice(b"],\"rows\":");
+            out.extend_from_slice(count.to_string().as_bytes());
+            out.push(b'}');
+            Ok(count)
+        })
+    }
+
+    /// `EXPLAIN QUERY PLAN` of a customer query, one line per step: how the tests (and an
+    /// operator) check that a filter is an index search.
+    pub fn explain(&self, query: &CallQuery) -> rusqlite::Result<Vec<String>> {
+        let (sql, values) = build(query);
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(values.iter()), |r| {
+                r.get::<_, String>(3)
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+fn write_json_value(out: &mut Vec<u8>, value: ValueRef<'_>) {
+    match value {
+        ValueRef::Null => out.extend_from_slice(b"null"),
+        ValueRef::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
+        ValueRef::Real(f) => out.extend_from_slice(f.to_string().as_bytes()),
+        ValueRef::Text(t) | ValueRef::Blob(t) => write_json_string(out, t),
+    }
+}
+
+/// Writes a JSON string the way the central API (Rails) does: besides the mandatory
+/// escapes, `<`, `>`, `&`, U+2028 and U+2029 are escaped as `\uXXXX`.
+pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
+    out.push(b'"');
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b'<' | b'>' | b'&' | 0x00..=0x1f => {
+                out.extend_from_slice(format!("\\u{:04x}", b).as_bytes());
+            }
+            0xE2 if text.get(i + 1) == Some(&0x80) && matches!(text.get(i + 2), Some(0xA8 | 0xA9)) => {
+                let last = if text[i + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" };
+                out.extend_from_slice(last);
+                i += 2;
+            }
+            _ => out.push(b),
+        }
+        i += 1;
+    }
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_sets_the_version_the_code_expects() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn upper_bounds_cover_exactly_the_prefix() {
+        assert_eq!(prefix_upper_bound(b"abc"), Some(b"abd".to_vec()));
+        assert_eq!(prefix_upper_bound(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_upper_bound(b"\xff\xff"), None);
+        assert_eq!(prefix_upper_bound(b""), None);
+    }
+
+    #[test]
+    fn json_strings_escape_like_rails() {
+        let mut out = Vec::new();
+        write_json_string(&mut out, "a\"b\\c\n<sip:1@x>&\u{1}\u{2028}Zoë".as_bytes());
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            r#""a\"b\\c\n\u003csip:1@x\u003e\u0026\u0001\u2028Zoë""#
+        );
+        let parsed: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed, "a\"b\\c\n<sip:1@x>&\u{1}\u{2028}Zoë");
+    }
+}
