@@ -48,7 +48,11 @@ pub struct ApiState {
 type Body = Full<Bytes>;
 
 /// Accepts connections on `listener` until `shutdown` becomes true.
-pub async fn serve(listener: TcpListener, state: Arc<ApiState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -90,10 +94,13 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let mut response = match (req.uri().path(), req.method()) {
-        (OUTGOING_ACTIVE_CALLS, &Method::GET | &Method::HEAD) => outgoing_active_calls(state, &req, &request_id).await,
+        (OUTGOING_ACTIVE_CALLS, &Method::GET | &Method::HEAD) => {
+            outgoing_active_calls(state, &req, &request_id).await
+        }
         (OUTGOING_ACTIVE_CALLS, _) => {
             let mut r = empty(StatusCode::METHOD_NOT_ALLOWED);
-            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
             r
         }
         _ => empty(StatusCode::NOT_FOUND),
@@ -107,7 +114,11 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
-async fn outgoing_active_calls(state: &ApiState, req: &Request<Incoming>, request_id: &str) -> Response<Body> {
+async fn outgoing_active_calls(
+    state: &ApiState,
+    req: &Request<Incoming>,
+    request_id: &str,
+) -> Response<Body> {
     let directory = state.directory.load();
     let Ok(auth) = state.auth.authenticate(req.headers(), &directory) else {
         return empty(StatusCode::UNAUTHORIZED);
@@ -206,9 +217,15 @@ fn finish(response: &mut Response<Body>, request_id: &str, started: Instant) {
     ];
     let headers = response.headers_mut();
     for (name, value) in SECURITY {
-        headers.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
     }
-    headers.insert(HeaderName::from_static("x-request-id"), header_value(request_id));
+    headers.insert(
+        HeaderName::from_static("x-request-id"),
+        header_value(request_id),
+    );
     let runtime = format!("{:.6}", started.elapsed().as_secs_f64());
     headers.insert(HeaderName::from_static("x-runtime"), header_value(&runtime));
 }
@@ -282,7 +299,10 @@ mod tests {
 
     #[test]
     fn request_ids_are_stripped_or_made() {
-        assert_eq!(request_id(&headers(&[("x-request-id", "ab c<>@_-9")])), "abc@_-9");
+        assert_eq!(
+            request_id(&headers(&[("x-request-id", "ab c<>@_-9")])),
+            "abc@_-9"
+        );
         let long = "x".repeat(300);
         assert_eq!(request_id(&headers(&[("x-request-id", &long)])).len(), 255);
         let made = request_id(&headers(&[("x-request-id", "<>")]));
@@ -294,10 +314,19 @@ mod tests {
         let etag = etag_of(b"{}");
         let strong = etag.trim_start_matches("W/").to_string();
         assert!(if_none_match(&headers(&[("if-none-match", &etag)]), &etag));
-        assert!(if_none_match(&headers(&[("if-none-match", &strong)]), &etag));
-        assert!(if_none_match(&headers(&[("if-none-match", &format!("\"x\", {etag}"))]), &etag));
+        assert!(if_none_match(
+            &headers(&[("if-none-match", &strong)]),
+            &etag
+        ));
+        assert!(if_none_match(
+            &headers(&[("if-none-match", &format!("\"x\", {etag}"))]),
+            &etag
+        ));
         assert!(if_none_match(&headers(&[("if-none-match", "*")]), &etag));
-        assert!(!if_none_match(&headers(&[("if-none-match", "W/\"other\"")]), &etag));
+        assert!(!if_none_match(
+            &headers(&[("if-none-match", "W/\"other\"")]),
+            &etag
+        ));
         assert!(!if_none_match(&headers(&[]), &etag));
     }
 }

@@ -210,16 +210,29 @@ impl Authenticator {
     }
 }
 
-fn dynamic_context(sub: &Value, cfg: &Value, directory: &Directory) -> Result<AuthContext, Unauthorized> {
+fn dynamic_context(
+    sub: &Value,
+    cfg: &Value,
+    directory: &Directory,
+) -> Result<AuthContext, Unauthorized> {
     let fields = cfg.as_object().ok_or(Unauthorized)?;
-    if fields.keys().any(|k| !DYNAMIC_CFG_KEYS.contains(&k.as_str())) {
+    if fields
+        .keys()
+        .any(|k| !DYNAMIC_CFG_KEYS.contains(&k.as_str()))
+    {
         return Err(Unauthorized);
     }
     let present = |key: &str| fields.get(key).filter(|v| !v.is_null());
-    let customer_id = present("customer_id").and_then(integer).ok_or(Unauthorized)?;
+    let customer_id = present("customer_id")
+        .and_then(integer)
+        .ok_or(Unauthorized)?;
     let account_ids = match present("account_ids") {
         None => Vec::new(),
-        Some(Value::Array(ids)) => ids.iter().map(integer).collect::<Option<_>>().ok_or(Unauthorized)?,
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .map(integer)
+            .collect::<Option<_>>()
+            .ok_or(Unauthorized)?,
         Some(_) => return Err(Unauthorized),
     };
     let profile = match present("customer_portal_access_profile_id") {
@@ -286,7 +299,11 @@ mod tests {
     }
 
     fn far_future() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600
     }
 
     #[test]
@@ -325,7 +342,8 @@ mod tests {
                     "customer_portal_access_profile_id": 3, "provision_gateway_id": null}}))
         .unwrap();
         assert_eq!((ok.customer_id, ok.account_ids), (5, vec![1, 2]));
-        let minimal = verify(json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 5}})).unwrap();
+        let minimal =
+            verify(json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 5}})).unwrap();
         assert!(minimal.account_ids.is_empty());
         for cfg in [
             json!({}),
@@ -344,19 +362,34 @@ mod tests {
     fn no_secret_refuses_everything() {
         let auth = Authenticator::new(None, Duration::ZERO);
         let t = token(json!({"aud": ["customer-v1"], "sub": 40}));
-        assert_eq!(auth.verify(&t, &directory(), SystemTime::now()), Err(Unauthorized));
+        assert_eq!(
+            auth.verify(&t, &directory(), SystemTime::now()),
+            Err(Unauthorized)
+        );
     }
 
     #[test]
     fn refreshed_tokens_carry_the_same_context() {
         let auth = Authenticator::new(Some(SECRET), Duration::from_secs(600));
         let original = json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 5}});
-        let ctx = auth.verify(&token(original), &directory(), SystemTime::now()).unwrap();
+        let ctx = auth
+            .verify(&token(original), &directory(), SystemTime::now())
+            .unwrap();
         let cookie = auth.refreshed_cookie(&ctx, SystemTime::now()).unwrap();
-        assert!(cookie.starts_with("_yeti_customer_v1_session=eyJhbGciOiJIUzI1NiJ9."), "{cookie}");
-        assert!(cookie.contains("; path=/; expires=") && cookie.ends_with(" GMT; HttpOnly; SameSite=Lax"));
+        assert!(
+            cookie.starts_with("_yeti_customer_v1_session=eyJhbGciOiJIUzI1NiJ9."),
+            "{cookie}"
+        );
+        assert!(
+            cookie.contains("; path=/; expires=")
+                && cookie.ends_with(" GMT; HttpOnly; SameSite=Lax")
+        );
         let fresh = auth.sign(&ctx, SystemTime::now()).unwrap();
-        assert_eq!(auth.verify(&fresh, &directory(), SystemTime::now()).unwrap(), ctx);
+        assert_eq!(
+            auth.verify(&fresh, &directory(), SystemTime::now())
+                .unwrap(),
+            ctx
+        );
 
         let forever = Authenticator::new(Some(SECRET), Duration::ZERO);
         let cookie = forever.refreshed_cookie(&ctx, SystemTime::now()).unwrap();
@@ -369,6 +402,9 @@ mod tests {
         )
         .unwrap()
         .claims;
-        assert_eq!(Value::Object(claims), json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 5}}));
+        assert_eq!(
+            Value::Object(claims),
+            json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 5}})
+        );
     }
 }

@@ -165,6 +165,9 @@ mod tests {
         std::fs::write(&file, "s3cret\n").unwrap();
         let mut config = Config::default();
         config.api.jwt_secret_file = Some(file);
-        assert_eq!(config.jwt_secret().unwrap().as_deref(), Some(&b"s3cret"[..]));
+        assert_eq!(
+            config.jwt_secret().unwrap().as_deref(),
+            Some(&b"s3cret"[..])
+        );
     }
 }

@@ -45,7 +45,18 @@ pub struct Switch {
     next_tag: u64,
 }
 
-const NAMES: [&str; 10] = ["Alice", "Bob", "ÄÖÜ", "Zoë", "O'Brien", "100%", "x*y", "bob_smith", "MiXeD", ""];
+const NAMES: [&str; 10] = [
+    "Alice",
+    "Bob",
+    "ÄÖÜ",
+    "Zoë",
+    "O'Brien",
+    "100%",
+    "x*y",
+    "bob_smith",
+    "MiXeD",
+    "",
+];
 const PREFIXES: [&str; 8] = ["380", "44", "49", "1", "7", "971", "123", "4930"];
 const RATES: [&str; 6] = ["0.0", "0.11", "0.5", "1", "2.3", "0.0123"];
 
@@ -88,9 +99,16 @@ impl Switch {
         let mut customers: Vec<i64> = self.accounts.iter().map(|a| a.customer_id).collect();
         customers.dedup();
         for (n, customer) in customers.iter().enumerate() {
-            let first = self.accounts.iter().find(|a| a.customer_id == *customer).map(|a| a.id);
-            accesses.push(json!({"id": 5000 + n as i64, "customer_id": customer, "account_ids": []}));
-            accesses.push(json!({"id": 6000 + n as i64, "customer_id": customer, "account_ids": [first]}));
+            let first = self
+                .accounts
+                .iter()
+                .find(|a| a.customer_id == *customer)
+                .map(|a| a.id);
+            accesses
+                .push(json!({"id": 5000 + n as i64, "customer_id": customer, "account_ids": []}));
+            accesses.push(
+                json!({"id": 6000 + n as i64, "customer_id": customer, "account_ids": [first]}),
+            );
         }
         json!({
             "accounts": self.accounts.iter().map(|a| json!({"id": a.id, "uuid": a.uuid, "contractor_id": a.customer_id})).collect::<Vec<_>>(),
@@ -119,9 +137,18 @@ impl Switch {
     fn new_call(&mut self, now: i64) -> SimCall {
         let rng = &mut self.rng;
         self.next_tag += 1;
-        let local_tag = format!("{:08X}-{:04X}-{:08X}", rng.u32(..), rng.u16(..), self.next_tag);
+        let local_tag = format!(
+            "{:08X}-{:04X}-{:08X}",
+            rng.u32(..),
+            rng.u16(..),
+            self.next_tag
+        );
         // One account in three gets most of the traffic, as real traffic is skewed.
-        let account = if rng.bool() { rng.usize(..self.accounts.len().div_ceil(3)) } else { rng.usize(..self.accounts.len()) };
+        let account = if rng.bool() {
+            rng.usize(..self.accounts.len().div_ceil(3))
+        } else {
+            rng.usize(..self.accounts.len())
+        };
         let start = now - rng.i64(0..3600);
         let connect = rng.bool().then(|| start + rng.i64(1..30));
         let pick = |rng: &mut fastrand::Rng, list: &[&'static str]| list[rng.usize(..list.len())];
@@ -194,8 +221,14 @@ impl Switch {
                 fields.insert("local_tag".into(), json!(call.local_tag));
                 fields.insert("cdr_born_time".into(), json!(format_datetime(call.start)));
                 fields.insert("start_time".into(), json!(format_datetime(call.start)));
-                fields.insert("start_date".into(), json!(&format_datetime(call.start)[..10]));
-                fields.insert("connect_time".into(), json!(call.connect.map(format_datetime)));
+                fields.insert(
+                    "start_date".into(),
+                    json!(&format_datetime(call.start)[..10]),
+                );
+                fields.insert(
+                    "connect_time".into(),
+                    json!(call.connect.map(format_datetime)),
+                );
                 fields.insert("end_time".into(), json!(stamp));
             }
             out.push_str(&row.to_string());
@@ -255,7 +288,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     config.feed.watch = dir.join("snapshot.jsonl");
     config.feed.listen = String::new();
     config.directory.path = dir.join("directory.json");
-    std::fs::write(&config.directory.path, serde_json::to_vec_pretty(&switch.directory())?)?;
+    std::fs::write(
+        &config.directory.path,
+        serde_json::to_vec_pretty(&switch.directory())?,
+    )?;
     std::fs::write(
         dir.join("config.toml"),
         format!(
@@ -282,14 +318,26 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         .context("the first snapshot was not applied within 30 s")??;
 
     let auth = Authenticator::new(Some(secret.as_bytes()), Duration::ZERO);
-    let token = auth.issue_for_access(5000, SystemTime::now()).context("signing the demo token")?;
+    let token = auth
+        .issue_for_access(5000, SystemTime::now())
+        .context("signing the demo token")?;
     let account = switch.busiest_account().clone();
     println!();
-    println!("active-calls-agent demo: {} calls on node 1, a new snapshot every {:?}", options.calls, options.period);
+    println!(
+        "active-calls-agent demo: {} calls on node 1, a new snapshot every {:?}",
+        options.calls, options.period
+    );
     println!("  files:    {}", dir.display());
-    println!("  endpoint: http://{}{}", agent.api_addr(), crate::api::OUTGOING_ACTIVE_CALLS);
+    println!(
+        "  endpoint: http://{}{}",
+        agent.api_addr(),
+        crate::api::OUTGOING_ACTIVE_CALLS
+    );
     println!();
-    println!("Try it (customer {}, its busiest account):", account.customer_id);
+    println!(
+        "Try it (customer {}, its busiest account):",
+        account.customer_id
+    );
     println!();
     println!(
         "  curl -s -H 'Authorization: Bearer {token}' 'http://{}{}?account-id={}&connect-time-null=false'",
@@ -298,19 +346,25 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         account.uuid
     );
     println!();
-    println!("Add filters such as &dst-prefix-in-starts-with=44 or &src-name-in-contains=ali. Ctrl-C stops.");
+    println!(
+        "Add filters such as &dst-prefix-in-starts-with=44 or &src-name-in-contains=ali. Ctrl-C stops."
+    );
 
     let period = options.period;
     let calls = options.calls;
     let snapshot_path = config.feed.watch.clone();
-    std::thread::Builder::new().name("demo-switch".into()).spawn(move || loop {
-        std::thread::sleep(period);
-        let now = unix_now();
-        switch.step(now, calls, 0.1);
-        if let Err(e) = write_atomically(&snapshot_path, switch.snapshot(now).as_bytes()) {
-            tracing::error!(error = %e, "the demo switch could not write its snapshot");
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("demo-switch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(period);
+                let now = unix_now();
+                switch.step(now, calls, 0.1);
+                if let Err(e) = write_atomically(&snapshot_path, switch.snapshot(now).as_bytes()) {
+                    tracing::error!(error = %e, "the demo switch could not write its snapshot");
+                }
+            }
+        })?;
 
     let _ = tokio::signal::ctrl_c().await;
     tokio::task::spawn_blocking(move || agent.stop()).await?;

@@ -80,7 +80,11 @@ impl Directory {
         let mut directory = Directory::default();
         for account in file.accounts {
             let Some(uuid) = parse_uuid(account.uuid.as_bytes()) else {
-                bail!("account {}: uuid {:?} is not a uuid", account.id, account.uuid);
+                bail!(
+                    "account {}: uuid {:?} is not a uuid",
+                    account.id,
+                    account.uuid
+                );
             };
             let record = Account {
                 id: account.id,
@@ -127,7 +131,9 @@ impl Directory {
     }
 
     pub fn has_portal_profile(&self, id: i64) -> bool {
-        self.portal_profiles.as_ref().is_none_or(|p| p.contains(&id))
+        self.portal_profiles
+            .as_ref()
+            .is_none_or(|p| p.contains(&id))
     }
 
     /// How many accounts it holds (for the reload log line).
@@ -191,7 +197,13 @@ mod tests {
         let account = dir
             .account_by_uuid(b"06B61B60-E7D9-11F0-932E-0A63CAF27539")
             .unwrap();
-        assert_eq!(account, Account { id: 25, contractor_id: 5 });
+        assert_eq!(
+            account,
+            Account {
+                id: 25,
+                contractor_id: 5
+            }
+        );
         assert_eq!(dir.api_access(40).unwrap().customer_id, 5);
         assert!(dir.api_access(41).is_none());
     }

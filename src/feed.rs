@@ -69,7 +69,10 @@ pub enum Line<'a> {
     Nothing,
     Row(Box<CallRow<'a>>),
     /// A JSON object that is not a usable row; `node_id` when it had a readable one.
-    Skipped { node_id: Option<i64>, reason: String },
+    Skipped {
+        node_id: Option<i64>,
+        reason: String,
+    },
 }
 
 /// Why a whole snapshot was refused.
@@ -184,11 +187,11 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
         // A well-formed object that serde refused (a key given twice) is a bad row, not a
         // bad snapshot; anything else is not JSON at all.
         Err(e) => {
-            return match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
-            {
+            return match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
                 Ok(object) => Ok(Line::Skipped {
                     node_id: object.get("node_id").and_then(|v| {
-                        v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                        v.as_i64()
+                            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
                     }),
                     reason: e.to_string(),
                 }),
@@ -353,9 +356,9 @@ pub fn is_datetime(text: &str) -> bool {
         return false;
     }
     let number = |range: std::ops::Range<usize>| -> Option<u32> {
-        b[range]
-            .iter()
-            .try_fold(0u32, |n, &d| d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0')))
+        b[range].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
     };
     let parts = (
         number(0..4),
@@ -365,8 +368,7 @@ pub fn is_datetime(text: &str) -> bool {
         number(14..16),
         number(17..19),
     );
-    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = parts
-    else {
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = parts else {
         return false;
     };
     (1..=12).contains(&month)
@@ -379,7 +381,9 @@ pub fn is_datetime(text: &str) -> bool {
 
 fn days_in_month(year: u32, month: u32) -> u32 {
     match month {
-        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
+            29
+        }
         2 => 28,
         4 | 6 | 9 | 11 => 30,
         _ => 31,
@@ -509,12 +513,18 @@ mod tests {
     #[test]
     fn a_minimal_row_gets_the_documented_defaults() {
         let r = row(MINIMAL);
-        assert_eq!((r.node_id, &*r.local_tag, r.customer_id, r.customer_acc_id), (1, "a", 2, 3));
+        assert_eq!(
+            (r.node_id, &*r.local_tag, r.customer_id, r.customer_acc_id),
+            (1, "a", 2, 3)
+        );
         assert_eq!(r.snapshot_timestamp, None);
         assert_eq!(r.connect_time, None);
         assert_eq!(r.src_name_in, "");
         assert_eq!(r.diversion_in, None);
-        assert_eq!((r.auth_orig_port, r.auth_orig_transport_protocol_id), (0, 0));
+        assert_eq!(
+            (r.auth_orig_port, r.auth_orig_transport_protocol_id),
+            (0, 0)
+        );
     }
 
     #[test]
@@ -524,7 +534,10 @@ mod tests {
             "auth_orig_port":"5060","destination_initial_rate":0.10,"destination_next_rate":"0.0123",
             "destination_initial_interval":"60","auth_orig_protocol_id":3,"src_prefix_in":380}"#,
         );
-        assert_eq!((r.node_id, r.customer_acc_id, r.auth_orig_port), (1, 3, 5060));
+        assert_eq!(
+            (r.node_id, r.customer_acc_id, r.auth_orig_port),
+            (1, 3, 5060)
+        );
         assert_eq!(r.destination_initial_rate, "0.10");
         assert_eq!(r.destination_next_rate, "0.0123");
         assert_eq!(r.destination_initial_interval, 60);
@@ -554,13 +567,28 @@ mod tests {
         for (from, to) in [
             (r#""customer_id":2"#, r#""customer_id":"two""#),
             (r#""customer_acc_id":3"#, r#""customer_acc_id":3.5"#),
-            (r#""start_time":"2025-11-25 12:47:28""#, r#""start_time":"2025-02-30 12:47:28""#),
-            (r#""start_time":"2025-11-25 12:47:28""#, r#""start_time":null"#),
+            (
+                r#""start_time":"2025-11-25 12:47:28""#,
+                r#""start_time":"2025-02-30 12:47:28""#,
+            ),
+            (
+                r#""start_time":"2025-11-25 12:47:28""#,
+                r#""start_time":null"#,
+            ),
             (r#""local_tag":"a""#, r#""local_tag":{"x":1}"#),
             (r#""customer_id":2"#, r#""customer_id":2,"customer_id":2"#),
-            (r#""customer_id":2"#, r#""customer_id":2,"destination_fee":"1,5""#),
-            (r#""customer_id":2"#, r#""customer_id":2,"auth_orig_port":true"#),
-            (r#""customer_id":2"#, r#""customer_id":2,"src_name_in":"\ud800""#),
+            (
+                r#""customer_id":2"#,
+                r#""customer_id":2,"destination_fee":"1,5""#,
+            ),
+            (
+                r#""customer_id":2"#,
+                r#""customer_id":2,"auth_orig_port":true"#,
+            ),
+            (
+                r#""customer_id":2"#,
+                r#""customer_id":2,"src_name_in":"\ud800""#,
+            ),
         ] {
             let line = MINIMAL.replace(from, to);
             assert_eq!(skipped(&line).0, Some(1), "{line}");
@@ -584,7 +612,9 @@ mod tests {
 
     #[test]
     fn insert_line_is_recognised() {
-        assert!(is_insert_line(b"INSERT INTO active_calls FORMAT JSONEachRow\n"));
+        assert!(is_insert_line(
+            b"INSERT INTO active_calls FORMAT JSONEachRow\n"
+        ));
         assert!(is_insert_line(b"insert into db.t format JSONEachRow\r\n"));
         assert!(!is_insert_line(b"SELECT 1"));
         assert!(!is_insert_line(b"INSERT INTO t FORMAT CSV"));

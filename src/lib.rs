@@ -89,7 +89,10 @@ impl Agent {
         if secret.is_none() {
             tracing::warn!("no api.jwt_secret configured: every request will get 401");
         }
-        let auth = Authenticator::new(secret.as_deref(), Duration::from_secs(config.api.token_lifetime));
+        let auth = Authenticator::new(
+            secret.as_deref(),
+            Duration::from_secs(config.api.token_lifetime),
+        );
 
         let writer = Writer::open(&config.store.path)?;
         let readers = Arc::new(Readers::new(&config.store.path));
@@ -99,7 +102,8 @@ impl Agent {
 
         let (status_tx, feed_status) = signal::channel(FeedStatus::default());
         let (jobs_tx, jobs_rx) = mpsc::channel();
-        let watch_path = (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
+        let watch_path =
+            (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
         if watch_path.as_ref().is_some_and(|p| p.exists()) {
             let _ = jobs_tx.send(WriterJob::ApplyFile);
         }
@@ -222,19 +226,29 @@ fn initial_directory(path: &std::path::Path) -> Directory {
             directory
         }
         Err(e) => {
-            tracing::warn!(error = format!("{e:#}"), "no usable directory yet; no account is known");
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "no usable directory yet; no account is known"
+            );
             Directory::default()
         }
     }
 }
 
-fn reload_directory(cell: &SwapCell<Directory>, path: &std::path::Path, reloads: &signal::Sender<u64>) {
+fn reload_directory(
+    cell: &SwapCell<Directory>,
+    path: &std::path::Path,
+    reloads: &signal::Sender<u64>,
+) {
     match Directory::load(path) {
         Ok(directory) => {
             tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory reloaded");
             cell.store(directory);
         }
-        Err(e) => tracing::error!(error = format!("{e:#}"), "directory rejected; keeping the previous one"),
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "directory rejected; keeping the previous one"
+        ),
     }
     reloads.send_modify(|n| *n += 1);
 }
@@ -265,7 +279,9 @@ fn run_writer(
         }
         if let Some(stale_after) = stale_after {
             match writer.expire(SystemTime::now() - stale_after) {
-                Ok(nodes) if !nodes.is_empty() => tracing::info!(?nodes, "silent nodes expired: their calls are gone"),
+                Ok(nodes) if !nodes.is_empty() => {
+                    tracing::info!(?nodes, "silent nodes expired: their calls are gone")
+                }
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "expiring silent nodes failed"),
             }
@@ -276,7 +292,11 @@ fn run_writer(
     }
 }
 
-fn apply_snapshot_file(writer: &mut Writer, path: &std::path::Path, status: &signal::Sender<FeedStatus>) {
+fn apply_snapshot_file(
+    writer: &mut Writer,
+    path: &std::path::Path,
+    status: &signal::Sender<FeedStatus>,
+) {
     match apply_file(writer, path) {
         Ok(report) => {
             tracing::info!(

@@ -11,7 +11,10 @@ use active_calls_agent::config::Config;
 use active_calls_agent::demo::{self, DemoOptions};
 
 #[derive(Parser)]
-#[command(version, about = "Serves yeti's outgoing-active-calls API from the switch node")]
+#[command(
+    version,
+    about = "Serves yeti's outgoing-active-calls API from the switch node"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -84,7 +87,9 @@ fn main() -> anyhow::Result<()> {
             lifetime,
         } => {
             let config = Config::load(cli.config.as_deref())?;
-            let secret = config.jwt_secret()?.context("no api.jwt_secret configured")?;
+            let secret = config
+                .jwt_secret()?
+                .context("no api.jwt_secret configured")?;
             let auth = Authenticator::new(Some(&secret), Duration::from_secs(lifetime));
             let token = auth
                 .issue_for_access(access_id, SystemTime::now())

@@ -60,7 +60,8 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
 // ---------------------------------------------------------------------------------------
 // Writing
 
-const LOAD_NODE_CALLS: &str = "SELECT local_tag, customer_acc_id, row_hash FROM calls WHERE node_id = ?1";
+const LOAD_NODE_CALLS: &str =
+    "SELECT local_tag, customer_acc_id, row_hash FROM calls WHERE node_id = ?1";
 const PUT_CALL: &str = "INSERT OR REPLACE INTO calls (
     customer_acc_id, node_id, local_tag, customer_id, snapshot_timestamp, start_time, connect_time,
     destination_prefix, destination_initial_interval, destination_initial_rate,
@@ -75,7 +76,8 @@ const PUT_CALL: &str = "INSERT OR REPLACE INTO calls (
     ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36)";
 const DELETE_CALL: &str =
     "DELETE FROM calls WHERE customer_acc_id = ?1 AND node_id = ?2 AND local_tag = ?3";
-const PUT_NODE: &str = "INSERT OR REPLACE INTO nodes (node_id, received_at_ms, snapshot_timestamp, source)
+const PUT_NODE: &str =
+    "INSERT OR REPLACE INTO nodes (node_id, received_at_ms, snapshot_timestamp, source)
     VALUES (?1, ?2, ?3, ?4)";
 const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
 const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
@@ -107,7 +109,11 @@ impl Writer {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != SCHEMA_VERSION {
             if version != 0 {
-                tracing::warn!(found = version, want = SCHEMA_VERSION, "store schema differs; rebuilding it empty");
+                tracing::warn!(
+                    found = version,
+                    want = SCHEMA_VERSION,
+                    "store schema differs; rebuilding it empty"
+                );
             }
             conn.execute_batch(&format!(
                 "BEGIN; DROP TABLE IF EXISTS calls; DROP TABLE IF EXISTS nodes; {SCHEMA} COMMIT;"
@@ -118,7 +124,11 @@ impl Writer {
     }
 
     /// Starts applying one snapshot received at `received_at`.
-    pub fn begin(&mut self, origin: Origin, received_at: SystemTime) -> rusqlite::Result<SnapshotTx<'_>> {
+    pub fn begin(
+        &mut self,
+        origin: Origin,
+        received_at: SystemTime,
+    ) -> rusqlite::Result<SnapshotTx<'_>> {
         let received_at_ms = unix_millis(received_at);
         Ok(SnapshotTx {
             tx: self.conn.transaction()?,
@@ -300,7 +310,8 @@ impl SnapshotTx<'_> {
                 .query_map([Origin::File.as_str()], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             for node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
-                changes.removed += self.tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])? as u64;
+                changes.removed +=
+                    self.tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])? as u64;
                 self.tx.prepare_cached(DELETE_NODE)?.execute([node])?;
             }
         }
@@ -572,7 +583,11 @@ fn build(query: &CallQuery) -> (String, Vec<Bound>) {
     ];
     for filter in &query.filters {
         match filter {
-            Filter::Text { column, how, needle } => {
+            Filter::Text {
+                column,
+                how,
+                needle,
+            } => {
                 let name = column.name();
                 match how {
                     TextMatch::Equals => {
@@ -731,8 +746,14 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
             b'<' | b'>' | b'&' | 0x00..=0x1f => {
                 out.extend_from_slice(format!("\\u{:04x}", b).as_bytes());
             }
-            0xE2 if text.get(i + 1) == Some(&0x80) && matches!(text.get(i + 2), Some(0xA8 | 0xA9)) => {
-                let last = if text[i + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" };
+            0xE2 if text.get(i + 1) == Some(&0x80)
+                && matches!(text.get(i + 2), Some(0xA8 | 0xA9)) =>
+            {
+                let last = if text[i + 2] == 0xA8 {
+                    b"\\u2028"
+                } else {
+                    b"\\u2029"
+                };
                 out.extend_from_slice(last);
                 i += 2;
             }

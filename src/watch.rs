@@ -41,12 +41,13 @@ pub fn watch(targets: Vec<Target>) -> anyhow::Result<FileWatcher> {
         })
         .collect::<std::io::Result<_>>()?;
     let (events_tx, events_rx) = mpsc::channel::<Event>();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| match event {
-        Ok(event) => {
-            let _ = events_tx.send(event);
-        }
-        Err(e) => tracing::warn!(error = %e, "file watch error"),
-    })?;
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<Event>| match event {
+            Ok(event) => {
+                let _ = events_tx.send(event);
+            }
+            Err(e) => tracing::warn!(error = %e, "file watch error"),
+        })?;
     let mut dirs = HashSet::new();
     for target in &targets {
         let dir = target.path.parent().unwrap_or(Path::new("/")).to_path_buf();

@@ -31,19 +31,47 @@ fn expected(row: &Value) -> Value {
     for key in ["snapshot_timestamp", "start_time", "connect_time"] {
         out.insert(key.into(), row[key].clone());
     }
-    out.insert("destination_prefix".into(), text(&row["destination_prefix"]));
-    out.insert("destination_initial_interval".into(), int(&row["destination_initial_interval"]));
-    out.insert("destination_initial_rate".into(), text(&row["destination_initial_rate"]));
-    out.insert("destination_next_interval".into(), int(&row["destination_next_interval"]));
-    out.insert("destination_next_rate".into(), text(&row["destination_next_rate"]));
+    out.insert(
+        "destination_prefix".into(),
+        text(&row["destination_prefix"]),
+    );
+    out.insert(
+        "destination_initial_interval".into(),
+        int(&row["destination_initial_interval"]),
+    );
+    out.insert(
+        "destination_initial_rate".into(),
+        text(&row["destination_initial_rate"]),
+    );
+    out.insert(
+        "destination_next_interval".into(),
+        int(&row["destination_next_interval"]),
+    );
+    out.insert(
+        "destination_next_rate".into(),
+        text(&row["destination_next_rate"]),
+    );
     out.insert("destination_fee".into(), text(&row["destination_fee"]));
     for key in [
-        "src_name_in", "src_prefix_in", "dst_prefix_in", "src_prefix_routing", "dst_prefix_routing",
-        "from_domain", "to_domain", "ruri_domain",
+        "src_name_in",
+        "src_prefix_in",
+        "dst_prefix_in",
+        "src_prefix_routing",
+        "dst_prefix_routing",
+        "from_domain",
+        "to_domain",
+        "ruri_domain",
     ] {
         out.insert(key.into(), text(&row[key]));
     }
-    for key in ["diversion_in", "pai_in", "ppi_in", "privacy_in", "rpid_in", "rpid_privacy_in"] {
+    for key in [
+        "diversion_in",
+        "pai_in",
+        "ppi_in",
+        "privacy_in",
+        "rpid_in",
+        "rpid_privacy_in",
+    ] {
         out.insert(key.into(), row[key].clone());
     }
     let protocol = if row["auth_orig_transport_protocol_id"].is_null() {
@@ -64,7 +92,9 @@ fn expected_for(account: i64, keep: impl Fn(&Value) -> bool) -> Vec<Value> {
         .filter(|r| r["customer_acc_id"] == account && keep(r))
         .collect();
     rows.sort_by(|a, b| {
-        b["start_time"].as_str().cmp(&a["start_time"].as_str())
+        b["start_time"]
+            .as_str()
+            .cmp(&a["start_time"].as_str())
             .then(a["local_tag"].as_str().cmp(&b["local_tag"].as_str()))
     });
     rows.into_iter().map(expected).collect()
@@ -78,7 +108,12 @@ fn sample_rows_cache() -> &'static [Value] {
 fn with_sample() -> TestAgent {
     let agent = TestAgent::start();
     let status = agent.feed(SAMPLE_SNAPSHOT);
-    assert_eq!((status.applied, status.rejected), (1, 0), "{:?}", status.last_error);
+    assert_eq!(
+        (status.applied, status.rejected),
+        (1, 0),
+        "{:?}",
+        status.last_error
+    );
     let report = status.last_report.unwrap();
     assert_eq!((report.rows, report.skipped), (20, 0));
     agent
@@ -96,20 +131,49 @@ fn answers_every_row_of_the_account_with_the_26_keys_in_order() {
     let first = &body[body.find("{\"snapshot_timestamp\"").unwrap()..];
     let keys: Vec<&str> = first[..first.find('}').unwrap()]
         .split(",\"")
-        .map(|kv| kv.trim_start_matches('{').trim_start_matches('"').split('"').next().unwrap())
+        .map(|kv| {
+            kv.trim_start_matches('{')
+                .trim_start_matches('"')
+                .split('"')
+                .next()
+                .unwrap()
+        })
         .collect();
     assert_eq!(
         keys,
         [
-            "snapshot_timestamp", "start_time", "connect_time", "destination_prefix",
-            "destination_initial_interval", "destination_initial_rate", "destination_next_interval",
-            "destination_next_rate", "destination_fee", "src_name_in", "src_prefix_in", "dst_prefix_in",
-            "src_prefix_routing", "dst_prefix_routing", "from_domain", "to_domain", "ruri_domain",
-            "diversion_in", "pai_in", "ppi_in", "privacy_in", "rpid_in", "rpid_privacy_in",
-            "auth_orig_transport_protocol_id", "auth_orig_ip", "auth_orig_port",
+            "snapshot_timestamp",
+            "start_time",
+            "connect_time",
+            "destination_prefix",
+            "destination_initial_interval",
+            "destination_initial_rate",
+            "destination_next_interval",
+            "destination_next_rate",
+            "destination_fee",
+            "src_name_in",
+            "src_prefix_in",
+            "dst_prefix_in",
+            "src_prefix_routing",
+            "dst_prefix_routing",
+            "from_domain",
+            "to_domain",
+            "ruri_domain",
+            "diversion_in",
+            "pai_in",
+            "ppi_in",
+            "privacy_in",
+            "rpid_in",
+            "rpid_privacy_in",
+            "auth_orig_transport_protocol_id",
+            "auth_orig_ip",
+            "auth_orig_port",
         ]
     );
-    assert!(body.starts_with("{\"data\":[{") && body.ends_with(&format!("],\"rows\":{}}}", reply.rows().len())));
+    assert!(
+        body.starts_with("{\"data\":[{")
+            && body.ends_with(&format!("],\"rows\":{}}}", reply.rows().len()))
+    );
 }
 
 #[test]
@@ -118,7 +182,10 @@ fn headers_of_a_200() {
     let reply = agent.request(
         "GET",
         &format!("{ENDPOINT}?account-id={ACCOUNT_101}"),
-        &[("Authorization", &format!("Bearer {}", token_for(5001))), ("X-Request-Id", "abc-123 <x>")],
+        &[
+            ("Authorization", &format!("Bearer {}", token_for(5001))),
+            ("X-Request-Id", "abc-123 <x>"),
+        ],
     );
     assert_eq!(reply.status, 200);
     for (name, value) in [
@@ -134,12 +201,18 @@ fn headers_of_a_200() {
     ] {
         assert_eq!(reply.header(name), Some(value), "{name}");
     }
-    assert_eq!(reply.header("content-length"), Some(reply.body.len().to_string().as_str()));
+    assert_eq!(
+        reply.header("content-length"),
+        Some(reply.body.len().to_string().as_str())
+    );
     let etag = reply.header("etag").unwrap();
     assert!(etag.starts_with("W/\"") && etag.len() == 36, "{etag}");
     let runtime: f64 = reply.header("x-runtime").unwrap().parse().unwrap();
     assert!((0.0..10.0).contains(&runtime));
-    assert!(reply.header("set-cookie").is_none(), "no cookie for a header token");
+    assert!(
+        reply.header("set-cookie").is_none(),
+        "no cookie for a header token"
+    );
 
     // No request id of its own: a fresh uuid.
     let reply = agent.get(&format!("account-id={ACCOUNT_101}"));
@@ -154,13 +227,26 @@ fn etag_if_none_match_and_head() {
     let get = agent.request("GET", &target, &[("Authorization", &token)]);
     let etag = get.header("etag").unwrap().to_owned();
 
-    for inm in [etag.clone(), etag.trim_start_matches("W/").to_owned(), format!("\"zzz\", {etag}"), "*".into()] {
-        let cached = agent.request("GET", &target, &[("Authorization", &token), ("If-None-Match", &inm)]);
+    for inm in [
+        etag.clone(),
+        etag.trim_start_matches("W/").to_owned(),
+        format!("\"zzz\", {etag}"),
+        "*".into(),
+    ] {
+        let cached = agent.request(
+            "GET",
+            &target,
+            &[("Authorization", &token), ("If-None-Match", &inm)],
+        );
         assert_eq!(cached.status, 304, "{inm}");
         assert!(cached.body.is_empty());
         assert_eq!(cached.header("etag"), Some(etag.as_str()));
     }
-    let stale = agent.request("GET", &target, &[("Authorization", &token), ("If-None-Match", "W/\"zzz\"")]);
+    let stale = agent.request(
+        "GET",
+        &target,
+        &[("Authorization", &token), ("If-None-Match", "W/\"zzz\"")],
+    );
     assert_eq!(stale.status, 200);
 
     let head = agent.request("HEAD", &target, &[("Authorization", &token)]);
@@ -168,15 +254,29 @@ fn etag_if_none_match_and_head() {
     assert_eq!(head.header("content-length"), get.header("content-length"));
     assert_eq!(head.header("etag"), Some(etag.as_str()));
 
-    let head = agent.request("HEAD", &format!("{ENDPOINT}?account-id=bad"), &[("Authorization", &token)]);
+    let head = agent.request(
+        "HEAD",
+        &format!("{ENDPOINT}?account-id=bad"),
+        &[("Authorization", &token)],
+    );
     assert_eq!(head.status, 400);
-    assert_eq!(head.header("content-length"), Some(r#"{"error":"invalid value account-id"}"#.len().to_string().as_str()));
+    assert_eq!(
+        head.header("content-length"),
+        Some(r#"{"error":"invalid value account-id"}"#.len().to_string().as_str())
+    );
     let head = agent.request("HEAD", &target, &[]);
-    assert_eq!((head.status, head.header("content-length")), (401, Some("0")));
+    assert_eq!(
+        (head.status, head.header("content-length")),
+        (401, Some("0"))
+    );
 
     // A changed snapshot changes the body, so the old ETag no longer matches.
     agent.feed(&SAMPLE_SNAPSHOT.replace("2025-11-25 14:30:00", "2025-11-25 14:30:10"));
-    let changed = agent.request("GET", &target, &[("Authorization", &token), ("If-None-Match", &etag)]);
+    let changed = agent.request(
+        "GET",
+        &target,
+        &[("Authorization", &token), ("If-None-Match", &etag)],
+    );
     assert_eq!(changed.status, 200);
     assert_ne!(changed.header("etag"), Some(etag.as_str()));
 }
@@ -188,30 +288,77 @@ fn bad_parameters_get_the_specs_400_bodies() {
         ("", "missing required param(s) account-id"),
         ("src-name-in-eq=x", "missing required param(s) account-id"),
         ("account-id=", "invalid value account-id"),
-        ("account-id=f38b2ffc80a41f5a91c9bc701e7ea419", "invalid value account-id"),
-        ("account-id=00000000-0000-0000-0000-000000000000", "invalid value account-id"),
-        (&format!("account-id={ACCOUNT_103}"), "invalid value account-id"),
-        (&format!("account-id[]={ACCOUNT_101}"), "param account-id can't be an array"),
-        (&format!("account-id={ACCOUNT_101}&auth-orig-port=abc"), "invalid value auth-orig-port"),
-        (&format!("account-id={ACCOUNT_101}&auth-orig-port=99999999999"), "invalid value auth-orig-port"),
-        (&format!("account-id={ACCOUNT_101}&auth-orig-transport-protocol-id=200"), "invalid value auth-orig-transport-protocol-id"),
-        (&format!("account-id={ACCOUNT_101}&dst-prefix-in-eq[k]=1"), "param dst-prefix-in-eq can't be an array"),
-        (&format!("auth-orig-port=x&account-id={ACCOUNT_101}"), "invalid value auth-orig-port"),
-        (&format!("account-id=bad&auth-orig-port=x"), "invalid value account-id"),
+        (
+            "account-id=f38b2ffc80a41f5a91c9bc701e7ea419",
+            "invalid value account-id",
+        ),
+        (
+            "account-id=00000000-0000-0000-0000-000000000000",
+            "invalid value account-id",
+        ),
+        (
+            &format!("account-id={ACCOUNT_103}"),
+            "invalid value account-id",
+        ),
+        (
+            &format!("account-id[]={ACCOUNT_101}"),
+            "param account-id can't be an array",
+        ),
+        (
+            &format!("account-id={ACCOUNT_101}&auth-orig-port=abc"),
+            "invalid value auth-orig-port",
+        ),
+        (
+            &format!("account-id={ACCOUNT_101}&auth-orig-port=99999999999"),
+            "invalid value auth-orig-port",
+        ),
+        (
+            &format!("account-id={ACCOUNT_101}&auth-orig-transport-protocol-id=200"),
+            "invalid value auth-orig-transport-protocol-id",
+        ),
+        (
+            &format!("account-id={ACCOUNT_101}&dst-prefix-in-eq[k]=1"),
+            "param dst-prefix-in-eq can't be an array",
+        ),
+        (
+            &format!("auth-orig-port=x&account-id={ACCOUNT_101}"),
+            "invalid value auth-orig-port",
+        ),
+        (
+            "account-id=bad&auth-orig-port=x",
+            "invalid value account-id",
+        ),
     ] {
         let reply = agent.get(query);
         assert_eq!(reply.status, 400, "{query}");
         assert_eq!(reply.json(), json!({"error": error}), "{query}");
-        assert_eq!(reply.header("content-type"), Some("application/json; charset=utf-8"));
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json; charset=utf-8")
+        );
     }
     // An access limited to account 101 cannot name 102.
     let limited = token_for(6001);
-    let reply = agent.request("GET", &format!("{ENDPOINT}?account-id={ACCOUNT_102}"), &[("Authorization", &limited)]);
-    assert_eq!((reply.status, reply.json()), (400, json!({"error": "invalid value account-id"})));
-    let reply = agent.request("GET", &format!("{ENDPOINT}?account-id={ACCOUNT_101}"), &[("Authorization", &limited)]);
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_102}"),
+        &[("Authorization", &limited)],
+    );
+    assert_eq!(
+        (reply.status, reply.json()),
+        (400, json!({"error": "invalid value account-id"}))
+    );
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_101}"),
+        &[("Authorization", &limited)],
+    );
     assert_eq!(reply.status, 200);
     // Unknown parameters are ignored; the uuid is compared without case.
-    let reply = agent.get(&format!("account-id={}&page=2&sort[]=x", ACCOUNT_101.to_uppercase()));
+    let reply = agent.get(&format!(
+        "account-id={}&page=2&sort[]=x",
+        ACCOUNT_101.to_uppercase()
+    ));
     assert_eq!(reply.rows(), expected_for(101, |_| true));
 }
 
@@ -223,30 +370,91 @@ fn authentication_failures_are_empty_401s() {
     let none_alg = {
         use base64::Engine;
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64(r#"{"aud":["customer-v1"],"sub":5001}"#))
+        format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none"}"#),
+            b64(r#"{"aud":["customer-v1"],"sub":5001}"#)
+        )
     };
     let hs512 = {
         let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512);
-        jsonwebtoken::encode(&header, &json!({"aud": ["customer-v1"], "sub": 5001}), &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+        jsonwebtoken::encode(
+            &header,
+            &json!({"aud": ["customer-v1"], "sub": 5001}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
     };
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("no token", vec![]),
-        ("garbage", vec![("Authorization", "Bearer not.a.jwt".into())]),
+        (
+            "garbage",
+            vec![("Authorization", "Bearer not.a.jwt".into())],
+        ),
         ("alg none", vec![("Authorization", none_alg)]),
         ("alg HS512", vec![("Authorization", hs512)]),
-        ("other secret", vec![("Authorization", sign_with(&json!({"aud": ["customer-v1"], "sub": 5001}), b"other"))]),
-        ("no aud", vec![("Authorization", sign(&json!({"sub": 5001})))]),
-        ("wrong aud", vec![("Authorization", sign(&json!({"aud": ["admin"], "sub": 5001})))]),
-        ("expired", vec![("Authorization", sign(&json!({"aud": ["customer-v1"], "sub": 5001, "exp": now - 10})))]),
+        (
+            "other secret",
+            vec![(
+                "Authorization",
+                sign_with(&json!({"aud": ["customer-v1"], "sub": 5001}), b"other"),
+            )],
+        ),
+        (
+            "no aud",
+            vec![("Authorization", sign(&json!({"sub": 5001})))],
+        ),
+        (
+            "wrong aud",
+            vec![(
+                "Authorization",
+                sign(&json!({"aud": ["admin"], "sub": 5001})),
+            )],
+        ),
+        (
+            "expired",
+            vec![(
+                "Authorization",
+                sign(&json!({"aud": ["customer-v1"], "sub": 5001, "exp": now - 10})),
+            )],
+        ),
         ("unknown sub", vec![("Authorization", token_for(9999))]),
-        ("dynamic, unknown customer", vec![("Authorization", sign(&json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 7}})))]),
-        ("dynamic, extra key", vec![("Authorization", sign(&json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 1001, "x": 1}})))]),
-        ("dynamic, unknown profile", vec![("Authorization", sign(&json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 1001, "customer_portal_access_profile_id": 9}})))]),
+        (
+            "dynamic, unknown customer",
+            vec![(
+                "Authorization",
+                sign(&json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 7}})),
+            )],
+        ),
+        (
+            "dynamic, extra key",
+            vec![(
+                "Authorization",
+                sign(
+                    &json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 1001, "x": 1}}),
+                ),
+            )],
+        ),
+        (
+            "dynamic, unknown profile",
+            vec![(
+                "Authorization",
+                sign(
+                    &json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 1001, "customer_portal_access_profile_id": 9}}),
+                ),
+            )],
+        ),
         // A present but invalid header does not fall back to a valid cookie.
-        ("bad header, good cookie", vec![
-            ("Authorization", "Bearer junk".into()),
-            ("Cookie", format!("_yeti_customer_v1_session={}", token_for(5001))),
-        ]),
+        (
+            "bad header, good cookie",
+            vec![
+                ("Authorization", "Bearer junk".into()),
+                (
+                    "Cookie",
+                    format!("_yeti_customer_v1_session={}", token_for(5001)),
+                ),
+            ],
+        ),
     ];
     for (name, headers) in cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -265,21 +473,36 @@ fn accepted_token_forms() {
     let agent = with_sample();
     let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
     let expected = expected_for(101, |_| true);
-    let dynamic = sign(&json!({"aud": "customer-v1", "sub": "D", "exp": unix_now() + 600,
-        "cfg": {"customer_id": 1001, "account_ids": [101], "allowed_ips": ["127.0.0.1/32"]}}));
+    let dynamic = sign(
+        &json!({"aud": "customer-v1", "sub": "D", "exp": unix_now() + 600,
+        "cfg": {"customer_id": 1001, "account_ids": [101], "allowed_ips": ["127.0.0.1/32"]}}),
+    );
     for headers in [
         vec![("Authorization", token_for(5001))],
         vec![("Authorization", format!("Bearer {}", token_for(5001)))],
-        vec![("Authorization", sign(&json!({"aud": ["x", "customer-v1"], "sub": "5001"})))],
+        vec![(
+            "Authorization",
+            sign(&json!({"aud": ["x", "customer-v1"], "sub": "5001"})),
+        )],
         vec![("Authorization", dynamic.clone())],
-        vec![("Authorization", "  ".into()), ("Cookie", format!("a=b; _yeti_customer_v1_session={}", token_for(6001)))],
+        vec![
+            ("Authorization", "  ".into()),
+            (
+                "Cookie",
+                format!("a=b; _yeti_customer_v1_session={}", token_for(6001)),
+            ),
+        ],
     ] {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
         let reply = agent.request("GET", &target, &headers);
         assert_eq!(reply.rows(), expected, "{headers:?}");
     }
     // The dynamic token's account list binds.
-    let reply = agent.request("GET", &format!("{ENDPOINT}?account-id={ACCOUNT_102}"), &[("Authorization", &dynamic)]);
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_102}"),
+        &[("Authorization", &dynamic)],
+    );
     assert_eq!(reply.status, 400);
 }
 
@@ -288,7 +511,11 @@ fn a_cookie_token_is_refreshed() {
     let agent = TestAgent::start_with(|c| c.api.token_lifetime = 600);
     agent.feed(SAMPLE_SNAPSHOT);
     let cookie = format!("_yeti_customer_v1_session={}", token_for(6001));
-    let reply = agent.request("GET", &format!("{ENDPOINT}?account-id={ACCOUNT_101}"), &[("Cookie", &cookie)]);
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_101}"),
+        &[("Cookie", &cookie)],
+    );
     assert_eq!(reply.status, 200);
     let set = reply.header("set-cookie").expect("refreshed cookie");
     let (token, attributes) = set
@@ -296,12 +523,27 @@ fn a_cookie_token_is_refreshed() {
         .unwrap()
         .split_once("; ")
         .unwrap();
-    assert!(attributes.starts_with("path=/; expires=") && attributes.ends_with(" GMT; HttpOnly; SameSite=Lax"), "{set}");
-    assert!(token.starts_with("eyJhbGciOiJIUzI1NiJ9."), "header is {{\"alg\":\"HS256\"}}: {token}");
+    assert!(
+        attributes.starts_with("path=/; expires=")
+            && attributes.ends_with(" GMT; HttpOnly; SameSite=Lax"),
+        "{set}"
+    );
+    assert!(
+        token.starts_with("eyJhbGciOiJIUzI1NiJ9."),
+        "header is {{\"alg\":\"HS256\"}}: {token}"
+    );
     // The fresh token works, for the same context.
-    let again = agent.request("GET", &format!("{ENDPOINT}?account-id={ACCOUNT_102}"), &[("Authorization", token)]);
+    let again = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_102}"),
+        &[("Authorization", token)],
+    );
     assert_eq!(again.status, 400, "6001 may only see account 101");
-    let again = agent.request("GET", &format!("{ENDPOINT}?account-id={ACCOUNT_101}"), &[("Authorization", token)]);
+    let again = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_101}"),
+        &[("Authorization", token)],
+    );
     assert_eq!(again.status, 200);
 }
 
@@ -317,22 +559,56 @@ fn no_secret_means_every_token_is_refused() {
 fn typed_filters() {
     let agent = with_sample();
     let token_1002 = token_for(5002);
-    let get = |query: &str| agent.request("GET", &format!("{ENDPOINT}?account-id={ACCOUNT_104}&{query}"), &[("Authorization", &token_1002)]);
-    let port = |r: &Value| match &r["auth_orig_port"] { Value::String(s) => s.parse::<i64>().unwrap(), v => v.as_i64().unwrap() };
-    let proto = |r: &Value| r["auth_orig_transport_protocol_id"].as_i64().or(r["auth_orig_protocol_id"].as_i64()).unwrap();
-    assert_eq!(get("auth-orig-port=5061").rows(), expected_for(104, |r| port(r) == 5061));
-    assert_eq!(get("auth-orig-port=%2B0005061").rows(), expected_for(104, |r| port(r) == 5061));
-    assert_eq!(get("auth-orig-transport-protocol-id=2").rows(), expected_for(104, |r| proto(r) == 2));
-    assert_eq!(get("auth-orig-ip=2001%3Adb8%3A%3A1").rows(), expected_for(104, |r| r["auth_orig_ip"] == "2001:db8::1"));
+    let get = |query: &str| {
+        agent.request(
+            "GET",
+            &format!("{ENDPOINT}?account-id={ACCOUNT_104}&{query}"),
+            &[("Authorization", &token_1002)],
+        )
+    };
+    let port = |r: &Value| match &r["auth_orig_port"] {
+        Value::String(s) => s.parse::<i64>().unwrap(),
+        v => v.as_i64().unwrap(),
+    };
+    let proto = |r: &Value| {
+        r["auth_orig_transport_protocol_id"]
+            .as_i64()
+            .or(r["auth_orig_protocol_id"].as_i64())
+            .unwrap()
+    };
+    assert_eq!(
+        get("auth-orig-port=5061").rows(),
+        expected_for(104, |r| port(r) == 5061)
+    );
+    assert_eq!(
+        get("auth-orig-port=%2B0005061").rows(),
+        expected_for(104, |r| port(r) == 5061)
+    );
+    assert_eq!(
+        get("auth-orig-transport-protocol-id=2").rows(),
+        expected_for(104, |r| proto(r) == 2)
+    );
+    assert_eq!(
+        get("auth-orig-ip=2001%3Adb8%3A%3A1").rows(),
+        expected_for(104, |r| r["auth_orig_ip"] == "2001:db8::1")
+    );
     assert!(get("auth-orig-ip=2001").rows().is_empty());
     let connected = expected_for(104, |r| !r["connect_time"].is_null());
     let ringing = expected_for(104, |r| r["connect_time"].is_null());
     assert!(!connected.is_empty() && !ringing.is_empty());
     for value in ["", "0", "f", "F", "false", "FALSE", "off", "OFF"] {
-        assert_eq!(get(&format!("connect-time-null={value}")).rows(), connected, "{value}");
+        assert_eq!(
+            get(&format!("connect-time-null={value}")).rows(),
+            connected,
+            "{value}"
+        );
     }
     for value in ["1", "true", "False", "yes", "abc"] {
-        assert_eq!(get(&format!("connect-time-null={value}")).rows(), ringing, "{value}");
+        assert_eq!(
+            get(&format!("connect-time-null={value}")).rows(),
+            ringing,
+            "{value}"
+        );
     }
     // Filters are ANDed; the last value of a repeated name wins.
     assert_eq!(
@@ -346,11 +622,57 @@ fn typed_filters() {
 #[test]
 fn string_filters_match_bytes_as_specified() {
     let agent = with_sample();
-    let columns = ["src_name_in", "src_prefix_in", "dst_prefix_in", "src_prefix_routing", "dst_prefix_routing"];
+    let columns = [
+        "src_name_in",
+        "src_prefix_in",
+        "dst_prefix_in",
+        "src_prefix_routing",
+        "dst_prefix_routing",
+    ];
     let needles = [
-        "", "A", "a", "Al", "al", "ALICE", "%", "100%", "_", "bob_", "*", "x*y", "?", "q?z", "[", "[tag]", "\\",
-        "back\\", "\\slash", "Ä", "ä", "ÄÖ", "Ü", "ë", "Zo", "zoë", "ZOË", "'", " ", "  spaced  ", "spaced ",
-        "380", "38050", "44", "4420", "9", "12", "1", "MiXeD", "mixed", "XeD", "%_", "\u{0}",
+        "",
+        "A",
+        "a",
+        "Al",
+        "al",
+        "ALICE",
+        "%",
+        "100%",
+        "_",
+        "bob_",
+        "*",
+        "x*y",
+        "?",
+        "q?z",
+        "[",
+        "[tag]",
+        "\\",
+        "back\\",
+        "\\slash",
+        "Ä",
+        "ä",
+        "ÄÖ",
+        "Ü",
+        "ë",
+        "Zo",
+        "zoë",
+        "ZOË",
+        "'",
+        " ",
+        "  spaced  ",
+        "spaced ",
+        "380",
+        "38050",
+        "44",
+        "4420",
+        "9",
+        "12",
+        "1",
+        "MiXeD",
+        "mixed",
+        "XeD",
+        "%_",
+        "\u{0}",
     ];
     let mut checked = 0;
     for account in [101i64, 102, 103, 104] {
@@ -369,14 +691,22 @@ fn string_filters_match_bytes_as_specified() {
                     ("starts-with", |v, n| v.as_bytes().starts_with(n.as_bytes())),
                     ("ends-with", |v, n| v.as_bytes().ends_with(n.as_bytes())),
                     ("contains", |v, n| {
-                        let (v, n) = (v.as_bytes().to_ascii_lowercase(), n.as_bytes().to_ascii_lowercase());
+                        let (v, n) = (
+                            v.as_bytes().to_ascii_lowercase(),
+                            n.as_bytes().to_ascii_lowercase(),
+                        );
                         n.is_empty() || v.windows(n.len()).any(|w| w == n.as_slice())
                     }),
                 ] {
                     let target = format!("{ENDPOINT}?account-id={uuid}&{param}-{op}={encoded}");
                     let reply = agent.request("GET", &target, &[("Authorization", &token)]);
-                    let want = expected_for(account, |r| rule(r[column].as_str().unwrap_or(""), needle));
-                    assert_eq!(reply.rows(), want, "{param}-{op}={needle:?} on account {account}");
+                    let want =
+                        expected_for(account, |r| rule(r[column].as_str().unwrap_or(""), needle));
+                    assert_eq!(
+                        reply.rows(),
+                        want,
+                        "{param}-{op}={needle:?} on account {account}"
+                    );
                     checked += 1;
                 }
             }
@@ -391,10 +721,18 @@ fn contains_folds_ascii_only_and_bytes_are_bytes() {
     let get = |q: &str| agent.get(&format!("account-id={ACCOUNT_102}&{q}"));
     // "ÄÖÜ" is on account 102: only the exact UTF-8 bytes match it.
     assert_eq!(get("src-name-in-contains=%C3%84").rows().len(), 1);
-    assert_eq!(get("src-name-in-contains=%C3%A4").rows().len(), 0, "ä does not fold to Ä");
+    assert_eq!(
+        get("src-name-in-contains=%C3%A4").rows().len(),
+        0,
+        "ä does not fold to Ä"
+    );
     // A byte prefix may split a character: "Ä" is C3 84.
     assert_eq!(get("src-name-in-starts-with=%C3").rows().len(), 1);
-    assert_eq!(get("src-name-in-ends-with=%9C").rows().len(), 1, "Ü ends with 0x9C");
+    assert_eq!(
+        get("src-name-in-ends-with=%9C").rows().len(),
+        1,
+        "Ü ends with 0x9C"
+    );
     assert_eq!(get("src-name-in-eq=%C3").rows().len(), 0);
     // "MiXeD" folds on ASCII.
     assert_eq!(get("src-name-in-contains=mIxEd").rows().len(), 1);

@@ -47,32 +47,95 @@ const FIXED_PARAMS: [(&str, Param); 5] = [
     ("account-id", Param::AccountId),
     ("auth-orig-ip", Param::AuthOrigIp),
     ("auth-orig-port", Param::AuthOrigPort),
-    ("auth-orig-transport-protocol-id", Param::AuthOrigTransportProtocolId),
+    (
+        "auth-orig-transport-protocol-id",
+        Param::AuthOrigTransportProtocolId,
+    ),
     ("connect-time-null", Param::ConnectTimeNull),
 ];
 
 /// The 20 string filters: `<column>-eq`, `-starts-with`, `-ends-with`, `-contains`.
 const TEXT_PARAMS: [(&str, Param); 20] = [
-    ("src-name-in-eq", Param::Text(TextColumn::SrcNameIn, TextMatch::Equals)),
-    ("src-name-in-starts-with", Param::Text(TextColumn::SrcNameIn, TextMatch::StartsWith)),
-    ("src-name-in-ends-with", Param::Text(TextColumn::SrcNameIn, TextMatch::EndsWith)),
-    ("src-name-in-contains", Param::Text(TextColumn::SrcNameIn, TextMatch::Contains)),
-    ("src-prefix-in-eq", Param::Text(TextColumn::SrcPrefixIn, TextMatch::Equals)),
-    ("src-prefix-in-starts-with", Param::Text(TextColumn::SrcPrefixIn, TextMatch::StartsWith)),
-    ("src-prefix-in-ends-with", Param::Text(TextColumn::SrcPrefixIn, TextMatch::EndsWith)),
-    ("src-prefix-in-contains", Param::Text(TextColumn::SrcPrefixIn, TextMatch::Contains)),
-    ("dst-prefix-in-eq", Param::Text(TextColumn::DstPrefixIn, TextMatch::Equals)),
-    ("dst-prefix-in-starts-with", Param::Text(TextColumn::DstPrefixIn, TextMatch::StartsWith)),
-    ("dst-prefix-in-ends-with", Param::Text(TextColumn::DstPrefixIn, TextMatch::EndsWith)),
-    ("dst-prefix-in-contains", Param::Text(TextColumn::DstPrefixIn, TextMatch::Contains)),
-    ("src-prefix-routing-eq", Param::Text(TextColumn::SrcPrefixRouting, TextMatch::Equals)),
-    ("src-prefix-routing-starts-with", Param::Text(TextColumn::SrcPrefixRouting, TextMatch::StartsWith)),
-    ("src-prefix-routing-ends-with", Param::Text(TextColumn::SrcPrefixRouting, TextMatch::EndsWith)),
-    ("src-prefix-routing-contains", Param::Text(TextColumn::SrcPrefixRouting, TextMatch::Contains)),
-    ("dst-prefix-routing-eq", Param::Text(TextColumn::DstPrefixRouting, TextMatch::Equals)),
-    ("dst-prefix-routing-starts-with", Param::Text(TextColumn::DstPrefixRouting, TextMatch::StartsWith)),
-    ("dst-prefix-routing-ends-with", Param::Text(TextColumn::DstPrefixRouting, TextMatch::EndsWith)),
-    ("dst-prefix-routing-contains", Param::Text(TextColumn::DstPrefixRouting, TextMatch::Contains)),
+    (
+        "src-name-in-eq",
+        Param::Text(TextColumn::SrcNameIn, TextMatch::Equals),
+    ),
+    (
+        "src-name-in-starts-with",
+        Param::Text(TextColumn::SrcNameIn, TextMatch::StartsWith),
+    ),
+    (
+        "src-name-in-ends-with",
+        Param::Text(TextColumn::SrcNameIn, TextMatch::EndsWith),
+    ),
+    (
+        "src-name-in-contains",
+        Param::Text(TextColumn::SrcNameIn, TextMatch::Contains),
+    ),
+    (
+        "src-prefix-in-eq",
+        Param::Text(TextColumn::SrcPrefixIn, TextMatch::Equals),
+    ),
+    (
+        "src-prefix-in-starts-with",
+        Param::Text(TextColumn::SrcPrefixIn, TextMatch::StartsWith),
+    ),
+    (
+        "src-prefix-in-ends-with",
+        Param::Text(TextColumn::SrcPrefixIn, TextMatch::EndsWith),
+    ),
+    (
+        "src-prefix-in-contains",
+        Param::Text(TextColumn::SrcPrefixIn, TextMatch::Contains),
+    ),
+    (
+        "dst-prefix-in-eq",
+        Param::Text(TextColumn::DstPrefixIn, TextMatch::Equals),
+    ),
+    (
+        "dst-prefix-in-starts-with",
+        Param::Text(TextColumn::DstPrefixIn, TextMatch::StartsWith),
+    ),
+    (
+        "dst-prefix-in-ends-with",
+        Param::Text(TextColumn::DstPrefixIn, TextMatch::EndsWith),
+    ),
+    (
+        "dst-prefix-in-contains",
+        Param::Text(TextColumn::DstPrefixIn, TextMatch::Contains),
+    ),
+    (
+        "src-prefix-routing-eq",
+        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::Equals),
+    ),
+    (
+        "src-prefix-routing-starts-with",
+        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::StartsWith),
+    ),
+    (
+        "src-prefix-routing-ends-with",
+        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::EndsWith),
+    ),
+    (
+        "src-prefix-routing-contains",
+        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::Contains),
+    ),
+    (
+        "dst-prefix-routing-eq",
+        Param::Text(TextColumn::DstPrefixRouting, TextMatch::Equals),
+    ),
+    (
+        "dst-prefix-routing-starts-with",
+        Param::Text(TextColumn::DstPrefixRouting, TextMatch::StartsWith),
+    ),
+    (
+        "dst-prefix-routing-ends-with",
+        Param::Text(TextColumn::DstPrefixRouting, TextMatch::EndsWith),
+    ),
+    (
+        "dst-prefix-routing-contains",
+        Param::Text(TextColumn::DstPrefixRouting, TextMatch::Contains),
+    ),
 ];
 
 /// The known parameter called `name`, with its name as a static string for messages.
@@ -140,7 +203,10 @@ fn collect(query: &[u8]) -> Vec<(&'static str, Param, Given)> {
 
 /// An integer: optional sign, then base-10 digits (leading zeros allowed), nothing else.
 fn integer<T: TryFrom<i64>>(value: &[u8]) -> Option<T> {
-    let digits = value.strip_prefix(b"-").or_else(|| value.strip_prefix(b"+")).unwrap_or(value);
+    let digits = value
+        .strip_prefix(b"-")
+        .or_else(|| value.strip_prefix(b"+"))
+        .unwrap_or(value);
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -150,7 +216,10 @@ fn integer<T: TryFrom<i64>>(value: &[u8]) -> Option<T> {
 
 /// The `connect-time-null` truth table: these values mean "connected calls only".
 fn means_false(value: &[u8]) -> bool {
-    matches!(value, b"" | b"0" | b"f" | b"F" | b"false" | b"FALSE" | b"off" | b"OFF")
+    matches!(
+        value,
+        b"" | b"0" | b"f" | b"F" | b"false" | b"FALSE" | b"off" | b"OFF"
+    )
 }
 
 /// The account and filters of a query string, checked for `context` (SPEC 1.2, in its
@@ -176,13 +245,19 @@ pub fn parse(
                 let found = directory
                     .account_by_uuid(&value)
                     .filter(|a| a.contractor_id == context.customer_id)
-                    .filter(|a| context.account_ids.is_empty() || context.account_ids.contains(&a.id));
+                    .filter(|a| {
+                        context.account_ids.is_empty() || context.account_ids.contains(&a.id)
+                    });
                 account = Some(found.ok_or(invalid)?.id);
             }
             Param::AuthOrigIp => filters.push(Filter::AuthOrigIp(value)),
-            Param::AuthOrigPort => filters.push(Filter::AuthOrigPort(integer(&value).ok_or(invalid)?)),
+            Param::AuthOrigPort => {
+                filters.push(Filter::AuthOrigPort(integer(&value).ok_or(invalid)?))
+            }
             Param::AuthOrigTransportProtocolId => {
-                filters.push(Filter::AuthOrigTransportProtocolId(integer(&value).ok_or(invalid)?));
+                filters.push(Filter::AuthOrigTransportProtocolId(
+                    integer(&value).ok_or(invalid)?,
+                ));
             }
             Param::ConnectTimeNull => filters.push(Filter::ConnectTimeNull(!means_false(&value))),
             Param::Text(column, how) => filters.push(Filter::Text {
@@ -245,7 +320,10 @@ mod tests {
     #[test]
     fn account_id_rules() {
         assert_eq!(run(&format!("account-id={UUID}")), Ok((25, vec![])));
-        assert_eq!(run(&format!("account-id={}", UUID.to_uppercase())), Ok((25, vec![])));
+        assert_eq!(
+            run(&format!("account-id={}", UUID.to_uppercase())),
+            Ok((25, vec![]))
+        );
         let missing = r#"{"error":"missing required param(s) account-id"}"#;
         let invalid = r#"{"error":"invalid value account-id"}"#;
         assert_eq!(run("").unwrap_err(), missing);
@@ -253,9 +331,19 @@ mod tests {
         assert_eq!(run("account-id=").unwrap_err(), invalid);
         assert_eq!(run("account-id").unwrap_err(), invalid);
         assert_eq!(run("account-id=nope").unwrap_err(), invalid);
-        assert_eq!(run(&format!("account-id={OTHER_CUSTOMERS}")).unwrap_err(), invalid);
-        assert_eq!(run(&format!("account-id=%7B{UUID}%7D")).unwrap_err(), invalid);
-        let restricted = parse(format!("account-id={UUID}").as_bytes(), &context(41), &directory());
+        assert_eq!(
+            run(&format!("account-id={OTHER_CUSTOMERS}")).unwrap_err(),
+            invalid
+        );
+        assert_eq!(
+            run(&format!("account-id=%7B{UUID}%7D")).unwrap_err(),
+            invalid
+        );
+        let restricted = parse(
+            format!("account-id={UUID}").as_bytes(),
+            &context(41),
+            &directory(),
+        );
         assert_eq!(restricted, Err(ParamError::Invalid("account-id")));
         assert_eq!(
             run(&format!("account-id[]={UUID}")).unwrap_err(),
@@ -271,49 +359,108 @@ mod tests {
     fn errors_come_in_order_of_first_appearance_with_the_last_value() {
         let q = format!("auth-orig-port=x&account-id=bad&auth-orig-port=1&account-id={UUID}");
         assert_eq!(run(&q), Ok((25, vec![Filter::AuthOrigPort(1)])));
-        let q = format!("auth-orig-port=1&account-id={UUID}&auth-orig-port=x&auth-orig-transport-protocol-id=x");
-        assert_eq!(run(&q).unwrap_err(), r#"{"error":"invalid value auth-orig-port"}"#);
+        let q = format!(
+            "auth-orig-port=1&account-id={UUID}&auth-orig-port=x&auth-orig-transport-protocol-id=x"
+        );
+        assert_eq!(
+            run(&q).unwrap_err(),
+            r#"{"error":"invalid value auth-orig-port"}"#
+        );
         let q = "connect-time-null[]=1&account-id=bad";
-        assert_eq!(run(q).unwrap_err(), r#"{"error":"param connect-time-null can't be an array"}"#);
+        assert_eq!(
+            run(q).unwrap_err(),
+            r#"{"error":"param connect-time-null can't be an array"}"#
+        );
         let q = "account-id=bad&src-name-in-eq[]=1";
-        assert_eq!(run(q).unwrap_err(), r#"{"error":"invalid value account-id"}"#);
+        assert_eq!(
+            run(q).unwrap_err(),
+            r#"{"error":"invalid value account-id"}"#
+        );
     }
 
     #[test]
     fn integers() {
         let port = |v: &str| run(&format!("account-id={UUID}&auth-orig-port={v}"));
-        assert_eq!(port("%2B0005060"), Ok((25, vec![Filter::AuthOrigPort(5060)])));
-        assert_eq!(port("-2147483648"), Ok((25, vec![Filter::AuthOrigPort(i32::MIN)])));
-        for bad in ["", "+5060", "2147483648", "%205060", "5060+", "50.0", "0x10", "+", "-", "1e3", "٣"] {
-            assert_eq!(port(bad).unwrap_err(), r#"{"error":"invalid value auth-orig-port"}"#, "{bad}");
+        assert_eq!(
+            port("%2B0005060"),
+            Ok((25, vec![Filter::AuthOrigPort(5060)]))
+        );
+        assert_eq!(
+            port("-2147483648"),
+            Ok((25, vec![Filter::AuthOrigPort(i32::MIN)]))
+        );
+        for bad in [
+            "",
+            "+5060",
+            "2147483648",
+            "%205060",
+            "5060+",
+            "50.0",
+            "0x10",
+            "+",
+            "-",
+            "1e3",
+            "٣",
+        ] {
+            assert_eq!(
+                port(bad).unwrap_err(),
+                r#"{"error":"invalid value auth-orig-port"}"#,
+                "{bad}"
+            );
         }
-        let proto = |v: &str| run(&format!("account-id={UUID}&auth-orig-transport-protocol-id={v}"));
-        assert_eq!(proto("-128"), Ok((25, vec![Filter::AuthOrigTransportProtocolId(-128)])));
+        let proto = |v: &str| {
+            run(&format!(
+                "account-id={UUID}&auth-orig-transport-protocol-id={v}"
+            ))
+        };
+        assert_eq!(
+            proto("-128"),
+            Ok((25, vec![Filter::AuthOrigTransportProtocolId(-128)]))
+        );
         assert!(proto("128").is_err());
     }
 
     #[test]
     fn connect_time_null_truth_table() {
         for (value, is_null) in [
-            ("", false), ("0", false), ("f", false), ("F", false), ("false", false),
-            ("FALSE", false), ("off", false), ("OFF", false), ("False", true), ("yes", true),
-            ("abc", true), ("1", true), ("true", true),
+            ("", false),
+            ("0", false),
+            ("f", false),
+            ("F", false),
+            ("false", false),
+            ("FALSE", false),
+            ("off", false),
+            ("OFF", false),
+            ("False", true),
+            ("yes", true),
+            ("abc", true),
+            ("1", true),
+            ("true", true),
         ] {
             let q = format!("account-id={UUID}&connect-time-null={value}");
-            assert_eq!(run(&q), Ok((25, vec![Filter::ConnectTimeNull(is_null)])), "{value}");
+            assert_eq!(
+                run(&q),
+                Ok((25, vec![Filter::ConnectTimeNull(is_null)])),
+                "{value}"
+            );
         }
     }
 
     #[test]
     fn text_filters_decode_to_bytes() {
-        let q = format!("account-id={UUID}&src-name-in-eq=a+b%25_&dst-prefix-routing-ends-with=%FF&src-prefix-in-contains=");
+        let q = format!(
+            "account-id={UUID}&src-name-in-eq=a+b%25_&dst-prefix-routing-ends-with=%FF&src-prefix-in-contains="
+        );
         assert_eq!(
             run(&q),
-            Ok((25, vec![
-                text(TextColumn::SrcNameIn, TextMatch::Equals, b"a b%_"),
-                text(TextColumn::DstPrefixRouting, TextMatch::EndsWith, b"\xff"),
-                text(TextColumn::SrcPrefixIn, TextMatch::Contains, b""),
-            ]))
+            Ok((
+                25,
+                vec![
+                    text(TextColumn::SrcNameIn, TextMatch::Equals, b"a b%_"),
+                    text(TextColumn::DstPrefixRouting, TextMatch::EndsWith, b"\xff"),
+                    text(TextColumn::SrcPrefixIn, TextMatch::Contains, b""),
+                ]
+            ))
         );
         // Encoded names are names too; unknown names are ignored, bracketed or not.
         let q = format!("account%2Did={UUID}&foo[]=1&bar=2&src-name-in-starts-with%5B=x");
@@ -323,11 +470,23 @@ mod tests {
     #[test]
     fn all_twenty_text_filters_are_known() {
         for column in TextColumn::ALL {
-            for how in [TextMatch::Equals, TextMatch::StartsWith, TextMatch::EndsWith, TextMatch::Contains] {
-                assert!(TEXT_PARAMS.iter().any(|(_, p)| *p == Param::Text(column, how)));
+            for how in [
+                TextMatch::Equals,
+                TextMatch::StartsWith,
+                TextMatch::EndsWith,
+                TextMatch::Contains,
+            ] {
+                assert!(
+                    TEXT_PARAMS
+                        .iter()
+                        .any(|(_, p)| *p == Param::Text(column, how))
+                );
             }
         }
-        assert_eq!(known(b"dst-prefix-routing-starts-with").map(|k| k.0), Some("dst-prefix-routing-starts-with"));
+        assert_eq!(
+            known(b"dst-prefix-routing-starts-with").map(|k| k.0),
+            Some("dst-prefix-routing-starts-with")
+        );
         assert!(known(b"src-name-in").is_none());
     }
 }

@@ -57,7 +57,9 @@ impl TestAgent {
             .enable_all()
             .build()
             .unwrap();
-        let agent = runtime.block_on(Agent::start(&config)).expect("agent starts");
+        let agent = runtime
+            .block_on(Agent::start(&config))
+            .expect("agent starts");
         TestAgent {
             runtime,
             agent: Some(agent),
@@ -93,7 +95,9 @@ impl TestAgent {
         let mut status = self.agent().feed_status();
         let before = status.borrow_and_update().clone();
         write_file(&self.snapshot_path(), content.as_bytes());
-        self.wait_for(&mut status, |s| s.applied + s.rejected > before.applied + before.rejected)
+        self.wait_for(&mut status, |s| {
+            s.applied + s.rejected > before.applied + before.rejected
+        })
     }
 
     /// Waits (at most 10 s) until the feed status satisfies `done`.
@@ -114,7 +118,12 @@ impl TestAgent {
     /// GET with a valid token of API access 5001 (customer 1001, all accounts).
     pub fn get(&self, query: &str) -> Reply {
         let token = token_for(5001);
-        request(self.addr(), "GET", &format!("{ENDPOINT}?{query}"), &[("Authorization", &token)])
+        request(
+            self.addr(),
+            "GET",
+            &format!("{ENDPOINT}?{query}"),
+            &[("Authorization", &token)],
+        )
     }
 
     /// A request with the given headers.
@@ -204,7 +213,9 @@ pub fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &
     }
     head.push_str("\r\n");
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     stream.write_all(head.as_bytes()).unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).unwrap();
@@ -218,14 +229,25 @@ fn parse_reply(raw: &[u8], head_only: bool) -> Reply {
         .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
     let head = std::str::from_utf8(&raw[..end]).unwrap();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .map(|l| {
             let (n, v) = l.split_once(':').unwrap();
             (n.trim().to_ascii_lowercase(), v.trim().to_owned())
         })
         .collect();
-    let body = if head_only { Vec::new() } else { raw[end + 4..].to_vec() };
+    let body = if head_only {
+        Vec::new()
+    } else {
+        raw[end + 4..].to_vec()
+    };
     Reply {
         status,
         headers,

@@ -1,0 +1,360 @@
+//! The file feed checked from outside: snapshots written to the watched file, answers read
+//! over HTTP.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// One call row as a switch sends it (only the keys the agent reads, plus one it ignores).
+fn call(node: i64, tag: &str, account: i64, start: &str) -> Value {
+    json!({"node_id": node, "local_tag": tag, "customer_id": if account <= 102 { 1001 } else { 1002 },
+           "customer_acc_id": account, "start_time": start, "snapshot_timestamp": "2025-11-25 14:30:00",
+           "src_name_in": tag, "legA_remote_ip": "192.168.0.1"})
+}
+
+fn snapshot(rows: &[Value]) -> String {
+    rows.iter().map(|r| format!("{r}\n")).collect()
+}
+
+fn tags(reply: &Reply) -> Vec<String> {
+    reply
+        .rows()
+        .iter()
+        .map(|r| r["src_name_in"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_snapshot_replaces_the_nodes_it_names_and_those_the_file_fed() {
+    let agent = TestAgent::start();
+    agent.feed(&snapshot(&[
+        call(1, "a", 101, "2025-11-25 10:00:03"),
+        call(1, "b", 101, "2025-11-25 10:00:02"),
+        call(2, "c", 101, "2025-11-25 10:00:01"),
+    ]));
+    assert_eq!(
+        tags(&agent.get(&format!("account-id={ACCOUNT_101}"))),
+        ["a", "b", "c"]
+    );
+
+    // Node 2 is gone from the file: its calls are gone; b ended, d started, a changed.
+    let mut changed = call(1, "a", 101, "2025-11-25 09:00:00");
+    changed["src_name_in"] = json!("a2");
+    let status = agent.feed(&snapshot(&[
+        changed,
+        call(1, "d", 101, "2025-11-25 10:00:04"),
+    ]));
+    let report = status.last_report.unwrap();
+    assert_eq!(
+        (report.rows, report.written, report.removed, report.nodes),
+        (2, 2, 2, vec![1])
+    );
+    assert_eq!(
+        tags(&agent.get(&format!("account-id={ACCOUNT_101}"))),
+        ["d", "a2"]
+    );
+
+    // The same content again writes nothing.
+    let status = agent.feed(&snapshot(&[
+        {
+            let mut a = call(1, "a", 101, "2025-11-25 09:00:00");
+            a["src_name_in"] = json!("a2");
+            a
+        },
+        call(1, "d", 101, "2025-11-25 10:00:04"),
+    ]));
+    let report = status.last_report.unwrap();
+    assert_eq!((report.written, report.removed), (0, 0));
+
+    // An empty file: the nodes it fed have no calls.
+    agent.feed("");
+    assert!(
+        agent
+            .get(&format!("account-id={ACCOUNT_101}"))
+            .rows()
+            .is_empty()
+    );
+}
+
+#[test]
+fn the_snapshot_timestamp_follows_each_snapshot() {
+    let agent = TestAgent::start();
+    let mut row = call(1, "a", 101, "2025-11-25 10:00:00");
+    agent.feed(&snapshot(std::slice::from_ref(&row)));
+    row["snapshot_timestamp"] = json!("2025-11-25 14:30:05");
+    agent.feed(&snapshot(std::slice::from_ref(&row)));
+    let rows = agent.get(&format!("account-id={ACCOUNT_101}")).rows();
+    assert_eq!(rows[0]["snapshot_timestamp"], "2025-11-25 14:30:05");
+
+    // Rows of one node with different timestamps keep their own.
+    let mut other = call(1, "b", 101, "2025-11-25 09:00:00");
+    other["snapshot_timestamp"] = json!("2025-11-25 14:29:59");
+    agent.feed(&snapshot(&[row, other]));
+    let rows = agent.get(&format!("account-id={ACCOUNT_101}")).rows();
+    let stamps: Vec<&str> = rows
+        .iter()
+        .map(|r| r["snapshot_timestamp"].as_str().unwrap())
+        .collect();
+    assert_eq!(stamps, ["2025-11-25 14:30:05", "2025-11-25 14:29:59"]);
+
+    // A row without one gets the time the snapshot was received (the file's mtime).
+    let mut bare = call(1, "a", 101, "2025-11-25 10:00:00");
+    bare.as_object_mut().unwrap().remove("snapshot_timestamp");
+    agent.feed(&snapshot(&[bare]));
+    let rows = agent.get(&format!("account-id={ACCOUNT_101}")).rows();
+    let stamp = rows[0]["snapshot_timestamp"].as_str().unwrap();
+    let mtime = std::fs::metadata(agent.snapshot_path())
+        .unwrap()
+        .modified()
+        .unwrap();
+    let secs = mtime
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert_eq!(stamp, active_calls_agent::feed::format_datetime(secs));
+}
+
+#[test]
+fn a_line_that_is_not_json_rejects_the_whole_snapshot() {
+    let agent = TestAgent::start();
+    agent.feed(SAMPLE_SNAPSHOT);
+    let before = agent.get(&format!("account-id={ACCOUNT_102}")).text();
+    for bad in [
+        format!("{SAMPLE_SNAPSHOT}not json\n"),
+        format!(
+            "{}\n[1,2,3]\n",
+            snapshot(&[call(1, "x", 102, "2025-11-25 10:00:00")])
+        ),
+        format!("{{\"node_id\": 1, \"local_tag\": \"cut\n{SAMPLE_SNAPSHOT}"),
+        format!(
+            "SELECT 1\n{}",
+            SAMPLE_SNAPSHOT
+                .lines()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+        format!("{}\n", "x".repeat(2 << 20)),
+    ] {
+        let status = agent.feed(&bad);
+        assert!(status.last_error.is_some());
+        assert_eq!(
+            agent.get(&format!("account-id={ACCOUNT_102}")).text(),
+            before
+        );
+    }
+    let status = agent.feed(SAMPLE_SNAPSHOT);
+    assert_eq!((status.applied, status.rejected), (2, 5));
+}
+
+#[test]
+fn bad_rows_are_skipped_and_counted_and_their_node_still_counts() {
+    let agent = TestAgent::start();
+    agent.feed(&snapshot(&[
+        call(1, "a", 101, "2025-11-25 10:00:00"),
+        call(2, "b", 101, "2025-11-25 10:00:00"),
+    ]));
+    let mut no_account = call(1, "x", 101, "2025-11-25 10:00:00");
+    no_account
+        .as_object_mut()
+        .unwrap()
+        .remove("customer_acc_id");
+    let mut bad_time = call(2, "b", 101, "2025-11-25 10:00:00");
+    bad_time["start_time"] = json!("yesterday");
+    let mut bad_port = call(1, "y", 101, "2025-11-25 10:00:00");
+    bad_port["auth_orig_port"] = json!("50x");
+    let status = agent.feed(&snapshot(&[
+        call(1, "a", 101, "2025-11-25 10:00:00"),
+        no_account,
+        bad_time,
+        bad_port,
+    ]));
+    let report = status.last_report.unwrap();
+    assert_eq!(
+        (report.rows, report.skipped, report.nodes),
+        (1, 3, vec![1, 2])
+    );
+    // Node 2 sent only a bad row: it is in the snapshot, so its call b is gone.
+    assert_eq!(
+        tags(&agent.get(&format!("account-id={ACCOUNT_101}"))),
+        ["a"]
+    );
+}
+
+#[test]
+fn a_repeated_call_keeps_its_last_row() {
+    let agent = TestAgent::start();
+    let mut second = call(1, "a", 101, "2025-11-25 10:00:00");
+    second["src_name_in"] = json!("last");
+    agent.feed(&snapshot(&[
+        call(1, "a", 101, "2025-11-25 10:00:00"),
+        second,
+    ]));
+    assert_eq!(
+        tags(&agent.get(&format!("account-id={ACCOUNT_101}"))),
+        ["last"]
+    );
+    // A call that moves account moves with it.
+    let status = agent.feed(&snapshot(&[call(1, "a", 102, "2025-11-25 10:00:00")]));
+    assert_eq!(status.last_report.unwrap().rows, 1);
+    assert!(
+        agent
+            .get(&format!("account-id={ACCOUNT_101}"))
+            .rows()
+            .is_empty()
+    );
+    assert_eq!(
+        tags(&agent.get(&format!("account-id={ACCOUNT_102}"))),
+        ["a"]
+    );
+}
+
+#[test]
+fn a_file_written_in_place_is_applied_once_complete() {
+    let agent = TestAgent::start();
+    let mut status = agent.agent().feed_status();
+    let mut file = std::fs::File::create(agent.snapshot_path()).unwrap();
+    let (first, rest) = SAMPLE_SNAPSHOT.split_at(SAMPLE_SNAPSHOT.len() / 2);
+    file.write_all(first.as_bytes()).unwrap();
+    file.flush().unwrap();
+    // The window in which a wrong implementation would apply the half-written file.
+    std::thread::sleep(Duration::from_millis(300));
+    file.write_all(rest.as_bytes()).unwrap();
+    drop(file);
+    let after = agent.wait_for(&mut status, |s| s.applied + s.rejected > 0);
+    assert_eq!(
+        (after.applied, after.rejected),
+        (1, 0),
+        "{:?}",
+        after.last_error
+    );
+    assert_eq!(after.last_report.unwrap().rows, 20);
+}
+
+#[test]
+fn a_deleted_file_changes_nothing_and_the_store_survives_a_restart() {
+    let mut agent = TestAgent::start();
+    agent.feed(SAMPLE_SNAPSHOT);
+    let before = agent.get(&format!("account-id={ACCOUNT_102}")).text();
+    std::fs::remove_file(agent.snapshot_path()).unwrap();
+    // Events are handled in order: once the directory rewrite is seen, so was the delete.
+    let mut reloads = agent.agent().directory_reloads();
+    write_file(&agent.config.directory.path, SAMPLE_DIRECTORY.as_bytes());
+    agent.runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), reloads.wait_for(|n| *n > 0))
+            .await
+            .unwrap()
+            .unwrap();
+    });
+    assert_eq!(
+        agent.get(&format!("account-id={ACCOUNT_102}")).text(),
+        before
+    );
+    assert_eq!(agent.agent().feed_status().borrow().applied, 1);
+
+    agent.restart();
+    assert_eq!(
+        agent.get(&format!("account-id={ACCOUNT_102}")).text(),
+        before
+    );
+}
+
+/// Writes the snapshot file as received `age` ago (its mtime), and waits for the apply.
+fn feed_aged(agent: &TestAgent, content: &str, age: Duration) {
+    let mut status = agent.agent().feed_status();
+    let before = status.borrow_and_update().applied;
+    let tmp = agent.snapshot_path().with_extension("writing");
+    std::fs::write(&tmp, content).unwrap();
+    let file = std::fs::File::options().write(true).open(&tmp).unwrap();
+    file.set_modified(SystemTime::now() - age).unwrap();
+    drop(file);
+    std::fs::rename(&tmp, agent.snapshot_path()).unwrap();
+    agent.wait_for(&mut status, |s| s.applied > before);
+}
+
+#[test]
+fn silent_nodes_expire_also_across_a_restart() {
+    let mut agent = TestAgent::start_with(|c| c.feed.stale_after = 60);
+    feed_aged(&agent, SAMPLE_SNAPSHOT, Duration::from_secs(30));
+    let calls_of_102 = SAMPLE_SNAPSHOT.matches("\"customer_acc_id\": 102,").count();
+    assert!(calls_of_102 > 0);
+    assert_eq!(
+        agent.get(&format!("account-id={ACCOUNT_102}")).rows().len(),
+        calls_of_102
+    );
+
+    feed_aged(&agent, SAMPLE_SNAPSHOT, Duration::from_secs(61));
+    assert!(
+        agent
+            .get(&format!("account-id={ACCOUNT_102}"))
+            .rows()
+            .is_empty()
+    );
+
+    // A restart re-reads the same old file: still silent for over a minute, still no calls.
+    agent.restart();
+    agent.wait_for(&mut agent.agent().feed_status(), |s| s.applied > 0);
+    assert!(
+        agent
+            .get(&format!("account-id={ACCOUNT_102}"))
+            .rows()
+            .is_empty()
+    );
+}
+
+#[test]
+fn the_directory_is_reloaded_and_a_bad_one_is_rejected() {
+    let agent = TestAgent::start();
+    agent.feed(&snapshot(&[call(1, "a", 105, "2025-11-25 10:00:00")]));
+    let uuid = "0a0a0a0a-0000-4000-8000-000000000105";
+    assert_eq!(agent.get(&format!("account-id={uuid}")).status, 400);
+
+    let mut directory: Value = serde_json::from_str(SAMPLE_DIRECTORY).unwrap();
+    directory["accounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"id": 105, "uuid": uuid, "contractor_id": 1001}));
+    let mut reloads = agent.agent().directory_reloads();
+    let mut reload = |content: &[u8]| {
+        let before = *reloads.borrow_and_update();
+        write_file(&agent.config.directory.path, content);
+        agent.runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), reloads.wait_for(|n| *n > before))
+                .await
+                .unwrap()
+                .unwrap();
+        });
+    };
+    reload(directory.to_string().as_bytes());
+    let mut row = call(1, "a", 105, "2025-11-25 10:00:00");
+    row["customer_id"] = json!(1001);
+    agent.feed(&snapshot(&[row]));
+    assert_eq!(tags(&agent.get(&format!("account-id={uuid}"))), ["a"]);
+
+    reload(b"{\"accounts\": 5}");
+    assert_eq!(
+        tags(&agent.get(&format!("account-id={uuid}"))),
+        ["a"],
+        "previous directory kept"
+    );
+}
+
+#[test]
+fn calls_of_another_customer_on_the_same_account_id_are_never_shown() {
+    // A row whose customer does not own the account (a bad switch row) stays invisible.
+    let agent = TestAgent::start();
+    let mut foreign = call(1, "f", 101, "2025-11-25 10:00:00");
+    foreign["customer_id"] = json!(1002);
+    agent.feed(&snapshot(&[
+        foreign,
+        call(1, "a", 101, "2025-11-25 10:00:00"),
+    ]));
+    assert_eq!(
+        tags(&agent.get(&format!("account-id={ACCOUNT_101}"))),
+        ["a"]
+    );
+}

@@ -1,0 +1,149 @@
+//! The store on its own: a real SQLite file, the query plans of SPEC 5, and what a local
+//! script sees when it opens the database read-only.
+
+use std::io::Cursor;
+use std::time::SystemTime;
+
+use active_calls_agent::demo::Switch;
+use active_calls_agent::feed::apply_snapshot;
+use active_calls_agent::store::{
+    CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
+};
+
+fn store_with(snapshot: &str) -> (tempfile::TempDir, Readers) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calls.db");
+    let mut writer = Writer::open(&path).unwrap();
+    apply_snapshot(
+        &mut writer,
+        Cursor::new(snapshot),
+        Origin::Socket,
+        SystemTime::now(),
+    )
+    .unwrap();
+    (dir, Readers::new(&path))
+}
+
+fn query(filters: Vec<Filter>) -> CallQuery {
+    CallQuery {
+        customer_id: 1001,
+        account_id: 101,
+        filters,
+        stale_cutoff_ms: 0,
+    }
+}
+
+#[test]
+fn every_string_filter_is_an_index_search_within_the_account() {
+    let (_dir, readers) = store_with(include_str!("fixtures/snapshot.jsonl"));
+    for column in TextColumn::ALL {
+        for (how, index, range) in [
+            (
+                TextMatch::Equals,
+                column.name().to_string(),
+                format!("{}=?", column.name()),
+            ),
+            (
+                TextMatch::StartsWith,
+                column.name().to_string(),
+                format!("{0}>? AND {0}<?", column.name()),
+            ),
+            (
+                TextMatch::EndsWith,
+                format!("{}_rev", column.name()),
+                format!("{0}_rev>? AND {0}_rev<?", column.name()),
+            ),
+        ] {
+            let filter = Filter::Text {
+                column,
+                how,
+                needle: b"38".to_vec(),
+            };
+            let plan = readers.explain(&query(vec![filter])).unwrap().join("\n");
+            let want =
+                format!("SEARCH c USING INDEX calls_{index} (customer_acc_id=? AND {range})");
+            assert!(
+                plan.contains(&want),
+                "{column:?} {how:?}:\n{plan}\nwanted: {want}"
+            );
+            assert!(!plan.contains("SCAN"), "{plan}");
+        }
+        let contains = Filter::Text {
+            column,
+            how: TextMatch::Contains,
+            needle: b"38".to_vec(),
+        };
+        let plan = readers.explain(&query(vec![contains])).unwrap().join("\n");
+        assert!(
+            plan.contains("SEARCH c USING PRIMARY KEY (customer_acc_id=?)"),
+            "{plan}"
+        );
+    }
+    // The unfiltered account, and the typed filters, read the account's range only.
+    for filters in [
+        vec![],
+        vec![Filter::AuthOrigPort(5060), Filter::ConnectTimeNull(true)],
+    ] {
+        let plan = readers.explain(&query(filters)).unwrap().join("\n");
+        assert!(
+            plan.contains("SEARCH c USING PRIMARY KEY (customer_acc_id=?)"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("SEARCH n USING INTEGER PRIMARY KEY (rowid=?)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("SCAN"), "{plan}");
+    }
+}
+
+#[test]
+fn a_local_script_can_read_the_database() {
+    let (dir, _readers) = store_with(include_str!("fixtures/snapshot.jsonl"));
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.path().join("calls.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let calls: i64 = conn
+        .query_row("SELECT count(*) FROM calls", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(calls, 20);
+    let (node, stamp): (i64, String) = conn
+        .query_row("SELECT node_id, snapshot_timestamp FROM nodes", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((node, stamp.as_str()), (1, "2025-11-25 14:30:00"));
+    let integrity: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+}
+
+#[test]
+fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
+    let mut switch = Switch::new(7, 5, 10, 42);
+    switch.step(1_764_081_000, 500, 0.0);
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+    let report = apply_snapshot(
+        &mut writer,
+        Cursor::new(switch.snapshot(1_764_081_000)),
+        Origin::File,
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!((report.rows, report.skipped, report.written), (500, 0, 500));
+    // 10% churn: the next snapshot writes only what changed.
+    switch.step(1_764_081_005, 500, 0.1);
+    let report = apply_snapshot(
+        &mut writer,
+        Cursor::new(switch.snapshot(1_764_081_005)),
+        Origin::File,
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(report.rows, 500);
+    assert!(report.removed > 10 && report.written < 250, "{report:?}");
+}
