@@ -306,7 +306,7 @@ fn apply_snapshot_file(
                 skipped = report.skipped,
                 written = report.written,
                 removed = report.removed,
-                duration_ms = report.duration.as_secs_f64() * 1000.0,
+                duration_ms = %format_args!("{:.1}", report.duration.as_secs_f64() * 1000.0),
                 "snapshot applied"
             );
             status.send_modify(|s| {
