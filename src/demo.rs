@@ -285,7 +285,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     config.api.listen = options.listen.clone();
     if std::net::TcpListener::bind(&config.api.listen).is_err() {
         // Something else has the port: any free one will do for a demo.
-        eprintln!("{} is taken; the demo takes a free port instead", config.api.listen);
+        eprintln!(
+            "{} is taken; the demo takes a free port instead",
+            config.api.listen
+        );
         config.api.listen = "127.0.0.1:0".into();
     }
     config.api.jwt_secret = Some(secret.clone());

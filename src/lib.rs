@@ -37,6 +37,7 @@ pub mod store;
 pub mod watch;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -263,6 +264,9 @@ fn run_writer(
     status: signal::Sender<FeedStatus>,
 ) {
     let mut stopping = false;
+    // The identity (inode, mtime, length) of the file content applied last: a late
+    // duplicate event for the same content is not worth a second pass over it.
+    let mut applied_stamp = None;
     while !stopping {
         match jobs.recv_timeout(EXPIRY_INTERVAL) {
             Ok(WriterJob::ApplyFile) => {
@@ -271,7 +275,13 @@ fn run_writer(
                     stopping |= matches!(job, WriterJob::Stop);
                 }
                 if let Some(path) = &watch_path {
-                    apply_snapshot_file(&mut writer, path, &status);
+                    let stamp = std::fs::metadata(path)
+                        .and_then(|m| Ok((m.ino(), m.modified()?, m.len())))
+                        .ok();
+                    if stamp.is_none() || stamp != applied_stamp {
+                        apply_snapshot_file(&mut writer, path, &status);
+                        applied_stamp = stamp;
+                    }
                 }
             }
             Ok(WriterJob::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
