@@ -15,73 +15,64 @@ fn sample_rows() -> Vec<Value> {
         .collect()
 }
 
+/// How an output key is derived from the input row (SPEC 1.3).
+enum Kind {
+    /// As given (a time or null, a string or null).
+    Same,
+    /// A string; a number's text; missing or null is "".
+    Text,
+    /// An integer from a number or a string; missing or null is 0.
+    Int,
+}
+
+const OUTPUT: [(&str, Kind); 26] = [
+    ("snapshot_timestamp", Kind::Same),
+    ("start_time", Kind::Same),
+    ("connect_time", Kind::Same),
+    ("destination_prefix", Kind::Text),
+    ("destination_initial_interval", Kind::Int),
+    ("destination_initial_rate", Kind::Text),
+    ("destination_next_interval", Kind::Int),
+    ("destination_next_rate", Kind::Text),
+    ("destination_fee", Kind::Text),
+    ("src_name_in", Kind::Text),
+    ("src_prefix_in", Kind::Text),
+    ("dst_prefix_in", Kind::Text),
+    ("src_prefix_routing", Kind::Text),
+    ("dst_prefix_routing", Kind::Text),
+    ("from_domain", Kind::Text),
+    ("to_domain", Kind::Text),
+    ("ruri_domain", Kind::Text),
+    ("diversion_in", Kind::Same),
+    ("pai_in", Kind::Same),
+    ("ppi_in", Kind::Same),
+    ("privacy_in", Kind::Same),
+    ("rpid_in", Kind::Same),
+    ("rpid_privacy_in", Kind::Same),
+    ("auth_orig_transport_protocol_id", Kind::Int),
+    ("auth_orig_ip", Kind::Text),
+    ("auth_orig_port", Kind::Int),
+];
+
 /// SPEC 1.3 computed independently from an input row: what the endpoint must answer.
 fn expected(row: &Value) -> Value {
-    let int = |v: &Value| match v {
-        Value::Number(n) => json!(n.as_i64().unwrap()),
-        Value::String(s) => json!(s.parse::<i64>().unwrap()),
-        _ => json!(0),
-    };
-    let text = |v: &Value| match v {
-        Value::String(s) => json!(s),
-        Value::Number(n) => json!(n.to_string()),
-        _ => json!(""),
-    };
     let mut out = serde_json::Map::new();
-    for key in ["snapshot_timestamp", "start_time", "connect_time"] {
-        out.insert(key.into(), row[key].clone());
+    for (key, kind) in OUTPUT {
+        let mut given = &row[key];
+        if key == "auth_orig_transport_protocol_id" && given.is_null() {
+            given = &row["auth_orig_protocol_id"];
+        }
+        let value = match (kind, given) {
+            (Kind::Same, v) => v.clone(),
+            (Kind::Text, Value::String(s)) => json!(s),
+            (Kind::Text, Value::Number(n)) => json!(n.to_string()),
+            (Kind::Text, _) => json!(""),
+            (Kind::Int, Value::Number(n)) => json!(n.as_i64().unwrap()),
+            (Kind::Int, Value::String(s)) => json!(s.parse::<i64>().unwrap()),
+            (Kind::Int, _) => json!(0),
+        };
+        out.insert(key.into(), value);
     }
-    out.insert(
-        "destination_prefix".into(),
-        text(&row["destination_prefix"]),
-    );
-    out.insert(
-        "destination_initial_interval".into(),
-        int(&row["destination_initial_interval"]),
-    );
-    out.insert(
-        "destination_initial_rate".into(),
-        text(&row["destination_initial_rate"]),
-    );
-    out.insert(
-        "destination_next_interval".into(),
-        int(&row["destination_next_interval"]),
-    );
-    out.insert(
-        "destination_next_rate".into(),
-        text(&row["destination_next_rate"]),
-    );
-    out.insert("destination_fee".into(), text(&row["destination_fee"]));
-    for key in [
-        "src_name_in",
-        "src_prefix_in",
-        "dst_prefix_in",
-        "src_prefix_routing",
-        "dst_prefix_routing",
-        "from_domain",
-        "to_domain",
-        "ruri_domain",
-    ] {
-        out.insert(key.into(), text(&row[key]));
-    }
-    for key in [
-        "diversion_in",
-        "pai_in",
-        "ppi_in",
-        "privacy_in",
-        "rpid_in",
-        "rpid_privacy_in",
-    ] {
-        out.insert(key.into(), row[key].clone());
-    }
-    let protocol = if row["auth_orig_transport_protocol_id"].is_null() {
-        &row["auth_orig_protocol_id"]
-    } else {
-        &row["auth_orig_transport_protocol_id"]
-    };
-    out.insert("auth_orig_transport_protocol_id".into(), int(protocol));
-    out.insert("auth_orig_ip".into(), text(&row["auth_orig_ip"]));
-    out.insert("auth_orig_port".into(), int(&row["auth_orig_port"]));
     Value::Object(out)
 }
 
@@ -139,37 +130,8 @@ fn answers_every_row_of_the_account_with_the_26_keys_in_order() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(
-        keys,
-        [
-            "snapshot_timestamp",
-            "start_time",
-            "connect_time",
-            "destination_prefix",
-            "destination_initial_interval",
-            "destination_initial_rate",
-            "destination_next_interval",
-            "destination_next_rate",
-            "destination_fee",
-            "src_name_in",
-            "src_prefix_in",
-            "dst_prefix_in",
-            "src_prefix_routing",
-            "dst_prefix_routing",
-            "from_domain",
-            "to_domain",
-            "ruri_domain",
-            "diversion_in",
-            "pai_in",
-            "ppi_in",
-            "privacy_in",
-            "rpid_in",
-            "rpid_privacy_in",
-            "auth_orig_transport_protocol_id",
-            "auth_orig_ip",
-            "auth_orig_port",
-        ]
-    );
+    let want: Vec<&str> = OUTPUT.iter().map(|(k, _)| *k).collect();
+    assert_eq!(keys, want);
     assert!(
         body.starts_with("{\"data\":[{")
             && body.ends_with(&format!("],\"rows\":{}}}", reply.rows().len()))

@@ -127,23 +127,15 @@ fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
     switch.step(1_764_081_000, 500, 0.0);
     let dir = tempfile::tempdir().unwrap();
     let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
-    let report = apply_snapshot(
-        &mut writer,
-        Cursor::new(switch.snapshot(1_764_081_000)),
-        Origin::File,
-        SystemTime::now(),
-    )
-    .unwrap();
+    let mut apply = |switch: &Switch, now: i64| {
+        let snapshot = Cursor::new(switch.snapshot(now));
+        apply_snapshot(&mut writer, snapshot, Origin::File, SystemTime::now()).unwrap()
+    };
+    let report = apply(&switch, 1_764_081_000);
     assert_eq!((report.rows, report.skipped, report.written), (500, 0, 500));
     // 10% churn: the next snapshot writes only what changed.
     switch.step(1_764_081_005, 500, 0.1);
-    let report = apply_snapshot(
-        &mut writer,
-        Cursor::new(switch.snapshot(1_764_081_005)),
-        Origin::File,
-        SystemTime::now(),
-    )
-    .unwrap();
+    let report = apply(&switch, 1_764_081_005);
     assert_eq!(report.rows, 500);
     assert!(report.removed > 10 && report.written < 250, "{report:?}");
 }
