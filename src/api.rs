@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::Authenticator;
+use crate::auth::{AuthContext, Authenticator};
 use crate::directory::{Directory, SwapCell};
 use crate::feed::unix_millis;
 use crate::store::{CallQuery, Readers};
@@ -123,18 +123,39 @@ async fn outgoing_active_calls(
     let Ok(auth) = state.auth.authenticate(req.headers(), &directory) else {
         return empty(StatusCode::UNAUTHORIZED);
     };
+    let now = SystemTime::now();
+    let mut response = authorized(state, req, &auth.context, &directory, now, request_id).await;
+    // As the central API (an after-action), every answer past authentication refreshes a
+    // cookie session: 200 and 304, and 400 too.
+    if auth.from_cookie
+        && let Some(cookie) = state.auth.refreshed_cookie(&auth.context, now)
+    {
+        let headers = response.headers_mut();
+        headers.insert(header::SET_COOKIE, header_value(&cookie));
+    }
+    response
+}
+
+/// The answer to an authenticated request: 400 for a bad parameter, else the calls.
+async fn authorized(
+    state: &ApiState,
+    req: &Request<Incoming>,
+    context: &AuthContext,
+    directory: &Directory,
+    now: SystemTime,
+    request_id: &str,
+) -> Response<Body> {
     let query = req.uri().query().unwrap_or("").as_bytes();
-    let (account_id, filters) = match params::parse(query, &auth.context, &directory) {
+    let (account_id, filters) = match params::parse(query, context, directory) {
         Ok(parsed) => parsed,
         Err(e) => return json(StatusCode::BAD_REQUEST, e.body().into_bytes()),
     };
-    let now = SystemTime::now();
     let stale_cutoff_ms = match state.stale_after {
         Some(stale) => unix_millis(now) - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
         None => i64::MIN,
     };
     let call_query = CallQuery {
-        customer_id: auth.context.customer_id,
+        customer_id: context.customer_id,
         account_id,
         filters,
         stale_cutoff_ms,
@@ -171,11 +192,6 @@ async fn outgoing_active_calls(
         HeaderValue::from_static("max-age=0, private, must-revalidate"),
     );
     headers.insert(header::VARY, HeaderValue::from_static("Accept"));
-    if auth.from_cookie
-        && let Some(cookie) = state.auth.refreshed_cookie(&auth.context, now)
-    {
-        headers.insert(header::SET_COOKIE, header_value(&cookie));
-    }
     response
 }
 

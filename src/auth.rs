@@ -101,10 +101,15 @@ impl Authenticator {
         headers: &HeaderMap,
         directory: &Directory,
     ) -> Result<Authenticated, Unauthorized> {
+        // Headers are bytes: a stray non-ASCII byte elsewhere must not hide the token.
         let (token, from_cookie) = match headers.get(AUTHORIZATION) {
             Some(value) if !value.as_bytes().trim_ascii().is_empty() => {
-                let text = value.to_str().map_err(|_| Unauthorized)?;
-                let token = text.split_ascii_whitespace().last().ok_or(Unauthorized)?;
+                let last_word = value
+                    .as_bytes()
+                    .split(u8::is_ascii_whitespace)
+                    .rfind(|word| !word.is_empty())
+                    .ok_or(Unauthorized)?;
+                let token = std::str::from_utf8(last_word).map_err(|_| Unauthorized)?;
                 (token.to_owned(), false)
             }
             // Absent or blank: the session cookie, if any.
@@ -206,7 +211,11 @@ impl Authenticator {
     }
 
     fn expires_at(&self, now: SystemTime) -> Option<SystemTime> {
-        (!self.token_lifetime.is_zero()).then(|| now + self.token_lifetime)
+        // The configuration caps the lifetime (see `config::MAX_TOKEN_LIFETIME`), so the
+        // sum cannot overflow; were it to, no expiry beats a panic.
+        (!self.token_lifetime.is_zero())
+            .then(|| now.checked_add(self.token_lifetime))
+            .flatten()
     }
 }
 
@@ -259,17 +268,21 @@ fn integer(value: &Value) -> Option<i64> {
     }
 }
 
-/// The value of the session cookie, from any `Cookie` header.
+/// The value of the session cookie, from the `Cookie` headers (the first one named so
+/// wins, as in Rack).
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
+    let value = headers
         .get_all(COOKIE)
         .iter()
-        .filter_map(|h| h.to_str().ok())
-        .flat_map(|h| h.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.trim_matches('"').to_owned())
-        .filter(|v| !v.is_empty())
+        .flat_map(|h| h.as_bytes().split(|&b| b == b';'))
+        .filter_map(|pair| {
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            Some((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii()))
+        })
+        .find(|(name, _)| *name == SESSION_COOKIE.as_bytes())?
+        .1;
+    let value = std::str::from_utf8(value).ok()?.trim_matches('"');
+    (!value.is_empty()).then(|| value.to_owned())
 }
 
 #[cfg(test)]

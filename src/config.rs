@@ -10,6 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+/// The longest `api.token_lifetime` (100 years): a cookie's `expires` must stay a date.
+pub const MAX_TOKEN_LIFETIME: u64 = 100 * 365 * 24 * 3600;
+
 /// The whole configuration of one agent.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -111,20 +114,35 @@ impl Config {
         if config.api.jwt_secret.is_some() && config.api.jwt_secret_file.is_some() {
             bail!("set api.jwt_secret or api.jwt_secret_file, not both");
         }
+        if config.api.token_lifetime > MAX_TOKEN_LIFETIME {
+            bail!(
+                "api.token_lifetime = {} is more than {MAX_TOKEN_LIFETIME} seconds (100 years)",
+                config.api.token_lifetime
+            );
+        }
         Ok(config)
     }
 
-    /// The JWT secret, from the inline key or the secret file (trailing newline trimmed).
-    /// `Ok(None)` means no secret is configured: every token will be refused.
+    /// The JWT secret: the inline key as written, or the secret file's content without its
+    /// trailing line break. `Ok(None)` means no secret is configured: every token will be
+    /// refused. An unreadable secret file is an error, for the caller to decide on.
     pub fn jwt_secret(&self) -> anyhow::Result<Option<Vec<u8>>> {
         let secret = match (&self.api.jwt_secret, &self.api.jwt_secret_file) {
             (Some(inline), _) => inline.clone().into_bytes(),
-            (None, Some(file)) => std::fs::read(file)
-                .with_context(|| format!("reading api.jwt_secret_file {}", file.display()))?,
+            (None, Some(file)) => {
+                let mut content = std::fs::read(file)
+                    .with_context(|| format!("reading api.jwt_secret_file {}", file.display()))?;
+                if content.ends_with(b"\n") {
+                    content.pop();
+                    if content.ends_with(b"\r") {
+                        content.pop();
+                    }
+                }
+                content
+            }
             (None, None) => return Ok(None),
         };
-        let trimmed = secret.trim_ascii_end();
-        Ok((!trimmed.is_empty()).then(|| trimmed.to_vec()))
+        Ok((!secret.is_empty()).then_some(secret))
     }
 
     /// `feed.stale_after` as a duration, `None` when silence never expires.
@@ -156,6 +174,18 @@ mod tests {
     fn both_secret_forms_are_refused() {
         let err = Config::parse("[api]\njwt_secret = \"a\"\njwt_secret_file = \"/x\"\n");
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn a_lifetime_past_any_date_is_refused() {
+        assert!(Config::parse("[api]\ntoken_lifetime = 300000000000\n").is_err());
+        assert!(Config::parse("[api]\ntoken_lifetime = 86400\n").is_ok());
+    }
+
+    #[test]
+    fn an_inline_secret_is_taken_as_written() {
+        let config = Config::parse("[api]\njwt_secret = \" s \"\n").unwrap();
+        assert_eq!(config.jwt_secret().unwrap().as_deref(), Some(&b" s "[..]));
     }
 
     #[test]

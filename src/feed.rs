@@ -22,8 +22,8 @@ use serde_json::value::RawValue;
 
 use crate::store::{Origin, Writer};
 
-/// A line longer than this is not a row of a switch (those are ~2.3 KB): the snapshot is
-/// rejected rather than buffered without bound.
+/// A line longer than this is not a row of a switch (those are ~2.3 KB): it is skipped as
+/// a bad row rather than buffered without bound.
 pub const MAX_LINE_BYTES: u64 = 1 << 20;
 
 /// One call, converted and checked, borrowing from the line it was read from.
@@ -178,26 +178,15 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
     if line.is_empty() {
         return Ok(Line::Nothing);
     }
-    let text = std::str::from_utf8(line).map_err(|_| "not UTF-8".to_string())?;
-    if !text.starts_with('{') {
+    if !line.starts_with(b"{") {
         return Err("not a JSON object".into());
     }
+    let Ok(text) = std::str::from_utf8(line) else {
+        return skipped_if_object(line, "not UTF-8".into());
+    };
     let raw: RawRow<'_> = match serde_json::from_str(text) {
         Ok(raw) => raw,
-        // A well-formed object that serde refused (a key given twice) is a bad row, not a
-        // bad snapshot; anything else is not JSON at all.
-        Err(e) => {
-            return match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
-                Ok(object) => Ok(Line::Skipped {
-                    node_id: object.get("node_id").and_then(|v| {
-                        v.as_i64()
-                            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                    }),
-                    reason: e.to_string(),
-                }),
-                Err(e) => Err(format!("not a JSON object: {e}")),
-            };
-        }
+        Err(e) => return skipped_if_object(line, e.to_string()),
     };
     let node_id = raw.node_id.map(integer).transpose().ok().flatten();
     Ok(match convert(&raw) {
@@ -207,6 +196,27 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, String> {
             reason: format!("bad or missing {key}"),
         },
     })
+}
+
+/// A line that is not strict JSON but still an object once its bytes are read leniently
+/// (a Latin-1 byte in a display name, a raw tab in a string, a key given twice) is one bad
+/// row, not a bad snapshot: ClickHouse itself would have taken it. Anything else is not a
+/// JSON object at all.
+fn skipped_if_object(line: &[u8], reason: String) -> Result<Line<'_>, String> {
+    let lenient: String = String::from_utf8_lossy(line)
+        .chars()
+        .map(|c| if c.is_ascii_control() { ' ' } else { c })
+        .collect();
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&lenient) {
+        Ok(object) => Ok(Line::Skipped {
+            node_id: object.get("node_id").and_then(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            }),
+            reason,
+        }),
+        Err(e) => Err(format!("not a JSON object: {e}")),
+    }
 }
 
 /// Whether a line is the `INSERT INTO <table> FORMAT JSONEachRow` a ClickHouse client
@@ -443,10 +453,21 @@ pub fn apply_snapshot(
         }
         line_no += 1;
         if buf.len() as u64 > MAX_LINE_BYTES {
-            return Err(SnapshotError::Malformed {
-                line: line_no,
-                reason: format!("line longer than {MAX_LINE_BYTES} bytes"),
-            });
+            if buf.trim_ascii_start().first() != Some(&b'{') {
+                return Err(SnapshotError::Malformed {
+                    line: line_no,
+                    reason: "not a JSON object".into(),
+                });
+            }
+            // An object too long to be a row of a switch: skipped without ever holding
+            // more of it in memory.
+            skip_rest_of_line(&mut input)?;
+            tracing::debug!(
+                line = line_no,
+                "snapshot row skipped: longer than {MAX_LINE_BYTES} bytes"
+            );
+            report.skipped += 1;
+            continue;
         }
         if line_no == 1 && is_insert_line(&buf) {
             continue;
@@ -476,6 +497,26 @@ pub fn apply_snapshot(
     report.removed = changes.removed;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Consumes input up to and including the next newline.
+fn skip_rest_of_line(input: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let chunk = input.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                input.consume(end + 1);
+                return Ok(());
+            }
+            None => {
+                let all = chunk.len();
+                input.consume(all);
+            }
+        }
+    }
 }
 
 /// Applies the snapshot file at `path`, received at its modification time (SPEC 2.2).
@@ -594,6 +635,14 @@ mod tests {
             assert_eq!(skipped(&line).0, Some(1), "{line}");
         }
         assert_eq!(skipped(&MINIMAL.replace(r#""node_id":1,"#, "")).0, None);
+        let latin1 = MINIMAL.replace(r#""local_tag":"a""#, r#""local_tag":"Ren\xE9""#);
+        let mut bytes = latin1.into_bytes();
+        let at = bytes.windows(4).position(|w| w == b"\\xE9").unwrap();
+        bytes.splice(at..at + 4, [0xE9]);
+        match parse_line(&bytes) {
+            Ok(Line::Skipped { node_id, .. }) => assert_eq!(node_id, Some(1)),
+            other => panic!("not skipped: {other:?}"),
+        }
     }
 
     #[test]
@@ -607,6 +656,7 @@ mod tests {
         for bad in ["[1,2]", "{\"node_id\":1", "hello", "\"x\"", "{} trailing"] {
             assert!(parse_line(bad.as_bytes()).is_err(), "{bad}");
         }
+        assert!(parse_line(b"{\"a\xff").is_err());
         assert_eq!(parse_line(b"  \r").unwrap(), Line::Nothing);
     }
 

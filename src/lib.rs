@@ -56,6 +56,8 @@ use crate::store::{Readers, Writer};
 /// What the feed has done so far: tests and the demo wait on it instead of sleeping.
 #[derive(Debug, Clone, Default)]
 pub struct FeedStatus {
+    /// How many times the writer looked at the snapshot file (at start, and per change).
+    pub file_checks: u64,
     pub applied: u64,
     pub rejected: u64,
     pub last_report: Option<ApplyReport>,
@@ -86,7 +88,12 @@ impl Agent {
     /// Opens the store, loads the directory, applies the snapshot file, starts watching and
     /// serving. Returns once the API listener is bound.
     pub async fn start(config: &Config) -> anyhow::Result<Agent> {
-        let secret = config.jwt_secret()?;
+        // Without a secret the agent still serves (every token gets 401), so that the
+        // operator sees it running and its logs say why.
+        let secret = config.jwt_secret().unwrap_or_else(|e| {
+            tracing::error!(error = format!("{e:#}"), "no usable JWT secret");
+            None
+        });
         if secret.is_none() {
             tracing::warn!("no api.jwt_secret configured: every request will get 401");
         }
@@ -98,16 +105,13 @@ impl Agent {
         let writer = Writer::open(&config.store.path)?;
         let readers = Arc::new(Readers::new(&config.store.path));
 
-        let directory = Arc::new(SwapCell::new(initial_directory(&config.directory.path)));
-        let (reloads_tx, directory_reloads) = signal::channel(0u64);
+        let directory = Arc::new(SwapCell::new(Directory::default()));
+        let (reloads_tx, mut directory_reloads) = signal::channel(0u64);
 
         let (status_tx, feed_status) = signal::channel(FeedStatus::default());
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let watch_path =
             (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
-        if watch_path.as_ref().is_some_and(|p| p.exists()) {
-            let _ = jobs_tx.send(WriterJob::ApplyFile);
-        }
         let stale_after = config.stale_after();
         let writer_thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -116,6 +120,7 @@ impl Agent {
                 move || run_writer(writer, jobs_rx, watch_path, stale_after, status_tx)
             })?;
 
+        // The watcher also does the first read of both files.
         let mut targets = vec![watch::Target {
             path: config.directory.path.clone(),
             on_change: Box::new({
@@ -134,6 +139,11 @@ impl Agent {
             });
         }
         let watcher = watch::watch(targets).context("starting the file watch")?;
+        // Serve only once the directory has been read: before it, every account is unknown.
+        directory_reloads
+            .wait_for(|n| *n > 0)
+            .await
+            .context("the file watch stopped before reading the directory")?;
 
         let (listener, api_addr) = api::bind(&config.api.listen).await?;
         let (shutdown, shutdown_rx) = signal::channel(false);
@@ -218,24 +228,6 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// The directory at start: a missing or bad file leaves an empty one (every account-id is
-/// then invalid) until a good file is written.
-fn initial_directory(path: &std::path::Path) -> Directory {
-    match Directory::load(path) {
-        Ok(directory) => {
-            tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory loaded");
-            directory
-        }
-        Err(e) => {
-            tracing::warn!(
-                error = format!("{e:#}"),
-                "no usable directory yet; no account is known"
-            );
-            Directory::default()
-        }
-    }
-}
-
 fn reload_directory(
     cell: &SwapCell<Directory>,
     path: &std::path::Path,
@@ -243,7 +235,7 @@ fn reload_directory(
 ) {
     match Directory::load(path) {
         Ok(directory) => {
-            tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory reloaded");
+            tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory loaded");
             cell.store(directory);
         }
         Err(e) => tracing::error!(
@@ -275,13 +267,22 @@ fn run_writer(
                     stopping |= matches!(job, WriterJob::Stop);
                 }
                 if let Some(path) = &watch_path {
-                    let stamp = std::fs::metadata(path)
-                        .and_then(|m| Ok((m.ino(), m.modified()?, m.len())))
-                        .ok();
-                    if stamp.is_none() || stamp != applied_stamp {
-                        apply_snapshot_file(&mut writer, path, &status);
-                        applied_stamp = stamp;
+                    let stamp =
+                        std::fs::metadata(path).and_then(|m| Ok((m.ino(), m.modified()?, m.len())));
+                    match stamp {
+                        Ok(stamp) if Some(stamp) == applied_stamp => {}
+                        Ok(stamp) => {
+                            apply_snapshot_file(&mut writer, path, &status);
+                            applied_stamp = Some(stamp);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                            tracing::info!(path = %path.display(), "no snapshot file (yet)");
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "cannot read the snapshot file");
+                        }
                     }
+                    status.send_modify(|s| s.file_checks += 1);
                 }
             }
             Ok(WriterJob::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,

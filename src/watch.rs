@@ -9,14 +9,16 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
-/// How long events must stop before the callbacks run.
+/// How long relevant events must stop before the callbacks run.
 pub const QUIET: Duration = Duration::from_millis(20);
+/// The longest a burst of relevant events delays the callbacks.
+pub const MAX_DELAY: Duration = Duration::from_millis(200);
 
 /// A file to follow and what to do when it has a new content.
 pub struct Target {
@@ -29,7 +31,9 @@ pub struct FileWatcher {
     _watcher: RecommendedWatcher,
 }
 
-/// Starts following `targets`; their directories are created if missing.
+/// Starts following `targets`; their directories are created if missing. Every callback
+/// also runs once at start, on the same thread as the later ones, so a file is never read
+/// twice at once.
 pub fn watch(targets: Vec<Target>) -> anyhow::Result<FileWatcher> {
     let targets: Vec<Target> = targets
         .into_iter()
@@ -64,27 +68,56 @@ pub fn watch(targets: Vec<Target>) -> anyhow::Result<FileWatcher> {
     Ok(FileWatcher { _watcher: watcher })
 }
 
-/// Runs the callbacks of the targets that events name, once per burst.
+/// Runs the callbacks of the targets that events name, once per burst: a relevant event
+/// waits until [`QUIET`] passes without another relevant one, or [`MAX_DELAY`] after the
+/// first. Events on other files in the same folders (the database's own WAL, a log) never
+/// delay a callback.
 fn dispatch(events: mpsc::Receiver<Event>, targets: Vec<Target>) {
-    while let Ok(first) = events.recv() {
-        let mut changed = vec![false; targets.len()];
-        let mut next = Some(first);
-        while let Some(event) = next {
-            for (i, target) in targets.iter().enumerate() {
-                match new_content(&event, &target.path) {
-                    Some(true) => changed[i] = true,
-                    Some(false) => {
-                        tracing::warn!(path = %target.path.display(), "watched file removed; nothing changes until it is written again")
+    // The first read of every file, once the watch is in place: a write from now on
+    // cannot fall between reading and watching.
+    let mut changed = vec![true; targets.len()];
+    for (target, changed) in targets.iter().zip(changed.iter_mut()) {
+        (target.on_change)();
+        *changed = false;
+    }
+    let mut first_relevant: Option<Instant> = None;
+    let mut last_relevant = Instant::now();
+    loop {
+        let event = match first_relevant {
+            None => events
+                .recv()
+                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(first) => {
+                let deadline = (last_relevant + QUIET).min(first + MAX_DELAY);
+                events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            }
+        };
+        match event {
+            Ok(event) => {
+                for (i, target) in targets.iter().enumerate() {
+                    match new_content(&event, &target.path) {
+                        Some(true) => {
+                            changed[i] = true;
+                            last_relevant = Instant::now();
+                            first_relevant.get_or_insert(last_relevant);
+                        }
+                        Some(false) => tracing::warn!(
+                            path = %target.path.display(),
+                            "watched file removed; nothing changes until it is written again"
+                        ),
+                        None => {}
                     }
-                    None => {}
                 }
             }
-            next = events.recv_timeout(QUIET).ok();
-        }
-        for (target, changed) in targets.iter().zip(changed) {
-            if changed {
-                (target.on_change)();
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                for (target, changed) in targets.iter().zip(changed.iter_mut()) {
+                    if std::mem::take(changed) {
+                        (target.on_change)();
+                    }
+                }
+                first_relevant = None;
             }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
 }

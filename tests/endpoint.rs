@@ -507,6 +507,42 @@ fn a_cookie_token_is_refreshed() {
         &[("Authorization", token)],
     );
     assert_eq!(again.status, 200);
+
+    // Other cookies may carry any bytes; the session cookie is still found.
+    let mixed = format!("lang=Fran\u{e7}ais; {cookie}; theme=dark");
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_101}"),
+        &[("Cookie", &mixed)],
+    );
+    assert_eq!(reply.status, 200);
+    // Past authentication every answer refreshes the session, a 400 too (as the central
+    // API's after-action does); a 401 never does.
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id=x"),
+        &[("Cookie", &cookie)],
+    );
+    assert_eq!(reply.status, 400);
+    assert!(reply.header("set-cookie").is_some());
+    let forged = format!("_yeti_customer_v1_session={}", token_for(9999));
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_101}"),
+        &[("Cookie", &forged)],
+    );
+    assert_eq!(reply.status, 401);
+    assert!(reply.header("set-cookie").is_none());
+}
+
+#[test]
+fn an_unreadable_secret_file_still_starts_and_refuses_every_token() {
+    let agent = TestAgent::start_with(|c| {
+        c.api.jwt_secret = None;
+        c.api.jwt_secret_file = Some("/nonexistent/jwt_secret".into());
+    });
+    agent.feed(SAMPLE_SNAPSHOT);
+    assert_eq!(agent.get(&format!("account-id={ACCOUNT_101}")).status, 401);
 }
 
 #[test]

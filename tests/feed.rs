@@ -167,16 +167,27 @@ fn bad_rows_are_skipped_and_counted_and_their_node_still_counts() {
     bad_time["start_time"] = json!("yesterday");
     let mut bad_port = call(1, "y", 101, "2025-11-25 10:00:00");
     bad_port["auth_orig_port"] = json!("50x");
-    let status = agent.feed(&snapshot(&[
+    let mut huge = call(1, "z", 101, "2025-11-25 10:00:00");
+    huge["pai_in"] = json!("x".repeat(2 << 20));
+    let mut content = snapshot(&[
         call(1, "a", 101, "2025-11-25 10:00:00"),
         no_account,
         bad_time,
         bad_port,
-    ]));
+        huge,
+    ])
+    .into_bytes();
+    // A Latin-1 byte and a raw tab: not strict JSON, still one bad row each.
+    content.extend_from_slice(
+        b"{\"node_id\": 1, \"local_tag\": \"l\", \"src_name_in\": \"Ren\xE9\"}\n",
+    );
+    content
+        .extend_from_slice(b"{\"node_id\": 1, \"local_tag\": \"t\", \"src_name_in\": \"a\tb\"}\n");
+    let status = agent.feed_bytes(&content);
     let report = status.last_report.unwrap();
     assert_eq!(
         (report.rows, report.skipped, report.nodes),
-        (1, 3, vec![1, 2])
+        (1, 6, vec![1, 2])
     );
     // Node 2 sent only a bad row: it is in the snapshot, so its call b is gone.
     assert_eq!(
@@ -357,4 +368,31 @@ fn calls_of_another_customer_on_the_same_account_id_are_never_shown() {
         tags(&agent.get(&format!("account-id={ACCOUNT_101}"))),
         ["a"]
     );
+}
+
+#[test]
+fn busy_neighbours_in_the_folder_do_not_delay_a_snapshot() {
+    let agent = TestAgent::start();
+    let neighbour = agent.snapshot_path().with_file_name("switch.log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut log = std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&neighbour)
+                    .unwrap();
+                log.write_all(b"another line\n").unwrap();
+                drop(log);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    // A file closed every 2 ms beside it: the snapshot is still applied at once.
+    let status = agent.feed(SAMPLE_SNAPSHOT);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(status.applied, 1);
 }

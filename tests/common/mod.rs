@@ -60,11 +60,20 @@ impl TestAgent {
         let agent = runtime
             .block_on(Agent::start(&config))
             .expect("agent starts");
-        TestAgent {
+        let agent = TestAgent {
             runtime,
             agent: Some(agent),
             dir,
             config,
+        };
+        agent.wait_for_first_file_check();
+        agent
+    }
+
+    /// Waits until the agent has looked at the snapshot file once, as it does at start.
+    fn wait_for_first_file_check(&self) {
+        if !self.config.feed.watch.as_os_str().is_empty() {
+            self.wait_for(&mut self.agent().feed_status(), |s| s.file_checks > 0);
         }
     }
 
@@ -83,6 +92,7 @@ impl TestAgent {
         }
         let agent = self.runtime.block_on(Agent::start(&self.config));
         self.agent = Some(agent.expect("agent restarts"));
+        self.wait_for_first_file_check();
     }
 
     pub fn snapshot_path(&self) -> PathBuf {
@@ -92,9 +102,14 @@ impl TestAgent {
     /// Writes the snapshot file (temporary file + rename) and waits until the agent has
     /// applied or rejected it. Returns the feed status after it.
     pub fn feed(&self, content: &str) -> FeedStatus {
+        self.feed_bytes(content.as_bytes())
+    }
+
+    /// [`feed`](Self::feed) with content that need not be UTF-8.
+    pub fn feed_bytes(&self, content: &[u8]) -> FeedStatus {
         let mut status = self.agent().feed_status();
         let before = status.borrow_and_update().clone();
-        write_file(&self.snapshot_path(), content.as_bytes());
+        write_file(&self.snapshot_path(), content);
         self.wait_for(&mut status, |s| {
             s.applied + s.rejected > before.applied + before.rejected
         })
