@@ -9,18 +9,12 @@
 
 pub mod params;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -28,13 +22,11 @@ use tokio::sync::watch;
 use crate::auth::{AuthContext, Authenticator};
 use crate::directory::{Directory, SwapCell};
 use crate::feed::unix_millis;
+use crate::http::{self, Body, empty, with_body};
 use crate::store::{CallQuery, Readers};
 
 /// The customer endpoint's path.
 pub const OUTGOING_ACTIVE_CALLS: &str = "/api/rest/customer/v1/outgoing-active-calls";
-
-/// A client that sends no complete request head within this time is dropped.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything a request needs, shared by all connections.
 pub struct ApiState {
@@ -45,48 +37,13 @@ pub struct ApiState {
     pub stale_after: Option<Duration>,
 }
 
-type Body = Full<Bytes>;
-
-/// Accepts connections on `listener` until `shutdown` becomes true.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<ApiState>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting an API connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut shutdown) => return,
-        };
-        let _ = stream.set_nodelay(true);
+/// Serves the customer API on `listener` until `shutdown` becomes true.
+pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: watch::Receiver<bool>) {
+    http::serve(listener, shutdown, move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
-            });
-            let served = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "API connection ended with an error");
-            }
-        });
-    }
-}
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
+        async move { handle(&state, req).await }
+    })
+    .await;
 }
 
 /// Routes one request.
@@ -195,28 +152,11 @@ async fn authorized(
     response
 }
 
-/// A response with no body.
-fn empty(status: StatusCode) -> Response<Body> {
-    let mut response = Response::new(Body::default());
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-    response
-}
-
-/// A JSON response.
+/// A JSON answer; an error is never cached.
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let length = body.len();
-    let mut response = Response::new(Body::from(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    let mut response = with_body(status, "application/json; charset=utf-8", body);
     if status != StatusCode::OK {
+        let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
     response
@@ -289,16 +229,6 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .any(|tag| tag == "*" || tag.trim_start_matches("W/") == opaque)
-}
-
-/// Binds the API listener (port 0 picks a free port).
-pub async fn bind(listen: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    use anyhow::Context;
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding the API listener {listen}"))?;
-    let addr = listener.local_addr()?;
-    Ok((listener, addr))
 }
 
 #[cfg(test)]

@@ -51,6 +51,12 @@ pub struct FeedConfig {
     pub listen: String,
     /// Seconds of silence after which a node has no calls; 0 = never expire.
     pub stale_after: u64,
+    /// Credentials the socket source requires (both empty: none), as ClickHouse clients
+    /// send them.
+    pub user: String,
+    pub password: String,
+    /// The largest snapshot body the socket source takes, on the wire and unpacked.
+    pub max_body_bytes: u64,
 }
 
 /// `[directory]`: the accounts and API accesses file (SPEC 3).
@@ -85,6 +91,9 @@ impl Default for FeedConfig {
             watch: "data/snapshot.jsonl".into(),
             listen: "127.0.0.1:8124".into(),
             stale_after: 180,
+            user: String::new(),
+            password: String::new(),
+            max_body_bytes: 1 << 30,
         }
     }
 }

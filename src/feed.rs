@@ -22,6 +22,9 @@ use serde_json::value::RawValue;
 
 use crate::store::{Origin, Writer};
 
+pub mod socket;
+pub mod writer;
+
 /// A line longer than this is not a row of a switch (those are ~2.3 KB): it is skipped as
 /// a bad row rather than buffered without bound.
 pub const MAX_LINE_BYTES: u64 = 1 << 20;
@@ -219,18 +222,35 @@ fn skipped_if_object(line: &[u8], reason: String) -> Result<Line<'_>, String> {
     }
 }
 
-/// Whether a line is the `INSERT INTO <table> FORMAT JSONEachRow` a ClickHouse client
-/// sends first. Any other query is not a snapshot.
-pub fn is_insert_line(line: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(line.trim_ascii()) else {
-        return false;
-    };
-    let words: Vec<&str> = text.split_ascii_whitespace().collect();
-    matches!(words.as_slice(), [insert, into, _table, format, each_row]
-        if insert.eq_ignore_ascii_case("INSERT")
-            && into.eq_ignore_ascii_case("INTO")
-            && format.eq_ignore_ascii_case("FORMAT")
-            && *each_row == "JSONEachRow")
+/// Whether a snapshot must start with its `INSERT INTO <table> FORMAT JSONEachRow` query
+/// (an HTTP body without a `query` parameter) or may (a file, a body after one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertLine {
+    Optional,
+    Required,
+}
+
+/// If `text` starts with `INSERT INTO <table> FORMAT JSONEachRow`, the table and what
+/// follows the query (ClickHouse lets the data start on the same line).
+pub fn strip_insert(text: &[u8]) -> Option<(&[u8], &[u8])> {
+    fn word(s: &[u8]) -> Option<(&[u8], &[u8])> {
+        let s = s.trim_ascii_start();
+        let end = s
+            .iter()
+            .position(u8::is_ascii_whitespace)
+            .unwrap_or(s.len());
+        (end > 0).then(|| s.split_at(end))
+    }
+    let (insert, rest) = word(text)?;
+    let (into, rest) = word(rest)?;
+    let (table, rest) = word(rest)?;
+    let (format, rest) = word(rest)?;
+    let (each_row, rest) = word(rest)?;
+    (insert.eq_ignore_ascii_case(b"INSERT")
+        && into.eq_ignore_ascii_case(b"INTO")
+        && format.eq_ignore_ascii_case(b"FORMAT")
+        && each_row == b"JSONEachRow")
+        .then_some((table, rest))
 }
 
 fn convert<'a>(raw: &RawRow<'a>) -> Result<CallRow<'a>, BadValue> {
@@ -435,6 +455,7 @@ pub fn unix_millis(time: SystemTime) -> i64 {
 pub fn apply_snapshot(
     writer: &mut Writer,
     mut input: impl BufRead,
+    insert_line: InsertLine,
     origin: Origin,
     received_at: SystemTime,
 ) -> Result<ApplyReport, SnapshotError> {
@@ -469,14 +490,24 @@ pub fn apply_snapshot(
             report.skipped += 1;
             continue;
         }
-        if line_no == 1 && is_insert_line(&buf) {
-            continue;
+        let mut line = &buf[..];
+        if line_no == 1 {
+            match (strip_insert(&buf), insert_line) {
+                (Some((_table, data)), _) => line = data,
+                (None, InsertLine::Required) => {
+                    return Err(SnapshotError::Malformed {
+                        line: 1,
+                        reason: "expected INSERT INTO <table> FORMAT JSONEachRow".into(),
+                    });
+                }
+                (None, InsertLine::Optional) => {}
+            }
         }
         let malformed = |reason| SnapshotError::Malformed {
             line: line_no,
             reason,
         };
-        match parse_line(&buf).map_err(malformed)? {
+        match parse_line(line).map_err(malformed)? {
             Line::Nothing => {}
             Line::Row(row) => {
                 tx.put(&row)?;
@@ -526,6 +557,7 @@ pub fn apply_file(writer: &mut Writer, path: &Path) -> Result<ApplyReport, Snaps
     apply_snapshot(
         writer,
         BufReader::with_capacity(256 * 1024, file),
+        InsertLine::Optional,
         Origin::File,
         received_at,
     )
@@ -662,12 +694,26 @@ mod tests {
 
     #[test]
     fn insert_line_is_recognised() {
-        assert!(is_insert_line(
-            b"INSERT INTO active_calls FORMAT JSONEachRow\n"
-        ));
-        assert!(is_insert_line(b"insert into db.t format JSONEachRow\r\n"));
-        assert!(!is_insert_line(b"SELECT 1"));
-        assert!(!is_insert_line(b"INSERT INTO t FORMAT CSV"));
+        let data = |text: &[u8]| strip_insert(text).map(|(_, rest)| rest.trim_ascii().to_vec());
+        assert_eq!(
+            data(b"INSERT INTO active_calls FORMAT JSONEachRow\n"),
+            Some(vec![])
+        );
+        assert_eq!(
+            data(b"insert into db.t format JSONEachRow\r\n"),
+            Some(vec![])
+        );
+        assert_eq!(
+            data(b"INSERT INTO t FORMAT JSONEachRow {\"a\":1}\n"),
+            Some(b"{\"a\":1}".to_vec())
+        );
+        assert_eq!(
+            strip_insert(b"INSERT INTO t FORMAT JSONEachRow").map(|(t, _)| t),
+            Some(&b"t"[..])
+        );
+        assert_eq!(data(b"SELECT 1"), None);
+        assert_eq!(data(b"INSERT INTO t FORMAT CSV"), None);
+        assert_eq!(data(b"INSERT INTO t"), None);
     }
 
     #[test]

@@ -2,15 +2,17 @@
 //! `GET /api/rest/customer/v1/outgoing-active-calls` from the switch node itself.
 //!
 //! ```text
-//! switch ──snapshot file (notify)──→ feed ──one write txn──→ store (SQLite, WAL)
-//!                                                                 │ read pool
-//! customer ──GET …/outgoing-active-calls──→ api ──auth, params──┘ → JSON
+//! switch ──snapshot file (notify)───┐
+//! switch ──HTTP POST (ClickHouse-ish)┴→ feed ──one write txn──→ store (SQLite, WAL)
+//!                                                                    │ read pool
+//! customer ──GET …/outgoing-active-calls──→ api ──auth, params─────┘ → JSON
 //! ```
 //!
 //! The major components, one module each:
 //!
 //! * [`feed`]: reads a snapshot (newline-delimited JSON rows, as the switch writes them)
-//!   as a stream and applies it through the store's writer.
+//!   as a stream and applies it through the store's writer; [`feed::writer`] is the one
+//!   thread that writes, [`feed::socket`] the ClickHouse-compatible HTTP receiver.
 //! * [`store`]: the SQLite database of `schema.sql`; one [`store::Writer`] that applies a
 //!   snapshot as one transaction writing only what changed, and [`store::Readers`] that
 //!   answer customer queries through prefix indexes.
@@ -19,11 +21,13 @@
 //! * [`directory`]: the accounts and API accesses file, reloaded when it changes.
 //! * [`config`]: the TOML configuration.
 //! * [`watch`]: following the snapshot and directory files with notify.
+//! * [`http`]: the accept loop and small answers both HTTP listeners share.
 //! * [`demo`]: a newcomer's first run, with a simulated switch.
 //!
 //! [`Agent`] wires them together: one writer thread owns the write connection and applies
-//! snapshot files and expiry in turn, the file watcher feeds it, and the API serves from
-//! the read pool. Readers never wait for the writer (WAL), and never see half a snapshot.
+//! snapshot files, posted snapshots and expiry in turn; the file watcher and the socket
+//! source feed it, and the API serves from the read pool. Readers never wait for the
+//! writer (WAL), and never see half a snapshot.
 
 #![recursion_limit = "256"]
 
@@ -33,15 +37,13 @@ pub mod config;
 pub mod demo;
 pub mod directory;
 pub mod feed;
+pub mod http;
 pub mod store;
 pub mod watch;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch as signal;
@@ -50,43 +52,26 @@ use crate::api::ApiState;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::directory::{Directory, SwapCell};
-use crate::feed::{ApplyReport, apply_file};
+use crate::feed::socket::SocketSettings;
+use crate::feed::writer::{Job, WriterThread};
 use crate::store::{Readers, Writer};
 
-/// What the feed has done so far: tests and the demo wait on it instead of sleeping.
-#[derive(Debug, Clone, Default)]
-pub struct FeedStatus {
-    /// How many times the writer looked at the snapshot file (at start, and per change).
-    pub file_checks: u64,
-    pub applied: u64,
-    pub rejected: u64,
-    pub last_report: Option<ApplyReport>,
-    pub last_error: Option<String>,
-}
-
-/// Work for the writer thread, the only owner of the write connection.
-enum WriterJob {
-    ApplyFile,
-    Stop,
-}
-
-/// How often the writer looks for nodes gone silent.
-const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+pub use crate::feed::writer::FeedStatus;
 
 /// A running agent. Dropping it stops it.
 pub struct Agent {
     api_addr: SocketAddr,
-    feed_status: signal::Receiver<FeedStatus>,
+    feed_addr: Option<SocketAddr>,
     directory_reloads: signal::Receiver<u64>,
     shutdown: signal::Sender<bool>,
-    writer_thread: Option<std::thread::JoinHandle<()>>,
-    jobs: Option<mpsc::Sender<WriterJob>>,
+    writer: WriterThread,
     _watcher: watch::FileWatcher,
 }
 
 impl Agent {
-    /// Opens the store, loads the directory, applies the snapshot file, starts watching and
-    /// serving. Returns once the API listener is bound.
+    /// Opens the store, starts the writer, watches and reads the directory and snapshot
+    /// files, and binds both listeners. Returns once the directory has been read and the
+    /// listeners are bound (the snapshot file may still be applying).
     pub async fn start(config: &Config) -> anyhow::Result<Agent> {
         // Without a secret the agent still serves (every token gets 401), so that the
         // operator sees it running and its logs say why.
@@ -102,25 +87,16 @@ impl Agent {
             Duration::from_secs(config.api.token_lifetime),
         );
 
-        let writer = Writer::open(&config.store.path)?;
+        let store = Writer::open(&config.store.path)?;
         let readers = Arc::new(Readers::new(&config.store.path));
-
-        let directory = Arc::new(SwapCell::new(Directory::default()));
-        let (reloads_tx, mut directory_reloads) = signal::channel(0u64);
-
-        let (status_tx, feed_status) = signal::channel(FeedStatus::default());
-        let (jobs_tx, jobs_rx) = mpsc::channel();
         let watch_path =
             (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
         let stale_after = config.stale_after();
-        let writer_thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn({
-                let watch_path = watch_path.clone();
-                move || run_writer(writer, jobs_rx, watch_path, stale_after, status_tx)
-            })?;
+        let writer = WriterThread::spawn(store, watch_path.clone(), stale_after)?;
 
         // The watcher also does the first read of both files.
+        let directory = Arc::new(SwapCell::new(Directory::default()));
+        let (reloads_tx, mut directory_reloads) = signal::channel(0u64);
         let mut targets = vec![watch::Target {
             path: config.directory.path.clone(),
             on_change: Box::new({
@@ -130,11 +106,11 @@ impl Agent {
             }),
         }];
         if let Some(path) = watch_path {
-            let jobs = jobs_tx.clone();
+            let handle = writer.handle.clone();
             targets.push(watch::Target {
                 path,
                 on_change: Box::new(move || {
-                    let _ = jobs.send(WriterJob::ApplyFile);
+                    handle.send(Job::ApplyFile);
                 }),
             });
         }
@@ -145,8 +121,28 @@ impl Agent {
             .await
             .context("the file watch stopped before reading the directory")?;
 
-        let (listener, api_addr) = api::bind(&config.api.listen).await?;
         let (shutdown, shutdown_rx) = signal::channel(false);
+        let feed_addr = if config.feed.listen.is_empty() {
+            None
+        } else {
+            let (listener, addr) = http::bind(&config.feed.listen, "feed").await?;
+            let settings = Arc::new(SocketSettings {
+                user: config.feed.user.clone(),
+                password: config.feed.password.clone(),
+                max_body_bytes: config.feed.max_body_bytes,
+            });
+            let handle = writer.handle.clone();
+            tokio::spawn(feed::socket::serve(
+                listener,
+                handle,
+                settings,
+                shutdown_rx.clone(),
+            ));
+            tracing::info!(%addr, "taking snapshots over HTTP (ClickHouse-compatible)");
+            Some(addr)
+        };
+
+        let (listener, api_addr) = http::bind(&config.api.listen, "API").await?;
         let state = Arc::new(ApiState {
             readers,
             directory,
@@ -158,11 +154,10 @@ impl Agent {
 
         Ok(Agent {
             api_addr,
-            feed_status,
+            feed_addr,
             directory_reloads,
             shutdown,
-            writer_thread: Some(writer_thread),
-            jobs: Some(jobs_tx),
+            writer,
             _watcher: watcher,
         })
     }
@@ -172,12 +167,17 @@ impl Agent {
         self.api_addr
     }
 
-    /// The feed's progress, updated after every snapshot applied or rejected.
-    pub fn feed_status(&self) -> signal::Receiver<FeedStatus> {
-        self.feed_status.clone()
+    /// The address of the socket source, when it is on.
+    pub fn feed_addr(&self) -> Option<SocketAddr> {
+        self.feed_addr
     }
 
-    /// Counts directory reloads (successful or not), for waiting on one.
+    /// The feed's progress, updated after every snapshot applied or rejected.
+    pub fn feed_status(&self) -> signal::Receiver<FeedStatus> {
+        self.writer.status.clone()
+    }
+
+    /// Counts directory reads (successful or not), for waiting on one.
     pub fn directory_reloads(&self) -> signal::Receiver<u64> {
         self.directory_reloads.clone()
     }
@@ -189,12 +189,7 @@ impl Agent {
 
     fn stop_inner(&mut self) {
         let _ = self.shutdown.send(true);
-        if let Some(jobs) = self.jobs.take() {
-            let _ = jobs.send(WriterJob::Stop);
-        }
-        if let Some(thread) = self.writer_thread.take() {
-            let _ = thread.join();
-        }
+        self.writer.stop();
     }
 }
 
@@ -240,97 +235,8 @@ fn reload_directory(
         }
         Err(e) => tracing::error!(
             error = format!("{e:#}"),
-            "directory rejected; keeping the previous one"
+            "directory not loaded; keeping the previous one (none at start: no account is known)"
         ),
     }
     reloads.send_modify(|n| *n += 1);
-}
-
-/// The writer thread: applies the snapshot file when told, expires silent nodes, and
-/// checkpoints when the agent stops.
-fn run_writer(
-    mut writer: Writer,
-    jobs: mpsc::Receiver<WriterJob>,
-    watch_path: Option<PathBuf>,
-    stale_after: Option<Duration>,
-    status: signal::Sender<FeedStatus>,
-) {
-    let mut stopping = false;
-    // The identity (inode, mtime, length) of the file content applied last: a late
-    // duplicate event for the same content is not worth a second pass over it.
-    let mut applied_stamp = None;
-    while !stopping {
-        match jobs.recv_timeout(EXPIRY_INTERVAL) {
-            Ok(WriterJob::ApplyFile) => {
-                // More ApplyFile jobs queued behind this one would apply the same file again.
-                while let Ok(job) = jobs.try_recv() {
-                    stopping |= matches!(job, WriterJob::Stop);
-                }
-                if let Some(path) = &watch_path {
-                    let stamp =
-                        std::fs::metadata(path).and_then(|m| Ok((m.ino(), m.modified()?, m.len())));
-                    match stamp {
-                        Ok(stamp) if Some(stamp) == applied_stamp => {}
-                        Ok(stamp) => {
-                            apply_snapshot_file(&mut writer, path, &status);
-                            applied_stamp = Some(stamp);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                            tracing::info!(path = %path.display(), "no snapshot file (yet)");
-                        }
-                        Err(e) => {
-                            tracing::error!(path = %path.display(), error = %e, "cannot read the snapshot file");
-                        }
-                    }
-                    status.send_modify(|s| s.file_checks += 1);
-                }
-            }
-            Ok(WriterJob::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if let Some(stale_after) = stale_after {
-            match writer.expire(SystemTime::now() - stale_after) {
-                Ok(nodes) if !nodes.is_empty() => {
-                    tracing::info!(?nodes, "silent nodes expired: their calls are gone")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "expiring silent nodes failed"),
-            }
-        }
-    }
-    if let Err(e) = writer.checkpoint() {
-        tracing::warn!(error = %e, "checkpointing the store at shutdown failed");
-    }
-}
-
-fn apply_snapshot_file(
-    writer: &mut Writer,
-    path: &std::path::Path,
-    status: &signal::Sender<FeedStatus>,
-) {
-    match apply_file(writer, path) {
-        Ok(report) => {
-            tracing::info!(
-                source = "file",
-                nodes = ?report.nodes,
-                rows = report.rows,
-                skipped = report.skipped,
-                written = report.written,
-                removed = report.removed,
-                duration_ms = %format_args!("{:.1}", report.duration.as_secs_f64() * 1000.0),
-                "snapshot applied"
-            );
-            status.send_modify(|s| {
-                s.applied += 1;
-                s.last_report = Some(report);
-            });
-        }
-        Err(e) => {
-            tracing::error!(source = "file", path = %path.display(), error = %e, "snapshot rejected; previous state kept");
-            status.send_modify(|s| {
-                s.rejected += 1;
-                s.last_error = Some(e.to_string());
-            });
-        }
-    }
 }

@@ -5,7 +5,7 @@ use std::io::Cursor;
 use std::time::SystemTime;
 
 use active_calls_agent::demo::Switch;
-use active_calls_agent::feed::apply_snapshot;
+use active_calls_agent::feed::{InsertLine, apply_snapshot};
 use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
 };
@@ -17,6 +17,7 @@ fn store_with(snapshot: &str) -> (tempfile::TempDir, Readers) {
     apply_snapshot(
         &mut writer,
         Cursor::new(snapshot),
+        InsertLine::Optional,
         Origin::Socket,
         SystemTime::now(),
     )
@@ -129,7 +130,14 @@ fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
     let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
     let mut apply = |switch: &Switch, now: i64| {
         let snapshot = Cursor::new(switch.snapshot(now));
-        apply_snapshot(&mut writer, snapshot, Origin::File, SystemTime::now()).unwrap()
+        apply_snapshot(
+            &mut writer,
+            snapshot,
+            InsertLine::Optional,
+            Origin::File,
+            SystemTime::now(),
+        )
+        .unwrap()
     };
     let report = apply(&switch, 1_764_081_000);
     assert_eq!((report.rows, report.skipped, report.written), (500, 0, 500));

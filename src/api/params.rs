@@ -174,16 +174,23 @@ fn split_brackets(name: &[u8]) -> (&[u8], bool) {
     }
 }
 
+/// The decoded `(name, value)` pairs of a query string, in order; a pair without `=` has
+/// an empty value.
+pub fn form_pairs(query: &[u8]) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
+    query
+        .split(|&b| b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (decode(&pair[..i]), decode(&pair[i + 1..])),
+            None => (decode(pair), Vec::new()),
+        })
+}
+
 /// The known parameters of a query string, in the order of their first appearance, each
 /// with its last value.
 fn collect(query: &[u8]) -> Vec<(&'static str, Param, Given)> {
     let mut found: Vec<(&'static str, Param, Given)> = Vec::new();
-    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
-        let (raw_name, raw_value) = match pair.iter().position(|&b| b == b'=') {
-            Some(i) => (&pair[..i], &pair[i + 1..]),
-            None => (pair, &b""[..]),
-        };
-        let name = decode(raw_name);
+    for (name, value) in form_pairs(query) {
         let (key, nested) = split_brackets(&name);
         let Some((static_name, param)) = known(key) else {
             continue;
@@ -191,7 +198,7 @@ fn collect(query: &[u8]) -> Vec<(&'static str, Param, Given)> {
         let given = if nested {
             Given::Array
         } else {
-            Given::Scalar(decode(raw_value))
+            Given::Scalar(value)
         };
         match found.iter_mut().find(|(n, _, _)| *n == static_name) {
             Some(entry) => entry.2 = given,

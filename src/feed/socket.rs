@@ -1,0 +1,375 @@
+//! The socket source: the part of ClickHouse's HTTP interface a yeti switch uses to post
+//! its active-calls snapshots, so `statistics.active-calls.clickhouse.destinations` can
+//! point at the agent unchanged (SPEC 2.3).
+//!
+//! `POST /` with `INSERT INTO <table> FORMAT JSONEachRow` as the `query` URL parameter or
+//! as the body's first line, then the rows; `Content-Encoding: gzip` accepted; `GET /ping`
+//! answers `Ok.`. The body is never held whole: it flows through a small bounded channel
+//! into the writer thread, which parses and applies it as it arrives, in one transaction.
+//! The answer comes once the snapshot is applied (200, empty) or refused (400 with a
+//! one-line reason, 413 past `feed.max_body_bytes`), and a refused snapshot changes
+//! nothing.
+//!
+//! Credentials, when `feed.user`/`feed.password` are set, are read the three ways
+//! ClickHouse clients send them (`X-ClickHouse-User`/`X-ClickHouse-Key`, the `user` and
+//! `password` URL parameters, HTTP Basic). Wrong ones get **401** with a
+//! `WWW-Authenticate` challenge, the status every HTTP client understands, rather than
+//! ClickHouse's own 516: either way the switch logs a failed post.
+
+use std::io::{BufRead, BufReader, Read};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::api::params::form_pairs;
+use crate::feed::writer::{Job, WriterHandle};
+use crate::feed::{InsertLine, SnapshotError, strip_insert};
+use crate::http::{self, Body, empty, with_body};
+
+/// A client that stops sending its body for this long is cut off: the writer is waiting.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Body chunks in flight between the connection and the writer: the memory a post holds.
+const CHANNEL_CHUNKS: usize = 16;
+
+/// What the socket source needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct SocketSettings {
+    pub user: String,
+    pub password: String,
+    pub max_body_bytes: u64,
+}
+
+/// Serves the socket source on `listener` until `shutdown` becomes true.
+pub async fn serve(
+    listener: TcpListener,
+    writer: WriterHandle,
+    settings: Arc<SocketSettings>,
+    shutdown: watch::Receiver<bool>,
+) {
+    http::serve(listener, shutdown, move |req| {
+        let (writer, settings) = (writer.clone(), settings.clone());
+        async move { handle(req, &writer, &settings).await }
+    })
+    .await;
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    writer: &WriterHandle,
+    settings: &SocketSettings,
+) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/" | "/ping") => text(StatusCode::OK, "Ok."),
+        (&Method::POST, "/") => insert(req, writer, settings).await,
+        (_, "/" | "/ping") => {
+            let mut r = empty(StatusCode::METHOD_NOT_ALLOWED);
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+            r
+        }
+        _ => empty(StatusCode::NOT_FOUND),
+    }
+}
+
+/// A one-line plain-text answer, as ClickHouse gives.
+fn text(status: StatusCode, line: &str) -> Response<Body> {
+    with_body(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{line}\n").into_bytes(),
+    )
+}
+
+/// Why a body stopped short; carried inside the `io::Error` the writer sees.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the body is larger than feed.max_body_bytes = {0}")]
+    TooLarge(u64),
+    #[error("the client sent nothing for {0:?}")]
+    Idle(Duration),
+}
+
+async fn insert(
+    req: Request<Incoming>,
+    writer: &WriterHandle,
+    settings: &SocketSettings,
+) -> Response<Body> {
+    if !authorized(&req, settings) {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "Authentication failed: wrong user or password",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"active-calls-agent\""),
+        );
+        return r;
+    }
+    let query = url_param(&req, b"query");
+    let insert_line = match &query {
+        None => InsertLine::Required,
+        Some(query) => match strip_insert(query) {
+            Some((_, rest)) if rest.trim_ascii().is_empty() => InsertLine::Optional,
+            _ => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "only INSERT INTO <table> FORMAT JSONEachRow is supported",
+                );
+            }
+        },
+    };
+    let gzip = match req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.as_bytes())
+    {
+        None | Some(b"identity") => false,
+        Some(b"gzip" | b"x-gzip") => true,
+        Some(_) => {
+            return text(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "only gzip Content-Encoding is supported",
+            );
+        }
+    };
+    let max = settings.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &BodyError::TooLarge(max).to_string(),
+        );
+    }
+
+    let (chunks_tx, chunks_rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let wire = ChannelReader {
+        chunks: chunks_rx,
+        current: Bytes::new(),
+    };
+    let input: Box<dyn BufRead + Send> = if gzip {
+        let unpacked = flate2::read::MultiGzDecoder::new(wire);
+        Box::new(BufReader::with_capacity(
+            64 * 1024,
+            Limited {
+                inner: unpacked,
+                left: max,
+            },
+        ))
+    } else {
+        Box::new(BufReader::with_capacity(64 * 1024, wire))
+    };
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let job = Job::ApplyStream {
+        input,
+        insert_line,
+        received_at: SystemTime::now(),
+        reply: reply_tx,
+    };
+    if !writer.send(job) {
+        return empty(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    pump(req.into_body(), chunks_tx, max).await;
+    match reply_rx.await {
+        Ok(Ok(_report)) => empty(StatusCode::OK),
+        Ok(Err(SnapshotError::Malformed { line, reason })) => text(
+            StatusCode::BAD_REQUEST,
+            &format!("Cannot parse snapshot: line {line}: {reason}"),
+        ),
+        Ok(Err(SnapshotError::Io(e))) => match e
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<BodyError>())
+        {
+            Some(cut @ BodyError::TooLarge(_)) => {
+                text(StatusCode::PAYLOAD_TOO_LARGE, &cut.to_string())
+            }
+            Some(cut @ BodyError::Idle(_)) => text(StatusCode::REQUEST_TIMEOUT, &cut.to_string()),
+            None => text(
+                StatusCode::BAD_REQUEST,
+                &format!("Cannot read the body: {e}"),
+            ),
+        },
+        Ok(Err(SnapshotError::Store(e))) => {
+            tracing::error!(error = %e, "storing a posted snapshot failed");
+            empty(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+        Err(_) => {
+            tracing::error!("the writer ended before answering a posted snapshot");
+            empty(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }
+}
+
+/// Moves the request body into the channel the writer reads, until the body ends, the
+/// writer stops reading (it has refused the snapshot), or a limit is hit.
+async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, max: u64) {
+    let mut total = 0u64;
+    loop {
+        let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+            Ok(None) => return,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                let _ = chunks.send(Err(std::io::Error::other(e))).await;
+                return;
+            }
+            Err(_) => {
+                let _ = chunks
+                    .send(Err(std::io::Error::other(BodyError::Idle(
+                        BODY_IDLE_TIMEOUT,
+                    ))))
+                    .await;
+                return;
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len() as u64;
+        if total > max {
+            let _ = chunks
+                .send(Err(std::io::Error::other(BodyError::TooLarge(max))))
+                .await;
+            return;
+        }
+        if chunks.send(Ok(data)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The request body as a blocking `Read`, for the writer thread.
+struct ChannelReader {
+    chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.chunks.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Refuses to unpack more than `left` bytes: a small gzip body may inflate without bound.
+struct Limited<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self
+            .left
+            .checked_sub(n as u64)
+            .ok_or_else(|| std::io::Error::other(BodyError::TooLarge(self.left)))?;
+        Ok(n)
+    }
+}
+
+/// The last value of a URL parameter.
+fn url_param(req: &Request<Incoming>, name: &[u8]) -> Option<Vec<u8>> {
+    let query = req.uri().query()?.as_bytes();
+    form_pairs(query)
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v)
+        .last()
+}
+
+/// Whether the request carries the configured credentials (any request does when none are).
+fn authorized(req: &Request<Incoming>, settings: &SocketSettings) -> bool {
+    if settings.user.is_empty() && settings.password.is_empty() {
+        return true;
+    }
+    let (user, password) = credentials(req);
+    // ClickHouse's user when a client names none.
+    let wanted_user = if settings.user.is_empty() {
+        "default"
+    } else {
+        &settings.user
+    };
+    // Both compared, always, in time that does not depend on where they differ.
+    same(&user, wanted_user.as_bytes()) & same(&password, settings.password.as_bytes())
+}
+
+/// The user and password a ClickHouse client sent, the three ways it may.
+fn credentials(req: &Request<Incoming>) -> (Vec<u8>, Vec<u8>) {
+    let headers = req.headers();
+    if let Some(user) = headers.get("x-clickhouse-user") {
+        let key = headers
+            .get("x-clickhouse-key")
+            .map(|k| k.as_bytes().to_vec());
+        return (user.as_bytes().to_vec(), key.unwrap_or_default());
+    }
+    let user = url_param(req, b"user");
+    let password = url_param(req, b"password");
+    if user.is_some() || password.is_some() {
+        return (
+            user.unwrap_or_else(|| b"default".to_vec()),
+            password.unwrap_or_default(),
+        );
+    }
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Basic "))
+        .and_then(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim_ascii())
+                .ok()
+        });
+    if let Some(pair) = basic {
+        let colon = pair.iter().position(|&b| b == b':').unwrap_or(pair.len());
+        let password = pair.get(colon + 1..).unwrap_or_default().to_vec();
+        return (pair[..colon].to_vec(), password);
+    }
+    (b"default".to_vec(), Vec::new())
+}
+
+/// Byte equality without an early exit (the length alone may show).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limited_refuses_past_its_bound() {
+        let mut reader = Limited {
+            inner: &[0u8; 10][..],
+            left: 5,
+        };
+        let mut out = Vec::new();
+        assert!(reader.read_to_end(&mut out).is_err());
+        let mut reader = Limited {
+            inner: &[0u8; 10][..],
+            left: 10,
+        };
+        assert_eq!(reader.read_to_end(&mut out).unwrap(), 10);
+    }
+
+    #[test]
+    fn same_compares_whole_values() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret!"));
+        assert!(same(b"", b""));
+    }
+}

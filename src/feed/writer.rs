@@ -1,0 +1,238 @@
+//! The writer thread: the one owner of the store's write connection.
+//!
+//! Every change to the store goes through here, one [`Job`] at a time: a snapshot file to
+//! (re)read, a snapshot streaming in over HTTP, and, between jobs, the expiry of nodes gone
+//! silent. One writer means no write ever waits for a lock, and the order in which
+//! snapshots arrive is the order in which they apply. Queued requests to re-read the file
+//! collapse into one: the file has one current content, however many events announced it.
+
+use std::collections::VecDeque;
+use std::io::BufRead;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{oneshot, watch};
+
+use crate::feed::{ApplyReport, InsertLine, SnapshotError, apply_file, apply_snapshot};
+use crate::store::{Origin, Writer};
+
+/// How often the writer looks for nodes gone silent.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the feed has done so far: tests, the demo and the metrics read it; nobody has to
+/// sleep to know whether a snapshot went in.
+#[derive(Debug, Clone, Default)]
+pub struct FeedStatus {
+    /// How many times the writer looked at the snapshot file (at start, and per change).
+    pub file_checks: u64,
+    pub applied: u64,
+    pub rejected: u64,
+    pub last_report: Option<ApplyReport>,
+    pub last_error: Option<String>,
+}
+
+/// The answer to a streamed snapshot.
+pub type StreamResult = Result<ApplyReport, SnapshotError>;
+
+/// Work for the writer thread.
+pub enum Job {
+    /// The snapshot file has (or may have) a new content.
+    ApplyFile,
+    /// A snapshot read from `input` as it arrives (the socket source).
+    ApplyStream {
+        input: Box<dyn BufRead + Send>,
+        insert_line: InsertLine,
+        received_at: SystemTime,
+        reply: oneshot::Sender<StreamResult>,
+    },
+    /// Finish, checkpoint the store, and end the thread.
+    Stop,
+}
+
+/// A way to hand jobs to the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct WriterHandle {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl WriterHandle {
+    pub fn send(&self, job: Job) -> bool {
+        self.jobs.send(job).is_ok()
+    }
+}
+
+/// The running writer thread.
+pub struct WriterThread {
+    pub handle: WriterHandle,
+    pub status: watch::Receiver<FeedStatus>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WriterThread {
+    /// Starts the thread; `watch_path` is the snapshot file, if the file source is on.
+    pub fn spawn(
+        writer: Writer,
+        watch_path: Option<PathBuf>,
+        stale_after: Option<Duration>,
+    ) -> std::io::Result<WriterThread> {
+        let (jobs_tx, jobs_rx) = mpsc::channel();
+        let (status_tx, status) = watch::channel(FeedStatus::default());
+        let worker = Worker {
+            writer,
+            watch_path,
+            stale_after,
+            status: status_tx,
+            applied_file: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || worker.run(jobs_rx))?;
+        Ok(WriterThread {
+            handle: WriterHandle { jobs: jobs_tx },
+            status,
+            thread: Some(thread),
+        })
+    }
+
+    /// Lets the current job finish, checkpoints, and joins the thread.
+    pub fn stop(&mut self) {
+        self.handle.send(Job::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The identity of a file content: inode, modification time, length.
+type FileStamp = (u64, SystemTime, u64);
+
+struct Worker {
+    writer: Writer,
+    watch_path: Option<PathBuf>,
+    stale_after: Option<Duration>,
+    status: watch::Sender<FeedStatus>,
+    /// The file content applied last: a late duplicate event for the same content is not
+    /// worth a second pass over it.
+    applied_file: Option<FileStamp>,
+}
+
+impl Worker {
+    fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        let mut queue = VecDeque::new();
+        let mut last_expiry = Instant::now();
+        loop {
+            if queue.is_empty() {
+                match jobs.recv_timeout(EXPIRY_INTERVAL) {
+                    Ok(job) => queue.push_back(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            queue.extend(jobs.try_iter());
+            match queue.pop_front() {
+                Some(Job::ApplyFile) => {
+                    queue.retain(|job| !matches!(job, Job::ApplyFile));
+                    self.check_file();
+                }
+                Some(Job::ApplyStream {
+                    input,
+                    insert_line,
+                    received_at,
+                    reply,
+                }) => {
+                    let result = apply_snapshot(
+                        &mut self.writer,
+                        input,
+                        insert_line,
+                        Origin::Socket,
+                        received_at,
+                    );
+                    self.record(Origin::Socket, result.as_ref().map_err(|e| e.to_string()));
+                    let _ = reply.send(result);
+                }
+                Some(Job::Stop) => break,
+                None => {}
+            }
+            if last_expiry.elapsed() >= EXPIRY_INTERVAL {
+                self.expire();
+                last_expiry = Instant::now();
+            }
+        }
+        if let Err(e) = self.writer.checkpoint() {
+            tracing::warn!(error = %e, "checkpointing the store at shutdown failed");
+        }
+    }
+
+    /// Applies the snapshot file if its content is not the one applied last.
+    fn check_file(&mut self) {
+        let Some(path) = self.watch_path.clone() else {
+            return;
+        };
+        match file_stamp(&path) {
+            Ok(stamp) if Some(stamp) == self.applied_file => {}
+            Ok(stamp) => {
+                let result = apply_file(&mut self.writer, &path);
+                self.record(Origin::File, result.as_ref().map_err(|e| e.to_string()));
+                self.applied_file = Some(stamp);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::info!(path = %path.display(), "no snapshot file (yet)");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read the snapshot file");
+            }
+        }
+        self.status.send_modify(|s| s.file_checks += 1);
+    }
+
+    /// One log line and one status update per snapshot, applied or rejected.
+    fn record(&self, origin: Origin, result: Result<&ApplyReport, String>) {
+        let source = origin.as_str();
+        match result {
+            Ok(report) => {
+                tracing::info!(
+                    source,
+                    nodes = ?report.nodes,
+                    rows = report.rows,
+                    skipped = report.skipped,
+                    written = report.written,
+                    removed = report.removed,
+                    duration_ms = %format_args!("{:.1}", report.duration.as_secs_f64() * 1000.0),
+                    "snapshot applied"
+                );
+                self.status.send_modify(|s| {
+                    s.applied += 1;
+                    s.last_report = Some(report.clone());
+                });
+            }
+            Err(error) => {
+                tracing::error!(source, %error, "snapshot rejected; previous state kept");
+                self.status.send_modify(|s| {
+                    s.rejected += 1;
+                    s.last_error = Some(error);
+                });
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let Some(stale_after) = self.stale_after else {
+            return;
+        };
+        match self.writer.expire(SystemTime::now() - stale_after) {
+            Ok(nodes) if !nodes.is_empty() => {
+                tracing::info!(?nodes, "silent nodes expired: their calls are gone")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "expiring silent nodes failed"),
+        }
+    }
+}
+
+fn file_stamp(path: &Path) -> std::io::Result<FileStamp> {
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.ino(), meta.modified()?, meta.len()))
+}
