@@ -35,6 +35,8 @@ use crate::http::{self, Body, empty, with_body};
 
 /// A client that stops sending its body for this long is cut off: the writer is waiting.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Nor may a body take longer than this in all (a trickle must not hold the writer).
+const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Body chunks in flight between the connection and the writer: the memory a post holds.
 const CHANNEL_CHUNKS: usize = 16;
 
@@ -92,8 +94,8 @@ fn text(status: StatusCode, line: &str) -> Response<Body> {
 enum BodyError {
     #[error("the body is larger than feed.max_body_bytes = {0}")]
     TooLarge(u64),
-    #[error("the client sent nothing for {0:?}")]
-    Idle(Duration),
+    #[error("the body came too slowly (30 s without data, or 300 s in all)")]
+    Slow,
 }
 
 async fn insert(
@@ -157,7 +159,7 @@ async fn insert(
         current: Bytes::new(),
     };
     let input: Box<dyn BufRead + Send> = if gzip {
-        let unpacked = flate2::read::MultiGzDecoder::new(wire);
+        let unpacked = Gunzip::Pending(wire);
         Box::new(BufReader::with_capacity(
             64 * 1024,
             Limited {
@@ -185,19 +187,18 @@ async fn insert(
             StatusCode::BAD_REQUEST,
             &format!("Cannot parse snapshot: line {line}: {reason}"),
         ),
-        Ok(Err(SnapshotError::Io(e))) => match e
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<BodyError>())
-        {
-            Some(cut @ BodyError::TooLarge(_)) => {
-                text(StatusCode::PAYLOAD_TOO_LARGE, &cut.to_string())
+        Ok(Err(SnapshotError::Io(e))) => {
+            match e.get_ref().and_then(|e| e.downcast_ref::<BodyError>()) {
+                Some(cut @ BodyError::TooLarge(_)) => {
+                    text(StatusCode::PAYLOAD_TOO_LARGE, &cut.to_string())
+                }
+                Some(cut @ BodyError::Slow) => text(StatusCode::REQUEST_TIMEOUT, &cut.to_string()),
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("Cannot read the body: {e}"),
+                ),
             }
-            Some(cut @ BodyError::Idle(_)) => text(StatusCode::REQUEST_TIMEOUT, &cut.to_string()),
-            None => text(
-                StatusCode::BAD_REQUEST,
-                &format!("Cannot read the body: {e}"),
-            ),
-        },
+        }
         Ok(Err(SnapshotError::Store(e))) => {
             tracing::error!(error = %e, "storing a posted snapshot failed");
             empty(StatusCode::INTERNAL_SERVER_ERROR)
@@ -213,8 +214,10 @@ async fn insert(
 /// writer stops reading (it has refused the snapshot), or a limit is hit.
 async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, max: u64) {
     let mut total = 0u64;
+    let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
     loop {
-        let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+        let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
+        let frame = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
             Ok(None) => return,
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(e))) => {
@@ -223,9 +226,7 @@ async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, 
             }
             Err(_) => {
                 let _ = chunks
-                    .send(Err(std::io::Error::other(BodyError::Idle(
-                        BODY_IDLE_TIMEOUT,
-                    ))))
+                    .send(Err(std::io::Error::other(BodyError::Slow)))
                     .await;
                 return;
             }
@@ -263,6 +264,28 @@ impl Read for ChannelReader {
         let n = buf.len().min(self.current.len());
         buf[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
+    }
+}
+
+/// A gzip decoder made on the first read: making one reads the gzip header at once, and
+/// that must happen on the writer thread, not on the connection's async task.
+enum Gunzip {
+    Pending(ChannelReader),
+    Reading(flate2::read::MultiGzDecoder<ChannelReader>),
+    Taken,
+}
+
+impl Read for Gunzip {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Gunzip::Pending(_) = self
+            && let Gunzip::Pending(wire) = std::mem::replace(self, Gunzip::Taken)
+        {
+            *self = Gunzip::Reading(flate2::read::MultiGzDecoder::new(wire));
+        }
+        match self {
+            Gunzip::Reading(decoder) => decoder.read(buf),
+            _ => Ok(0),
+        }
     }
 }
 

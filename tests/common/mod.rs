@@ -222,7 +222,25 @@ impl Reply {
 
 /// Sends one request over a new connection and reads the whole answer.
 pub fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Reply {
+    send(addr, method, target, headers, None)
+}
+
+/// POSTs `body` (with its Content-Length) and reads the whole answer.
+pub fn post(addr: SocketAddr, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    send(addr, "POST", target, headers, Some(body))
+}
+
+fn send(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Reply {
     let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -232,8 +250,13 @@ pub fn request(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     stream.write_all(head.as_bytes()).unwrap();
+    if let Some(body) = body {
+        // The server may answer (413, 400) before reading it all, and close.
+        let _ = stream.write_all(body);
+    }
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
+    // A reset after a complete answer (the server would not read a refused body) is fine.
+    let _ = stream.read_to_end(&mut raw);
     parse_reply(&raw, method == "HEAD")
 }
 

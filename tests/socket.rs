@@ -1,0 +1,322 @@
+//! The socket source checked from outside: snapshots POSTed the way a switch posts them to
+//! ClickHouse, answers read over the customer API.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+fn call(node: i64, tag: &str, account: i64, name: &str) -> Value {
+    json!({"node_id": node, "local_tag": tag, "customer_id": 1001, "customer_acc_id": account,
+           "start_time": "2025-11-25 10:00:00", "snapshot_timestamp": "2025-11-25 14:30:00",
+           "src_name_in": name, "term_call_id": "ignored"})
+}
+
+fn rows(calls: &[Value]) -> String {
+    calls.iter().map(|r| format!("{r}\n")).collect()
+}
+
+/// A body as the switch sends it: the INSERT line, then the rows.
+fn insert_body(calls: &[Value]) -> Vec<u8> {
+    format!(
+        "INSERT INTO active_calls FORMAT JSONEachRow\n{}",
+        rows(calls)
+    )
+    .into_bytes()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn start() -> TestAgent {
+    start_with(|_| {})
+}
+
+fn start_with(adjust: impl FnOnce(&mut active_calls_agent::config::Config)) -> TestAgent {
+    TestAgent::start_with(|c| {
+        c.feed.listen = "127.0.0.1:0".into();
+        adjust(c);
+    })
+}
+
+impl TestAgentFeed for TestAgent {
+    fn post(&self, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        post(
+            self.agent().feed_addr().expect("socket source on"),
+            target,
+            headers,
+            body,
+        )
+    }
+}
+
+trait TestAgentFeed {
+    fn post(&self, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply;
+}
+
+fn names(agent: &TestAgent, account: &str) -> Vec<String> {
+    let mut names: Vec<String> = agent
+        .get(&format!("account-id={account}"))
+        .rows()
+        .iter()
+        .map(|r| r["src_name_in"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn ping_answers_like_clickhouse() {
+    let agent = start();
+    let addr = agent.agent().feed_addr().unwrap();
+    for path in ["/ping", "/"] {
+        let reply = request(addr, "GET", path, &[]);
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, "Ok.\n"),
+            "{path}"
+        );
+    }
+    assert_eq!(request(addr, "GET", "/nothing", &[]).status, 404);
+    assert_eq!(request(addr, "PUT", "/", &[]).status, 405);
+}
+
+#[test]
+fn a_posted_snapshot_replaces_only_the_nodes_it_contains() {
+    let agent = start();
+    let reply = agent.post(
+        "/",
+        &[],
+        &insert_body(&[call(1, "a", 101, "a"), call(1, "b", 101, "b")]),
+    );
+    assert_eq!(
+        (reply.status, reply.body.len()),
+        (200, 0),
+        "{}",
+        reply.text()
+    );
+    // The query in the URL, the rows alone in the body.
+    let query = "/?query=INSERT%20INTO%20active_calls%20FORMAT%20JSONEachRow";
+    let reply = agent.post(query, &[], rows(&[call(2, "c", 101, "c")]).as_bytes());
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(names(&agent, ACCOUNT_101), ["a", "b", "c"]);
+
+    // Node 1 again, without b: node 2 keeps its call.
+    let reply = agent.post("/", &[], &insert_body(&[call(1, "a", 101, "a")]));
+    assert_eq!(reply.status, 200);
+    assert_eq!(names(&agent, ACCOUNT_101), ["a", "c"]);
+    let status = agent.agent().feed_status().borrow().clone();
+    assert_eq!((status.applied, status.rejected), (3, 0));
+    let report = status.last_report.unwrap();
+    assert_eq!(
+        (report.nodes, report.written, report.removed),
+        (vec![1], 0, 1)
+    );
+}
+
+#[test]
+fn gzip_bodies_are_unpacked() {
+    let agent = start();
+    let body = gzip(&insert_body(&[call(1, "a", 101, "zipped")]));
+    let reply = agent.post("/", &[("Content-Encoding", "gzip")], &body);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(names(&agent, ACCOUNT_101), ["zipped"]);
+    let reply = agent.post("/", &[("Content-Encoding", "br")], &body);
+    assert_eq!(reply.status, 415);
+    let reply = agent.post("/", &[("Content-Encoding", "gzip")], b"not gzip at all");
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(names(&agent, ACCOUNT_101), ["zipped"]);
+}
+
+#[test]
+fn a_malformed_body_is_a_400_and_changes_nothing() {
+    let agent = start();
+    agent.post("/", &[], &insert_body(&[call(1, "a", 101, "kept")]));
+    let mut bad = insert_body(&[call(1, "x", 101, "new")]);
+    bad.extend_from_slice(b"{\"node_id\": 1, \"local_tag\": \"cut\n");
+    for (body, why) in [
+        (bad, "line 3"),
+        (rows(&[call(1, "x", 101, "new")]).into_bytes(), "INSERT"),
+        (b"SELECT 1\n".to_vec(), "INSERT"),
+    ] {
+        let reply = agent.post("/", &[], &body);
+        assert_eq!(reply.status, 400);
+        let text = reply.text();
+        assert!(
+            text.contains(why) && text.ends_with('\n') && text.lines().count() == 1,
+            "{text}"
+        );
+        assert_eq!(names(&agent, ACCOUNT_101), ["kept"]);
+    }
+    let reply = agent.post("/?query=SELECT%201", &[], b"");
+    assert_eq!(reply.status, 400);
+}
+
+#[test]
+fn bodies_past_the_limit_are_413_also_when_they_inflate() {
+    let agent = start_with(|c| c.feed.max_body_bytes = 10_000);
+    agent.post("/", &[], &insert_body(&[call(1, "a", 101, "kept")]));
+    let many: Vec<Value> = (0..200)
+        .map(|i| call(1, &format!("t{i}"), 101, "big"))
+        .collect();
+    let big = insert_body(&many);
+    assert!(big.len() > 10_000);
+    assert_eq!(agent.post("/", &[], &big).status, 413);
+    // Small on the wire, large unpacked.
+    let packed = gzip(&big);
+    assert!(packed.len() < 10_000);
+    let reply = agent.post("/", &[("Content-Encoding", "gzip")], &packed);
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert_eq!(names(&agent, ACCOUNT_101), ["kept"]);
+}
+
+#[test]
+fn credentials_as_clickhouse_clients_send_them() {
+    let agent = start_with(|c| {
+        c.feed.user = "switch".into();
+        c.feed.password = "s3cret".into();
+    });
+    let body = insert_body(&[call(1, "a", 101, "a")]);
+    let basic = |user_pass: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_pass)
+        )
+    };
+    let wrong_basic = basic("switch:nope");
+    let good_basic = basic("switch:s3cret");
+    for (target, headers, status) in [
+        ("/", vec![], 401),
+        ("/", vec![("Authorization", wrong_basic.as_str())], 401),
+        (
+            "/",
+            vec![
+                ("X-ClickHouse-User", "switch"),
+                ("X-ClickHouse-Key", "s3cre"),
+            ],
+            401,
+        ),
+        ("/?user=default&password=s3cret", vec![], 401),
+        ("/", vec![("Authorization", good_basic.as_str())], 200),
+        (
+            "/",
+            vec![
+                ("X-ClickHouse-User", "switch"),
+                ("X-ClickHouse-Key", "s3cret"),
+            ],
+            200,
+        ),
+        ("/?user=switch&password=s3cret", vec![], 200),
+    ] {
+        let reply = agent.post(target, &headers, &body);
+        assert_eq!(reply.status, status, "{target} {headers:?}");
+        if status == 401 {
+            assert!(reply.header("www-authenticate").is_some());
+        }
+    }
+    // Ping needs no credentials (ClickHouse's does not either).
+    let reply = request(agent.agent().feed_addr().unwrap(), "GET", "/ping", &[]);
+    assert_eq!(reply.status, 200);
+}
+
+#[test]
+fn a_client_that_stops_mid_body_changes_nothing() {
+    let agent = start();
+    agent.post("/", &[], &insert_body(&[call(1, "a", 101, "kept")]));
+    let body = insert_body(&[call(1, "x", 101, "half"), call(1, "y", 101, "half")]);
+    let mut stream = std::net::TcpStream::connect(agent.agent().feed_addr().unwrap()).unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..body.len() - 10]).unwrap();
+    drop(stream);
+    let mut status = agent.agent().feed_status();
+    let after = agent.wait_for(&mut status, |s| s.rejected > 0);
+    assert_eq!((after.applied, after.rejected), (1, 1));
+    assert_eq!(names(&agent, ACCOUNT_101), ["kept"]);
+}
+
+/// Readers run all the time while two different snapshots replace each other: every
+/// answer is one whole snapshot, never a mix.
+#[test]
+fn readers_never_see_a_torn_snapshot() {
+    let agent = start();
+    let snapshot_a: Vec<Value> = (0..150)
+        .map(|i| call(1, &format!("a{i}"), 101, "A"))
+        .collect();
+    let snapshot_b: Vec<Value> = (0..90)
+        .map(|i| call(1, &format!("b{i}"), 101, "B"))
+        .collect();
+    let (body_a, body_b) = (insert_body(&snapshot_a), insert_body(&snapshot_b));
+    agent.post("/", &[], &body_a);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = agent.addr();
+    let token = token_for(5001);
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, token) = (stop.clone(), token.clone());
+            std::thread::spawn(move || {
+                let mut seen = [0usize; 2];
+                let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let reply = request(addr, "GET", &target, &[("Authorization", &token)]);
+                    let rows = reply.rows();
+                    let kinds: std::collections::BTreeSet<&str> = rows
+                        .iter()
+                        .map(|r| r["src_name_in"].as_str().unwrap())
+                        .collect();
+                    match (kinds.into_iter().collect::<Vec<_>>().as_slice(), rows.len()) {
+                        (["A"], 150) => seen[0] += 1,
+                        (["B"], 90) => seen[1] += 1,
+                        (other, n) => panic!("torn answer: {other:?} in {n} rows"),
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut posts = 0;
+    while Instant::now() < deadline || posts < 20 {
+        let body = if posts % 2 == 0 { &body_b } else { &body_a };
+        assert_eq!(agent.post("/", &[], body).status, 200);
+        posts += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = [0, 0];
+    for reader in readers {
+        let counts = reader.join().expect("no torn answer");
+        seen[0] += counts[0];
+        seen[1] += counts[1];
+    }
+    assert!(
+        seen[0] > 0 && seen[1] > 0,
+        "both snapshots were read: {seen:?}"
+    );
+}
+
+#[test]
+fn silence_expires_a_node_and_a_restart_does_not_revive_it() {
+    let mut agent = start_with(|c| c.feed.stale_after = 1);
+    let started = Instant::now();
+    agent.post("/", &[], &insert_body(&[call(1, "a", 101, "a")]));
+    assert_eq!(names(&agent, ACCOUNT_101), ["a"]);
+    // Poll until the node expires: that is the behaviour under test, not a wait for it.
+    while !names(&agent, ACCOUNT_101).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "never expired");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    agent.restart();
+    assert!(names(&agent, ACCOUNT_101).is_empty());
+}
