@@ -294,7 +294,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     config.api.jwt_secret = Some(secret.clone());
     config.store.path = dir.join("active-calls.db");
     config.feed.watch = dir.join("snapshot.jsonl");
-    config.feed.listen = String::new();
+    // The socket source too, on any free port: the demo's switch writes the file, and a
+    // curl can post a snapshot the way a real switch does.
+    config.feed.listen = "127.0.0.1:0".into();
     config.directory.path = dir.join("directory.json");
     std::fs::write(
         &config.directory.path,
@@ -305,7 +307,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         format!(
             "# What `demo` runs with; `active-calls-agent serve --config {0}` reruns it.\n\
              [api]\nlisten = {1:?}\njwt_secret = {2:?}\n\n[store]\npath = {3:?}\n\n\
-             [feed]\nwatch = {4:?}\nlisten = \"\"\n\n[directory]\npath = {5:?}\n",
+             [feed]\nwatch = {4:?}\nlisten = \"127.0.0.1:0\"\n\n[directory]\npath = {5:?}\n",
             dir.join("config.toml").display(),
             config.api.listen,
             secret,
@@ -341,6 +343,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         agent.api_addr(),
         crate::api::OUTGOING_ACTIVE_CALLS
     );
+    if let Some(feed) = agent.feed_addr() {
+        println!("  feed:     http://{feed}/ (ClickHouse-compatible: POST a snapshot, GET /ping)");
+    }
     println!();
     println!(
         "Try it (customer {}, its busiest account):",
