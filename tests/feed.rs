@@ -396,3 +396,30 @@ fn busy_neighbours_in_the_folder_do_not_delay_a_snapshot() {
     writer.join().unwrap();
     assert_eq!(status.applied, 1);
 }
+
+#[test]
+fn a_burst_of_writes_costs_far_fewer_applies_and_ends_on_the_last_content() {
+    let agent = TestAgent::start();
+    let mut status = agent.agent().feed_status();
+    let writes = 30;
+    for i in 0..writes {
+        let row = call(1, "a", 101, "2025-11-25 10:00:00");
+        let mut row = row;
+        row["src_name_in"] = json!(format!("v{i}"));
+        write_file(&agent.snapshot_path(), snapshot(&[row]).as_bytes());
+    }
+    let last = format!("v{}", writes - 1);
+    let after = agent.wait_for(&mut status, |s| {
+        s.last_report.is_some() && s.applied + s.rejected > 0 && {
+            // Settled on the last content.
+            let reply = agent.get(&format!("account-id={ACCOUNT_101}"));
+            reply.status == 200 && tags(&reply) == [last.clone()]
+        }
+    });
+    assert_eq!(after.rejected, 0);
+    assert!(
+        after.applied < writes / 3,
+        "{} applies for {writes} writes",
+        after.applied
+    );
+}
