@@ -14,13 +14,15 @@ CREATE TABLE nodes (
     source              TEXT    NOT NULL  -- 'file' or 'socket': which feed sent it
 ) STRICT;
 
--- One row per current call. Clustered by account: every customer query names one account,
--- so its calls are one contiguous range of the table.
+-- One row per current call. A plain rowid table: every secondary index entry is then just
+-- (account, value, call_id), narrow keys that are cheap to write and to search, and a new
+-- call is appended at the end of the table.
 CREATE TABLE calls (
-    customer_acc_id                 INTEGER NOT NULL,
+    call_id                         INTEGER PRIMARY KEY, -- the agent's own row id
     node_id                         INTEGER NOT NULL,
     local_tag                       TEXT    NOT NULL,
     customer_id                     INTEGER NOT NULL,
+    customer_acc_id                 INTEGER NOT NULL,
     -- NULL: the row's snapshot_timestamp is its node's (nodes.snapshot_timestamp); kept per
     -- row only when it differs, so an unchanged call costs no write from one snapshot to the next.
     snapshot_timestamp              TEXT,
@@ -56,10 +58,12 @@ CREATE TABLE calls (
     dst_prefix_in_rev               BLOB    NOT NULL,
     src_prefix_routing_rev          BLOB    NOT NULL,
     dst_prefix_routing_rev          BLOB    NOT NULL,
-    -- A hash of everything above: a snapshot rewrites a call only when it changed.
+    -- Hashes of every stored value, and of the indexed ones (the account and the five
+    -- strings): a snapshot rewrites a call only when it changed, and its index entries
+    -- only when an indexed value did.
     row_hash                        INTEGER NOT NULL,
-    PRIMARY KEY (customer_acc_id, node_id, local_tag)
-) STRICT, WITHOUT ROWID;
+    key_hash                        INTEGER NOT NULL
+) STRICT;
 
 -- A call's identity is (node, local_tag), whatever account it is on.
 CREATE UNIQUE INDEX calls_by_node ON calls (node_id, local_tag);
@@ -84,7 +88,7 @@ CREATE INDEX calls_dst_prefix_routing_rev ON calls (customer_acc_id, dst_prefix_
 -- string value shared by ~2 calls of an account. The agent never runs ANALYZE itself.
 ANALYZE sqlite_schema;
 INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
-    ('calls', 'sqlite_autoindex_calls_1', '100000 1000 20 1'),
+    ('calls', NULL, '100000'),
     ('calls', 'calls_by_node', '100000 20000 1'),
     ('calls', 'calls_src_name_in', '100000 1000 2'),
     ('calls', 'calls_src_prefix_in', '100000 1000 2'),
@@ -97,4 +101,4 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', 'calls_src_prefix_routing_rev', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_routing_rev', '100000 1000 2');
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

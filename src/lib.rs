@@ -23,6 +23,7 @@
 //! * [`watch`]: following the snapshot and directory files with notify.
 //! * [`http`]: the accept loop and small answers both HTTP listeners share.
 //! * [`demo`]: a newcomer's first run, with a simulated switch.
+//! * [`bench`]: the performance benchmark, driving the real agent as a child process.
 //!
 //! [`Agent`] wires them together: one writer thread owns the write connection and applies
 //! snapshot files, posted snapshots and expiry in turn; the file watcher and the socket
@@ -33,6 +34,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod directory;

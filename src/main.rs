@@ -43,6 +43,27 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         period: u64,
     },
+    /// Measure the agent: apply times, latency, throughput, memory (see BENCHMARKS.md).
+    Bench {
+        /// Calls in the large snapshot.
+        #[arg(long, default_value_t = 100_000)]
+        calls: usize,
+        /// Calls in the small snapshot.
+        #[arg(long, default_value_t = 10_000)]
+        small_calls: usize,
+        /// Seconds of each throughput run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Connections of the throughput runs.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Keep the agents' files here (default: a temporary folder).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also write the large snapshot, directory and queries here.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
     /// Print a customer token for an API access id, signed with the configured secret.
     Token {
         /// The API access id (the token's `sub`).
@@ -85,6 +106,21 @@ fn main() -> anyhow::Result<()> {
             calls,
             period: Duration::from_secs(period.max(1)),
         })),
+        Command::Bench {
+            calls,
+            small_calls,
+            seconds,
+            connections,
+            dir,
+            dump,
+        } => active_calls_agent::bench::run(active_calls_agent::bench::BenchOptions {
+            calls,
+            small_calls,
+            seconds: seconds.max(1),
+            connections: connections.max(1),
+            dir,
+            dump,
+        }),
         Command::Token {
             access_id,
             lifetime,

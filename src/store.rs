@@ -28,7 +28,7 @@ use crate::feed::{CallRow, format_datetime, unix_millis};
 /// The whole schema, applied to a new database.
 pub const SCHEMA: &str = include_str!("../schema.sql");
 /// The `user_version` that [`SCHEMA`] sets.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How many idle read connections the pool keeps.
 const MAX_IDLE_READERS: usize = 8;
@@ -61,9 +61,10 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
 // Writing
 
 const LOAD_NODE_CALLS: &str =
-    "SELECT local_tag, customer_acc_id, row_hash FROM calls WHERE node_id = ?1";
-const PUT_CALL: &str = "INSERT OR REPLACE INTO calls (
-    customer_acc_id, node_id, local_tag, customer_id, snapshot_timestamp, start_time, connect_time,
+    "SELECT call_id, local_tag, customer_acc_id, row_hash, key_hash FROM calls WHERE node_id = ?1";
+const COUNT_CALLS: &str = "SELECT count(*) FROM calls";
+const INSERT_CALL: &str = "INSERT INTO calls (
+    node_id, local_tag, customer_id, customer_acc_id, snapshot_timestamp, start_time, connect_time,
     destination_prefix, destination_initial_interval, destination_initial_rate,
     destination_next_interval, destination_next_rate, destination_fee,
     src_name_in, src_prefix_in, dst_prefix_in, src_prefix_routing, dst_prefix_routing,
@@ -71,11 +72,19 @@ const PUT_CALL: &str = "INSERT OR REPLACE INTO calls (
     diversion_in, pai_in, ppi_in, privacy_in, rpid_in, rpid_privacy_in,
     auth_orig_transport_protocol_id, auth_orig_ip, auth_orig_port,
     src_name_in_rev, src_prefix_in_rev, dst_prefix_in_rev, src_prefix_routing_rev, dst_prefix_routing_rev,
-    row_hash
+    row_hash, key_hash
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36)";
-const DELETE_CALL: &str =
-    "DELETE FROM calls WHERE customer_acc_id = ?1 AND node_id = ?2 AND local_tag = ?3";
+    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37)";
+/// A changed call whose indexed values did not change: its index entries stay as they are.
+const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
+    customer_id = ?2, snapshot_timestamp = ?3, start_time = ?4, connect_time = ?5,
+    destination_prefix = ?6, destination_initial_interval = ?7, destination_initial_rate = ?8,
+    destination_next_interval = ?9, destination_next_rate = ?10, destination_fee = ?11,
+    from_domain = ?12, to_domain = ?13, ruri_domain = ?14,
+    diversion_in = ?15, pai_in = ?16, ppi_in = ?17, privacy_in = ?18, rpid_in = ?19, rpid_privacy_in = ?20,
+    auth_orig_transport_protocol_id = ?21, auth_orig_ip = ?22, auth_orig_port = ?23, row_hash = ?24
+  WHERE call_id = ?1";
+const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
 const PUT_NODE: &str =
     "INSERT OR REPLACE INTO nodes (node_id, received_at_ms, snapshot_timestamp, source)
     VALUES (?1, ?2, ?3, ?4)";
@@ -83,6 +92,16 @@ const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
 const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
 const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
 const STALE_NODES: &str = "SELECT node_id FROM nodes WHERE received_at_ms <= ?1";
+const CALLS_INDEXES: &str = "SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'calls' AND sql IS NOT NULL";
+const CALLS_STATS: &str = "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'calls'";
+const PUT_CALLS_STAT: &str = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('calls', ?1, ?2)";
+const CLEAR_CALLS_STATS: &str = "DELETE FROM sqlite_stat1 WHERE tbl = 'calls'";
+
+/// A snapshot that writes at least this many calls, and at least [`BULK_SHARE`] of the
+/// table, drops the secondary indexes and builds them again at commit: sorting once beats
+/// that many random index updates (see PERF-NOTES).
+const BULK_MIN_WRITES: u64 = 5_000;
+const BULK_SHARE: f64 = 0.3;
 
 /// The one connection that writes.
 pub struct Writer {
@@ -106,6 +125,8 @@ impl Writer {
         // The indexes of a 100k-call node must stay in cache during an apply.
         conn.pragma_update(None, "cache_size", -32 * 1024)?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // Index builds sort with a second thread.
+        conn.pragma_update(None, "threads", 2)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != SCHEMA_VERSION {
             if version != 0 {
@@ -130,13 +151,20 @@ impl Writer {
         received_at: SystemTime,
     ) -> rusqlite::Result<SnapshotTx<'_>> {
         let received_at_ms = unix_millis(received_at);
+        let tx = self.conn.transaction()?;
+        let stored: i64 = tx
+            .prepare_cached(COUNT_CALLS)?
+            .query_row([], |r| r.get(0))?;
+        let bulk_after = BULK_MIN_WRITES.max((stored as f64 * BULK_SHARE) as u64);
         Ok(SnapshotTx {
-            tx: self.conn.transaction()?,
+            tx,
             origin,
             received_at_ms,
             received_timestamp: format_datetime(received_at_ms.div_euclid(1000)),
             nodes: HashMap::new(),
             written: 0,
+            bulk_after,
+            dropped_indexes: None,
         })
     }
 
@@ -160,12 +188,19 @@ impl Writer {
     pub fn checkpoint(&self) -> rusqlite::Result<()> {
         self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
     }
+
+    /// Gives back the page cache an apply filled (an idle agent stays small).
+    pub fn release_memory(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("PRAGMA shrink_memory")
+    }
 }
 
 /// What the store knows of a call while a snapshot is applied.
 struct KnownCall {
+    call_id: i64,
     account: i64,
-    hash: i64,
+    row_hash: i64,
+    key_hash: i64,
     seen: bool,
 }
 
@@ -182,6 +217,14 @@ pub struct Changes {
     pub nodes: Vec<i64>,
     pub written: u64,
     pub removed: u64,
+    /// Whether the secondary indexes were rebuilt instead of updated.
+    pub rebuilt_indexes: bool,
+}
+
+/// The secondary indexes dropped for a bulk write, with their planner statistics.
+struct DroppedIndexes {
+    create: Vec<String>,
+    stats: Vec<(Option<String>, String)>,
 }
 
 /// One snapshot being applied: rows go in with [`put`](Self::put), and nothing is visible
@@ -193,6 +236,8 @@ pub struct SnapshotTx<'w> {
     received_timestamp: String,
     nodes: HashMap<i64, NodeCalls>,
     written: u64,
+    bulk_after: u64,
+    dropped_indexes: Option<DroppedIndexes>,
 }
 
 impl SnapshotTx<'_> {
@@ -212,34 +257,60 @@ impl SnapshotTx<'_> {
             .snapshot_timestamp
             .get_or_insert_with(|| row_timestamp.to_owned());
         let own_timestamp = (row_timestamp != node_timestamp.as_str()).then_some(row_timestamp);
-        let hash = row_hash(row, own_timestamp);
-        match node.known.get_mut(&*row.local_tag) {
-            Some(known) if known.hash == hash && known.account == row.customer_acc_id => {
+        let (key_hash, row_hash) = row_hashes(row, own_timestamp);
+        let stored = match node.known.get_mut(&*row.local_tag) {
+            Some(known) if known.row_hash == row_hash && known.account == row.customer_acc_id => {
                 known.seen = true;
                 return Ok(());
             }
-            Some(known) => {
-                *known = KnownCall {
-                    account: row.customer_acc_id,
-                    hash,
-                    seen: true,
-                };
+            Some(known) if known.key_hash == key_hash && known.account == row.customer_acc_id => {
+                // Only unindexed values changed (a call connecting, a rate): rewrite those.
+                self.tx
+                    .prepare_cached(UPDATE_CALL_VALUES)?
+                    .execute(params![
+                        known.call_id,
+                        row.customer_id,
+                        own_timestamp,
+                        row.start_time,
+                        row.connect_time,
+                        row.destination_prefix,
+                        row.destination_initial_interval,
+                        row.destination_initial_rate,
+                        row.destination_next_interval,
+                        row.destination_next_rate,
+                        row.destination_fee,
+                        row.from_domain,
+                        row.to_domain,
+                        row.ruri_domain,
+                        row.diversion_in,
+                        row.pai_in,
+                        row.ppi_in,
+                        row.privacy_in,
+                        row.rpid_in,
+                        row.rpid_privacy_in,
+                        row.auth_orig_transport_protocol_id,
+                        row.auth_orig_ip,
+                        row.auth_orig_port,
+                        row_hash,
+                    ])?;
+                known.row_hash = row_hash;
+                known.seen = true;
+                self.written += 1;
+                return Ok(());
             }
-            None => {
-                let known = KnownCall {
-                    account: row.customer_acc_id,
-                    hash,
-                    seen: true,
-                };
-                node.known.insert(row.local_tag.to_string(), known);
-            }
+            // An indexed value changed: the row goes and comes back, its entries with it.
+            Some(known) => Some(known.call_id),
+            None => None,
+        };
+        if let Some(call_id) = stored {
+            self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
         }
         let rev = |s: &str| Blob(s.bytes().rev().collect());
-        self.tx.prepare_cached(PUT_CALL)?.execute(params![
-            row.customer_acc_id,
+        self.tx.prepare_cached(INSERT_CALL)?.execute(params![
             row.node_id,
             row.local_tag,
             row.customer_id,
+            row.customer_acc_id,
             own_timestamp,
             row.start_time,
             row.connect_time,
@@ -271,23 +342,36 @@ impl SnapshotTx<'_> {
             rev(&row.dst_prefix_in),
             rev(&row.src_prefix_routing),
             rev(&row.dst_prefix_routing),
-            hash,
+            row_hash,
+            key_hash,
         ])?;
+        let known = KnownCall {
+            call_id: self.tx.last_insert_rowid(),
+            account: row.customer_acc_id,
+            row_hash,
+            key_hash,
+            seen: true,
+        };
+        node.known.insert(row.local_tag.to_string(), known);
         self.written += 1;
+        if self.written == self.bulk_after && self.dropped_indexes.is_none() {
+            self.dropped_indexes = Some(drop_secondary_indexes(&self.tx)?);
+        }
         Ok(())
     }
 
-    /// Deletes the calls the snapshot no longer has, records its nodes, and makes it
-    /// visible at once.
+    /// Deletes the calls the snapshot no longer has, records its nodes, rebuilds dropped
+    /// indexes, and makes it all visible at once.
     pub fn commit(self) -> rusqlite::Result<Changes> {
         let mut changes = Changes {
             written: self.written,
+            rebuilt_indexes: self.dropped_indexes.is_some(),
             ..Changes::default()
         };
         for (node_id, node) in &self.nodes {
-            for (tag, known) in node.known.iter().filter(|(_, k)| !k.seen) {
-                let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
-                changes.removed += delete.execute(params![known.account, node_id, tag])? as u64;
+            let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
+            for known in node.known.values().filter(|k| !k.seen) {
+                changes.removed += delete.execute([known.call_id])? as u64;
             }
             let timestamp = node
                 .snapshot_timestamp
@@ -315,10 +399,48 @@ impl SnapshotTx<'_> {
                 self.tx.prepare_cached(DELETE_NODE)?.execute([node])?;
             }
         }
+        if let Some(dropped) = &self.dropped_indexes {
+            rebuild_secondary_indexes(&self.tx, dropped)?;
+        }
         self.tx.commit()?;
         changes.nodes.sort_unstable();
         Ok(changes)
     }
+}
+
+/// Drops the indexes of `calls` (their definitions and statistics kept, from the database
+/// itself: `schema.sql` stays their one source).
+fn drop_secondary_indexes(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<DroppedIndexes> {
+    let indexes: Vec<(String, String)> = tx
+        .prepare(CALLS_INDEXES)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let stats = tx
+        .prepare(CALLS_STATS)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (name, _) in &indexes {
+        // The name comes from sqlite_schema, not from input.
+        tx.execute_batch(&format!("DROP INDEX \"{}\"", name.replace('"', "\"\"")))?;
+    }
+    Ok(DroppedIndexes {
+        create: indexes.into_iter().map(|(_, sql)| sql).collect(),
+        stats,
+    })
+}
+
+fn rebuild_secondary_indexes(
+    tx: &rusqlite::Transaction<'_>,
+    dropped: &DroppedIndexes,
+) -> rusqlite::Result<()> {
+    for sql in &dropped.create {
+        tx.execute_batch(sql)?;
+    }
+    tx.execute(CLEAR_CALLS_STATS, [])?;
+    for (idx, stat) in &dropped.stats {
+        tx.execute(PUT_CALLS_STAT, params![idx, stat])?;
+    }
+    Ok(())
 }
 
 /// The node's entry, loading its stored calls the first time the snapshot names it.
@@ -336,11 +458,13 @@ fn load_node<'n>(
             let mut rows = stmt.query([node_id])?;
             while let Some(r) = rows.next()? {
                 let call = KnownCall {
-                    account: r.get(1)?,
-                    hash: r.get(2)?,
+                    call_id: r.get(0)?,
+                    account: r.get(2)?,
+                    row_hash: r.get(3)?,
+                    key_hash: r.get(4)?,
                     seen: false,
                 };
-                known.insert(r.get(0)?, call);
+                known.insert(r.get(1)?, call);
             }
             Ok(entry.insert(NodeCalls {
                 snapshot_timestamp: None,
@@ -350,10 +474,22 @@ fn load_node<'n>(
     }
 }
 
-/// FNV-1a over every stored value of a call: stable across runs and releases (unlike
-/// std's hasher), so hashes stored by one run compare with the next run's.
-fn row_hash(row: &CallRow<'_>, own_timestamp: Option<&str>) -> i64 {
+/// FNV-1a over the stored values of a call: stable across runs and releases (unlike
+/// std's hasher), so hashes stored by one run compare with the next run's. The first hash
+/// covers the indexed values, the second everything.
+fn row_hashes(row: &CallRow<'_>, own_timestamp: Option<&str>) -> (i64, i64) {
     let mut h = Fnv::default();
+    h.int(row.customer_acc_id);
+    for s in [
+        &row.src_name_in,
+        &row.src_prefix_in,
+        &row.dst_prefix_in,
+        &row.src_prefix_routing,
+        &row.dst_prefix_routing,
+    ] {
+        h.str(s);
+    }
+    let key_hash = h.0 as i64;
     h.int(row.customer_id);
     h.opt(own_timestamp);
     h.str(&row.start_time);
@@ -364,16 +500,7 @@ fn row_hash(row: &CallRow<'_>, own_timestamp: Option<&str>) -> i64 {
     h.int(row.destination_next_interval);
     h.str(&row.destination_next_rate);
     h.str(&row.destination_fee);
-    for s in [
-        &row.src_name_in,
-        &row.src_prefix_in,
-        &row.dst_prefix_in,
-        &row.src_prefix_routing,
-        &row.dst_prefix_routing,
-        &row.from_domain,
-        &row.to_domain,
-        &row.ruri_domain,
-    ] {
+    for s in [&row.from_domain, &row.to_domain, &row.ruri_domain] {
         h.str(s);
     }
     for s in [
@@ -389,7 +516,7 @@ fn row_hash(row: &CallRow<'_>, own_timestamp: Option<&str>) -> i64 {
     h.int(row.auth_orig_transport_protocol_id);
     h.str(&row.auth_orig_ip);
     h.int(row.auth_orig_port);
-    h.0 as i64
+    (key_hash, h.0 as i64)
 }
 
 struct Fnv(u64);

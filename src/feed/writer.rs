@@ -156,6 +156,11 @@ impl Worker {
                 Some(Job::Stop) => break,
                 None => {}
             }
+            if queue.is_empty()
+                && let Err(e) = self.writer.release_memory()
+            {
+                tracing::warn!(error = %e, "releasing the store's cache failed");
+            }
             if last_expiry.elapsed() >= EXPIRY_INTERVAL {
                 self.expire();
                 last_expiry = Instant::now();
