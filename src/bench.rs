@@ -703,7 +703,8 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         format!("{:.1} MB", agent.peak_mb()),
         "≤ 96 MB",
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Idle: no snapshot for longer than the agent keeps its write cache (10 s).
+    std::thread::sleep(Duration::from_secs(12));
     add(
         &format!("idle RSS, {} calls stored", options.calls),
         format!("{:.1} MB", agent.rss_mb()),

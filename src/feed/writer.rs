@@ -21,6 +21,9 @@ use crate::store::{Origin, Writer};
 
 /// How often the writer looks for nodes gone silent.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// After this long without a snapshot the writer gives its page cache back: a switch
+/// posting every few seconds keeps it warm, an idle agent stays small.
+const RELEASE_AFTER: Duration = Duration::from_secs(10);
 
 /// What the feed has done so far: tests, the demo and the metrics read it; nobody has to
 /// sleep to know whether a snapshot went in.
@@ -123,6 +126,8 @@ impl Worker {
     fn run(mut self, jobs: mpsc::Receiver<Job>) {
         let mut queue = VecDeque::new();
         let mut last_expiry = Instant::now();
+        let mut last_write = Instant::now();
+        let mut released = true;
         loop {
             if queue.is_empty() {
                 match jobs.recv_timeout(EXPIRY_INTERVAL) {
@@ -136,6 +141,7 @@ impl Worker {
                 Some(Job::ApplyFile) => {
                     queue.retain(|job| !matches!(job, Job::ApplyFile));
                     self.check_file();
+                    (last_write, released) = (Instant::now(), false);
                 }
                 Some(Job::ApplyStream {
                     input,
@@ -152,14 +158,16 @@ impl Worker {
                     );
                     self.record(Origin::Socket, result.as_ref().map_err(|e| e.to_string()));
                     let _ = reply.send(result);
+                    (last_write, released) = (Instant::now(), false);
                 }
                 Some(Job::Stop) => break,
                 None => {}
             }
-            if queue.is_empty()
-                && let Err(e) = self.writer.release_memory()
-            {
-                tracing::warn!(error = %e, "releasing the store's cache failed");
+            if queue.is_empty() && !released && last_write.elapsed() >= RELEASE_AFTER {
+                if let Err(e) = self.writer.release_memory() {
+                    tracing::warn!(error = %e, "releasing the store's cache failed");
+                }
+                released = true;
             }
             if last_expiry.elapsed() >= EXPIRY_INTERVAL {
                 self.expire();
