@@ -62,11 +62,16 @@ CREATE TABLE calls (
     -- strings): a snapshot rewrites a call only when it changed, and its index entries
     -- only when an indexed value did.
     row_hash                        INTEGER NOT NULL,
-    key_hash                        INTEGER NOT NULL
+    key_hash                        INTEGER NOT NULL,
+    -- A hash of the call's snapshot line without the values that change every snapshot
+    -- (snapshot_timestamp, snapshot_date, end_time): a line with the same key is the same
+    -- call, unchanged, and is recognised without being parsed. NULL: no such key.
+    line_key                        INTEGER
 ) STRICT;
 
--- A call's identity is (node, local_tag), whatever account it is on.
-CREATE UNIQUE INDEX calls_by_node ON calls (node_id, local_tag);
+-- A call's identity is (node, local_tag), whatever account it is on. The index also holds
+-- what a snapshot compares, so the writer reads a node's calls from it alone.
+CREATE INDEX calls_by_node ON calls (node_id, local_tag, customer_acc_id, row_hash, key_hash, line_key, snapshot_timestamp);
 
 -- `-eq` and `-starts-with` are ranges over the column within one account (BINARY collation:
 -- plain byte order, so `%`, `_` and case mean nothing special); `-ends-with` is a range over
@@ -89,7 +94,7 @@ CREATE INDEX calls_dst_prefix_routing_rev ON calls (customer_acc_id, dst_prefix_
 ANALYZE sqlite_schema;
 INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', NULL, '100000'),
-    ('calls', 'calls_by_node', '100000 20000 1'),
+    ('calls', 'calls_by_node', '100000 20000 1 1 1 1 1'),
     ('calls', 'calls_src_name_in', '100000 1000 2'),
     ('calls', 'calls_src_prefix_in', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_in', '100000 1000 2'),
@@ -101,4 +106,4 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', 'calls_src_prefix_routing_rev', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_routing_rev', '100000 1000 2');
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

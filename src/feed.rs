@@ -222,6 +222,86 @@ fn skipped_if_object(line: &[u8], reason: String) -> Result<Line<'_>, String> {
     }
 }
 
+/// What identifies a snapshot line apart from the values that change with every snapshot:
+/// a switch resends an unchanged call as the same bytes but for these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineKey<'a> {
+    /// xxh3 of the line without the volatile key-value pairs.
+    pub hash: i64,
+    /// The row's `snapshot_timestamp` (`None`: absent or null).
+    pub snapshot_timestamp: Option<&'a str>,
+}
+
+/// The keys whose values change every snapshot while the call itself does not.
+const VOLATILE_KEYS: [&[u8]; 3] = [
+    b"\"snapshot_timestamp\":",
+    b"\"snapshot_date\":",
+    b"\"end_time\":",
+];
+
+/// The [`LineKey`] of a line, when it has a plain form: each volatile key at most once
+/// (a quote inside a JSON string is escaped, so a match is a real key), with a null or a
+/// date-time-like string value. The hash stands for the line only together with a stored
+/// call that was parsed in full from a line with the same key, so a line whose key matches
+/// is known to be a valid row, unchanged.
+pub fn line_key(line: &[u8]) -> Option<LineKey<'_>> {
+    let line = line.trim_ascii();
+    if !(line.starts_with(b"{") && line.ends_with(b"}")) {
+        return None;
+    }
+    let mut spans = [(0usize, 0usize); 3];
+    let mut snapshot_timestamp = None;
+    for (i, key) in VOLATILE_KEYS.iter().enumerate() {
+        let mut found = memchr::memmem::find_iter(line, key);
+        let Some(start) = found.next() else {
+            continue;
+        };
+        if found.next().is_some() {
+            return None;
+        }
+        let value_at = start + key.len();
+        let value = &line[value_at..];
+        let (text, end) = if value.starts_with(b"null") {
+            (None, value_at + 4)
+        } else if value.first() == Some(&b'"') {
+            let close = value[1..].iter().position(|&b| b == b'"')? + 1;
+            let text = &value[1..close];
+            if !text
+                .iter()
+                .all(|b| b.is_ascii_digit() || matches!(b, b' ' | b':' | b'-'))
+            {
+                return None;
+            }
+            // Plain ASCII, checked just above.
+            (std::str::from_utf8(text).ok(), value_at + close + 1)
+        } else {
+            return None;
+        };
+        if i == 0 {
+            if text.is_some_and(|t| !is_datetime(t)) {
+                return None;
+            }
+            snapshot_timestamp = text;
+        }
+        spans[i] = (start, end);
+    }
+    spans.sort_unstable();
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut at = 0;
+    for (start, end) in spans.into_iter().filter(|(s, e)| s < e) {
+        if start < at {
+            return None;
+        }
+        hasher.update(&line[at..start]);
+        at = end;
+    }
+    hasher.update(&line[at..]);
+    Some(LineKey {
+        hash: hasher.digest() as i64,
+        snapshot_timestamp,
+    })
+}
+
 /// Whether a snapshot must start with its `INSERT INTO <table> FORMAT JSONEachRow` query
 /// (an HTTP body without a `query` parameter) or may (a file, a body after one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,6 +583,13 @@ pub fn apply_snapshot(
                 (None, InsertLine::Optional) => {}
             }
         }
+        let key = line_key(line);
+        if let Some(key) = &key
+            && tx.put_unchanged(key)?
+        {
+            report.rows += 1;
+            continue;
+        }
         let malformed = |reason| SnapshotError::Malformed {
             line: line_no,
             reason,
@@ -510,7 +597,7 @@ pub fn apply_snapshot(
         match parse_line(line).map_err(malformed)? {
             Line::Nothing => {}
             Line::Row(row) => {
-                tx.put(&row)?;
+                tx.put(&row, key.map(|k| k.hash))?;
                 report.rows += 1;
             }
             Line::Skipped { node_id, reason } => {
@@ -724,6 +811,35 @@ mod tests {
         assert!(!is_datetime("2023-02-29 00:00:00"));
         assert!(!is_datetime("2023-01-01T00:00:00"));
         assert!(!is_datetime("2023-01-01 24:00:00"));
+    }
+
+    #[test]
+    fn line_keys_ignore_only_the_volatile_values() {
+        let at = |t: &str| {
+            format!(
+                r#"{{"id":1,"snapshot_timestamp":"{t}","node_id":1,"snapshot_date":"{d}","end_time":"{t}","x":"a"}}"#,
+                d = &t[..10]
+            )
+        };
+        let (a, b) = (at("2025-11-25 14:30:00"), at("2025-11-25 14:30:05"));
+        let (ka, kb) = (
+            line_key(a.as_bytes()).unwrap(),
+            line_key(b.as_bytes()).unwrap(),
+        );
+        assert_eq!(ka.hash, kb.hash);
+        assert_eq!(kb.snapshot_timestamp, Some("2025-11-25 14:30:05"));
+        let changed = b.replace(r#""x":"a""#, r#""x":"b""#);
+        assert_ne!(line_key(changed.as_bytes()).unwrap().hash, ka.hash);
+        // No fast path for a repeated volatile key, an odd value, or a bad timestamp.
+        let twice = a.replace(r#""x":"a""#, r#""x":{"end_time":"1"}"#);
+        assert!(line_key(twice.as_bytes()).is_none());
+        let odd = a.replace(r#""end_time":"2025-11-25 14:30:00""#, r#""end_time":5"#);
+        assert!(line_key(odd.as_bytes()).is_none());
+        let bad_time = at("2025-13-25 14:30:00");
+        assert!(line_key(bad_time.as_bytes()).is_none());
+        assert!(line_key(b"not json").is_none());
+        // Absent volatile keys are fine: the key is the whole line.
+        assert!(line_key(br#"{"node_id":1}"#).is_some());
     }
 
     #[test]

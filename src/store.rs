@@ -7,15 +7,18 @@
 //!
 //! Writes are the expensive part (ten secondary indexes), so the [`SnapshotTx`] writes only
 //! what changed: it loads each node's (call, hash) pairs once, compares the hash of every
-//! incoming row, and rewrites a call only when its hash differs; calls the snapshot no
-//! longer has are deleted at commit.
+//! incoming row, and rewrites a call only when its hash differs (and its index entries only
+//! when an indexed value did); calls the snapshot no longer has are deleted at commit. Most
+//! lines of a snapshot repeat the previous one but for its timestamps: those are matched by
+//! a hash of the raw line ([`LineKey`]) and never parsed. A snapshot that rewrites a large
+//! share of the table drops the secondary indexes and sorts them anew at commit.
 //!
 //! Reads go through a small pool of read-only connections ([`Readers`]) whose prepared
 //! statements stay cached. A query is built from a handful of fixed SQL fragments (one per
 //! filter kind); every value is bound, and each string filter is an index range within the
 //! account (SPEC 5).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -23,12 +26,12 @@ use std::time::SystemTime;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql, params};
 
-use crate::feed::{CallRow, format_datetime, unix_millis};
+use crate::feed::{CallRow, LineKey, format_datetime, unix_millis};
 
 /// The whole schema, applied to a new database.
 pub const SCHEMA: &str = include_str!("../schema.sql");
 /// The `user_version` that [`SCHEMA`] sets.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How many idle read connections the pool keeps.
 const MAX_IDLE_READERS: usize = 4;
@@ -60,8 +63,10 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
 // ---------------------------------------------------------------------------------------
 // Writing
 
-const LOAD_NODE_CALLS: &str =
-    "SELECT call_id, local_tag, customer_acc_id, row_hash, key_hash FROM calls WHERE node_id = ?1";
+const LOAD_STORED_CALLS: &str = "SELECT call_id, node_id, customer_acc_id, line_key,
+    snapshot_timestamp IS NOT NULL FROM calls INDEXED BY calls_by_node";
+const FIND_CALL: &str = "SELECT call_id, customer_acc_id, row_hash, key_hash, line_key
+    FROM calls WHERE node_id = ?1 AND local_tag = ?2";
 const COUNT_CALLS: &str = "SELECT count(*) FROM calls";
 const INSERT_CALL: &str = "INSERT INTO calls (
     node_id, local_tag, customer_id, customer_acc_id, snapshot_timestamp, start_time, connect_time,
@@ -72,9 +77,9 @@ const INSERT_CALL: &str = "INSERT INTO calls (
     diversion_in, pai_in, ppi_in, privacy_in, rpid_in, rpid_privacy_in,
     auth_orig_transport_protocol_id, auth_orig_ip, auth_orig_port,
     src_name_in_rev, src_prefix_in_rev, dst_prefix_in_rev, src_prefix_routing_rev, dst_prefix_routing_rev,
-    row_hash, key_hash
+    row_hash, key_hash, line_key
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37)";
+    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37, ?38)";
 /// A changed call whose indexed values did not change: its index entries stay as they are.
 const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
     customer_id = ?2, snapshot_timestamp = ?3, start_time = ?4, connect_time = ?5,
@@ -82,7 +87,8 @@ const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
     destination_next_interval = ?9, destination_next_rate = ?10, destination_fee = ?11,
     from_domain = ?12, to_domain = ?13, ruri_domain = ?14,
     diversion_in = ?15, pai_in = ?16, ppi_in = ?17, privacy_in = ?18, rpid_in = ?19, rpid_privacy_in = ?20,
-    auth_orig_transport_protocol_id = ?21, auth_orig_ip = ?22, auth_orig_port = ?23, row_hash = ?24
+    auth_orig_transport_protocol_id = ?21, auth_orig_ip = ?22, auth_orig_port = ?23, row_hash = ?24,
+    line_key = ?25
   WHERE call_id = ?1";
 const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
 const PUT_NODE: &str =
@@ -93,9 +99,11 @@ const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
 const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
 const STALE_NODES: &str = "SELECT node_id FROM nodes WHERE received_at_ms <= ?1";
 const CALLS_INDEXES: &str = "SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'calls' AND sql IS NOT NULL";
-const CALLS_STATS: &str = "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'calls'";
+const CALLS_STATS: &str =
+    "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'calls' AND idx IS NOT 'calls_by_node'";
 const PUT_CALLS_STAT: &str = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('calls', ?1, ?2)";
-const CLEAR_CALLS_STATS: &str = "DELETE FROM sqlite_stat1 WHERE tbl = 'calls'";
+const CLEAR_CALLS_STATS: &str =
+    "DELETE FROM sqlite_stat1 WHERE tbl = 'calls' AND idx IS NOT 'calls_by_node'";
 
 /// A snapshot that writes at least this many calls, and at least [`BULK_SHARE`] of the
 /// table, drops the secondary indexes and builds them again at commit: sorting once beats
@@ -161,7 +169,10 @@ impl Writer {
             origin,
             received_at_ms,
             received_timestamp: format_datetime(received_at_ms.div_euclid(1000)),
+            stored: None,
             nodes: HashMap::new(),
+            seen: HashSet::new(),
+            written_tags: HashSet::new(),
             written: 0,
             bulk_after,
             dropped_indexes: None,
@@ -203,20 +214,31 @@ impl Writer {
     }
 }
 
-/// What the store knows of a call while a snapshot is applied.
+/// A stored call, as the snapshot being applied sees it.
+#[derive(Clone, Copy)]
+struct StoredCall {
+    call_id: i64,
+    node_id: i64,
+    account: i64,
+    /// The call keeps a snapshot timestamp of its own (rare): not for the fast path.
+    own_timestamp: bool,
+}
+
+/// Every stored call, loaded once per snapshot from the covering `calls_by_node` index.
+#[derive(Default)]
+struct Stored {
+    calls: Vec<StoredCall>,
+    by_line: HashMap<i64, usize>,
+    per_node: HashMap<i64, usize>,
+}
+
+/// What a stored call's row compares with (looked up by node and tag).
 struct KnownCall {
     call_id: i64,
     account: i64,
     row_hash: i64,
     key_hash: i64,
-    seen: bool,
-}
-
-/// The calls of one node contained in the snapshot being applied.
-struct NodeCalls {
-    /// The node's snapshot timestamp: the first row's (or the receive time).
-    snapshot_timestamp: Option<String>,
-    known: HashMap<String, KnownCall>,
+    line_key: Option<i64>,
 }
 
 /// What a committed snapshot changed.
@@ -235,40 +257,129 @@ struct DroppedIndexes {
     stats: Vec<(Option<String>, String)>,
 }
 
-/// One snapshot being applied: rows go in with [`put`](Self::put), and nothing is visible
-/// until [`commit`](Self::commit). Dropping it rolls everything back.
+/// One snapshot being applied: lines go in with [`put_unchanged`](Self::put_unchanged) or
+/// [`put`](Self::put), and nothing is visible until [`commit`](Self::commit). Dropping it
+/// rolls everything back.
 pub struct SnapshotTx<'w> {
     tx: rusqlite::Transaction<'w>,
     origin: Origin,
     received_at_ms: i64,
     received_timestamp: String,
-    nodes: HashMap<i64, NodeCalls>,
+    stored: Option<Stored>,
+    /// The nodes this snapshot contains, with their snapshot timestamp (its first row's).
+    nodes: HashMap<i64, Option<String>>,
+    /// The calls this snapshot has; the other calls of its nodes have ended.
+    seen: HashSet<i64>,
+    /// Hashes of (node, tag) written by this snapshot: a repeated call is looked up again.
+    written_tags: HashSet<u64>,
     written: u64,
     bulk_after: u64,
     dropped_indexes: Option<DroppedIndexes>,
 }
 
 impl SnapshotTx<'_> {
-    /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
-    pub fn touch_node(&mut self, node_id: i64) -> rusqlite::Result<()> {
-        load_node(&self.tx, &mut self.nodes, node_id).map(|_| ())
+    fn stored(&mut self) -> rusqlite::Result<&Stored> {
+        if self.stored.is_none() {
+            let mut stored = Stored::default();
+            let mut stmt = self.tx.prepare_cached(LOAD_STORED_CALLS)?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let call = StoredCall {
+                    call_id: r.get(0)?,
+                    node_id: r.get(1)?,
+                    account: r.get(2)?,
+                    own_timestamp: r.get(4)?,
+                };
+                if let Some(line_key) = r.get::<_, Option<i64>>(3)? {
+                    stored.by_line.insert(line_key, stored.calls.len());
+                }
+                *stored.per_node.entry(call.node_id).or_default() += 1;
+                stored.calls.push(call);
+            }
+            self.stored = Some(stored);
+        }
+        Ok(self.stored.get_or_insert_with(Stored::default))
     }
 
-    /// Adds or updates one call; the last row of a repeated call wins.
-    pub fn put(&mut self, row: &CallRow<'_>) -> rusqlite::Result<()> {
-        let node = load_node(&self.tx, &mut self.nodes, row.node_id)?;
-        let row_timestamp = row
-            .snapshot_timestamp
-            .as_deref()
-            .unwrap_or(&self.received_timestamp);
-        let node_timestamp = node
-            .snapshot_timestamp
-            .get_or_insert_with(|| row_timestamp.to_owned());
-        let own_timestamp = (row_timestamp != node_timestamp.as_str()).then_some(row_timestamp);
+    /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
+    pub fn touch_node(&mut self, node_id: i64) -> rusqlite::Result<()> {
+        self.nodes.entry(node_id).or_default();
+        Ok(())
+    }
+
+    /// The snapshot timestamp a row of `node_id` has when it names none or `row`: the
+    /// first row of a node sets the node's.
+    fn node_timestamp(&mut self, node_id: i64, row: Option<&str>) -> (String, bool) {
+        let row = row.unwrap_or(&self.received_timestamp).to_owned();
+        let node = self.nodes.entry(node_id).or_default();
+        let node = node.get_or_insert_with(|| row.clone());
+        let own = *node != row;
+        (row, own)
+    }
+
+    /// The fast path: a line whose key is that of a stored call, which would change
+    /// nothing. Returns `false` when the line must be parsed and [`put`](Self::put) instead.
+    pub fn put_unchanged(&mut self, key: &LineKey<'_>) -> rusqlite::Result<bool> {
+        let stored = self.stored()?;
+        let Some(call) = stored.by_line.get(&key.hash).map(|&i| stored.calls[i]) else {
+            return Ok(false);
+        };
+        if call.own_timestamp || self.seen.contains(&call.call_id) {
+            return Ok(false);
+        }
+        let (_, own) = self.node_timestamp(call.node_id, key.snapshot_timestamp);
+        if own {
+            return Ok(false);
+        }
+        self.seen.insert(call.call_id);
+        Ok(true)
+    }
+
+    /// Adds or updates one call; the last row of a repeated call wins. `line_key` is the
+    /// key of the line it was read from, kept for the fast path of the next snapshot.
+    pub fn put(&mut self, row: &CallRow<'_>, line_key: Option<i64>) -> rusqlite::Result<()> {
+        let has_stored = self
+            .stored()?
+            .per_node
+            .get(&row.node_id)
+            .is_some_and(|&n| n > 0);
+        let (row_timestamp, own) =
+            self.node_timestamp(row.node_id, row.snapshot_timestamp.as_deref());
+        let own_timestamp = own.then_some(row_timestamp.as_str());
         let (key_hash, row_hash) = row_hashes(row, own_timestamp);
-        let stored = match node.known.get_mut(&*row.local_tag) {
+        let tag_hash = {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(&row.node_id.to_le_bytes());
+            h.update(row.local_tag.as_bytes());
+            h.digest()
+        };
+        let known = if has_stored || self.written_tags.contains(&tag_hash) {
+            let mut stmt = self.tx.prepare_cached(FIND_CALL)?;
+            let mut rows = stmt.query(params![row.node_id, row.local_tag])?;
+            match rows.next()? {
+                Some(r) => Some(KnownCall {
+                    call_id: r.get(0)?,
+                    account: r.get(1)?,
+                    row_hash: r.get(2)?,
+                    key_hash: r.get(3)?,
+                    line_key: r.get(4)?,
+                }),
+                None => None,
+            }
+        } else {
+            None
+        };
+        if let (Some(known), Some(stored)) = (&known, &mut self.stored)
+            && known.row_hash != row_hash
+            && let Some(old_line) = known.line_key
+        {
+            // The stored line no longer stands for this call: a repeat of it later in this
+            // snapshot must not pass as unchanged.
+            stored.by_line.remove(&old_line);
+        }
+        let replaced = match known {
             Some(known) if known.row_hash == row_hash && known.account == row.customer_acc_id => {
-                known.seen = true;
+                self.seen.insert(known.call_id);
                 return Ok(());
             }
             Some(known) if known.key_hash == key_hash && known.account == row.customer_acc_id => {
@@ -300,9 +411,9 @@ impl SnapshotTx<'_> {
                         row.auth_orig_ip,
                         row.auth_orig_port,
                         row_hash,
+                        line_key,
                     ])?;
-                known.row_hash = row_hash;
-                known.seen = true;
+                self.seen.insert(known.call_id);
                 self.written += 1;
                 return Ok(());
             }
@@ -310,7 +421,7 @@ impl SnapshotTx<'_> {
             Some(known) => Some(known.call_id),
             None => None,
         };
-        if let Some(call_id) = stored {
+        if let Some(call_id) = replaced {
             self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
         }
         let rev = |s: &str| Blob(s.bytes().rev().collect());
@@ -352,15 +463,10 @@ impl SnapshotTx<'_> {
             rev(&row.dst_prefix_routing),
             row_hash,
             key_hash,
+            line_key,
         ])?;
-        let known = KnownCall {
-            call_id: self.tx.last_insert_rowid(),
-            account: row.customer_acc_id,
-            row_hash,
-            key_hash,
-            seen: true,
-        };
-        node.known.insert(row.local_tag.to_string(), known);
+        self.seen.insert(self.tx.last_insert_rowid());
+        self.written_tags.insert(tag_hash);
         self.written += 1;
         if self.written == self.bulk_after && self.dropped_indexes.is_none() {
             self.dropped_indexes = Some(drop_secondary_indexes(&self.tx)?);
@@ -370,21 +476,29 @@ impl SnapshotTx<'_> {
 
     /// Deletes the calls the snapshot no longer has, records its nodes, rebuilds dropped
     /// indexes, and makes it all visible at once.
-    pub fn commit(self) -> rusqlite::Result<Changes> {
+    pub fn commit(mut self) -> rusqlite::Result<Changes> {
         let mut changes = Changes {
             written: self.written,
             rebuilt_indexes: self.dropped_indexes.is_some(),
             ..Changes::default()
         };
-        for (node_id, node) in &self.nodes {
-            let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
-            for known in node.known.values().filter(|k| !k.seen) {
-                changes.removed += delete.execute([known.call_id])? as u64;
-            }
-            let timestamp = node
-                .snapshot_timestamp
-                .as_deref()
-                .unwrap_or(&self.received_timestamp);
+        // Calls of its nodes that the snapshot no longer has, in account order:
+        // consecutive deletes then touch neighbouring entries of every (account, …) index.
+        let stored = self.stored.take().unwrap_or_default();
+        let mut gone: Vec<(i64, i64)> = stored
+            .calls
+            .iter()
+            .filter(|c| self.nodes.contains_key(&c.node_id) && !self.seen.contains(&c.call_id))
+            .map(|c| (c.account, c.call_id))
+            .collect();
+        gone.sort_unstable();
+        let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
+        for (_, call_id) in gone {
+            changes.removed += delete.execute([call_id])? as u64;
+        }
+        drop(delete);
+        for (node_id, timestamp) in &self.nodes {
+            let timestamp = timestamp.as_deref().unwrap_or(&self.received_timestamp);
             self.tx.prepare_cached(PUT_NODE)?.execute(params![
                 node_id,
                 self.received_at_ms,
@@ -449,37 +563,6 @@ fn rebuild_secondary_indexes(
         tx.execute(PUT_CALLS_STAT, params![idx, stat])?;
     }
     Ok(())
-}
-
-/// The node's entry, loading its stored calls the first time the snapshot names it.
-fn load_node<'n>(
-    tx: &rusqlite::Transaction<'_>,
-    nodes: &'n mut HashMap<i64, NodeCalls>,
-    node_id: i64,
-) -> rusqlite::Result<&'n mut NodeCalls> {
-    use std::collections::hash_map::Entry;
-    match nodes.entry(node_id) {
-        Entry::Occupied(entry) => Ok(entry.into_mut()),
-        Entry::Vacant(entry) => {
-            let mut known = HashMap::new();
-            let mut stmt = tx.prepare_cached(LOAD_NODE_CALLS)?;
-            let mut rows = stmt.query([node_id])?;
-            while let Some(r) = rows.next()? {
-                let call = KnownCall {
-                    call_id: r.get(0)?,
-                    account: r.get(2)?,
-                    row_hash: r.get(3)?,
-                    key_hash: r.get(4)?,
-                    seen: false,
-                };
-                known.insert(r.get(1)?, call);
-            }
-            Ok(entry.insert(NodeCalls {
-                snapshot_timestamp: None,
-                known,
-            }))
-        }
-    }
 }
 
 /// FNV-1a over the stored values of a call: stable across runs and releases (unlike

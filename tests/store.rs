@@ -147,3 +147,87 @@ fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
     assert_eq!(report.rows, 500);
     assert!(report.removed > 10 && report.written < 250, "{report:?}");
 }
+
+fn apply_text(writer: &mut Writer, text: &str) -> active_calls_agent::feed::ApplyReport {
+    apply_snapshot(
+        writer,
+        Cursor::new(text.to_owned()),
+        InsertLine::Optional,
+        Origin::Socket,
+        SystemTime::now(),
+    )
+    .unwrap()
+}
+
+fn stored_names(readers: &Readers) -> Vec<String> {
+    let mut out = Vec::new();
+    readers.outgoing_calls(&query(vec![]), &mut out).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["src_name_in"].as_str().unwrap(),
+                r["snapshot_timestamp"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// Lines that differ only in their timestamps take the fast path (nothing written), and
+/// the fast path never hides a real change or breaks "the last row wins".
+#[test]
+fn unchanged_lines_are_recognised_without_being_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calls.db");
+    let mut writer = Writer::open(&path).unwrap();
+    let readers = Readers::new(&path);
+    let line = |tag: &str, name: &str, ts: &str| {
+        format!(
+            r#"{{"id":1,"snapshot_timestamp":"{ts}","snapshot_date":"{d}","node_id":1,"local_tag":"{tag}","customer_id":1001,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","end_time":"{ts}","src_name_in":"{name}"}}"#,
+            d = &ts[..10]
+        )
+    };
+    let t1 = "2025-11-25 14:30:00";
+    let t2 = "2025-11-25 14:30:05";
+    let report = apply_text(
+        &mut writer,
+        &format!("{}\n{}\n", line("a", "A", t1), line("b", "B", t1)),
+    );
+    assert_eq!(report.written, 2);
+    let report = apply_text(
+        &mut writer,
+        &format!("{}\n{}\n", line("a", "A", t2), line("b", "B", t2)),
+    );
+    assert_eq!((report.rows, report.written, report.removed), (2, 0, 0));
+    assert_eq!(
+        stored_names(&readers),
+        [format!("A {t2}"), format!("B {t2}")]
+    );
+    // A real change is written; a later repeat of the old line does not undo it... unless
+    // it is the last row, which wins.
+    let t3 = "2025-11-25 14:30:10";
+    let report = apply_text(
+        &mut writer,
+        &format!(
+            "{}\n{}\n{}\n",
+            line("a", "A2", t3),
+            line("b", "B", t3),
+            line("a", "A", t3)
+        ),
+    );
+    assert_eq!(report.rows, 3);
+    assert_eq!(
+        stored_names(&readers),
+        [format!("A {t3}"), format!("B {t3}")]
+    );
+    let report = apply_text(
+        &mut writer,
+        &format!("{}\n{}\n", line("a", "A", t3), line("a", "A3", t3)),
+    );
+    assert_eq!((report.written, report.removed), (1, 1));
+    assert_eq!(stored_names(&readers), [format!("A3 {t3}")]);
+}
