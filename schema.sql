@@ -14,9 +14,10 @@ CREATE TABLE nodes (
     source              TEXT    NOT NULL  -- 'file' or 'socket': which feed sent it
 ) STRICT;
 
--- One row per current call. A plain rowid table: every secondary index entry is then just
--- (account, value, call_id), narrow keys that are cheap to write and to search, and a new
--- call is appended at the end of the table.
+-- One row per current call. A rowid table: every secondary index entry is then just
+-- (account, value, call_id), narrow keys that are cheap to write and to search. The agent
+-- gives each account its own range of call ids (account * 2^20 + n), so an account's calls
+-- lie together and its answer reads a few pages.
 CREATE TABLE calls (
     call_id                         INTEGER PRIMARY KEY, -- the agent's own row id
     node_id                         INTEGER NOT NULL,

@@ -715,6 +715,7 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut conn = Conn::open(agent.api)?;
     let mut latencies = Vec::new();
+    let mut server_times = Vec::new();
     let mut queries = Vec::new();
     for i in 0..3000 {
         let (target, customer) = random_query(&mut rng);
@@ -722,6 +723,7 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         let reply = conn.get(&target, &tokens[&customer])?;
         if i >= 200 {
             latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            server_times.extend(reply.runtime.map(|r| r * 1000.0));
         }
         if reply.status != 200 {
             bail!("{target}: {}", reply.status);
@@ -737,6 +739,16 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
             percentile(&latencies, 0.99)
         ),
         "≤ 0.3 / 2 ms",
+    );
+    let server_times = sorted(server_times);
+    add(
+        "the same, server time (X-Runtime, p50 / p99)",
+        format!(
+            "{:.3} / {:.3} ms",
+            percentile(&server_times, 0.5),
+            percentile(&server_times, 0.99)
+        ),
+        "",
     );
 
     let numbers = large.big_account_numbers();

@@ -69,7 +69,7 @@ const FIND_CALL: &str = "SELECT call_id, customer_acc_id, row_hash, key_hash, li
     FROM calls WHERE node_id = ?1 AND local_tag = ?2";
 const COUNT_CALLS: &str = "SELECT count(*) FROM calls";
 const INSERT_CALL: &str = "INSERT INTO calls (
-    node_id, local_tag, customer_id, customer_acc_id, snapshot_timestamp, start_time, connect_time,
+    call_id, node_id, local_tag, customer_id, customer_acc_id, snapshot_timestamp, start_time, connect_time,
     destination_prefix, destination_initial_interval, destination_initial_rate,
     destination_next_interval, destination_next_rate, destination_fee,
     src_name_in, src_prefix_in, dst_prefix_in, src_prefix_routing, dst_prefix_routing,
@@ -79,7 +79,8 @@ const INSERT_CALL: &str = "INSERT INTO calls (
     src_name_in_rev, src_prefix_in_rev, dst_prefix_in_rev, src_prefix_routing_rev, dst_prefix_routing_rev,
     row_hash, key_hash, line_key
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
-    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37, ?38)";
+    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37, ?38, ?39)";
+const LAST_CALL_ID_IN: &str = "SELECT max(call_id) FROM calls WHERE call_id >= ?1 AND call_id < ?2";
 /// A changed call whose indexed values did not change: its index entries stay as they are.
 const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
     customer_id = ?2, snapshot_timestamp = ?3, start_time = ?4, connect_time = ?5,
@@ -98,12 +99,19 @@ const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
 const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
 const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
 const STALE_NODES: &str = "SELECT node_id FROM nodes WHERE received_at_ms <= ?1";
-const CALLS_INDEXES: &str = "SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'calls' AND sql IS NOT NULL";
-const CALLS_STATS: &str =
-    "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'calls' AND idx IS NOT 'calls_by_node'";
+/// The indexes a bulk write drops: all of them into an empty table; else all but
+/// `calls_by_node` (?1 false), which finds the stored calls that rows update.
+const CALLS_INDEXES: &str = "SELECT name, sql FROM sqlite_schema
+    WHERE type = 'index' AND tbl_name = 'calls' AND sql IS NOT NULL
+      AND (?1 OR name != 'calls_by_node')";
+const CALLS_STATS: &str = "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'calls'";
 const PUT_CALLS_STAT: &str = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('calls', ?1, ?2)";
-const CLEAR_CALLS_STATS: &str =
-    "DELETE FROM sqlite_stat1 WHERE tbl = 'calls' AND idx IS NOT 'calls_by_node'";
+const CLEAR_CALLS_STATS: &str = "DELETE FROM sqlite_stat1 WHERE tbl = 'calls'";
+
+/// A call id is `account << CALL_SERIAL_BITS | serial` for accounts below
+/// `1 << ACCOUNT_ID_BITS` (the ids stay below 2^62).
+const CALL_SERIAL_BITS: u32 = 20;
+const ACCOUNT_ID_BITS: u32 = 42;
 
 /// A snapshot that writes at least this many calls, and at least [`BULK_SHARE`] of the
 /// table, drops the secondary indexes and builds them again at commit: sorting once beats
@@ -173,6 +181,7 @@ impl Writer {
             nodes: HashMap::new(),
             seen: HashSet::new(),
             written_tags: HashSet::new(),
+            next_ids: HashMap::new(),
             written: 0,
             bulk_after,
             dropped_indexes: None,
@@ -272,6 +281,8 @@ pub struct SnapshotTx<'w> {
     seen: HashSet<i64>,
     /// Hashes of (node, tag) written by this snapshot: a repeated call is looked up again.
     written_tags: HashSet<u64>,
+    /// The next free call id of each account written to.
+    next_ids: HashMap<i64, i64>,
     written: u64,
     bulk_after: u64,
     dropped_indexes: Option<DroppedIndexes>,
@@ -299,6 +310,31 @@ impl SnapshotTx<'_> {
             self.stored = Some(stored);
         }
         Ok(self.stored.get_or_insert_with(Stored::default))
+    }
+
+    /// The id of a new call of `account`: ids are handed out in one range per account, so
+    /// an account's calls lie together in the table and its answer is a few page reads.
+    /// `None` (SQLite picks the next free id) for an account outside the ranges.
+    fn next_call_id(&mut self, account: i64) -> rusqlite::Result<Option<i64>> {
+        if !(0..1 << ACCOUNT_ID_BITS).contains(&account) {
+            return Ok(None);
+        }
+        let next = match self.next_ids.get(&account) {
+            Some(&next) => next,
+            None => {
+                let first = account << CALL_SERIAL_BITS;
+                let last: Option<i64> = self
+                    .tx
+                    .prepare_cached(LAST_CALL_ID_IN)?
+                    .query_row([first, first + (1 << CALL_SERIAL_BITS)], |r| r.get(0))?;
+                last.map_or(first, |id| id + 1)
+            }
+        };
+        if next >= (account + 1) << CALL_SERIAL_BITS {
+            return Ok(None); // a million calls on one account: any free id will do
+        }
+        self.next_ids.insert(account, next + 1);
+        Ok(Some(next))
     }
 
     /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
@@ -425,7 +461,9 @@ impl SnapshotTx<'_> {
             self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
         }
         let rev = |s: &str| Blob(s.bytes().rev().collect());
+        let call_id = self.next_call_id(row.customer_acc_id)?;
         self.tx.prepare_cached(INSERT_CALL)?.execute(params![
+            call_id,
             row.node_id,
             row.local_tag,
             row.customer_id,
@@ -469,7 +507,8 @@ impl SnapshotTx<'_> {
         self.written_tags.insert(tag_hash);
         self.written += 1;
         if self.written == self.bulk_after && self.dropped_indexes.is_none() {
-            self.dropped_indexes = Some(drop_secondary_indexes(&self.tx)?);
+            let empty_store = self.stored.as_ref().is_none_or(|s| s.calls.is_empty());
+            self.dropped_indexes = Some(drop_secondary_indexes(&self.tx, empty_store)?);
         }
         Ok(())
     }
@@ -532,10 +571,13 @@ impl SnapshotTx<'_> {
 
 /// Drops the indexes of `calls` (their definitions and statistics kept, from the database
 /// itself: `schema.sql` stays their one source).
-fn drop_secondary_indexes(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<DroppedIndexes> {
+fn drop_secondary_indexes(
+    tx: &rusqlite::Transaction<'_>,
+    with_calls_by_node: bool,
+) -> rusqlite::Result<DroppedIndexes> {
     let indexes: Vec<(String, String)> = tx
         .prepare(CALLS_INDEXES)?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([with_calls_by_node], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let stats = tx
         .prepare(CALLS_STATS)?
@@ -884,7 +926,7 @@ impl Readers {
             None => {
                 let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 let conn = open(&self.path, flags)?;
-                conn.pragma_update(None, "cache_size", -2 * 1024)?;
+                conn.pragma_update(None, "cache_size", -8 * 1024)?;
                 conn
             }
         };
