@@ -4,7 +4,7 @@
 use std::io::Cursor;
 use std::time::{Instant, SystemTime};
 
-use active_calls_agent::bench::SnapshotGen;
+use active_calls_agent::demo::Switch;
 use active_calls_agent::feed::{InsertLine, apply_snapshot};
 use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
@@ -30,7 +30,7 @@ fn apply(writer: &mut Writer, snapshot: &[u8], label: &str) {
 }
 
 fn main() {
-    let mut switch = SnapshotGen::new(2);
+    let mut switch = Switch::new(2);
     switch.fill(100_000, 1_764_081_000);
     let full = switch.render(1_764_081_000);
     switch.churn(1_764_081_005);

@@ -3,249 +3,239 @@
 //! The demo writes a directory and a configuration into a folder, starts a [`Switch`] that
 //! rewrites the snapshot file every few seconds (temporary file, then rename, as a real
 //! writer should), serves, and prints a `curl` line with a valid token. The [`Switch`] makes
-//! rows the way a yeti node does (the same ~90 keys as `shared/samples/snapshot.jsonl`),
-//! so it also feeds the tests.
+//! rows the way a yeti node does (~100 keys and ~2.7 KB a row, the keys of
+//! `shared/samples/snapshot.jsonl` and more), for 1,000 accounts of 50 customers with one
+//! account holding 30% of the calls: the same generator feeds the benchmark and the tests.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde_json::{Value, json};
 
 use crate::Agent;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::feed::format_datetime;
 
-/// One simulated call, with what stays fixed while it lasts.
-#[derive(Debug, Clone)]
-struct SimCall {
-    local_tag: String,
-    account: usize,
-    start: i64,
-    connect: Option<i64>,
-    row: Value,
+pub const ACCOUNTS: i64 = 1000;
+pub const CUSTOMERS: i64 = 50;
+/// The account that holds 30% of the calls.
+pub const BIG_ACCOUNT: i64 = 1;
+
+pub fn customer_of(account: i64) -> i64 {
+    1 + (account - 1) % CUSTOMERS
 }
 
-/// An account of the simulated directory.
-#[derive(Debug, Clone)]
-pub struct SimAccount {
-    pub id: i64,
-    pub uuid: String,
-    pub customer_id: i64,
+pub fn uuid_of(account: i64) -> String {
+    format!("00000000-0000-4000-8000-{account:012x}")
 }
 
-/// A simulated switch node: a set of calls that start, connect and end over time.
+/// One generated call: what changes per snapshot is rendered around what does not.
+struct GenCall {
+    account: i64,
+    dst_prefix_in: String,
+    /// Keys before `end_time`, and after it.
+    head: String,
+    tail: String,
+}
+
+/// Snapshots of one node with controlled churn.
 pub struct Switch {
-    pub node_id: i64,
-    pub accounts: Vec<SimAccount>,
-    calls: Vec<SimCall>,
     rng: fastrand::Rng,
-    next_tag: u64,
+    calls: Vec<GenCall>,
+    serial: u64,
 }
-
-const NAMES: [&str; 10] = [
-    "Alice",
-    "Bob",
-    "ÄÖÜ",
-    "Zoë",
-    "O'Brien",
-    "100%",
-    "x*y",
-    "bob_smith",
-    "MiXeD",
-    "",
-];
-const PREFIXES: [&str; 8] = ["380", "44", "49", "1", "7", "971", "123", "4930"];
-const RATES: [&str; 6] = ["0.0", "0.11", "0.5", "1", "2.3", "0.0123"];
 
 impl Switch {
-    /// A node with `customers` customers of `accounts_per_customer` accounts each.
-    pub fn new(node_id: i64, customers: usize, accounts_per_customer: usize, seed: u64) -> Switch {
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let mut accounts = Vec::new();
-        for c in 0..customers {
-            for a in 0..accounts_per_customer {
-                let id = (100 + c * accounts_per_customer + a) as i64;
-                let uuid = format!(
-                    "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-                    rng.u32(..),
-                    rng.u16(..),
-                    rng.u16(..0x1000),
-                    rng.u16(..0x1000),
-                    rng.u64(..1 << 48)
-                );
-                accounts.push(SimAccount {
-                    id,
-                    uuid,
-                    customer_id: 1000 + c as i64,
-                });
-            }
-        }
+    pub fn new(seed: u64) -> Switch {
         Switch {
-            node_id,
-            accounts,
+            rng: fastrand::Rng::with_seed(seed),
             calls: Vec::new(),
-            rng,
-            next_tag: 0,
+            serial: 0,
         }
     }
 
-    /// The directory file (SPEC 3) for these accounts: per customer, one API access to all
-    /// its accounts (id `5000 + n`) and one to its first account only (id `6000 + n`).
-    pub fn directory(&self) -> Value {
-        let mut accesses = Vec::new();
-        let mut customers: Vec<i64> = self.accounts.iter().map(|a| a.customer_id).collect();
-        customers.dedup();
-        for (n, customer) in customers.iter().enumerate() {
-            let first = self
-                .accounts
-                .iter()
-                .find(|a| a.customer_id == *customer)
-                .map(|a| a.id);
-            accesses
-                .push(json!({"id": 5000 + n as i64, "customer_id": customer, "account_ids": []}));
-            accesses.push(
-                json!({"id": 6000 + n as i64, "customer_id": customer, "account_ids": [first]}),
-            );
-        }
-        json!({
-            "accounts": self.accounts.iter().map(|a| json!({"id": a.id, "uuid": a.uuid, "contractor_id": a.customer_id})).collect::<Vec<_>>(),
-            "api_accesses": accesses,
-            "customers": customers.iter().map(|c| json!({"id": c})).collect::<Vec<_>>(),
-            "customer_portal_access_profiles": [{"id": 1}, {"id": 2}],
-        })
-    }
-
-    /// Moves time to `now`: about `churn` of the calls end, new ones start until there are
-    /// `target` calls, some ringing calls connect.
-    pub fn step(&mut self, now: i64, target: usize, churn: f64) {
-        let rng = &mut self.rng;
-        self.calls.retain(|_| rng.f64() >= churn);
-        for call in &mut self.calls {
-            if call.connect.is_none() && self.rng.f64() < 0.3 {
-                call.connect = Some(now - self.rng.i64(0..5));
-            }
-        }
-        while self.calls.len() < target {
+    /// Adds calls until there are `total`.
+    pub fn fill(&mut self, total: usize, now: i64) {
+        while self.calls.len() < total {
             let call = self.new_call(now);
             self.calls.push(call);
         }
     }
 
-    fn new_call(&mut self, now: i64) -> SimCall {
+    /// 10% of the calls end, as many new ones start; the rest change only their
+    /// snapshot timestamp.
+    pub fn churn(&mut self, now: i64) {
+        let total = self.calls.len();
+        let gone = total / 10;
+        for _ in 0..gone {
+            let i = self.rng.usize(..self.calls.len());
+            self.calls.swap_remove(i);
+        }
+        self.fill(total, now);
+    }
+
+    fn new_call(&mut self, now: i64) -> GenCall {
+        self.serial += 1;
         let rng = &mut self.rng;
-        self.next_tag += 1;
+        let account = if rng.f64() < 0.3 {
+            BIG_ACCOUNT
+        } else {
+            rng.i64(2..=ACCOUNTS)
+        };
+        let start = now - rng.i64(0..7200);
+        let connect = rng.bool().then(|| start + rng.i64(1..30));
+        let prefixes = ["380", "44", "49", "1", "7", "971", "123", "4930"];
+        let number = |rng: &mut fastrand::Rng| {
+            format!(
+                "{}{}",
+                prefixes[rng.usize(..prefixes.len())],
+                rng.u64(1_000_000..100_000_000)
+            )
+        };
+        let dst_prefix_in = number(rng);
+        let names = [
+            "Alice",
+            "Bob",
+            "ÄÖÜ",
+            "Zoë",
+            "O'Brien",
+            "100%",
+            "x*y",
+            "bob_smith",
+            "MiXeD",
+            "",
+        ];
+        let sip = ["null", "\"\"", "\"anonymous\"", "\"<sip:1@x>\"", "\"Id\""];
+        let pick = |rng: &mut fastrand::Rng, list: &[&'static str]| list[rng.usize(..list.len())];
         let local_tag = format!(
             "{:08X}-{:04X}-{:08X}",
             rng.u32(..),
             rng.u16(..),
-            self.next_tag
+            self.serial
         );
-        // One account in three gets most of the traffic, as real traffic is skewed.
-        let account = if rng.bool() {
-            rng.usize(..self.accounts.len().div_ceil(3))
-        } else {
-            rng.usize(..self.accounts.len())
-        };
-        let start = now - rng.i64(0..3600);
-        let connect = rng.bool().then(|| start + rng.i64(1..30));
-        let pick = |rng: &mut fastrand::Rng, list: &[&'static str]| list[rng.usize(..list.len())];
-        let digits = |rng: &mut fastrand::Rng| {
-            let prefix = pick(rng, &PREFIXES);
-            format!("{prefix}{}", rng.u64(0..10_000_000))
-        };
-        let maybe = |rng: &mut fastrand::Rng| -> Value {
-            match rng.u8(..4) {
-                0 => Value::Null,
-                1 => json!(""),
-                2 => json!("anonymous"),
-                _ => json!("<sip:1@x>"),
-            }
-        };
-        let a = &self.accounts[account];
-        let row = json!({
-            "id": rng.u64(..), "pop_id": 4, "legB_remote_port": 5060, "legB_local_port": 5061,
-            "legA_remote_port": 5060, "legA_local_port": 5061, "legB_remote_ip": "10.1.2.3",
-            "legB_local_ip": "10.1.2.4", "legA_remote_ip": "192.168.88.23", "legA_local_ip": "192.168.88.24",
-            "orig_call_id": format!("{}-{}-{}", rng.u32(..), rng.u32(..), self.next_tag),
-            "term_call_id": format!("8-{:X}", rng.u64(..)), "global_tag": "", "time_limit": 7200,
-            "dump_level_id": 0, "audio_record_enabled": 0, "attempt_num": 1, "resources": "",
-            "active_resources": "", "customer_id": a.customer_id, "customer_acc_id": a.id,
-            "vendor_id": 77, "vendor_acc_id": 78, "customer_auth_id": 20085, "destination_id": rng.u32(..),
-            "destination_prefix": pick(rng, &PREFIXES), "dialpeer_id": rng.u32(..), "dialpeer_prefix": "380",
-            "orig_gw_id": 19, "term_gw_id": 20, "routing_group_id": 24, "rateplan_id": 18, "routing_plan_id": 3,
-            "destination_initial_rate": pick(rng, &RATES), "destination_next_rate": pick(rng, &RATES),
-            "destination_initial_interval": if rng.bool() { json!(60) } else { json!("1") },
-            "destination_next_interval": if rng.bool() { 60 } else { 1 },
-            "destination_fee": pick(rng, &["0.0", "0.01"]), "destination_rate_policy_id": 1,
-            "dialpeer_initial_rate": "0.005", "dialpeer_next_rate": "0.001", "dialpeer_initial_interval": 1,
-            "dialpeer_next_interval": 1, "dialpeer_fee": "0.0",
-            "src_name_in": pick(rng, &NAMES), "src_name_out": "",
-            "src_prefix_in": digits(rng), "src_prefix_out": "",
-            "dst_prefix_in": digits(rng), "dst_prefix_out": "",
-            "src_prefix_routing": digits(rng),
-            "dst_prefix_routing": digits(rng),
-            "auth_orig_ip": pick(rng, &["127.0.0.1", "10.20.30.40", "2001:db8::1", "192.168.88.23"]),
-            "auth_orig_port": if rng.bool() { json!(5060) } else { json!("5061") },
-            "src_network_id": 1522, "src_country_id": 222, "dst_country_id": 222, "dst_network_id": 1522,
-            "lrn": null, "lnp_database_id": null,
-            "from_domain": pick(rng, &["example.org", "qwe", ""]), "to_domain": pick(rng, &["example.com", "asd"]),
-            "ruri_domain": pick(rng, &["10.0.0.1", "qwe.asd"]), "src_area_id": null, "dst_area_id": null,
-            "routing_tag_ids": [1, 2], "customer_acc_check_balance": 1, "destination_reverse_billing": 0,
-            "dialpeer_reverse_billing": 0, "customer_acc_vat": "0", "customer_auth_name": "test auth",
-            "metadata": null, "diversion_in": maybe(rng), "pai_in": maybe(rng), "ppi_in": maybe(rng),
-            "privacy_in": maybe(rng), "rpid_in": maybe(rng), "rpid_privacy_in": maybe(rng),
-            "auth_orig_transport_protocol_id": rng.u8(1..4),
-        });
-        SimCall {
-            local_tag,
+        let mut head = String::with_capacity(1400);
+        let _ = write!(
+            head,
+            r#""node_id":1,"pop_id":4,"cdr_born_time":"{st}","start_time":"{st}","connect_time":{ct},"start_date":"{sd}","#,
+            st = format_datetime(start),
+            sd = &format_datetime(start)[..10],
+            ct = connect
+                .map(|c| format!("\"{}\"", format_datetime(c)))
+                .unwrap_or_else(|| "null".into()),
+        );
+        let _ = write!(
+            head,
+            r#""legB_remote_port":5060,"legB_local_port":5061,"legA_remote_port":5060,"legA_local_port":5061,"legB_remote_ip":"10.1.2.3","legB_local_ip":"10.1.2.4","legA_remote_ip":"192.168.88.{a}","legA_local_ip":"192.168.88.24","orig_call_id":"{o}-{s}","term_call_id":"8-{t:X}","local_tag":"{local_tag}","global_tag":"","time_limit":7200,"dump_level_id":0,"audio_record_enabled":0,"attempt_num":1,"resources":"","active_resources":"","customer_id":{cu},"customer_acc_id":{account},"vendor_id":77,"vendor_acc_id":78,"customer_auth_id":20085,"destination_id":{d},"destination_prefix":"{dp}","dialpeer_id":{dd},"dialpeer_prefix":"380","orig_gw_id":19,"term_gw_id":20,"routing_group_id":24,"rateplan_id":18,"routing_plan_id":3,"#,
+            a = rng.u8(1..255),
+            o = rng.u32(..),
+            s = self.serial,
+            t = rng.u64(..),
+            cu = customer_of(account),
+            d = rng.u32(..),
+            dp = &dst_prefix_in[..2],
+            dd = rng.u32(..),
+        );
+        let mut tail = String::with_capacity(1200);
+        let rates = [
+            "\"0.0\"", "\"0.11\"", "\"0.5\"", "\"1\"", "\"2.3\"", "0.0123",
+        ];
+        let _ = write!(
+            tail,
+            r#""destination_initial_rate":{ir},"destination_next_rate":{nr},"destination_initial_interval":{ii},"destination_next_interval":{ni},"destination_fee":"0.01","destination_rate_policy_id":1,"dialpeer_initial_rate":"0.005","dialpeer_next_rate":"0.001","dialpeer_initial_interval":1,"dialpeer_next_interval":1,"dialpeer_fee":"0.0","src_name_in":"{sn}","src_name_out":"","src_prefix_in":"{sp}","src_prefix_out":"","dst_prefix_in":"{dst_prefix_in}","dst_prefix_out":"","src_prefix_routing":"{sr}","dst_prefix_routing":"{dr}","auth_orig_ip":"10.20.{x}.{y}","auth_orig_port":{port},"#,
+            ir = pick(rng, &rates),
+            nr = pick(rng, &rates),
+            ii = if rng.bool() { "60" } else { "\"1\"" },
+            ni = if rng.bool() { "60" } else { "1" },
+            sn = pick(rng, &names),
+            sp = number(rng),
+            sr = number(rng),
+            dr = number(rng),
+            x = rng.u8(..),
+            y = rng.u8(..),
+            port = if rng.bool() { "5060" } else { "\"5061\"" },
+        );
+        let _ = write!(
+            tail,
+            r#""src_network_id":1522,"src_country_id":222,"dst_country_id":222,"dst_network_id":1522,"lrn":null,"lnp_database_id":null,"from_domain":"example.org","to_domain":"example.com","ruri_domain":"10.0.0.1","src_area_id":null,"dst_area_id":null,"routing_tag_ids":[1,2],"customer_acc_check_balance":1,"destination_reverse_billing":0,"dialpeer_reverse_billing":0,"customer_acc_vat":"0","customer_auth_name":"test auth","metadata":null,"diversion_in":{dv},"pai_in":{pai},"ppi_in":{ppi},"privacy_in":{pr},"rpid_in":{rp},"rpid_privacy_in":{rpp},"auth_orig_transport_protocol_id":{proto},"#,
+            dv = pick(rng, &sip),
+            pai = pick(rng, &sip),
+            ppi = pick(rng, &sip),
+            pr = pick(rng, &sip),
+            rp = pick(rng, &sip),
+            rpp = pick(rng, &sip),
+            proto = rng.u8(1..4),
+        );
+        // The rest of a real row: media, resources, headers the agent never reads.
+        let _ = write!(
+            tail,
+            r#""lega_user_agent":"Yeti-SBC/1.{v}","legb_user_agent":"FreeSWITCH-mod_sofia/1.10.{v}","lega_headers":{{"x-orig-ip":"192.168.88.{a}"}},"legb_headers":{{}},"pdd":{pdd},"rtt":0.{rtt},"early_media_present":false,"lega_codec":"PCMA/8000","legb_codec":"PCMA/8000","lega_rx_payloads":"8","legb_rx_payloads":"8","p_charge_info_in":null,"failed_resource_type_id":null,"failed_resource_id":null,"dump_file":null,"internal_disconnect_code":null,"is_redirected":false,"legb_disconnect_code":null,"auth_orig_protocol_name":"UDP","buffered":false"#,
+            v = rng.u8(..),
+            a = rng.u8(..),
+            pdd = rng.f32(),
+            rtt = rng.u16(..1000),
+        );
+        GenCall {
             account,
-            start,
-            connect,
-            row,
+            dst_prefix_in,
+            head,
+            tail,
         }
     }
 
-    /// The current calls as the switch sends them: the INSERT line, then one row per call.
-    pub fn snapshot(&self, now: i64) -> String {
-        let mut out = String::from("INSERT INTO active_calls FORMAT JSONEachRow\n");
+    /// The snapshot as the switch sends it at `now`: the INSERT line, then one row a call.
+    pub fn render(&self, now: i64) -> Vec<u8> {
         let stamp = format_datetime(now);
-        for call in &self.calls {
-            let mut row = call.row.clone();
-            if let Value::Object(fields) = &mut row {
-                fields.insert("snapshot_timestamp".into(), json!(stamp));
-                fields.insert("snapshot_date".into(), json!(&stamp[..10]));
-                fields.insert("node_id".into(), json!(self.node_id));
-                fields.insert("local_tag".into(), json!(call.local_tag));
-                fields.insert("cdr_born_time".into(), json!(format_datetime(call.start)));
-                fields.insert("start_time".into(), json!(format_datetime(call.start)));
-                fields.insert(
-                    "start_date".into(),
-                    json!(&format_datetime(call.start)[..10]),
-                );
-                fields.insert(
-                    "connect_time".into(),
-                    json!(call.connect.map(format_datetime)),
-                );
-                fields.insert("end_time".into(), json!(stamp));
-            }
-            out.push_str(&row.to_string());
-            out.push('\n');
+        let mut out = Vec::with_capacity(self.calls.len() * 2400);
+        out.extend_from_slice(b"INSERT INTO active_calls FORMAT JSONEachRow\n");
+        for (i, call) in self.calls.iter().enumerate() {
+            let _ = write!(
+                out,
+                r#"{{"id":{i},"snapshot_timestamp":"{stamp}","snapshot_date":"{date}",{head}"end_time":"{stamp}",{tail}}}"#,
+                date = &stamp[..10],
+                head = call.head,
+                tail = call.tail,
+            );
+            out.push(b'\n');
         }
         out
     }
 
-    /// The account that has the most calls now.
-    pub fn busiest_account(&self) -> &SimAccount {
-        let mut counts = vec![0usize; self.accounts.len()];
-        for call in &self.calls {
-            counts[call.account] += 1;
-        }
-        let best = (0..counts.len()).max_by_key(|&i| counts[i]).unwrap_or(0);
-        &self.accounts[best]
+    /// `dst_prefix_in` values of the big account's calls, for selective queries.
+    pub fn big_account_numbers(&self) -> Vec<String> {
+        self.calls
+            .iter()
+            .filter(|c| c.account == BIG_ACCOUNT)
+            .map(|c| c.dst_prefix_in.clone())
+            .collect()
     }
+
+    pub fn count_in(&self, account: i64) -> usize {
+        self.calls.iter().filter(|c| c.account == account).count()
+    }
+}
+
+/// The directory of the generated accounts: API access `n` sees customer `n`'s accounts.
+pub fn directory_json() -> String {
+    let accounts: Vec<String> = (1..=ACCOUNTS)
+        .map(|a| {
+            format!(
+                r#"{{"id":{a},"uuid":"{}","contractor_id":{}}}"#,
+                uuid_of(a),
+                customer_of(a)
+            )
+        })
+        .collect();
+    let accesses: Vec<String> = (1..=CUSTOMERS)
+        .map(|c| format!(r#"{{"id":{c},"customer_id":{c},"account_ids":[]}}"#))
+        .collect();
+    format!(
+        r#"{{"accounts":[{}],"api_accesses":[{}]}}"#,
+        accounts.join(","),
+        accesses.join(",")
+    )
 }
 
 /// Writes `content` to `path` atomically: a temporary file in the same directory, then a
@@ -258,7 +248,7 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn unix_now() -> i64 {
+pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -278,7 +268,7 @@ pub struct DemoOptions {
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let dir = &options.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut switch = Switch::new(1, 3, 4, unix_now() as u64);
+    let mut switch = Switch::new(unix_now() as u64);
     let secret = format!("demo-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
 
     let mut config = Config::default();
@@ -298,10 +288,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     // curl can post a snapshot the way a real switch does.
     config.feed.listen = "127.0.0.1:0".into();
     config.directory.path = dir.join("directory.json");
-    std::fs::write(
-        &config.directory.path,
-        serde_json::to_vec_pretty(&switch.directory())?,
-    )?;
+    std::fs::write(&config.directory.path, directory_json())?;
     std::fs::write(
         dir.join("config.toml"),
         format!(
@@ -318,8 +305,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     )?;
 
     let now = unix_now();
-    switch.step(now, options.calls, 0.0);
-    write_atomically(&config.feed.watch, switch.snapshot(now).as_bytes())?;
+    switch.fill(options.calls, now);
+    write_atomically(&config.feed.watch, &switch.render(now))?;
 
     let agent = Agent::start(&config).await?;
     let mut status = agent.feed_status();
@@ -329,9 +316,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     let auth = Authenticator::new(Some(secret.as_bytes()), Duration::ZERO);
     let token = auth
-        .issue_for_access(5000, SystemTime::now())
+        .issue_for_access(customer_of(BIG_ACCOUNT), SystemTime::now())
         .context("signing the demo token")?;
-    let account = switch.busiest_account().clone();
+    let account_uuid = uuid_of(BIG_ACCOUNT);
     println!();
     println!(
         "active-calls-agent demo: {} calls on node 1, a new snapshot every {:?}",
@@ -349,14 +336,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     println!();
     println!(
         "Try it (customer {}, its busiest account):",
-        account.customer_id
+        customer_of(BIG_ACCOUNT)
     );
     println!();
     println!(
         "  curl -s -H 'Authorization: Bearer {token}' 'http://{}{}?account-id={}&connect-time-null=false'",
         agent.api_addr(),
         crate::api::OUTGOING_ACTIVE_CALLS,
-        account.uuid
+        account_uuid
     );
     println!();
     println!(
@@ -364,7 +351,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     );
 
     let period = options.period;
-    let calls = options.calls;
     let snapshot_path = config.feed.watch.clone();
     std::thread::Builder::new()
         .name("demo-switch".into())
@@ -372,8 +358,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             loop {
                 std::thread::sleep(period);
                 let now = unix_now();
-                switch.step(now, calls, 0.1);
-                if let Err(e) = write_atomically(&snapshot_path, switch.snapshot(now).as_bytes()) {
+                switch.churn(now);
+                if let Err(e) = write_atomically(&snapshot_path, &switch.render(now)) {
                     tracing::error!(error = %e, "the demo switch could not write its snapshot");
                 }
             }

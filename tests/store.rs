@@ -124,12 +124,12 @@ fn a_local_script_can_read_the_database() {
 
 #[test]
 fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
-    let mut switch = Switch::new(7, 5, 10, 42);
-    switch.step(1_764_081_000, 500, 0.0);
+    let mut switch = Switch::new(42);
+    switch.fill(1000, 1_764_081_000);
     let dir = tempfile::tempdir().unwrap();
     let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
     let mut apply = |switch: &Switch, now: i64| {
-        let snapshot = Cursor::new(switch.snapshot(now));
+        let snapshot = Cursor::new(switch.render(now));
         apply_snapshot(
             &mut writer,
             snapshot,
@@ -140,12 +140,17 @@ fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
         .unwrap()
     };
     let report = apply(&switch, 1_764_081_000);
-    assert_eq!((report.rows, report.skipped, report.written), (500, 0, 500));
-    // 10% churn: the next snapshot writes only what changed.
-    switch.step(1_764_081_005, 500, 0.1);
+    assert_eq!(
+        (report.rows, report.skipped, report.written),
+        (1000, 0, 1000)
+    );
+    // 10% churn: the next snapshot writes exactly the new calls and removes the ended.
+    switch.churn(1_764_081_005);
     let report = apply(&switch, 1_764_081_005);
-    assert_eq!(report.rows, 500);
-    assert!(report.removed > 10 && report.written < 250, "{report:?}");
+    assert_eq!(
+        (report.rows, report.written, report.removed),
+        (1000, 100, 100)
+    );
 }
 
 fn apply_text(writer: &mut Writer, text: &str) -> active_calls_agent::feed::ApplyReport {
