@@ -143,6 +143,9 @@ impl Writer {
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         // Index builds sort with a second thread.
         conn.pragma_update(None, "threads", 2)?;
+        // The WAL is copied back into the database between snapshots (see `copy_back`),
+        // not inside the commit that a waiting switch or reader is timing.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != SCHEMA_VERSION {
             if version != 0 {
@@ -204,9 +207,15 @@ impl Writer {
         Ok(stale)
     }
 
-    /// Checkpoints the WAL into the database file (at shutdown).
+    /// Checkpoints the WAL into the database file and empties it (at shutdown).
     pub fn checkpoint(&self) -> rusqlite::Result<()> {
         self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+    }
+
+    /// Copies what the WAL holds back into the database file, without waiting for
+    /// readers (they keep what they read): the writer's work between two snapshots.
+    pub fn copy_back(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
     }
 
     /// Gives back the page cache an apply filled, to SQLite's allocator and from there to

@@ -128,6 +128,7 @@ impl Worker {
         let mut last_expiry = Instant::now();
         let mut last_write = Instant::now();
         let mut released = true;
+        let mut copied_back = true;
         loop {
             if queue.is_empty() {
                 match jobs.recv_timeout(EXPIRY_INTERVAL) {
@@ -141,7 +142,7 @@ impl Worker {
                 Some(Job::ApplyFile) => {
                     queue.retain(|job| !matches!(job, Job::ApplyFile));
                     self.check_file();
-                    (last_write, released) = (Instant::now(), false);
+                    (last_write, released, copied_back) = (Instant::now(), false, false);
                 }
                 Some(Job::ApplyStream {
                     input,
@@ -158,10 +159,16 @@ impl Worker {
                     );
                     self.record(Origin::Socket, result.as_ref().map_err(|e| e.to_string()));
                     let _ = reply.send(result);
-                    (last_write, released) = (Instant::now(), false);
+                    (last_write, released, copied_back) = (Instant::now(), false, false);
                 }
                 Some(Job::Stop) => break,
                 None => {}
+            }
+            if queue.is_empty() && !copied_back {
+                if let Err(e) = self.writer.copy_back() {
+                    tracing::warn!(error = %e, "checkpointing the WAL failed");
+                }
+                copied_back = true;
             }
             if queue.is_empty() && !released && last_write.elapsed() >= RELEASE_AFTER {
                 if let Err(e) = self.writer.release_memory() {
