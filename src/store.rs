@@ -82,14 +82,15 @@ const INSERT_CALL: &str = "INSERT INTO calls (
     ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37, ?38, ?39)";
 const LAST_CALL_ID_IN: &str = "SELECT max(call_id) FROM calls WHERE call_id >= ?1 AND call_id < ?2";
 /// A changed call whose indexed values did not change: its index entries stay as they are.
+/// It takes the parameters of [`INSERT_CALL`], and uses those it needs.
 const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
-    customer_id = ?2, snapshot_timestamp = ?3, start_time = ?4, connect_time = ?5,
-    destination_prefix = ?6, destination_initial_interval = ?7, destination_initial_rate = ?8,
-    destination_next_interval = ?9, destination_next_rate = ?10, destination_fee = ?11,
-    from_domain = ?12, to_domain = ?13, ruri_domain = ?14,
-    diversion_in = ?15, pai_in = ?16, ppi_in = ?17, privacy_in = ?18, rpid_in = ?19, rpid_privacy_in = ?20,
-    auth_orig_transport_protocol_id = ?21, auth_orig_ip = ?22, auth_orig_port = ?23, row_hash = ?24,
-    line_key = ?25
+    customer_id = ?4, snapshot_timestamp = ?6, start_time = ?7, connect_time = ?8,
+    destination_prefix = ?9, destination_initial_interval = ?10, destination_initial_rate = ?11,
+    destination_next_interval = ?12, destination_next_rate = ?13, destination_fee = ?14,
+    from_domain = ?20, to_domain = ?21, ruri_domain = ?22,
+    diversion_in = ?23, pai_in = ?24, ppi_in = ?25, privacy_in = ?26, rpid_in = ?27, rpid_privacy_in = ?28,
+    auth_orig_transport_protocol_id = ?29, auth_orig_ip = ?30, auth_orig_port = ?31,
+    row_hash = ?37, key_hash = ?38, line_key = ?39
   WHERE call_id = ?1";
 const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
 const PUT_NODE: &str =
@@ -429,35 +430,14 @@ impl SnapshotTx<'_> {
             }
             Some(known) if known.key_hash == key_hash && known.account == row.customer_acc_id => {
                 // Only unindexed values changed (a call connecting, a rate): rewrite those.
-                self.tx
-                    .prepare_cached(UPDATE_CALL_VALUES)?
-                    .execute(params![
-                        known.call_id,
-                        row.customer_id,
-                        own_timestamp,
-                        row.start_time,
-                        row.connect_time,
-                        row.destination_prefix,
-                        row.destination_initial_interval,
-                        row.destination_initial_rate,
-                        row.destination_next_interval,
-                        row.destination_next_rate,
-                        row.destination_fee,
-                        row.from_domain,
-                        row.to_domain,
-                        row.ruri_domain,
-                        row.diversion_in,
-                        row.pai_in,
-                        row.ppi_in,
-                        row.privacy_in,
-                        row.rpid_in,
-                        row.rpid_privacy_in,
-                        row.auth_orig_transport_protocol_id,
-                        row.auth_orig_ip,
-                        row.auth_orig_port,
-                        row_hash,
-                        line_key,
-                    ])?;
+                let values = CallValues {
+                    row,
+                    own_timestamp,
+                    row_hash,
+                    key_hash,
+                    line_key,
+                };
+                values.write(&self.tx, UPDATE_CALL_VALUES, Some(known.call_id))?;
                 self.seen.insert(known.call_id);
                 self.written += 1;
                 return Ok(());
@@ -469,49 +449,15 @@ impl SnapshotTx<'_> {
         if let Some(call_id) = replaced {
             self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
         }
-        let rev = |s: &str| Blob(s.bytes().rev().collect());
         let call_id = self.next_call_id(row.customer_acc_id)?;
-        self.tx.prepare_cached(INSERT_CALL)?.execute(params![
-            call_id,
-            row.node_id,
-            row.local_tag,
-            row.customer_id,
-            row.customer_acc_id,
+        let values = CallValues {
+            row,
             own_timestamp,
-            row.start_time,
-            row.connect_time,
-            row.destination_prefix,
-            row.destination_initial_interval,
-            row.destination_initial_rate,
-            row.destination_next_interval,
-            row.destination_next_rate,
-            row.destination_fee,
-            row.src_name_in,
-            row.src_prefix_in,
-            row.dst_prefix_in,
-            row.src_prefix_routing,
-            row.dst_prefix_routing,
-            row.from_domain,
-            row.to_domain,
-            row.ruri_domain,
-            row.diversion_in,
-            row.pai_in,
-            row.ppi_in,
-            row.privacy_in,
-            row.rpid_in,
-            row.rpid_privacy_in,
-            row.auth_orig_transport_protocol_id,
-            row.auth_orig_ip,
-            row.auth_orig_port,
-            rev(&row.src_name_in),
-            rev(&row.src_prefix_in),
-            rev(&row.dst_prefix_in),
-            rev(&row.src_prefix_routing),
-            rev(&row.dst_prefix_routing),
             row_hash,
             key_hash,
             line_key,
-        ])?;
+        };
+        values.write(&self.tx, INSERT_CALL, call_id)?;
         self.seen.insert(self.tx.last_insert_rowid());
         self.written_tags.insert(tag_hash);
         self.written += 1;
@@ -575,6 +521,69 @@ impl SnapshotTx<'_> {
         self.tx.commit()?;
         changes.nodes.sort_unstable();
         Ok(changes)
+    }
+}
+
+/// What a call's row is written with, by [`INSERT_CALL`] and [`UPDATE_CALL_VALUES`] alike.
+struct CallValues<'r, 'a> {
+    row: &'r CallRow<'a>,
+    own_timestamp: Option<&'r str>,
+    row_hash: i64,
+    key_hash: i64,
+    line_key: Option<i64>,
+}
+
+impl CallValues<'_, '_> {
+    fn write(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        sql: &str,
+        call_id: Option<i64>,
+    ) -> rusqlite::Result<()> {
+        let row = self.row;
+        let rev = |s: &str| Blob(s.bytes().rev().collect());
+        tx.prepare_cached(sql)?.execute(params![
+            call_id,
+            row.node_id,
+            row.local_tag,
+            row.customer_id,
+            row.customer_acc_id,
+            self.own_timestamp,
+            row.start_time,
+            row.connect_time,
+            row.destination_prefix,
+            row.destination_initial_interval,
+            row.destination_initial_rate,
+            row.destination_next_interval,
+            row.destination_next_rate,
+            row.destination_fee,
+            row.src_name_in,
+            row.src_prefix_in,
+            row.dst_prefix_in,
+            row.src_prefix_routing,
+            row.dst_prefix_routing,
+            row.from_domain,
+            row.to_domain,
+            row.ruri_domain,
+            row.diversion_in,
+            row.pai_in,
+            row.ppi_in,
+            row.privacy_in,
+            row.rpid_in,
+            row.rpid_privacy_in,
+            row.auth_orig_transport_protocol_id,
+            row.auth_orig_ip,
+            row.auth_orig_port,
+            rev(&row.src_name_in),
+            rev(&row.src_prefix_in),
+            rev(&row.dst_prefix_in),
+            rev(&row.src_prefix_routing),
+            rev(&row.dst_prefix_routing),
+            self.row_hash,
+            self.key_hash,
+            self.line_key,
+        ])?;
+        Ok(())
     }
 }
 

@@ -236,3 +236,38 @@ fn unchanged_lines_are_recognised_without_being_rewritten() {
     assert_eq!((report.written, report.removed), (1, 1));
     assert_eq!(stored_names(&readers), [format!("A3 {t3}")]);
 }
+
+/// A call that connects changes no indexed value: it is updated in place, and the answer
+/// (and every filter) sees the new values.
+#[test]
+fn a_call_that_connects_is_updated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calls.db");
+    let mut writer = Writer::open(&path).unwrap();
+    let readers = Readers::new(&path);
+    let line = |connect: &str, port: u32| {
+        format!(
+            r#"{{"node_id":1,"local_tag":"a","customer_id":1001,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","connect_time":{connect},"auth_orig_port":{port},"src_name_in":"A"}}"#
+        )
+    };
+    apply_text(&mut writer, &format!("{}\n", line("null", 5060)));
+    let report = apply_text(
+        &mut writer,
+        &format!("{}\n", line("\"2025-11-25 10:00:07\"", 5061)),
+    );
+    assert_eq!((report.written, report.removed), (1, 0));
+    let mut out = Vec::new();
+    let connected = query(vec![
+        Filter::ConnectTimeNull(false),
+        Filter::AuthOrigPort(5061),
+    ]);
+    assert_eq!(readers.outgoing_calls(&connected, &mut out).unwrap(), 1);
+    let body: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(body["data"][0]["connect_time"], "2025-11-25 10:00:07");
+    assert_eq!(body["data"][0]["src_name_in"], "A");
+    let ringing = query(vec![Filter::ConnectTimeNull(true)]);
+    assert_eq!(
+        readers.outgoing_calls(&ringing, &mut Vec::new()).unwrap(),
+        0
+    );
+}
