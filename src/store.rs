@@ -65,8 +65,10 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
 
 const LOAD_STORED_CALLS: &str = "SELECT call_id, node_id, customer_acc_id, line_key,
     snapshot_timestamp IS NOT NULL FROM calls INDEXED BY calls_by_node";
-const FIND_CALL: &str = "SELECT call_id, customer_acc_id, row_hash, key_hash, line_key
-    FROM calls WHERE node_id = ?1 AND local_tag = ?2";
+const FIND_CALL: &str = "SELECT node_id, local_tag, call_id, customer_acc_id, row_hash, key_hash,
+    line_key FROM calls WHERE node_id = ?1 AND local_tag = ?2";
+const FIND_CALL_BY_ID: &str = "SELECT node_id, local_tag, call_id, customer_acc_id, row_hash,
+    key_hash, line_key FROM calls WHERE call_id = ?1";
 const COUNT_CALLS: &str = "SELECT count(*) FROM calls";
 const INSERT_CALL: &str = "INSERT INTO calls (
     call_id, node_id, local_tag, customer_id, customer_acc_id, snapshot_timestamp, start_time, connect_time,
@@ -184,7 +186,7 @@ impl Writer {
             stored: None,
             nodes: HashMap::new(),
             seen: HashSet::new(),
-            written_tags: HashSet::new(),
+            written_tags: HashMap::new(),
             next_ids: HashMap::new(),
             written: 0,
             bulk_after,
@@ -289,8 +291,9 @@ pub struct SnapshotTx<'w> {
     nodes: HashMap<i64, Option<String>>,
     /// The calls this snapshot has; the other calls of its nodes have ended.
     seen: HashSet<i64>,
-    /// Hashes of (node, tag) written by this snapshot: a repeated call is looked up again.
-    written_tags: HashSet<u64>,
+    /// Calls written by this snapshot, by a hash of (node, tag): a repeated call is found
+    /// again by its id.
+    written_tags: HashMap<u64, i64>,
     /// The next free call id of each account written to.
     next_ids: HashMap<i64, i64>,
     written: u64,
@@ -399,22 +402,19 @@ impl SnapshotTx<'_> {
             h.update(row.local_tag.as_bytes());
             h.digest()
         };
-        let known = if has_stored || self.written_tags.contains(&tag_hash) {
-            let mut stmt = self.tx.prepare_cached(FIND_CALL)?;
-            let mut rows = stmt.query(params![row.node_id, row.local_tag])?;
-            match rows.next()? {
-                Some(r) => Some(KnownCall {
-                    call_id: r.get(0)?,
-                    account: r.get(1)?,
-                    row_hash: r.get(2)?,
-                    key_hash: r.get(3)?,
-                    line_key: r.get(4)?,
-                }),
-                None => None,
-            }
-        } else {
-            None
+        // A call written earlier in this snapshot is found by its id (the bulk path may
+        // have dropped calls_by_node); a stored one through calls_by_node.
+        let written_here = self.written_tags.get(&tag_hash).copied();
+        let mut known = match written_here {
+            Some(call_id) => find_call(&self.tx, FIND_CALL_BY_ID, params![call_id])?
+                .filter(|(node, tag, _)| *node == row.node_id && *tag == *row.local_tag)
+                .map(|(_, _, known)| known),
+            None => None,
         };
+        if known.is_none() && (has_stored || written_here.is_some()) {
+            known = find_call(&self.tx, FIND_CALL, params![row.node_id, row.local_tag])?
+                .map(|(_, _, known)| known);
+        }
         if let (Some(known), Some(stored)) = (&known, &mut self.stored)
             && known.row_hash != row_hash
             && let Some(old_line) = known.line_key
@@ -459,7 +459,8 @@ impl SnapshotTx<'_> {
         };
         values.write(&self.tx, INSERT_CALL, call_id)?;
         self.seen.insert(self.tx.last_insert_rowid());
-        self.written_tags.insert(tag_hash);
+        self.written_tags
+            .insert(tag_hash, self.tx.last_insert_rowid());
         self.written += 1;
         if self.written == self.bulk_after && self.dropped_indexes.is_none() {
             let empty_store = self.stored.as_ref().is_none_or(|s| s.calls.is_empty());
@@ -522,6 +523,27 @@ impl SnapshotTx<'_> {
         changes.nodes.sort_unstable();
         Ok(changes)
     }
+}
+
+/// The stored call a [`FIND_CALL`]-shaped statement finds, with its node and tag.
+fn find_call(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Option<(i64, String, KnownCall)>> {
+    let mut stmt = tx.prepare_cached(sql)?;
+    let mut rows = stmt.query(params)?;
+    let Some(r) = rows.next()? else {
+        return Ok(None);
+    };
+    let known = KnownCall {
+        call_id: r.get(2)?,
+        account: r.get(3)?,
+        row_hash: r.get(4)?,
+        key_hash: r.get(5)?,
+        line_key: r.get(6)?,
+    };
+    Ok(Some((r.get(0)?, r.get(1)?, known)))
 }
 
 /// What a call's row is written with, by [`INSERT_CALL`] and [`UPDATE_CALL_VALUES`] alike.

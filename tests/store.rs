@@ -271,3 +271,38 @@ fn a_call_that_connects_is_updated_in_place() {
         0
     );
 }
+
+/// Repeated calls past the point where a large snapshot drops its indexes: the last row
+/// of each still wins, and exactly one row per call is stored.
+#[test]
+fn repeated_calls_in_a_bulk_snapshot_keep_their_last_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calls.db");
+    let mut writer = Writer::open(&path).unwrap();
+    let row = |tag: usize, name: &str| {
+        format!(
+            r#"{{"node_id":1,"local_tag":"t{tag}","customer_id":1001,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","src_name_in":"{name}"}}"#
+        )
+    };
+    let calls = 6_000;
+    let mut text = String::new();
+    for tag in 0..calls {
+        text.push_str(&row(tag, "first"));
+        text.push('\n');
+    }
+    for tag in 0..calls {
+        text.push_str(&row(tag, "last"));
+        text.push('\n');
+    }
+    let report = apply_text(&mut writer, &text);
+    assert_eq!(report.rows, 2 * calls as u64);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (count, last): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), sum(src_name_in = 'last') FROM calls",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((count, last), (calls as i64, calls as i64));
+}
