@@ -21,6 +21,10 @@ use crate::store::{Origin, Writer};
 
 /// How often the writer looks for nodes gone silent.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// The writer thread's niceness: below the API's threads, well above idle.
+#[cfg(target_os = "linux")]
+const WRITER_NICENESS: libc::c_int = 10;
+
 /// After this long without a snapshot the writer gives its page cache back: a switch
 /// posting every few seconds keeps it warm, an idle agent stays small.
 const RELEASE_AFTER: Duration = Duration::from_secs(10);
@@ -124,6 +128,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        lower_priority();
         let mut queue = VecDeque::new();
         let mut last_expiry = Instant::now();
         let mut last_write = Instant::now();
@@ -248,6 +253,21 @@ impl Worker {
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "expiring silent nodes failed"),
+        }
+    }
+}
+
+/// Customers' queries come first: when the CPU is contended (two cores, a busy switch
+/// beside), the writer thread yields to the API's threads, and a snapshot takes longer
+/// instead of answers.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority only read and set scheduling attributes of the calling
+    // thread; they take no pointers and have no memory effects.
+    unsafe {
+        let tid = libc::gettid();
+        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WRITER_NICENESS) != 0 {
+            tracing::debug!("could not lower the writer thread's priority");
         }
     }
 }
