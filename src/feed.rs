@@ -65,6 +65,50 @@ pub struct CallRow<'a> {
     pub auth_orig_port: i64,
 }
 
+impl CallRow<'_> {
+    /// The same row, owning its text (to cross from the reader thread to the writer).
+    pub fn into_owned(self) -> CallRow<'static> {
+        fn own(text: Cow<'_, str>) -> Cow<'static, str> {
+            Cow::Owned(text.into_owned())
+        }
+        fn own_opt(text: Option<Cow<'_, str>>) -> Option<Cow<'static, str>> {
+            text.map(own)
+        }
+        CallRow {
+            node_id: self.node_id,
+            local_tag: own(self.local_tag),
+            customer_id: self.customer_id,
+            customer_acc_id: self.customer_acc_id,
+            snapshot_timestamp: own_opt(self.snapshot_timestamp),
+            start_time: own(self.start_time),
+            connect_time: own_opt(self.connect_time),
+            destination_prefix: own(self.destination_prefix),
+            destination_initial_interval: self.destination_initial_interval,
+            destination_initial_rate: own(self.destination_initial_rate),
+            destination_next_interval: self.destination_next_interval,
+            destination_next_rate: own(self.destination_next_rate),
+            destination_fee: own(self.destination_fee),
+            src_name_in: own(self.src_name_in),
+            src_prefix_in: own(self.src_prefix_in),
+            dst_prefix_in: own(self.dst_prefix_in),
+            src_prefix_routing: own(self.src_prefix_routing),
+            dst_prefix_routing: own(self.dst_prefix_routing),
+            from_domain: own(self.from_domain),
+            to_domain: own(self.to_domain),
+            ruri_domain: own(self.ruri_domain),
+            diversion_in: own_opt(self.diversion_in),
+            pai_in: own_opt(self.pai_in),
+            ppi_in: own_opt(self.ppi_in),
+            privacy_in: own_opt(self.privacy_in),
+            rpid_in: own_opt(self.rpid_in),
+            rpid_privacy_in: own_opt(self.rpid_privacy_in),
+            auth_orig_transport_protocol_id: self.auth_orig_transport_protocol_id,
+            auth_orig_ip: own(self.auth_orig_ip),
+            auth_orig_port: self.auth_orig_port,
+        }
+    }
+}
+
 /// What one line of a snapshot turned out to be.
 #[derive(Debug, PartialEq)]
 pub enum Line<'a> {
@@ -530,31 +574,145 @@ pub fn unix_millis(time: SystemTime) -> i64 {
     }
 }
 
+/// A block of whole lines read from a snapshot, and what the reader made of each.
+struct Block {
+    text: Vec<u8>,
+    items: Vec<Item>,
+}
+
+/// One line, as the reader thread hands it to the writer.
+enum Item {
+    /// A line whose key is a stored call's: the writer confirms it is unchanged, or parses
+    /// it (`line` and `timestamp` are ranges of the block's text).
+    Keyed {
+        line: std::ops::Range<usize>,
+        line_no: u64,
+        hash: i64,
+        timestamp: Option<std::ops::Range<usize>>,
+    },
+    /// A parsed row, and the key of its line.
+    Row(Box<CallRow<'static>>, Option<i64>),
+    Skipped {
+        node_id: Option<i64>,
+    },
+}
+
+/// Lines a block gathers before it goes to the writer.
+const BLOCK_BYTES: usize = 1 << 20;
+/// Blocks in flight between the reader and the writer: the memory a pipeline holds.
+const BLOCKS_IN_FLIGHT: usize = 4;
+
 /// Reads a whole snapshot from `input` and applies it in one transaction of `writer`.
 /// On any error nothing is applied.
+///
+/// Two threads share the work, since the second core is otherwise idle during an apply: a
+/// reader splits the input into lines, keys them, and parses every line that is not a
+/// stored call's; the calling thread (the writer) matches, writes and commits.
 pub fn apply_snapshot(
     writer: &mut Writer,
-    mut input: impl BufRead,
+    input: impl BufRead + Send,
     insert_line: InsertLine,
     origin: Origin,
     received_at: SystemTime,
 ) -> Result<ApplyReport, SnapshotError> {
     let started = Instant::now();
     let mut tx = writer.begin(origin, received_at)?;
+    let stored_keys = tx.stored_line_keys()?;
     let mut report = ApplyReport::default();
-    let mut buf = Vec::with_capacity(8 * 1024);
+    std::thread::scope(|scope| -> Result<(), SnapshotError> {
+        let (blocks_tx, blocks) = std::sync::mpsc::sync_channel(BLOCKS_IN_FLIGHT);
+        let reader = scope.spawn(move || read_blocks(input, insert_line, &stored_keys, blocks_tx));
+        let applied = apply_blocks(&mut tx, blocks, &mut report);
+        let read = reader.join().unwrap_or_else(|_| {
+            Err(SnapshotError::Io(std::io::Error::other(
+                "the snapshot reader failed",
+            )))
+        });
+        // The writer's error comes first: when it stops, the reader stops with it.
+        applied.and(read)
+    })?;
+    let changes = tx.commit()?;
+    report.nodes = changes.nodes;
+    report.written = changes.written;
+    report.removed = changes.removed;
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// The writer's side: applies the blocks as they come, until the reader is done.
+fn apply_blocks(
+    tx: &mut crate::store::SnapshotTx<'_>,
+    blocks: std::sync::mpsc::Receiver<Block>,
+    report: &mut ApplyReport,
+) -> Result<(), SnapshotError> {
+    for block in blocks {
+        for item in block.items {
+            match item {
+                Item::Keyed {
+                    line,
+                    line_no,
+                    hash,
+                    timestamp,
+                } => {
+                    let key = LineKey {
+                        hash,
+                        snapshot_timestamp: timestamp
+                            .and_then(|range| std::str::from_utf8(&block.text[range]).ok()),
+                    };
+                    if !tx.put_unchanged(&key)? {
+                        // Rare: the call keeps a timestamp of its own; parse it after all.
+                        let malformed = |reason| SnapshotError::Malformed {
+                            line: line_no,
+                            reason,
+                        };
+                        if let Line::Row(row) = parse_line(&block.text[line]).map_err(malformed)? {
+                            tx.put(&row, Some(hash))?;
+                        }
+                    }
+                    report.rows += 1;
+                }
+                Item::Row(row, key) => {
+                    tx.put(&row, key)?;
+                    report.rows += 1;
+                }
+                Item::Skipped { node_id } => {
+                    report.skipped += 1;
+                    if let Some(node) = node_id {
+                        tx.touch_node(node)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reader's side: lines in, blocks out. Stops at the first malformed line, or when the
+/// writer stops taking blocks.
+fn read_blocks(
+    mut input: impl BufRead,
+    insert_line: InsertLine,
+    stored_keys: &std::collections::HashSet<i64>,
+    blocks: std::sync::mpsc::SyncSender<Block>,
+) -> Result<(), SnapshotError> {
+    writer::lower_priority();
+    let new_block = || Block {
+        text: Vec::with_capacity(BLOCK_BYTES + 64 * 1024),
+        items: Vec::new(),
+    };
+    let mut block = new_block();
     let mut line_no = 0u64;
     loop {
-        buf.clear();
+        let start = block.text.len();
         let read = (&mut input)
             .take(MAX_LINE_BYTES + 1)
-            .read_until(b'\n', &mut buf)?;
+            .read_until(b'\n', &mut block.text)?;
         if read == 0 {
             break;
         }
         line_no += 1;
-        if buf.len() as u64 > MAX_LINE_BYTES {
-            if buf.trim_ascii_start().first() != Some(&b'{') {
+        if read as u64 > MAX_LINE_BYTES {
+            if block.text[start..].trim_ascii_start().first() != Some(&b'{') {
                 return Err(SnapshotError::Malformed {
                     line: line_no,
                     reason: "not a JSON object".into(),
@@ -562,18 +720,19 @@ pub fn apply_snapshot(
             }
             // An object too long to be a row of a switch: skipped without ever holding
             // more of it in memory.
+            block.text.truncate(start);
             skip_rest_of_line(&mut input)?;
             tracing::debug!(
                 line = line_no,
                 "snapshot row skipped: longer than {MAX_LINE_BYTES} bytes"
             );
-            report.skipped += 1;
+            block.items.push(Item::Skipped { node_id: None });
             continue;
         }
-        let mut line = &buf[..];
+        let mut line = start..block.text.len();
         if line_no == 1 {
-            match (strip_insert(&buf), insert_line) {
-                (Some((_table, data)), _) => line = data,
+            match (strip_insert(&block.text[line.clone()]), insert_line) {
+                (Some((_table, data)), _) => line.start = block.text.len() - data.len(),
                 (None, InsertLine::Required) => {
                     return Err(SnapshotError::Malformed {
                         line: 1,
@@ -583,38 +742,49 @@ pub fn apply_snapshot(
                 (None, InsertLine::Optional) => {}
             }
         }
-        let key = line_key(line);
-        if let Some(key) = &key
-            && tx.put_unchanged(key)?
-        {
-            report.rows += 1;
-            continue;
-        }
-        let malformed = |reason| SnapshotError::Malformed {
-            line: line_no,
-            reason,
-        };
-        match parse_line(line).map_err(malformed)? {
-            Line::Nothing => {}
-            Line::Row(row) => {
-                tx.put(&row, key.map(|k| k.hash))?;
-                report.rows += 1;
+        let text = &block.text[line.clone()];
+        let key = line_key(text);
+        let item = match key {
+            Some(key) if stored_keys.contains(&key.hash) => {
+                let base = text.as_ptr() as usize - line.start;
+                let timestamp = key.snapshot_timestamp.map(|t| {
+                    let at = t.as_ptr() as usize - base;
+                    at..at + t.len()
+                });
+                Some(Item::Keyed {
+                    line: line.clone(),
+                    line_no,
+                    hash: key.hash,
+                    timestamp,
+                })
             }
-            Line::Skipped { node_id, reason } => {
-                tracing::debug!(line = line_no, %reason, "snapshot row skipped");
-                report.skipped += 1;
-                if let Some(node) = node_id {
-                    tx.touch_node(node)?;
+            _ => {
+                let malformed = |reason| SnapshotError::Malformed {
+                    line: line_no,
+                    reason,
+                };
+                match parse_line(text).map_err(malformed)? {
+                    Line::Nothing => None,
+                    Line::Row(row) => {
+                        Some(Item::Row(Box::new(row.into_owned()), key.map(|k| k.hash)))
+                    }
+                    Line::Skipped { node_id, reason } => {
+                        tracing::debug!(line = line_no, %reason, "snapshot row skipped");
+                        Some(Item::Skipped { node_id })
+                    }
                 }
+            }
+        };
+        block.items.extend(item);
+        if block.text.len() >= BLOCK_BYTES {
+            let full = std::mem::replace(&mut block, new_block());
+            if blocks.send(full).is_err() {
+                return Ok(()); // the writer stopped; its error is the one to report
             }
         }
     }
-    let changes = tx.commit()?;
-    report.nodes = changes.nodes;
-    report.written = changes.written;
-    report.removed = changes.removed;
-    report.duration = started.elapsed();
-    Ok(report)
+    let _ = blocks.send(block);
+    Ok(())
 }
 
 /// Consumes input up to and including the next newline.

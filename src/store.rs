@@ -350,6 +350,11 @@ impl SnapshotTx<'_> {
         Ok(Some(next))
     }
 
+    /// The line keys of every stored call (for a reader that decides what to parse).
+    pub fn stored_line_keys(&mut self) -> rusqlite::Result<HashSet<i64>> {
+        Ok(self.stored()?.by_line.keys().copied().collect())
+    }
+
     /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
     pub fn touch_node(&mut self, node_id: i64) -> rusqlite::Result<()> {
         self.nodes.entry(node_id).or_default();

@@ -260,7 +260,7 @@ impl Worker {
 /// Customers' queries come first: when the CPU is contended (two cores, a busy switch
 /// beside), the writer thread yields to the API's threads, and a snapshot takes longer
 /// instead of answers.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid and setpriority only read and set scheduling attributes of the calling
     // thread; they take no pointers and have no memory effects.
