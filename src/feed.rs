@@ -293,16 +293,25 @@ pub fn line_key(line: &[u8]) -> Option<LineKey<'_>> {
     if !(line.starts_with(b"{") && line.ends_with(b"}")) {
         return None;
     }
+    // A volatile key written any other way (`"end_time" :`, an escape in the name) could
+    // hide its value in the hash: such a line is always parsed.
+    if memchr::memmem::find(line, b"\\u").is_some() {
+        return None;
+    }
     let mut spans = [(0usize, 0usize); 3];
     let mut snapshot_timestamp = None;
     for (i, key) in VOLATILE_KEYS.iter().enumerate() {
-        let mut found = memchr::memmem::find_iter(line, key);
-        let Some(start) = found.next() else {
-            continue;
-        };
-        if found.next().is_some() {
+        let name = &key[1..key.len() - 2];
+        if memchr::memmem::find_iter(line, name).count() > 1 {
             return None;
         }
+        let mut found = memchr::memmem::find_iter(line, key);
+        let Some(start) = found.next() else {
+            if memchr::memmem::find(line, name).is_some() {
+                return None; // the name, but not as a plain `"name":` key
+            }
+            continue;
+        };
         let value_at = start + key.len();
         let value = &line[value_at..];
         let (text, end) = if value.starts_with(b"null") {
@@ -659,17 +668,28 @@ fn apply_blocks(
                         snapshot_timestamp: timestamp
                             .and_then(|range| std::str::from_utf8(&block.text[range]).ok()),
                     };
-                    if !tx.put_unchanged(&key)? {
-                        // Rare: the call keeps a timestamp of its own; parse it after all.
-                        let malformed = |reason| SnapshotError::Malformed {
-                            line: line_no,
-                            reason,
-                        };
-                        if let Line::Row(row) = parse_line(&block.text[line]).map_err(malformed)? {
+                    if tx.put_unchanged(&key)? {
+                        report.rows += 1;
+                        continue;
+                    }
+                    // Rare: the call keeps a timestamp of its own; parse it after all.
+                    let malformed = |reason| SnapshotError::Malformed {
+                        line: line_no,
+                        reason,
+                    };
+                    match parse_line(&block.text[line]).map_err(malformed)? {
+                        Line::Nothing => {}
+                        Line::Row(row) => {
                             tx.put(&row, Some(hash))?;
+                            report.rows += 1;
+                        }
+                        Line::Skipped { node_id, .. } => {
+                            report.skipped += 1;
+                            if let Some(node) = node_id {
+                                tx.touch_node(node)?;
+                            }
                         }
                     }
-                    report.rows += 1;
                 }
                 Item::Row(row, key) => {
                     tx.put(&row, key)?;
@@ -711,8 +731,10 @@ fn read_blocks(
             break;
         }
         line_no += 1;
-        if read as u64 > MAX_LINE_BYTES {
-            if block.text[start..].trim_ascii_start().first() != Some(&b'{') {
+        // Longer than the limit: more than it read, with no newline yet.
+        if read as u64 > MAX_LINE_BYTES && block.text.last() != Some(&b'\n') {
+            let first_required = line_no == 1 && insert_line == InsertLine::Required;
+            if first_required || block.text[start..].trim_ascii_start().first() != Some(&b'{') {
                 return Err(SnapshotError::Malformed {
                     line: line_no,
                     reason: "not a JSON object".into(),
@@ -1005,6 +1027,10 @@ mod tests {
         assert!(line_key(twice.as_bytes()).is_none());
         let odd = a.replace(r#""end_time":"2025-11-25 14:30:00""#, r#""end_time":5"#);
         assert!(line_key(odd.as_bytes()).is_none());
+        let spaced = a.replace(r#""snapshot_timestamp":"#, r#""snapshot_timestamp" :"#);
+        assert!(line_key(spaced.as_bytes()).is_none());
+        let escaped = a.replace(r#""snapshot_timestamp":"#, r#""snapshot\u005ftimestamp":"#);
+        assert!(line_key(escaped.as_bytes()).is_none());
         let bad_time = at("2025-13-25 14:30:00");
         assert!(line_key(bad_time.as_bytes()).is_none());
         assert!(line_key(b"not json").is_none());

@@ -112,9 +112,12 @@ const PUT_CALLS_STAT: &str = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (
 const CLEAR_CALLS_STATS: &str = "DELETE FROM sqlite_stat1 WHERE tbl = 'calls'";
 
 /// A call id is `account << CALL_SERIAL_BITS | serial` for accounts below
-/// `1 << ACCOUNT_ID_BITS` (the ids stay below 2^62).
+/// `1 << ACCOUNT_ID_BITS` (the ids stay below 2^62); the others take ids from 2^62 up.
 const CALL_SERIAL_BITS: u32 = 20;
 const ACCOUNT_ID_BITS: u32 = 42;
+const OVERFLOW_IDS: i64 = 1 << 62;
+/// The key of the overflow range in `next_ids` (no account in the ranges is negative).
+const OVERFLOW_KEY: i64 = -1;
 
 /// A snapshot that writes at least this many calls, and at least [`BULK_SHARE`] of the
 /// table, drops the secondary indexes and builds them again at commit: sorting once beats
@@ -327,27 +330,32 @@ impl SnapshotTx<'_> {
 
     /// The id of a new call of `account`: ids are handed out in one range per account, so
     /// an account's calls lie together in the table and its answer is a few page reads.
-    /// `None` (SQLite picks the next free id) for an account outside the ranges.
-    fn next_call_id(&mut self, account: i64) -> rusqlite::Result<Option<i64>> {
-        if !(0..1 << ACCOUNT_ID_BITS).contains(&account) {
-            return Ok(None);
-        }
-        let next = match self.next_ids.get(&account) {
+    /// An account outside the ranges (or one with a million calls) takes its ids from the
+    /// overflow range above all of them, so an id is never handed out twice.
+    fn next_call_id(&mut self, account: i64) -> rusqlite::Result<i64> {
+        let in_ranges = (0..1 << ACCOUNT_ID_BITS).contains(&account);
+        let (key, first, end) = if in_ranges {
+            let first = account << CALL_SERIAL_BITS;
+            (account, first, first + (1 << CALL_SERIAL_BITS))
+        } else {
+            (OVERFLOW_KEY, OVERFLOW_IDS, i64::MAX)
+        };
+        let next = match self.next_ids.get(&key) {
             Some(&next) => next,
             None => {
-                let first = account << CALL_SERIAL_BITS;
                 let last: Option<i64> = self
                     .tx
                     .prepare_cached(LAST_CALL_ID_IN)?
-                    .query_row([first, first + (1 << CALL_SERIAL_BITS)], |r| r.get(0))?;
+                    .query_row([first, end], |r| r.get(0))?;
                 last.map_or(first, |id| id + 1)
             }
         };
-        if next >= (account + 1) << CALL_SERIAL_BITS {
-            return Ok(None); // a million calls on one account: any free id will do
+        if next >= end {
+            // A million calls on one account: the overflow range takes the rest.
+            return self.next_call_id(-1);
         }
-        self.next_ids.insert(account, next + 1);
-        Ok(Some(next))
+        self.next_ids.insert(key, next + 1);
+        Ok(next)
     }
 
     /// The line keys of every stored call (for a reader that decides what to parse).
@@ -454,7 +462,7 @@ impl SnapshotTx<'_> {
         if let Some(call_id) = replaced {
             self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
         }
-        let call_id = self.next_call_id(row.customer_acc_id)?;
+        let call_id = Some(self.next_call_id(row.customer_acc_id)?);
         let values = CallValues {
             row,
             own_timestamp,
@@ -467,7 +475,7 @@ impl SnapshotTx<'_> {
         self.written_tags
             .insert(tag_hash, self.tx.last_insert_rowid());
         self.written += 1;
-        if self.written == self.bulk_after && self.dropped_indexes.is_none() {
+        if self.written >= self.bulk_after && self.dropped_indexes.is_none() {
             let empty_store = self.stored.as_ref().is_none_or(|s| s.calls.is_empty());
             self.dropped_indexes = Some(drop_secondary_indexes(&self.tx, empty_store)?);
         }

@@ -306,3 +306,51 @@ fn repeated_calls_in_a_bulk_snapshot_keep_their_last_row() {
         .unwrap();
     assert_eq!((count, last), (calls as i64, calls as i64));
 }
+
+/// An account outside the call-id ranges takes ids from the overflow range: the next call
+/// of an ordinary account never collides with it.
+#[test]
+fn accounts_outside_the_id_ranges_never_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+    let row = |tag: &str, account: i64| {
+        format!(
+            r#"{{"node_id":1,"local_tag":"{tag}","customer_id":1,"customer_acc_id":{account},"start_time":"2025-11-25 10:00:00"}}"#
+        )
+    };
+    let text = [
+        row("a", 7),
+        row("b", -1),
+        row("c", 7),
+        row("d", i64::MAX),
+        row("e", 7),
+    ]
+    .join("\n");
+    let report = apply_text(&mut writer, &text);
+    assert_eq!((report.rows, report.written), (5, 5));
+}
+
+/// A line of exactly the longest allowed length is a line like any other: the next line
+/// is read, and a malformed next line still rejects the snapshot.
+#[test]
+fn a_line_of_exactly_the_limit_does_not_swallow_the_next() {
+    use active_calls_agent::feed::MAX_LINE_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+    let head = r#"{"node_id":1,"local_tag":"long","customer_id":1,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","pad":""#;
+    let mut long = head.to_string();
+    long.push_str(&"x".repeat(MAX_LINE_BYTES as usize - head.len() - 2));
+    long.push_str("\"}");
+    assert_eq!(long.len() as u64, MAX_LINE_BYTES);
+    let row = r#"{"node_id":1,"local_tag":"a","customer_id":1,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00"}"#;
+    let report = apply_text(&mut writer, &format!("{long}\n{row}\n"));
+    assert_eq!((report.rows, report.skipped), (2, 0));
+    let rejected = apply_snapshot(
+        &mut writer,
+        Cursor::new(format!("{long}\nnot json at all\n")),
+        InsertLine::Optional,
+        Origin::Socket,
+        SystemTime::now(),
+    );
+    assert!(rejected.is_err());
+}

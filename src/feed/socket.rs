@@ -165,6 +165,7 @@ async fn insert(
             Limited {
                 inner: unpacked,
                 left: max,
+                max,
             },
         ))
     } else {
@@ -293,6 +294,7 @@ impl Read for Gunzip {
 struct Limited<R> {
     inner: R,
     left: u64,
+    max: u64,
 }
 
 impl<R: Read> Read for Limited<R> {
@@ -301,7 +303,7 @@ impl<R: Read> Read for Limited<R> {
         self.left = self
             .left
             .checked_sub(n as u64)
-            .ok_or_else(|| std::io::Error::other(BodyError::TooLarge(self.left)))?;
+            .ok_or_else(|| std::io::Error::other(BodyError::TooLarge(self.max)))?;
         Ok(n)
     }
 }
@@ -378,12 +380,14 @@ mod tests {
         let mut reader = Limited {
             inner: &[0u8; 10][..],
             left: 5,
+            max: 5,
         };
         let mut out = Vec::new();
         assert!(reader.read_to_end(&mut out).is_err());
         let mut reader = Limited {
             inner: &[0u8; 10][..],
             left: 10,
+            max: 10,
         };
         assert_eq!(reader.read_to_end(&mut out).unwrap(), 10);
     }
