@@ -316,6 +316,16 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// "p50 / p99 ms" of measurements in milliseconds.
+fn p50_p99(values: Vec<f64>) -> String {
+    let values = sorted(values);
+    format!(
+        "{:.3} / {:.3} ms",
+        percentile(&values, 0.5),
+        percentile(&values, 0.99)
+    )
+}
+
 fn tokens() -> HashMap<i64, String> {
     let auth = Authenticator::new(Some(SECRET.as_bytes()), Duration::ZERO);
     (1..=CUSTOMERS)
@@ -507,24 +517,14 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         }
         queries.push(target);
     }
-    let latencies = sorted(latencies);
     add(
         "latency, 1 connection, small account, 0–3 random filters (p50 / p99)",
-        format!(
-            "{:.3} / {:.3} ms",
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99)
-        ),
+        p50_p99(latencies),
         "≤ 0.3 / 2 ms",
     );
-    let server_times = sorted(server_times);
     add(
         "the same, server time (X-Runtime, p50 / p99)",
-        format!(
-            "{:.3} / {:.3} ms",
-            percentile(&server_times, 0.5),
-            percentile(&server_times, 0.99)
-        ),
+        p50_p99(server_times),
         "",
     );
 
@@ -562,14 +562,9 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
                 queries.push(target);
             }
         }
-        let server = sorted(server);
         add(
             &format!("server time (X-Runtime), selective {kind} in the big account (p50 / p99)"),
-            format!(
-                "{:.3} / {:.3} ms",
-                percentile(&server, 0.5),
-                percentile(&server, 0.99)
-            ),
+            p50_p99(server),
             "≤ 0.2 ms",
         );
     }

@@ -436,6 +436,13 @@ impl SnapshotTx<'_> {
             // snapshot must not pass as unchanged.
             stored.by_line.remove(&old_line);
         }
+        let values = CallValues {
+            row,
+            own_timestamp,
+            row_hash,
+            key_hash,
+            line_key,
+        };
         let replaced = match known {
             Some(known) if known.row_hash == row_hash && known.account == row.customer_acc_id => {
                 self.seen.insert(known.call_id);
@@ -443,13 +450,6 @@ impl SnapshotTx<'_> {
             }
             Some(known) if known.key_hash == key_hash && known.account == row.customer_acc_id => {
                 // Only unindexed values changed (a call connecting, a rate): rewrite those.
-                let values = CallValues {
-                    row,
-                    own_timestamp,
-                    row_hash,
-                    key_hash,
-                    line_key,
-                };
                 values.write(&self.tx, UPDATE_CALL_VALUES, Some(known.call_id))?;
                 self.seen.insert(known.call_id);
                 self.written += 1;
@@ -463,13 +463,6 @@ impl SnapshotTx<'_> {
             self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
         }
         let call_id = Some(self.next_call_id(row.customer_acc_id)?);
-        let values = CallValues {
-            row,
-            own_timestamp,
-            row_hash,
-            key_hash,
-            line_key,
-        };
         values.write(&self.tx, INSERT_CALL, call_id)?;
         self.seen.insert(self.tx.last_insert_rowid());
         self.written_tags
