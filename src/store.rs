@@ -19,6 +19,7 @@
 //! account (SPEC 5).
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -1005,7 +1006,7 @@ impl Readers {
                 count += 1;
             }
             out.extend_from_slice(b"],\"rows\":");
-            out.extend_from_slice(count.to_string().as_bytes());
+            let _ = write!(out, "{count}");
             out.push(b'}');
             Ok(count)
         })
@@ -1028,8 +1029,12 @@ impl Readers {
 fn write_json_value(out: &mut Vec<u8>, value: ValueRef<'_>) {
     match value {
         ValueRef::Null => out.extend_from_slice(b"null"),
-        ValueRef::Integer(i) => out.extend_from_slice(i.to_string().as_bytes()),
-        ValueRef::Real(f) => out.extend_from_slice(f.to_string().as_bytes()),
+        ValueRef::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
+        ValueRef::Real(f) => {
+            let _ = write!(out, "{f}");
+        }
         ValueRef::Text(t) | ValueRef::Blob(t) => write_json_string(out, t),
     }
 }
@@ -1037,10 +1042,21 @@ fn write_json_value(out: &mut Vec<u8>, value: ValueRef<'_>) {
 /// Writes a JSON string the way the central API (Rails) does: besides the mandatory
 /// escapes, `<`, `>`, `&`, U+2028 and U+2029 are escaped as `\uXXXX`.
 pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
+    /// Bytes that may need an escape: the ASCII ones to escape, and 0xE2, which starts
+    /// U+2028 and U+2029. Every other byte is copied as it is, in runs.
+    fn special(b: u8) -> bool {
+        b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xE2)
+    }
     out.push(b'"');
+    let mut copied = 0;
     let mut i = 0;
     while i < text.len() {
         let b = text[i];
+        if !special(b) {
+            i += 1;
+            continue;
+        }
+        out.extend_from_slice(&text[copied..i]);
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -1049,9 +1065,6 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
             b'\t' => out.extend_from_slice(b"\\t"),
             0x08 => out.extend_from_slice(b"\\b"),
             0x0c => out.extend_from_slice(b"\\f"),
-            b'<' | b'>' | b'&' | 0x00..=0x1f => {
-                out.extend_from_slice(format!("\\u{:04x}", b).as_bytes());
-            }
             0xE2 if text.get(i + 1) == Some(&0x80)
                 && matches!(text.get(i + 2), Some(0xA8 | 0xA9)) =>
             {
@@ -1063,10 +1076,18 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
                 out.extend_from_slice(last);
                 i += 2;
             }
-            _ => out.push(b),
+            0xE2 => out.push(b),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xF)]);
+            }
         }
         i += 1;
+        copied = i;
     }
+    out.extend_from_slice(&text[copied..]);
     out.push(b'"');
 }
 
