@@ -30,8 +30,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "differential"))
-from compare import (CH_SQL_HEAD, CH_TABLE_TEMPLATE, FALSE_WORDS, OPS,  # noqa: E402
-                     split_text_filter)
+from compare import (CH_SQL_HEAD, CH_TABLE_TEMPLATE, FALSE_WORDS,  # noqa: E402
+                     filter_condition)
 
 BIG_ACCOUNT_UUID = "00000000-0000-4000-8000-000000000001"
 INSERT_HEAD = "INSERT INTO active_calls FORMAT JSONEachRow"
@@ -86,20 +86,10 @@ def build_sql(customer_id, account_id, filters):
             conds.append("connect_time IS NOT NULL" if value in FALSE_WORDS
                          else "connect_time IS NULL")
             continue
-        if name == "auth-orig-ip":
-            p, sql = "auth_orig_ip", "auth_orig_ip = {auth_orig_ip: String}"
-        elif name == "auth-orig-port":
-            p, sql = "auth_orig_port", "auth_orig_port = {auth_orig_port: Int32}"
-        elif name == "auth-orig-transport-protocol-id":
-            p = "auth_orig_transport_protocol_id"
-            sql = "auth_orig_transport_protocol_id = {auth_orig_transport_protocol_id: Int8}"
-        else:
-            try:
-                col, op = split_text_filter(name)
-            except ValueError:
-                continue  # not a filter of the endpoint: ignored
-            p = name.replace("-", "_")
-            sql = OPS[op].format(c=col, p=p)
+        try:
+            p, sql = filter_condition(name)
+        except ValueError:
+            continue  # not a filter of the endpoint: ignored
         params[p] = escape_param(value)
         conds.append(sql)
     sql = CH_SQL_HEAD

@@ -164,17 +164,7 @@ class ClickHouse:
                 conds.append("connect_time IS NOT NULL" if value.decode("utf-8", "replace")
                              in FALSE_WORDS and valid_utf8(value) else "connect_time IS NULL")
                 continue
-            if name == "auth-orig-ip":
-                p, sql = "auth_orig_ip", "auth_orig_ip = {auth_orig_ip: String}"
-            elif name == "auth-orig-port":
-                p, sql = "auth_orig_port", "auth_orig_port = {auth_orig_port: Int32}"
-            elif name == "auth-orig-transport-protocol-id":
-                p = "auth_orig_transport_protocol_id"
-                sql = "auth_orig_transport_protocol_id = {auth_orig_transport_protocol_id: Int8}"
-            else:
-                col, op = split_text_filter(name)
-                p = name.replace("-", "_")
-                sql = OPS[op].format(c=col, p=p)
+            p, sql = filter_condition(name)
             if escape:
                 value = (value.replace(b"\\", b"\\\\").replace(b"\t", b"\\t")
                          .replace(b"\n", b"\\n"))
@@ -220,6 +210,21 @@ def split_text_filter(name):
 
 # ----------------------------------------------------------------------------------------
 # Agent side
+
+def filter_condition(name):
+    """The central API's condition for a value filter: (query parameter name, SQL). Raises
+    ValueError for a name that is not a filter of the endpoint."""
+    typed = {
+        "auth-orig-ip": "String",
+        "auth-orig-port": "Int32",
+        "auth-orig-transport-protocol-id": "Int8",
+    }
+    p = name.replace("-", "_")
+    if name in typed:
+        return p, "%s = {%s: %s}" % (p, p, typed[name])
+    col, op = split_text_filter(name)
+    return p, OPS[op].format(c=col, p=p)
+
 
 def b64url(b):
     return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
