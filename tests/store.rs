@@ -10,19 +10,20 @@ use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
 };
 
-fn store_with(snapshot: &str) -> (tempfile::TempDir, Readers) {
+/// A new store in its own folder: the folder (kept alive), the database path, the writer
+/// and the readers.
+fn fresh_store() -> (tempfile::TempDir, std::path::PathBuf, Writer, Readers) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("calls.db");
-    let mut writer = Writer::open(&path).unwrap();
-    apply_snapshot(
-        &mut writer,
-        Cursor::new(snapshot),
-        InsertLine::Optional,
-        Origin::Socket,
-        SystemTime::now(),
-    )
-    .unwrap();
-    (dir, Readers::new(&path))
+    let writer = Writer::open(&path).unwrap();
+    let readers = Readers::new(&path);
+    (dir, path, writer, readers)
+}
+
+fn store_with(snapshot: &str) -> (tempfile::TempDir, Readers) {
+    let (dir, _path, mut writer, readers) = fresh_store();
+    apply_text(&mut writer, snapshot);
+    (dir, readers)
 }
 
 fn query(filters: Vec<Filter>) -> CallQuery {
@@ -126,8 +127,7 @@ fn a_local_script_can_read_the_database() {
 fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
     let mut switch = Switch::new(42);
     switch.fill(1000, 1_764_081_000);
-    let dir = tempfile::tempdir().unwrap();
-    let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+    let (_dir, _path, mut writer, _readers) = fresh_store();
     let mut apply = |switch: &Switch, now: i64| {
         let snapshot = Cursor::new(switch.render(now));
         apply_snapshot(
@@ -186,10 +186,7 @@ fn stored_names(readers: &Readers) -> Vec<String> {
 /// the fast path never hides a real change or breaks "the last row wins".
 #[test]
 fn unchanged_lines_are_recognised_without_being_rewritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("calls.db");
-    let mut writer = Writer::open(&path).unwrap();
-    let readers = Readers::new(&path);
+    let (_dir, _path, mut writer, readers) = fresh_store();
     let line = |tag: &str, name: &str, ts: &str| {
         format!(
             r#"{{"id":1,"snapshot_timestamp":"{ts}","snapshot_date":"{d}","node_id":1,"local_tag":"{tag}","customer_id":1001,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","end_time":"{ts}","src_name_in":"{name}"}}"#,
@@ -241,10 +238,7 @@ fn unchanged_lines_are_recognised_without_being_rewritten() {
 /// (and every filter) sees the new values.
 #[test]
 fn a_call_that_connects_is_updated_in_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("calls.db");
-    let mut writer = Writer::open(&path).unwrap();
-    let readers = Readers::new(&path);
+    let (_dir, _path, mut writer, readers) = fresh_store();
     let line = |connect: &str, port: u32| {
         format!(
             r#"{{"node_id":1,"local_tag":"a","customer_id":1001,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","connect_time":{connect},"auth_orig_port":{port},"src_name_in":"A"}}"#
@@ -276,9 +270,7 @@ fn a_call_that_connects_is_updated_in_place() {
 /// of each still wins, and exactly one row per call is stored.
 #[test]
 fn repeated_calls_in_a_bulk_snapshot_keep_their_last_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("calls.db");
-    let mut writer = Writer::open(&path).unwrap();
+    let (_dir, path, mut writer, _readers) = fresh_store();
     let row = |tag: usize, name: &str| {
         format!(
             r#"{{"node_id":1,"local_tag":"t{tag}","customer_id":1001,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","src_name_in":"{name}"}}"#
@@ -311,8 +303,7 @@ fn repeated_calls_in_a_bulk_snapshot_keep_their_last_row() {
 /// of an ordinary account never collides with it.
 #[test]
 fn accounts_outside_the_id_ranges_never_collide() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+    let (_dir, _path, mut writer, _readers) = fresh_store();
     let row = |tag: &str, account: i64| {
         format!(
             r#"{{"node_id":1,"local_tag":"{tag}","customer_id":1,"customer_acc_id":{account},"start_time":"2025-11-25 10:00:00"}}"#
@@ -335,8 +326,7 @@ fn accounts_outside_the_id_ranges_never_collide() {
 #[test]
 fn a_line_of_exactly_the_limit_does_not_swallow_the_next() {
     use active_calls_agent::feed::MAX_LINE_BYTES;
-    let dir = tempfile::tempdir().unwrap();
-    let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+    let (_dir, _path, mut writer, _readers) = fresh_store();
     let head = r#"{"node_id":1,"local_tag":"long","customer_id":1,"customer_acc_id":101,"start_time":"2025-11-25 10:00:00","pad":""#;
     let mut long = head.to_string();
     long.push_str(&"x".repeat(MAX_LINE_BYTES as usize - head.len() - 2));
