@@ -7,7 +7,11 @@
 //! costs no thread hand-off and a slow scan still never stalls the listener.
 //! The body is built in memory and hashed for the `ETag`; a matching `If-None-Match` gets a
 //! 304, and `HEAD` the same headers without a body.
+//!
+//! The same listener (or a listener of its own, per `metrics.listen`) answers the
+//! operator's endpoints of [`ops`].
 
+pub mod ops;
 pub mod params;
 
 use std::sync::Arc;
@@ -19,10 +23,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::ops::Health;
 use crate::auth::{AuthContext, Authenticator};
 use crate::directory::{Directory, SwapCell};
 use crate::feed::unix_millis;
-use crate::http::{self, Body, empty, with_body};
+use crate::http::{self, Body, Counted, empty, with_body};
+use crate::metrics::Metrics;
 use crate::store::{CallQuery, Readers};
 
 /// The customer endpoint's path.
@@ -32,34 +38,58 @@ pub const OUTGOING_ACTIVE_CALLS: &str = "/api/rest/customer/v1/outgoing-active-c
 pub struct ApiState {
     pub readers: Arc<Readers>,
     pub directory: Arc<SwapCell<Directory>>,
-    pub auth: Authenticator,
+    /// Replaced whole when SIGHUP brings a new secret or token lifetime.
+    pub auth: SwapCell<Authenticator>,
     /// Calls of a node silent this long are not shown; `None`: never stale.
     pub stale_after: Option<Duration>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
 }
 
-/// Serves the customer API on `listener` until `shutdown` becomes true.
-pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: watch::Receiver<bool>) {
-    http::serve(listener, shutdown, move |req| {
+/// What a listener answers besides the health endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct Routes {
+    /// The customer endpoint.
+    pub customer: bool,
+    /// `GET /metrics`.
+    pub metrics: bool,
+}
+
+/// Serves `routes` on `listener` until `shutdown` becomes true.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    routes: Routes,
+    name: &'static str,
+    shutdown: watch::Receiver<bool>,
+) {
+    let counted = Counted {
+        listener: name,
+        metrics: state.metrics.clone(),
+    };
+    http::serve(listener, counted, shutdown, move |req| {
         let state = state.clone();
-        async move { handle(&state, req).await }
+        async move { handle(&state, routes, req).await }
     })
     .await;
 }
 
 /// Routes one request.
-async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
+async fn handle(state: &ApiState, routes: Routes, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
-    let mut response = match (req.uri().path(), req.method()) {
-        (OUTGOING_ACTIVE_CALLS, &Method::GET | &Method::HEAD) => {
+    let path = req.uri().path();
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    let mut response = match path {
+        OUTGOING_ACTIVE_CALLS if routes.customer && get => {
             outgoing_active_calls(state, &req, &request_id).await
         }
-        (OUTGOING_ACTIVE_CALLS, _) => {
-            let mut r = empty(StatusCode::METHOD_NOT_ALLOWED);
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            r
-        }
+        ops::METRICS if routes.metrics && get => ops::metrics(state),
+        ops::HEALTHZ if get => ops::healthz(),
+        ops::READYZ if get => ops::readyz(state),
+        OUTGOING_ACTIVE_CALLS if routes.customer => not_allowed(),
+        ops::METRICS if routes.metrics => not_allowed(),
+        ops::HEALTHZ | ops::READYZ => not_allowed(),
         _ => empty(StatusCode::NOT_FOUND),
     };
     finish(&mut response, &request_id, started);
@@ -71,13 +101,21 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
+fn not_allowed() -> Response<Body> {
+    let mut r = empty(StatusCode::METHOD_NOT_ALLOWED);
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    r
+}
+
 async fn outgoing_active_calls(
     state: &ApiState,
     req: &Request<Incoming>,
     request_id: &str,
 ) -> Response<Body> {
     let directory = state.directory.load();
-    let Ok(auth) = state.auth.authenticate(req.headers(), &directory) else {
+    let authenticator = state.auth.load();
+    let Ok(auth) = authenticator.authenticate(req.headers(), &directory) else {
         return empty(StatusCode::UNAUTHORIZED);
     };
     let now = SystemTime::now();
@@ -85,7 +123,7 @@ async fn outgoing_active_calls(
     // As the central API (an after-action), every answer past authentication refreshes a
     // cookie session: 200 and 304, and 400 too.
     if auth.from_cookie
-        && let Some(cookie) = state.auth.refreshed_cookie(&auth.context, now)
+        && let Some(cookie) = authenticator.refreshed_cookie(&auth.context, now)
     {
         let headers = response.headers_mut();
         headers.insert(header::SET_COOKIE, header_value(&cookie));

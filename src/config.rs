@@ -14,17 +14,19 @@ use serde::Deserialize;
 pub const MAX_TOKEN_LIFETIME: u64 = 100 * 365 * 24 * 3600;
 
 /// The whole configuration of one agent.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub api: ApiConfig,
     pub store: StoreConfig,
     pub feed: FeedConfig,
     pub directory: DirectoryConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// `[api]`: the customer endpoint's listener and its token settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: String,
@@ -35,14 +37,14 @@ pub struct ApiConfig {
 }
 
 /// `[store]`: where the SQLite database lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     pub path: PathBuf,
 }
 
 /// `[feed]`: where snapshots come from and when silence means "no calls".
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FeedConfig {
     /// The snapshot file; empty turns the file source off.
@@ -60,10 +62,35 @@ pub struct FeedConfig {
 }
 
 /// `[directory]`: the accounts and API accesses file (SPEC 3).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DirectoryConfig {
     pub path: PathBuf,
+}
+
+/// `[log]`: what the agent writes to stderr (the journal, under systemd).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `warn,active_calls_agent=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// `[metrics]`: where `GET /metrics` is served.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Empty: on the API listener. Otherwise a listener of its own (with the health
+    /// answers too), and the API listener no longer shows the metrics to customers.
+    pub listen: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -129,6 +156,7 @@ impl Config {
                 config.api.token_lifetime
             );
         }
+        crate::logs::parse_filter(&config.log.level).context("in log.level")?;
         Ok(config)
     }
 
@@ -152,6 +180,28 @@ impl Config {
             (None, None) => return Ok(None),
         };
         Ok((!secret.is_empty()).then_some(secret))
+    }
+
+    /// What differs between `self` and `new` that only a restart applies (SIGHUP applies
+    /// the secret, the token lifetime and the log level, and re-reads the directory).
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.api.listen != new.api.listen {
+            changed.push("api.listen");
+        }
+        if self.store != new.store {
+            changed.push("[store]");
+        }
+        if self.feed != new.feed {
+            changed.push("[feed]");
+        }
+        if self.directory != new.directory {
+            changed.push("directory.path");
+        }
+        if self.metrics != new.metrics {
+            changed.push("[metrics]");
+        }
+        changed
     }
 
     /// `feed.stale_after` as a duration, `None` when silence never expires.
@@ -189,6 +239,25 @@ mod tests {
     fn a_lifetime_past_any_date_is_refused() {
         assert!(Config::parse("[api]\ntoken_lifetime = 300000000000\n").is_err());
         assert!(Config::parse("[api]\ntoken_lifetime = 86400\n").is_ok());
+    }
+
+    #[test]
+    fn a_bad_log_level_is_an_error() {
+        let err = Config::parse("[log]\nlevel = \"loud\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("log.level"), "{err:#}");
+        assert!(Config::parse("[log]\nlevel = \"warn,active_calls_agent=debug\"\n").is_ok());
+    }
+
+    #[test]
+    fn only_some_changes_need_a_restart() {
+        let old = Config::default();
+        let mut new = old.clone();
+        new.api.jwt_secret = Some("s".into());
+        new.log.level = "debug".into();
+        assert!(old.needs_restart(&new).is_empty());
+        new.feed.stale_after = 5;
+        new.metrics.listen = "127.0.0.1:0".into();
+        assert_eq!(old.needs_restart(&new), ["[feed]", "[metrics]"]);
     }
 
     #[test]

@@ -140,6 +140,10 @@ impl Directory {
     pub fn account_count(&self) -> usize {
         self.accounts_by_uuid.len()
     }
+
+    pub fn api_access_count(&self) -> usize {
+        self.api_accesses.len()
+    }
 }
 
 /// Parses the canonical 8-4-4-4-12 hex form, any case; nothing else is a uuid here

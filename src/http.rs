@@ -2,12 +2,18 @@
 //! the small answers.
 //!
 //! Both the customer API and the socket feed are plain HTTP/1.1 over hyper, with the same
-//! limits on a slow client and the same way to stop; only the handler differs.
+//! limits on a slow client, the same request metrics and the same way to stop; only the
+//! handler differs.
+//!
+//! Stopping is graceful, as systemd's SIGTERM expects: the listener closes at once (new
+//! connections are refused, not left hanging in the backlog), a connection between two
+//! requests closes, and a request already begun is answered, up to [`SHUTDOWN_GRACE`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -17,13 +23,25 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::{self, Metrics};
 
 /// Every answer's body: built whole, then sent.
 pub type Body = Full<Bytes>;
 
 /// A client that sends no complete request head within this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a stopping listener waits for requests already begun.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A listener's name in logs and metrics, and where its requests are counted.
+#[derive(Clone)]
+pub struct Counted {
+    pub listener: &'static str,
+    pub metrics: Arc<Metrics>,
+}
 
 /// Binds a listener (port 0 picks a free port).
 pub async fn bind(listen: &str, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
@@ -36,12 +54,18 @@ pub async fn bind(listen: &str, what: &str) -> anyhow::Result<(TcpListener, Sock
 }
 
 /// Accepts connections on `listener` and answers each request with `handler`, until
-/// `shutdown` becomes true.
-pub async fn serve<H, F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: H)
-where
+/// `shutdown` becomes true; then returns once the requests already begun are answered.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    counted: Counted,
+    mut shutdown: watch::Receiver<bool>,
+    handler: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    // Every connection task holds a sender; `recv` returns None once all have ended.
+    let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -53,25 +77,55 @@ where
                     continue;
                 }
             },
-            _ = stopped(&mut shutdown) => return,
+            _ = stopped(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let counted = counted.clone();
+        let mut shutdown = shutdown.clone();
+        let open = open_tx.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
+                let started = Instant::now();
+                let route = metrics::route_of(req.uri().path());
                 let answer = handler(req);
-                async move { Ok::<_, Infallible>(answer.await) }
+                let counted = counted.clone();
+                async move {
+                    let response = answer.await;
+                    let status = response.status().as_u16();
+                    counted
+                        .metrics
+                        .request(counted.listener, route, status, started.elapsed());
+                    Ok::<_, Infallible>(response)
+                }
             });
-            let served = http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                _ = stopped(&mut shutdown) => {
+                    // Closes the connection if idle, else after the answer in progress.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(SHUTDOWN_GRACE, conn)
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::warn!(%peer, "a request was still unanswered when the grace ended");
+                            Ok(())
+                        })
+                }
+            };
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(open);
         });
     }
+    drop(listener);
+    drop(open_tx);
+    let _ = all_closed.recv().await;
 }
 
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {

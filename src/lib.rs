@@ -19,7 +19,10 @@
 //! * [`api`]: the HTTP endpoint on hyper, with the exact answers of the central API.
 //! * [`auth`]: customer JWTs (header or session cookie) resolved into a customer context.
 //! * [`directory`]: the accounts and API accesses file, reloaded when it changes.
-//! * [`config`]: the TOML configuration.
+//! * [`config`]: the TOML configuration, and [`check`], which validates it for an operator.
+//! * [`metrics`]: the Prometheus metrics; [`api::ops`] serves them with `/healthz` and
+//!   `/readyz`.
+//! * [`logs`]: tracing to stderr (the journal), its level reloadable.
 //! * [`watch`]: following the snapshot and directory files with notify.
 //! * [`http`]: the accept loop and small answers both HTTP listeners share.
 //! * [`demo`]: a newcomer's first run, with a simulated switch.
@@ -28,83 +31,118 @@
 //! [`Agent`] wires them together: one writer thread owns the write connection and applies
 //! snapshot files, posted snapshots and expiry in turn; the file watcher and the socket
 //! source feed it, and the API serves from the read pool. Readers never wait for the
-//! writer (WAL), and never see half a snapshot.
+//! writer (WAL), and never see half a snapshot. [`serve`] runs an [`Agent`] as a systemd
+//! service: readiness and watchdog notifications, SIGHUP reloads, a graceful SIGTERM.
 
 #![recursion_limit = "256"]
 
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod directory;
 pub mod feed;
 pub mod http;
+pub mod logs;
+pub mod metrics;
 pub mod store;
 pub mod watch;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use sd_notify::NotifyState;
 use tokio::sync::watch as signal;
+use tokio::task::JoinHandle;
 
-use crate::api::ApiState;
+use crate::api::ops::Health;
+use crate::api::{ApiState, Routes};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::directory::{Directory, SwapCell};
 use crate::feed::socket::SocketSettings;
 use crate::feed::writer::{Job, WriterThread};
+use crate::http::Counted;
+use crate::logs::LogControl;
+use crate::metrics::Metrics;
 use crate::store::{Readers, Writer};
 
 pub use crate::feed::writer::FeedStatus;
+
+/// The longest a stop may take: the listeners' grace for requests already begun, then the
+/// snapshot being applied and the checkpoint. systemd's `TimeoutStopSec` is above it.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running agent. Dropping it stops it.
 pub struct Agent {
     api_addr: SocketAddr,
     feed_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     directory_reloads: signal::Receiver<u64>,
+    reread_directory: Box<dyn Fn() + Send + Sync>,
+    state: Arc<ApiState>,
     shutdown: signal::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
     writer: WriterThread,
     _watcher: watch::FileWatcher,
 }
 
 impl Agent {
     /// Opens the store, starts the writer, watches and reads the directory and snapshot
-    /// files, and binds both listeners. Returns once the directory has been read and the
+    /// files, and binds the listeners. Returns once the directory has been read and the
     /// listeners are bound (the snapshot file may still be applying).
     pub async fn start(config: &Config) -> anyhow::Result<Agent> {
-        // Without a secret the agent still serves (every token gets 401), so that the
-        // operator sees it running and its logs say why.
-        let secret = config.jwt_secret().unwrap_or_else(|e| {
+        // Without a secret the agent still serves (every token gets 401, /readyz says why),
+        // so that the operator sees it running and its logs say why.
+        let auth = authenticator(config).unwrap_or_else(|e| {
             tracing::error!(error = format!("{e:#}"), "no usable JWT secret");
-            None
+            Authenticator::new(None, Duration::ZERO)
         });
-        if secret.is_none() {
+        if !auth.has_secret() {
             tracing::warn!("no api.jwt_secret configured: every request will get 401");
         }
-        let auth = Authenticator::new(
-            secret.as_deref(),
-            Duration::from_secs(config.api.token_lifetime),
-        );
 
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(Health::default());
         let store = Writer::open(&config.store.path)?;
         let readers = Arc::new(Readers::new(&config.store.path));
         let watch_path =
             (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
         let stale_after = config.stale_after();
-        let writer = WriterThread::spawn(store, watch_path.clone(), stale_after)?;
+        let writer = WriterThread::spawn(
+            store,
+            watch_path.clone(),
+            stale_after,
+            metrics.clone(),
+            health.writer_running.clone(),
+        )?;
 
         // The watcher also does the first read of both files.
         let directory = Arc::new(SwapCell::new(Directory::default()));
         let (reloads_tx, mut directory_reloads) = signal::channel(0u64);
+        let reread_directory: Arc<dyn Fn() + Send + Sync> = Arc::new({
+            let directory = directory.clone();
+            let path = config.directory.path.clone();
+            let (metrics, health) = (metrics.clone(), health.clone());
+            move || {
+                let loaded = reload_directory(&directory, &path, &reloads_tx);
+                metrics.directory_load(loaded);
+                if loaded {
+                    health.directory_loaded.store(true, Ordering::Release);
+                }
+            }
+        });
         let mut targets = vec![watch::Target {
             path: config.directory.path.clone(),
             on_change: Box::new({
-                let directory = directory.clone();
-                let path = config.directory.path.clone();
-                move || reload_directory(&directory, &path, &reloads_tx)
+                let reread = reread_directory.clone();
+                move || reread()
             }),
         }];
         if let Some(path) = watch_path {
@@ -124,6 +162,7 @@ impl Agent {
             .context("the file watch stopped before reading the directory")?;
 
         let (shutdown, shutdown_rx) = signal::channel(false);
+        let mut servers = Vec::new();
         let feed_addr = if config.feed.listen.is_empty() {
             None
         } else {
@@ -133,32 +172,71 @@ impl Agent {
                 password: config.feed.password.clone(),
                 max_body_bytes: config.feed.max_body_bytes,
             });
-            let handle = writer.handle.clone();
-            tokio::spawn(feed::socket::serve(
+            let counted = Counted {
+                listener: "feed",
+                metrics: metrics.clone(),
+            };
+            servers.push(tokio::spawn(feed::socket::serve(
                 listener,
-                handle,
+                writer.handle.clone(),
                 settings,
+                counted,
                 shutdown_rx.clone(),
-            ));
+            )));
             tracing::info!(%addr, "taking snapshots over HTTP (ClickHouse-compatible)");
             Some(addr)
         };
 
-        let (listener, api_addr) = http::bind(&config.api.listen, "API").await?;
         let state = Arc::new(ApiState {
             readers,
             directory,
-            auth,
+            auth: SwapCell::new(auth),
             stale_after,
+            metrics,
+            health,
         });
-        tokio::spawn(api::serve(listener, state, shutdown_rx));
+        let separate_metrics = !config.metrics.listen.is_empty();
+        let metrics_addr = if separate_metrics {
+            let (listener, addr) = http::bind(&config.metrics.listen, "metrics").await?;
+            let routes = Routes {
+                customer: false,
+                metrics: true,
+            };
+            servers.push(tokio::spawn(api::serve(
+                listener,
+                state.clone(),
+                routes,
+                "metrics",
+                shutdown_rx.clone(),
+            )));
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            Some(addr)
+        } else {
+            None
+        };
+        let (listener, api_addr) = http::bind(&config.api.listen, "API").await?;
+        let routes = Routes {
+            customer: true,
+            metrics: !separate_metrics,
+        };
+        servers.push(tokio::spawn(api::serve(
+            listener,
+            state.clone(),
+            routes,
+            "api",
+            shutdown_rx,
+        )));
         tracing::info!(%api_addr, "serving {}", api::OUTGOING_ACTIVE_CALLS);
 
         Ok(Agent {
             api_addr,
             feed_addr,
+            metrics_addr,
             directory_reloads,
+            reread_directory: Box::new(move || reread_directory()),
+            state,
             shutdown,
+            servers,
             writer,
             _watcher: watcher,
         })
@@ -174,6 +252,11 @@ impl Agent {
         self.feed_addr
     }
 
+    /// The address of the metrics listener, when `metrics.listen` asks for one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// The feed's progress, updated after every snapshot applied or rejected.
     pub fn feed_status(&self) -> signal::Receiver<FeedStatus> {
         self.writer.status.clone()
@@ -184,7 +267,42 @@ impl Agent {
         self.directory_reloads.clone()
     }
 
-    /// Stops serving, lets the writer finish its snapshot, and checkpoints the store.
+    /// Whether the writer thread still runs: what the systemd watchdog is told.
+    pub fn writer_running(&self) -> bool {
+        self.state.health.writer_running.load(Ordering::Acquire)
+    }
+
+    /// Applies what of `config` can change live (the secret and the token lifetime; an
+    /// unreadable secret file keeps the previous secret), and re-reads the directory.
+    pub fn reload(&self, config: &Config) {
+        match authenticator(config) {
+            Ok(auth) => {
+                if !auth.has_secret() {
+                    tracing::warn!("no api.jwt_secret configured: every request will get 401");
+                }
+                self.state.auth.store(auth);
+            }
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "JWT secret not reloaded; keeping the previous one"
+            ),
+        }
+        (self.reread_directory)();
+    }
+
+    /// Stops gracefully: the listeners close, requests already begun are answered (up to
+    /// [`http::SHUTDOWN_GRACE`]), then the writer finishes its snapshot and checkpoints
+    /// the store.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for server in std::mem::take(&mut self.servers) {
+            let _ = server.await;
+        }
+        let _ = tokio::task::spawn_blocking(move || self.stop()).await;
+    }
+
+    /// Stops serving at once, lets the writer finish its snapshot, and checkpoints the
+    /// store.
     pub fn stop(mut self) {
         self.stop_inner();
     }
@@ -201,44 +319,144 @@ impl Drop for Agent {
     }
 }
 
-/// Runs the agent from `config` until Ctrl-C or SIGTERM.
-pub async fn serve(config: &Config) -> anyhow::Result<()> {
-    let agent = Agent::start(config).await?;
-    wait_for_signal().await;
+/// The authenticator `config` asks for; an error when its secret file cannot be read.
+fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
+    let secret = config.jwt_secret()?;
+    Ok(Authenticator::new(
+        secret.as_deref(),
+        Duration::from_secs(config.api.token_lifetime),
+    ))
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C, as a systemd `Type=notify` service: it reports
+/// ready once serving, feeds the watchdog while the writer runs, and on SIGHUP reloads the
+/// directory and what of the configuration at `config_path` can change live.
+pub async fn serve(
+    config_path: Option<PathBuf>,
+    mut config: Config,
+    logs: &LogControl,
+) -> anyhow::Result<()> {
+    let agent = Agent::start(&config).await?;
+    notify(&[NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        let writer_running = agent.state.health.writer_running.clone();
+        tokio::spawn(feed_watchdog(writer_running, period))
+    });
+    let mut signals = Signals::new()?;
+    while let Some(signal) = signals.next().await {
+        if signal == Signal::Stop {
+            break;
+        }
+        notify(&[NotifyState::Reloading]);
+        tracing::info!("SIGHUP: reloading");
+        match Config::load(config_path.as_deref()) {
+            Ok(new) => {
+                let restart = config.needs_restart(&new);
+                if !restart.is_empty() {
+                    tracing::warn!(changed = ?restart, "these settings change only at a restart");
+                }
+                logs.set_level(&new.log.level);
+                agent.reload(&new);
+                config = new;
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "configuration not reloaded; keeping the running one"
+                );
+                agent.reload(&config);
+            }
+        }
+        notify(&[NotifyState::Ready]);
+    }
     tracing::info!("stopping");
-    tokio::task::spawn_blocking(move || agent.stop()).await?;
+    notify(&[NotifyState::Stopping]);
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
+    if tokio::time::timeout(STOP_TIMEOUT, agent.shutdown())
+        .await
+        .is_err()
+    {
+        anyhow::bail!("the agent did not stop within {STOP_TIMEOUT:?}");
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`) how the service is doing.
+fn notify(state: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+/// Pings the systemd watchdog at half its period while the writer thread runs: a writer
+/// that died (snapshots no longer applied) gets the service restarted.
+async fn feed_watchdog(writer_running: Arc<AtomicBool>, period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        if writer_running.load(Ordering::Acquire) {
+            notify(&[NotifyState::Watchdog]);
+        } else {
+            tracing::error!("the store writer has stopped; no longer feeding the watchdog");
             return;
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// SIGTERM and Ctrl-C (stop), and SIGHUP (reload).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            hup: signal(SignalKind::hangup()).context("listening for SIGHUP")?,
+        })
+    }
+
+    async fn next(&mut self) -> Option<Signal> {
+        tokio::select! {
+            _ = self.term.recv() => Some(Signal::Stop),
+            _ = tokio::signal::ctrl_c() => Some(Signal::Stop),
+            _ = self.hup.recv() => Some(Signal::Reload),
+        }
+    }
+}
+
+/// Reads the directory file into `cell`; a bad file keeps the previous directory.
+/// Returns whether it loaded.
 fn reload_directory(
     cell: &SwapCell<Directory>,
     path: &std::path::Path,
     reloads: &signal::Sender<u64>,
-) {
-    match Directory::load(path) {
+) -> bool {
+    let loaded = match Directory::load(path) {
         Ok(directory) => {
             tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory loaded");
             cell.store(directory);
+            true
         }
-        Err(e) => tracing::error!(
-            error = format!("{e:#}"),
-            "directory not loaded; keeping the previous one (none at start: no account is known)"
-        ),
-    }
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "directory not loaded; keeping the previous one (none at start: no account is known)"
+            );
+            false
+        }
+    };
     reloads.send_modify(|n| *n += 1);
+    loaded
 }

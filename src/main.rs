@@ -1,7 +1,8 @@
-//! The `active-calls-agent` command: `serve` (the default), `demo` and `token`.
+//! The `active-calls-agent` command: `serve` (the default), `check`, `demo`, `bench` and
+//! `token`.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -28,6 +29,9 @@ struct Cli {
 enum Command {
     /// Run the agent (the default).
     Serve,
+    /// Validate the configuration, the secret, the directory and the store, and say what
+    /// is wrong (exit status 1 if anything would keep the agent from serving).
+    Check,
     /// A first run: a simulated switch, a sample directory, and a curl line to try.
     Demo {
         /// Where the demo writes its configuration, directory, snapshot and database.
@@ -75,37 +79,45 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for a terminal, plain text for the journal.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    // The configuration is read before logging starts, so that its level applies from
+    // the first line.
+    let config = match command {
+        Command::Serve | Command::Token { .. } => Config::load(cli.config.as_deref())?,
+        Command::Check | Command::Demo { .. } | Command::Bench { .. } => Config::default(),
+    };
+    let logs = active_calls_agent::logs::init(&config.log.level);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+    };
+    match command {
         Command::Serve => {
-            let config = Config::load(cli.config.as_deref())?;
-            runtime.block_on(active_calls_agent::serve(&config))
+            runtime()?.block_on(active_calls_agent::serve(cli.config, config, &logs))?
+        }
+        Command::Check => {
+            let path = cli.config.context("check needs --config FILE")?;
+            let report = active_calls_agent::check::check(&path);
+            print!("{report}");
+            if report.has_errors() {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Demo {
             dir,
             listen,
             calls,
             period,
-        } => runtime.block_on(demo::run(DemoOptions {
+        } => runtime()?.block_on(demo::run(DemoOptions {
             dir,
             listen,
             calls,
             period: Duration::from_secs(period.max(1)),
-        })),
+        }))?,
         Command::Bench {
             calls,
             small_calls,
@@ -120,12 +132,11 @@ fn main() -> anyhow::Result<()> {
             connections: connections.max(1),
             dir,
             dump,
-        }),
+        })?,
         Command::Token {
             access_id,
             lifetime,
         } => {
-            let config = Config::load(cli.config.as_deref())?;
             let secret = config
                 .jwt_secret()?
                 .context("no api.jwt_secret configured")?;
@@ -134,7 +145,7 @@ fn main() -> anyhow::Result<()> {
                 .issue_for_access(access_id, SystemTime::now())
                 .context("signing the token")?;
             println!("{token}");
-            Ok(())
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -948,6 +948,19 @@ fn build(query: &CallQuery) -> (String, Vec<Bound>) {
     (sql, values)
 }
 
+/// Each node's calls and when its last snapshot came: what `/metrics` and `/readyz` show.
+const NODE_STATS: &str = "SELECT node_id, received_at_ms,
+    (SELECT count(*) FROM calls WHERE calls.node_id = nodes.node_id) FROM nodes ORDER BY node_id";
+
+/// One node as [`Readers::node_stats`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStats {
+    pub node_id: i64,
+    /// When its last snapshot was received (ms since the Unix epoch).
+    pub received_at_ms: i64,
+    pub calls: i64,
+}
+
 /// A pool of read-only connections.
 pub struct Readers {
     path: PathBuf,
@@ -1009,6 +1022,21 @@ impl Readers {
             let _ = write!(out, "{count}");
             out.push(b'}');
             Ok(count)
+        })
+    }
+
+    /// Every node with a snapshot, with its call count (an index range per node).
+    pub fn node_stats(&self) -> rusqlite::Result<Vec<NodeStats>> {
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare_cached(NODE_STATS)?;
+            let rows = stmt.query_map([], |r| {
+                Ok(NodeStats {
+                    node_id: r.get(0)?,
+                    received_at_ms: r.get(1)?,
+                    calls: r.get(2)?,
+                })
+            })?;
+            rows.collect()
         })
     }
 

@@ -53,9 +53,10 @@ pub async fn serve(
     listener: TcpListener,
     writer: WriterHandle,
     settings: Arc<SocketSettings>,
+    counted: http::Counted,
     shutdown: watch::Receiver<bool>,
 ) {
-    http::serve(listener, shutdown, move |req| {
+    http::serve(listener, counted, shutdown, move |req| {
         let (writer, settings) = (writer.clone(), settings.clone());
         async move { handle(req, &writer, &settings).await }
     })

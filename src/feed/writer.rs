@@ -10,13 +10,15 @@ use std::collections::VecDeque;
 use std::io::BufRead;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 
 use crate::feed::{ApplyReport, InsertLine, SnapshotError, apply_file, apply_snapshot};
+use crate::metrics::Metrics;
 use crate::store::{Origin, Writer};
 
 /// How often the writer looks for nodes gone silent.
@@ -80,10 +82,13 @@ pub struct WriterThread {
 
 impl WriterThread {
     /// Starts the thread; `watch_path` is the snapshot file, if the file source is on.
+    /// `running` is set while the thread runs, and cleared as it ends, however it ends.
     pub fn spawn(
         writer: Writer,
         watch_path: Option<PathBuf>,
         stale_after: Option<Duration>,
+        metrics: Arc<Metrics>,
+        running: Arc<AtomicBool>,
     ) -> std::io::Result<WriterThread> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (status_tx, status) = watch::channel(FeedStatus::default());
@@ -92,11 +97,16 @@ impl WriterThread {
             watch_path,
             stale_after,
             status: status_tx,
+            metrics,
             applied_file: None,
         };
+        running.store(true, Ordering::Release);
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || worker.run(jobs_rx))?;
+            .spawn(move || {
+                let _running = ClearOnDrop(running);
+                worker.run(jobs_rx)
+            })?;
         Ok(WriterThread {
             handle: WriterHandle { jobs: jobs_tx },
             status,
@@ -113,6 +123,15 @@ impl WriterThread {
     }
 }
 
+/// Clears its flag when dropped: at the end of the thread, or while a panic unwinds it.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// The identity of a file content: inode, modification time, length.
 type FileStamp = (u64, SystemTime, u64);
 
@@ -121,6 +140,7 @@ struct Worker {
     watch_path: Option<PathBuf>,
     stale_after: Option<Duration>,
     status: watch::Sender<FeedStatus>,
+    metrics: Arc<Metrics>,
     /// The file content applied last: a late duplicate event for the same content is not
     /// worth a second pass over it.
     applied_file: Option<FileStamp>,
@@ -228,6 +248,8 @@ impl Worker {
                     duration_ms = %format_args!("{:.1}", report.duration.as_secs_f64() * 1000.0),
                     "snapshot applied"
                 );
+                self.metrics
+                    .snapshot(source, Ok((report.skipped, report.duration)));
                 self.status.send_modify(|s| {
                     s.applied += 1;
                     s.last_report = Some(report.clone());
@@ -235,6 +257,7 @@ impl Worker {
             }
             Err(error) => {
                 tracing::error!(source, %error, "snapshot rejected; previous state kept");
+                self.metrics.snapshot(source, Err(()));
                 self.status.send_modify(|s| {
                     s.rejected += 1;
                     s.last_error = Some(error);

@@ -1,0 +1,127 @@
+//! The operator's endpoints: `/metrics` for Prometheus, `/healthz` and `/readyz` for
+//! whatever watches the service.
+//!
+//! `/healthz` is 200 whenever the process answers at all. `/readyz` says whether the
+//! answers customers get are worth having: the store answers, a JWT secret is configured,
+//! the directory has been read, the writer thread runs, and no node's calls are past
+//! `stale_after` (expiry keeps up). Each failed check is one line of the 503 body, so a
+//! `curl` tells the operator what to fix.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use hyper::StatusCode;
+
+use crate::api::ApiState;
+use crate::feed::unix_millis;
+use crate::http::{Body, empty, with_body};
+use crate::metrics::CONTENT_TYPE;
+use crate::store::NodeStats;
+
+pub const METRICS: &str = "/metrics";
+pub const HEALTHZ: &str = "/healthz";
+pub const READYZ: &str = "/readyz";
+
+/// What readiness needs to know beyond the store and the secret.
+#[derive(Default)]
+pub struct Health {
+    /// A directory file has been read successfully at least once.
+    pub directory_loaded: AtomicBool,
+    /// The writer thread is running (it clears this as it ends, also by a panic).
+    pub writer_running: Arc<AtomicBool>,
+}
+
+/// `GET /metrics`.
+pub fn metrics(state: &ApiState) -> hyper::Response<Body> {
+    match tokio::task::block_in_place(|| state.readers.node_stats()) {
+        Ok(nodes) => {
+            let text = state.metrics.render(&nodes, unix_millis(SystemTime::now()));
+            with_body(StatusCode::OK, CONTENT_TYPE, text.into_bytes())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading node statistics for /metrics failed");
+            empty(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }
+}
+
+/// `GET /healthz`.
+pub fn healthz() -> hyper::Response<Body> {
+    with_body(
+        StatusCode::OK,
+        "text/plain; charset=utf-8",
+        b"ok\n".to_vec(),
+    )
+}
+
+/// `GET /readyz`: 200 `ready`, or 503 with one line per reason.
+pub fn readyz(state: &ApiState) -> hyper::Response<Body> {
+    let problems = not_ready_because(state);
+    if problems.is_empty() {
+        return with_body(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            b"ready\n".to_vec(),
+        );
+    }
+    let mut body = String::from("not ready:\n");
+    for problem in problems {
+        body.push_str("- ");
+        body.push_str(&problem);
+        body.push('\n');
+    }
+    with_body(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain; charset=utf-8",
+        body.into_bytes(),
+    )
+}
+
+fn not_ready_because(state: &ApiState) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !state.auth.load().has_secret() {
+        problems.push("no JWT secret configured (api.jwt_secret or api.jwt_secret_file): every token gets 401".into());
+    }
+    if !state.health.directory_loaded.load(Ordering::Acquire) {
+        problems
+            .push("the directory file has not been read successfully: no account is known".into());
+    }
+    if !state.health.writer_running.load(Ordering::Acquire) {
+        problems.push("the store's writer thread has stopped: snapshots are not applied".into());
+    }
+    match tokio::task::block_in_place(|| state.readers.node_stats()) {
+        Ok(nodes) => problems.extend(stale(&nodes, state, unix_millis(SystemTime::now()))),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the store for /readyz failed");
+            problems.push("the store cannot be read".into());
+        }
+    }
+    problems
+}
+
+/// How long past `stale_after` a node may linger before it counts against readiness: expiry
+/// runs between snapshots, so a node can outlive its limit by an apply's duration.
+const EXPIRY_SLACK_MS: i64 = 30_000;
+
+/// Nodes whose calls outlived `stale_after` (customers no longer see them, but expiry
+/// should have removed them: the writer is not keeping up).
+fn stale(nodes: &[NodeStats], state: &ApiState, now_ms: i64) -> Vec<String> {
+    let Some(stale_after) = state.stale_after else {
+        return Vec::new();
+    };
+    let limit_ms = i64::try_from(stale_after.as_millis())
+        .unwrap_or(i64::MAX)
+        .saturating_add(EXPIRY_SLACK_MS);
+    nodes
+        .iter()
+        .filter(|n| now_ms.saturating_sub(n.received_at_ms) > limit_ms)
+        .map(|n| {
+            format!(
+                "node {}: last snapshot {} s ago, past feed.stale_after, not expired",
+                n.node_id,
+                (now_ms - n.received_at_ms) / 1000
+            )
+        })
+        .collect()
+}

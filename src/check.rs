@@ -1,0 +1,224 @@
+//! `active-calls-agent check --config FILE`: what an operator runs after editing the
+//! configuration, before a restart.
+//!
+//! It looks at everything the agent would read at start (the configuration, the JWT
+//! secret, the directory, the store and the listen addresses) without starting anything
+//! and without writing, and says for each what it found. An *error* is something that
+//! stops the agent from starting or from serving customers (`/readyz` would say not
+//! ready); a *warning* is legal but probably not meant.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::ToSocketAddrs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use rusqlite::OpenFlags;
+
+use crate::config::Config;
+use crate::directory::Directory;
+use crate::store::SCHEMA_VERSION;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Ok,
+    Warning,
+    Error,
+}
+
+/// What `check` found, one line per finding.
+#[derive(Debug, Default)]
+pub struct Report {
+    findings: Vec<(Level, String)>,
+}
+
+impl Report {
+    pub fn has_errors(&self) -> bool {
+        self.count(Level::Error) > 0
+    }
+
+    fn count(&self, level: Level) -> usize {
+        self.findings.iter().filter(|(l, _)| *l == level).count()
+    }
+
+    fn ok(&mut self, text: impl Into<String>) {
+        self.findings.push((Level::Ok, text.into()));
+    }
+
+    fn warning(&mut self, text: impl Into<String>) {
+        self.findings.push((Level::Warning, text.into()));
+    }
+
+    fn error(&mut self, text: impl Into<String>) {
+        self.findings.push((Level::Error, text.into()));
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (level, text) in &self.findings {
+            let tag = match level {
+                Level::Ok => "ok",
+                Level::Warning => "warning",
+                Level::Error => "error",
+            };
+            writeln!(f, "{tag}: {text}")?;
+        }
+        let (errors, warnings) = (self.count(Level::Error), self.count(Level::Warning));
+        writeln!(f, "{errors} error(s), {warnings} warning(s)")
+    }
+}
+
+/// Checks the configuration file at `path` and what it names.
+pub fn check(path: &Path) -> Report {
+    let mut report = Report::default();
+    let config = match Config::load(Some(path)) {
+        Ok(config) => {
+            report.ok(format!("configuration {} parses", path.display()));
+            config
+        }
+        Err(e) => {
+            report.error(format!("{e:#}"));
+            return report;
+        }
+    };
+    secret(&config, &mut report);
+    listeners(&config, &mut report);
+    directory(&config, &mut report);
+    store(&config, &mut report);
+    feed(&config, &mut report);
+    report
+}
+
+fn secret(config: &Config, report: &mut Report) {
+    match config.jwt_secret() {
+        Err(e) => report.error(format!("{e:#}")),
+        Ok(None) => report.error(
+            "no JWT secret (api.jwt_secret or api.jwt_secret_file, not empty): every token \
+             would get 401",
+        ),
+        Ok(Some(secret)) => {
+            report.ok(format!("JWT secret: {} bytes", secret.len()));
+            if secret.len() < 16 {
+                report.warning("the JWT secret is shorter than 16 bytes: easy to guess");
+            }
+        }
+    }
+    if let Some(file) = &config.api.jwt_secret_file
+        && let Ok(meta) = std::fs::metadata(file)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        report.warning(format!(
+            "{} is readable by every user (mode {:o}); make it 0640",
+            file.display(),
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if config.api.jwt_secret.is_some() {
+        report.warning(
+            "api.jwt_secret is inline: prefer api.jwt_secret_file, readable by the agent only",
+        );
+    }
+}
+
+fn listeners(config: &Config, report: &mut Report) {
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    let listeners = [
+        ("api.listen", config.api.listen.as_str()),
+        ("feed.listen", config.feed.listen.as_str()),
+        ("metrics.listen", config.metrics.listen.as_str()),
+    ];
+    for (key, address) in listeners {
+        if address.is_empty() {
+            if key == "api.listen" {
+                report.error("api.listen is empty");
+            }
+            continue;
+        }
+        match address.to_socket_addrs() {
+            Ok(_) => report.ok(format!("{key} = {address}")),
+            Err(e) => report.error(format!("{key} = {address:?} is not an address: {e}")),
+        }
+        if let Some(other) = seen.insert(address, key) {
+            report.error(format!("{key} and {other} are the same address {address}"));
+        }
+    }
+}
+
+fn directory(config: &Config, report: &mut Report) {
+    let path = &config.directory.path;
+    match Directory::load(path) {
+        Ok(directory) => report.ok(format!(
+            "directory {}: {} accounts, {} API accesses",
+            path.display(),
+            directory.account_count(),
+            directory.api_access_count()
+        )),
+        Err(e) => report.error(format!(
+            "{e:#} (the agent would know no account until the file is right)"
+        )),
+    }
+}
+
+fn store(config: &Config, report: &mut Report) {
+    let path = &config.store.path;
+    if !path.exists() {
+        report.ok(format!(
+            "store {} does not exist yet; the agent will create it",
+            path.display()
+        ));
+        return;
+    }
+    let opened = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|conn| {
+            let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let quick: String = conn.pragma_query_value(None, "quick_check", |r| r.get(0))?;
+            Ok((version, quick))
+        });
+    match opened {
+        Ok((_, quick)) if quick != "ok" => report.error(format!(
+            "store {}: quick_check says {quick}; remove the file, the switch's next snapshots \
+             fill a new one",
+            path.display()
+        )),
+        Ok((version, _)) if version == SCHEMA_VERSION => report.ok(format!(
+            "store {}: schema version {version}",
+            path.display()
+        )),
+        Ok((version, _)) => report.warning(format!(
+            "store {}: schema version {version}; the agent will rebuild it empty as version \
+             {SCHEMA_VERSION} (the switch's next snapshots fill it)",
+            path.display()
+        )),
+        Err(e) => report.error(format!("store {}: {e}", path.display())),
+    }
+}
+
+fn feed(config: &Config, report: &mut Report) {
+    let watch = &config.feed.watch;
+    if !watch.as_os_str().is_empty() {
+        let parent = watch
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            report.error(format!(
+                "feed.watch {}: its folder does not exist, so it cannot be watched",
+                watch.display()
+            ));
+        } else if watch.exists() {
+            report.ok(format!("feed.watch {}", watch.display()));
+        } else {
+            report.ok(format!(
+                "feed.watch {}: no file yet (it is applied when written)",
+                watch.display()
+            ));
+        }
+    }
+    if watch.as_os_str().is_empty() && config.feed.listen.is_empty() {
+        report.warning("feed.watch and feed.listen are both off: no snapshot can arrive");
+    }
+    if config.feed.stale_after == 0 {
+        report.warning("feed.stale_after = 0: calls of a silent node never expire");
+    }
+}

@@ -1,0 +1,277 @@
+//! Prometheus metrics, in the text format of the official client crate.
+//!
+//! Counters and histograms are updated where their event happens: the writer thread per
+//! snapshot, the accept loop per request, the watcher per directory read. The per-node
+//! gauges (calls, snapshot age) are not kept up to date at all: they are read from the
+//! store when Prometheus scrapes, so they are the database's truth, and a node that expired
+//! a second ago does not linger as a series.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::store::NodeStats;
+
+/// The `Content-Type` of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Paths counted under their own name; any other is counted as `other`, so that a scan of
+/// random URLs cannot create unbounded series.
+const ROUTES: [&str; 6] = [
+    crate::api::OUTGOING_ACTIVE_CALLS,
+    crate::api::ops::METRICS,
+    crate::api::ops::HEALTHZ,
+    crate::api::ops::READYZ,
+    "/",
+    "/ping",
+];
+
+/// The `route` label of a request for `path`.
+pub fn route_of(path: &str) -> &'static str {
+    ROUTES.into_iter().find(|r| *r == path).unwrap_or("other")
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node_id: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SnapshotLabels {
+    source: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: &'static str,
+    route: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    listener: &'static str,
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Every metric of one agent.
+pub struct Metrics {
+    registry: Registry,
+    /// Scrapes refill the per-node gauges; two at once must not interleave.
+    scrape: Mutex<()>,
+    node_calls: Family<NodeLabels, Gauge>,
+    snapshot_age: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    snapshots: Family<SnapshotLabels, Counter>,
+    rows_skipped: Family<SourceLabels, Counter>,
+    apply_duration: Family<SourceLabels, Histogram>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    directory_loads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("active_calls_agent");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            scrape: Mutex::new(()),
+            node_calls: Family::default(),
+            snapshot_age: Family::default(),
+            snapshots: Family::default(),
+            rows_skipped: Family::default(),
+            // 1 ms to ~65 s: a small node's apply to a huge snapshot on a loaded host.
+            apply_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 17))
+            }),
+            requests: Family::default(),
+            // 25 µs to ~0.8 s: the endpoint answers in well under a millisecond.
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_025, 2.0, 16))
+            }),
+            directory_loads: Family::default(),
+        };
+        registry.register(
+            "calls",
+            "Current calls stored per node",
+            metrics.node_calls.clone(),
+        );
+        registry.register_with_unit(
+            "snapshot_age",
+            "Time since each node's last snapshot was received",
+            Unit::Seconds,
+            metrics.snapshot_age.clone(),
+        );
+        registry.register(
+            "snapshots",
+            "Snapshots applied or rejected, per source",
+            metrics.snapshots.clone(),
+        );
+        registry.register(
+            "rows_skipped",
+            "Snapshot rows skipped as malformed, per source",
+            metrics.rows_skipped.clone(),
+        );
+        registry.register_with_unit(
+            "apply_duration",
+            "Time to apply a snapshot, per source",
+            Unit::Seconds,
+            metrics.apply_duration.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, per listener, route and status",
+            metrics.requests.clone(),
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time to answer an HTTP request, per listener and route",
+            Unit::Seconds,
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "directory_loads",
+            "Reads of the directory file, per result (ok, failed)",
+            metrics.directory_loads.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// A snapshot applied (`Ok`: its skipped rows and duration) or rejected.
+    pub fn snapshot(&self, source: &'static str, applied: Result<(u64, Duration), ()>) {
+        let result = if applied.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        self.snapshots
+            .get_or_create(&SnapshotLabels { source, result })
+            .inc();
+        if let Ok((skipped, duration)) = applied {
+            let labels = SourceLabels { source };
+            self.rows_skipped.get_or_create(&labels).inc_by(skipped);
+            self.apply_duration
+                .get_or_create(&labels)
+                .observe(duration.as_secs_f64());
+        }
+    }
+
+    /// One answered request; `route` is [`route_of`] its path.
+    pub fn request(
+        &self,
+        listener: &'static str,
+        route: &'static str,
+        status: u16,
+        took: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                listener,
+                route,
+                status,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels { listener, route })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One read of the directory file.
+    pub fn directory_load(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.directory_loads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// The text exposition, with the per-node gauges set from `nodes` as of `now_ms`.
+    pub fn render(&self, nodes: &[NodeStats], now_ms: i64) -> String {
+        let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.node_calls.clear();
+        self.snapshot_age.clear();
+        for node in nodes {
+            let labels = NodeLabels {
+                node_id: node.node_id,
+            };
+            self.node_calls.get_or_create(&labels).set(node.calls);
+            let age = (now_ms - node.received_at_ms).max(0) as f64 / 1000.0;
+            self.snapshot_age.get_or_create(&labels).set(age);
+        }
+        let mut text = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_paths_share_one_series() {
+        let metrics = Metrics::new();
+        for (path, status) in [("/x", 404), ("/y/z", 404), ("/healthz", 200)] {
+            metrics.request("api", route_of(path), status, Duration::from_micros(5));
+        }
+        let text = metrics.render(&[], 0);
+        assert!(
+            text.contains(
+                r#"active_calls_agent_http_requests_total{listener="api",route="other",status="404"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"route="/healthz",status="200"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn node_gauges_follow_the_store() {
+        let metrics = Metrics::new();
+        let node = |node_id, calls| NodeStats {
+            node_id,
+            received_at_ms: 1_000,
+            calls,
+        };
+        let text = metrics.render(&[node(1, 20), node(2, 3)], 3_500);
+        assert!(
+            text.contains(r#"active_calls_agent_calls{node_id="2"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"active_calls_agent_snapshot_age_seconds{node_id="1"} 2.5"#),
+            "{text}"
+        );
+        // Node 2 expired: its series go.
+        let text = metrics.render(&[node(1, 20)], 3_500);
+        assert!(!text.contains(r#"node_id="2""#), "{text}");
+    }
+}
