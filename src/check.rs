@@ -135,11 +135,18 @@ fn listeners(config: &Config, report: &mut Report) {
             }
             continue;
         }
-        match address.to_socket_addrs() {
-            Ok(_) => report.ok(format!("{key} = {address}")),
-            Err(e) => report.error(format!("{key} = {address:?} is not an address: {e}")),
-        }
-        if let Some(other) = seen.insert(address, key) {
+        let any_port = match address.to_socket_addrs() {
+            Ok(mut addrs) => {
+                report.ok(format!("{key} = {address}"));
+                addrs.any(|a| a.port() == 0)
+            }
+            Err(e) => {
+                report.error(format!("{key} = {address:?} is not an address: {e}"));
+                false
+            }
+        };
+        // Port 0 picks a free port for each listener: no clash.
+        if !any_port && let Some(other) = seen.insert(address, key) {
             report.error(format!("{key} and {other} are the same address {address}"));
         }
     }

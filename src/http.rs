@@ -5,9 +5,10 @@
 //! limits on a slow client, the same request metrics and the same way to stop; only the
 //! handler differs.
 //!
-//! Stopping is graceful, as systemd's SIGTERM expects: the listener closes at once (new
-//! connections are refused, not left hanging in the backlog), a connection between two
-//! requests closes, and a request already begun is answered, up to [`SHUTDOWN_GRACE`].
+//! Stopping is graceful, as systemd's SIGTERM expects: the listener takes the connections
+//! already queued and closes (new ones are refused, not left hanging), a connection between
+//! two requests closes, a connection just taken gets a moment for its first request, and
+//! a request already begun is answered, up to [`SHUTDOWN_GRACE`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,6 +36,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a stopping listener waits for requests already begun.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a stopping listener waits for the first request of a connection it has just
+/// taken (hyper would close it at once): a client that connected gets its answer.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
 /// A listener's name in logs and metrics, and where its requests are counted.
 #[derive(Clone)]
@@ -66,26 +70,44 @@ pub async fn serve<H, F>(
 {
     // Every connection task holds a sender; `recv` returns None once all have ended.
     let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
+    let mut stopping = false;
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        let accepted = if stopping {
+            // Connections already queued in the kernel are taken and answered like the
+            // others, rather than reset by the closing listener; then it closes.
+            match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                Ok(accepted) => accepted,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped(&mut shutdown) => {
+                    stopping = true;
                     continue;
                 }
-            },
-            _ = stopped(&mut shutdown) => break,
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(_) if stopping => break,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let counted = counted.clone();
         let mut shutdown = shutdown.clone();
         let open = open_tx.clone();
+        let counted_open = counted.metrics.connection(counted.listener);
         tokio::spawn(async move {
+            let (begun_tx, mut begun) = watch::channel(false);
             let service = service_fn(move |req| {
+                begun_tx.send_replace(true);
                 let started = Instant::now();
                 let route = metrics::route_of(req.uri().path());
                 let answer = handler(req);
@@ -104,23 +126,41 @@ pub async fn serve<H, F>(
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
-            let served = tokio::select! {
-                served = conn.as_mut() => served,
-                _ = stopped(&mut shutdown) => {
-                    // Closes the connection if idle, else after the answer in progress.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::time::timeout(SHUTDOWN_GRACE, conn)
-                        .await
-                        .unwrap_or_else(|_| {
-                            tracing::warn!(%peer, "a request was still unanswered when the grace ended");
-                            Ok(())
-                        })
+            let running = tokio::select! {
+                served = conn.as_mut() => Some(served),
+                _ = stopped(&mut shutdown) => None,
+            };
+            let served = match running {
+                Some(served) => served,
+                None => {
+                    // hyper would close a connection that has sent nothing yet: a client
+                    // that has just connected gets a moment for its first request.
+                    let first_request = async {
+                        tokio::select! {
+                            served = conn.as_mut() => Some(served),
+                            _ = begun.wait_for(|begun| *begun) => None,
+                        }
+                    };
+                    match tokio::time::timeout(FIRST_REQUEST_GRACE, first_request).await {
+                        Ok(Some(served)) => served,
+                        _ => {
+                            // Closes the connection if idle, else after the answer in
+                            // progress.
+                            conn.as_mut().graceful_shutdown();
+                            tokio::time::timeout(SHUTDOWN_GRACE, conn)
+                                .await
+                                .unwrap_or_else(|_| {
+                                    tracing::warn!(%peer, "a request was unanswered at the end of the grace");
+                                    Ok(())
+                                })
+                        }
+                    }
                 }
             };
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop(open);
+            drop((open, counted_open));
         });
     }
     drop(listener);

@@ -68,8 +68,22 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+/// An open connection, counted until dropped.
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Every metric of one agent.
@@ -84,6 +98,7 @@ pub struct Metrics {
     apply_duration: Family<SourceLabels, Histogram>,
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram>,
+    connections: Family<ListenerLabels, Gauge>,
     directory_loads: Family<ResultLabels, Counter>,
 }
 
@@ -112,6 +127,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.000_025, 2.0, 16))
             }),
+            connections: Family::default(),
             directory_loads: Family::default(),
         };
         registry.register(
@@ -151,6 +167,11 @@ impl Metrics {
             "Time to answer an HTTP request, per listener and route",
             Unit::Seconds,
             metrics.request_duration.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections open now, per listener",
+            metrics.connections.clone(),
         );
         registry.register(
             "directory_loads",
@@ -200,6 +221,16 @@ impl Metrics {
         self.request_duration
             .get_or_create(&RouteLabels { listener, route })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts a connection of `listener` as open until the returned guard drops.
+    pub fn connection(&self, listener: &'static str) -> OpenConnection {
+        let gauge = self
+            .connections
+            .get_or_create(&ListenerLabels { listener })
+            .clone();
+        gauge.inc();
+        OpenConnection(gauge)
     }
 
     /// One read of the directory file.

@@ -4,10 +4,12 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
 
 use active_calls_agent::config::Config;
 use active_calls_agent::{Agent, FeedStatus};
@@ -145,6 +147,180 @@ impl TestAgent {
     pub fn request(&self, method: &str, target: &str, headers: &[(&str, &str)]) -> Reply {
         request(self.addr(), method, target, headers)
     }
+}
+
+/// Writes `dir/config.toml` for the real binary: both listeners on port 0, the store,
+/// snapshot and sample directory in `dir`. `api` is the rest of the `[api]` section
+/// (empty: the test secret inline).
+pub fn write_process_config(dir: &Path, api: &str) -> PathBuf {
+    let api = if api.is_empty() {
+        format!("jwt_secret = \"{SECRET}\"")
+    } else {
+        api.to_owned()
+    };
+    let config = dir.join("config.toml");
+    std::fs::write(dir.join("directory.json"), SAMPLE_DIRECTORY).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\n{api}\n[store]\npath = {:?}\n\
+             [feed]\nwatch = {:?}\nlisten = \"127.0.0.1:0\"\nstale_after = 0\n\
+             [directory]\npath = {:?}\n",
+            dir.join("calls.db"),
+            dir.join("snapshot.jsonl"),
+            dir.join("directory.json"),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// The agent as a child process (the real binary), with the addresses it logged and the
+/// rest of its log lines.
+pub struct Process {
+    pub child: Child,
+    pub api: SocketAddr,
+    pub feed: SocketAddr,
+    /// The metrics listener, when the configuration has one.
+    pub metrics: Option<SocketAddr>,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Process {
+    pub fn start(config: &Path) -> Process {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Starts the binary with extra environment variables, and waits until it has logged
+    /// both listeners.
+    pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_active-calls-agent"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let (lines_tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let (mut api, mut feed, mut metrics) = (None, None, None);
+        while api.is_none() || feed.is_none() {
+            let line = log
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the agent logs its listeners within 30 s");
+            let addr = || {
+                line.rsplit('=')
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .parse::<SocketAddr>()
+                    .ok()
+            };
+            if line.contains("serving /api") {
+                api = addr();
+            } else if line.contains("taking snapshots over HTTP") {
+                feed = addr();
+            } else if line.contains("serving /metrics") {
+                metrics = addr();
+            }
+        }
+        Process {
+            child,
+            api: api.unwrap(),
+            feed: feed.unwrap(),
+            metrics,
+            log,
+        }
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    /// Sends `signal` (libc's number) to the process.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill() only sends a signal to our own child; it touches no memory.
+        assert_eq!(
+            unsafe { libc::kill(pid, signal) },
+            0,
+            "kill({pid}, {signal})"
+        );
+    }
+
+    /// Waits (at most `limit`) for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most 10 s) for a log line containing `text`, and returns it.
+    pub fn wait_log(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line with {text:?} within 10 s"),
+            }
+        }
+    }
+
+    /// The names of account 101's calls, and how many there are.
+    pub fn answer(&self) -> (Vec<String>, usize) {
+        let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+        let rows = request(
+            self.api,
+            "GET",
+            &target,
+            &[("Authorization", &token_for(5001))],
+        )
+        .rows();
+        let mut kinds: Vec<String> = rows
+            .iter()
+            .map(|r| r["src_name_in"].as_str().unwrap().to_owned())
+            .collect();
+        kinds.dedup();
+        (kinds, rows.len())
+    }
+}
+
+/// A socket snapshot of `calls` calls of account 101 named `name` (`src_name_in`), as the
+/// switch posts it.
+pub fn named_snapshot(name: &str, calls: usize) -> Vec<u8> {
+    let mut body = b"INSERT INTO active_calls FORMAT JSONEachRow\n".to_vec();
+    for i in 0..calls {
+        let row = serde_json::json!({"node_id": 1, "local_tag": format!("{name}-{i}"), "customer_id": 1001,
+            "customer_acc_id": 101, "start_time": "2025-11-25 10:00:00", "src_name_in": name,
+            "src_prefix_in": format!("{i}"), "dst_prefix_in": format!("44{i}"), "padding": "x".repeat(200)});
+        body.extend_from_slice(format!("{row}\n").as_bytes());
+    }
+    body
+}
+
+/// The value of one series (`name{labels}`) in a metrics exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
 }
 
 /// Writes a file as a well-behaved writer does: a temporary file, then a rename.

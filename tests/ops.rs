@@ -1,0 +1,252 @@
+//! The operator's endpoints from outside: `/metrics` as Prometheus scrapes it, `/healthz`
+//! and `/readyz`, and a graceful stop that answers the request already begun.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+fn scrape(agent: &TestAgent) -> String {
+    let reply = agent.request("GET", "/metrics", &[]);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        reply
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{:?}",
+        reply.headers
+    );
+    reply.text()
+}
+
+fn socket_body(node: i64, tags: &[&str], extra_lines: &str) -> Vec<u8> {
+    let mut body = "INSERT INTO active_calls FORMAT JSONEachRow\n".to_string();
+    for tag in tags {
+        let row = json!({"node_id": node, "local_tag": tag, "customer_id": 1001,
+            "customer_acc_id": 101, "start_time": "2025-11-25 10:00:00"});
+        body.push_str(&format!("{row}\n"));
+    }
+    body.push_str(extra_lines);
+    body.into_bytes()
+}
+
+#[test]
+fn metrics_follow_snapshots_requests_and_reloads() {
+    let agent = TestAgent::start_with(|c| c.feed.listen = "127.0.0.1:0".into());
+    let feed = agent.agent().feed_addr().unwrap();
+    let text = scrape(&agent);
+    assert_eq!(
+        metric(&text, r#"active_calls_agent_calls{node_id="1"}"#),
+        None
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"active_calls_agent_directory_loads_total{result="ok"}"#
+        ),
+        Some(1.0)
+    );
+
+    agent.feed(SAMPLE_SNAPSHOT);
+    // A socket snapshot of node 2: two calls and a row with a bad value, skipped.
+    let bad_row = r#"{"node_id": 2, "local_tag": "bad", "customer_acc_id": "x"}"#;
+    let reply = post(
+        feed,
+        "/",
+        &[],
+        &socket_body(2, &["a", "b"], &format!("{bad_row}\n")),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    // A snapshot that is not JSON rows: rejected whole.
+    let reply = post(feed, "/", &[], b"INSERT INTO t FORMAT JSONEachRow\n[1]\n");
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert_eq!(agent.get(&format!("account-id={ACCOUNT_101}")).status, 200);
+
+    let text = scrape(&agent);
+    let expect = [
+        (r#"active_calls_agent_calls{node_id="1"}"#, 20.0),
+        (r#"active_calls_agent_calls{node_id="2"}"#, 2.0),
+        (
+            r#"active_calls_agent_snapshots_total{source="file",result="applied"}"#,
+            1.0,
+        ),
+        (
+            r#"active_calls_agent_snapshots_total{source="socket",result="applied"}"#,
+            1.0,
+        ),
+        (
+            r#"active_calls_agent_snapshots_total{source="socket",result="rejected"}"#,
+            1.0,
+        ),
+        (
+            r#"active_calls_agent_rows_skipped_total{source="socket"}"#,
+            1.0,
+        ),
+        (
+            r#"active_calls_agent_apply_duration_seconds_count{source="socket"}"#,
+            1.0,
+        ),
+        (
+            r#"active_calls_agent_http_requests_total{listener="api",route="/api/rest/customer/v1/outgoing-active-calls",status="200"}"#,
+            1.0,
+        ),
+        (
+            r#"active_calls_agent_http_requests_total{listener="feed",route="/",status="400"}"#,
+            1.0,
+        ),
+        (
+            r#"active_calls_agent_http_requests_total{listener="api",route="/metrics",status="200"}"#,
+            1.0,
+        ),
+    ];
+    for (series, value) in expect {
+        assert_eq!(metric(&text, series), Some(value), "{series} in\n{text}");
+    }
+    let age = metric(
+        &text,
+        r#"active_calls_agent_snapshot_age_seconds{node_id="2"}"#,
+    )
+    .expect("node 2's snapshot age");
+    assert!((0.0..60.0).contains(&age), "age {age}");
+
+    // A directory file that is not JSON is counted as a failed load.
+    let mut reloads = agent.agent().directory_reloads();
+    reloads.borrow_and_update();
+    write_file(&agent.config.directory.path, b"{not json");
+    agent.runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), reloads.changed())
+            .await
+            .expect("reread within 10 s")
+            .unwrap();
+    });
+    let text = scrape(&agent);
+    assert_eq!(
+        metric(
+            &text,
+            r#"active_calls_agent_directory_loads_total{result="failed"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn health_and_readiness() {
+    let agent = TestAgent::start();
+    let healthz = agent.request("GET", "/healthz", &[]);
+    assert_eq!((healthz.status, healthz.text().as_str()), (200, "ok\n"));
+    let readyz = agent.request("GET", "/readyz", &[]);
+    assert_eq!((readyz.status, readyz.text().as_str()), (200, "ready\n"));
+    assert_eq!(agent.request("HEAD", "/readyz", &[]).status, 200);
+    let post = agent.request("POST", "/readyz", &[]);
+    assert_eq!(post.status, 405);
+}
+
+#[test]
+fn not_ready_says_why() {
+    let agent = TestAgent::start_with(|c| {
+        c.api.jwt_secret = None;
+        c.directory.path = c.directory.path.with_file_name("missing.json");
+    });
+    let readyz = agent.request("GET", "/readyz", &[]);
+    assert_eq!(readyz.status, 503, "{}", readyz.text());
+    let text = readyz.text();
+    assert!(text.starts_with("not ready:\n"), "{text}");
+    assert!(text.contains("no JWT secret configured"), "{text}");
+    assert!(text.contains("directory file has not been read"), "{text}");
+    // Alive all the same.
+    assert_eq!(agent.request("GET", "/healthz", &[]).status, 200);
+
+    // The directory appears: one reason left.
+    let mut reloads = agent.agent().directory_reloads();
+    reloads.borrow_and_update();
+    write_file(&agent.config.directory.path, SAMPLE_DIRECTORY.as_bytes());
+    agent.runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), reloads.changed())
+            .await
+            .expect("read within 10 s")
+            .unwrap();
+    });
+    let text = agent.request("GET", "/readyz", &[]).text();
+    assert!(!text.contains("directory"), "{text}");
+    assert!(text.contains("no JWT secret configured"), "{text}");
+}
+
+#[test]
+fn a_separate_metrics_listener_keeps_metrics_off_the_api() {
+    let agent = TestAgent::start_with(|c| c.metrics.listen = "127.0.0.1:0".into());
+    let metrics = agent.agent().metrics_addr().expect("metrics listener");
+    assert_eq!(agent.request("GET", "/metrics", &[]).status, 404);
+    assert_eq!(agent.request("GET", "/readyz", &[]).status, 200);
+
+    let reply = request(metrics, "GET", "/metrics", &[]);
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .text()
+            .contains("active_calls_agent_http_requests_total")
+    );
+    assert_eq!(request(metrics, "GET", "/readyz", &[]).status, 200);
+    let customer = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+    let token = token_for(5001);
+    let reply = request(metrics, "GET", &customer, &[("Authorization", &token)]);
+    assert_eq!(
+        reply.status, 404,
+        "no customer answers on the metrics listener"
+    );
+}
+
+#[test]
+fn a_stop_answers_the_request_already_begun() {
+    // Scrapes go to a listener of their own, so the API's connection count is ours alone.
+    let mut agent = TestAgent::start_with(|c| c.metrics.listen = "127.0.0.1:0".into());
+    let metrics = agent.agent().metrics_addr().unwrap();
+    agent.feed(SAMPLE_SNAPSHOT);
+    let addr = agent.addr();
+    let token = token_for(5001);
+    let head = format!(
+        "GET {ENDPOINT}?account-id={ACCOUNT_101} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n"
+    );
+    // Half a request is on the wire when the stop begins.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    // Until the server has accepted it, the connection waits in the kernel's backlog,
+    // which the closing listener would reset: wait until the metrics count it.
+    let open = r#"active_calls_agent_http_connections{listener="api"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&request(metrics, "GET", "/metrics", &[]).text(), open) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the connection was never accepted"
+        );
+    }
+
+    let running = agent.agent.take().unwrap();
+    let stopping = agent.runtime.spawn(running.shutdown());
+    // New connections are refused once the listener is closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_ok() {
+        assert!(Instant::now() < deadline, "the listener still accepts");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !stopping.is_finished(),
+        "the stop waits for the begun request"
+    );
+
+    stream.write_all(b"\r\n").unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains(r#""rows":"#), "a whole body: {text}");
+    agent
+        .runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), stopping).await })
+        .expect("the stop ends once the request is answered")
+        .unwrap();
+}
