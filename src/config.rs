@@ -146,7 +146,7 @@ impl Config {
 
     /// Parses the TOML text of a configuration file.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text)?;
+        let config: Config = toml::from_str(text).map_err(|e| without_source(&e, text))?;
         if config.api.jwt_secret.is_some() && config.api.jwt_secret_file.is_some() {
             bail!("set api.jwt_secret or api.jwt_secret_file, not both");
         }
@@ -210,6 +210,19 @@ impl Config {
     }
 }
 
+/// A parse error as its message and position, without the line of the file that toml
+/// quotes: that line may hold the inline secret or the feed's password, and the error goes
+/// to the journal.
+fn without_source(error: &toml::de::Error, text: &str) -> anyhow::Error {
+    let Some(span) = error.span() else {
+        return anyhow::anyhow!("{}", error.message());
+    };
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    anyhow::anyhow!("line {line}, column {column}: {}", error.message())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +252,14 @@ mod tests {
     fn a_lifetime_past_any_date_is_refused() {
         assert!(Config::parse("[api]\ntoken_lifetime = 300000000000\n").is_err());
         assert!(Config::parse("[api]\ntoken_lifetime = 86400\n").is_ok());
+    }
+
+    #[test]
+    fn a_syntax_error_does_not_quote_the_secret() {
+        let err = Config::parse("[feed]\nstale_after = 5\n[api]\njwt_secret = \"s3cr3t-value\n");
+        let text = format!("{:#}", err.unwrap_err());
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(text.starts_with("line 4, column "), "{text}");
     }
 
     #[test]
