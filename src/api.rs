@@ -33,6 +33,10 @@ use crate::store::{CallQuery, Readers};
 
 /// The customer endpoint's path.
 pub const OUTGOING_ACTIVE_CALLS: &str = "/api/rest/customer/v1/outgoing-active-calls";
+/// Where the endpoint's OpenAPI document (`openapi.json`) is served.
+pub const OPENAPI: &str = "/api/rest/customer/v1/openapi.json";
+/// The OpenAPI 3.1 document of the endpoint, as kept in the repository.
+pub const OPENAPI_DOCUMENT: &[u8] = include_bytes!("../openapi.json");
 
 /// Everything a request needs, shared by all connections.
 pub struct ApiState {
@@ -84,10 +88,15 @@ async fn handle(state: &ApiState, routes: Routes, req: Request<Incoming>) -> Res
         OUTGOING_ACTIVE_CALLS if routes.customer && get => {
             outgoing_active_calls(state, &req, &request_id).await
         }
+        OPENAPI if routes.customer && get => with_body(
+            StatusCode::OK,
+            "application/json",
+            OPENAPI_DOCUMENT.to_vec(),
+        ),
         ops::METRICS if routes.metrics && get => ops::metrics(state),
         ops::HEALTHZ if get => ops::healthz(),
         ops::READYZ if get => ops::readyz(state),
-        OUTGOING_ACTIVE_CALLS if routes.customer => not_allowed(),
+        OUTGOING_ACTIVE_CALLS | OPENAPI if routes.customer => not_allowed(),
         ops::METRICS if routes.metrics => not_allowed(),
         ops::HEALTHZ | ops::READYZ => not_allowed(),
         _ => empty(StatusCode::NOT_FOUND),

@@ -138,6 +138,14 @@ const TEXT_PARAMS: [(&str, Param); 20] = [
     ),
 ];
 
+/// The names of every parameter the endpoint knows (for the OpenAPI document's check).
+pub fn names() -> impl Iterator<Item = &'static str> {
+    FIXED_PARAMS
+        .iter()
+        .chain(TEXT_PARAMS.iter())
+        .map(|(n, _)| *n)
+}
+
 /// The known parameter called `name`, with its name as a static string for messages.
 fn known(name: &[u8]) -> Option<(&'static str, Param)> {
     FIXED_PARAMS
