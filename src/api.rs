@@ -27,7 +27,7 @@ use crate::api::ops::Health;
 use crate::auth::{AuthContext, Authenticator};
 use crate::directory::{Directory, SwapCell};
 use crate::feed::unix_millis;
-use crate::http::{self, Body, Counted, empty, with_body};
+use crate::http::{self, Body, ListenerSettings, empty, with_body};
 use crate::metrics::Metrics;
 use crate::store::{CallQuery, Readers};
 
@@ -64,14 +64,10 @@ pub async fn serve(
     listener: TcpListener,
     state: Arc<ApiState>,
     routes: Routes,
-    name: &'static str,
+    settings: ListenerSettings,
     shutdown: watch::Receiver<bool>,
 ) {
-    let counted = Counted {
-        listener: name,
-        metrics: state.metrics.clone(),
-    };
-    http::serve(listener, counted, shutdown, move |req| {
+    http::serve(listener, settings, shutdown, move |req| {
         let state = state.clone();
         async move { handle(&state, routes, req).await }
     })

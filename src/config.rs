@@ -34,6 +34,8 @@ pub struct ApiConfig {
     pub jwt_secret_file: Option<PathBuf>,
     /// Seconds a refreshed cookie token lives; 0 = no `exp` claim, no `expires`.
     pub token_lifetime: u64,
+    /// Connections the API listener holds at most; past it, a new one gets 503.
+    pub max_connections: usize,
 }
 
 /// `[store]`: where the SQLite database lives.
@@ -59,6 +61,8 @@ pub struct FeedConfig {
     pub password: String,
     /// The largest snapshot body the socket source takes, on the wire and unpacked.
     pub max_body_bytes: u64,
+    /// Connections the socket source holds at most (a switch needs one or two).
+    pub max_connections: usize,
 }
 
 /// `[directory]`: the accounts and API accesses file (SPEC 3).
@@ -100,6 +104,7 @@ impl Default for ApiConfig {
             jwt_secret: None,
             jwt_secret_file: None,
             token_lifetime: 0,
+            max_connections: 1024,
         }
     }
 }
@@ -121,6 +126,7 @@ impl Default for FeedConfig {
             user: String::new(),
             password: String::new(),
             max_body_bytes: 1 << 30,
+            max_connections: 16,
         }
     }
 }
@@ -157,6 +163,9 @@ impl Config {
             );
         }
         crate::logs::parse_filter(&config.log.level).context("in log.level")?;
+        if config.api.max_connections == 0 || config.feed.max_connections == 0 {
+            bail!("api.max_connections and feed.max_connections must be at least 1");
+        }
         Ok(config)
     }
 

@@ -23,8 +23,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::metrics::{self, Metrics};
 
@@ -40,11 +41,15 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// taken (hyper would close it at once): a client that connected gets its answer.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
-/// A listener's name in logs and metrics, and where its requests are counted.
+/// What a listener is beyond its socket: its name in logs and metrics, where its requests
+/// are counted, and how many connections it holds at most.
 #[derive(Clone)]
-pub struct Counted {
-    pub listener: &'static str,
+pub struct ListenerSettings {
+    pub name: &'static str,
     pub metrics: Arc<Metrics>,
+    /// Past this many open connections, a new one is answered 503 and closed: idle or slow
+    /// clients cannot take every file descriptor, and the others keep being served.
+    pub max_connections: usize,
 }
 
 /// Binds a listener (port 0 picks a free port).
@@ -61,7 +66,7 @@ pub async fn bind(listen: &str, what: &str) -> anyhow::Result<(TcpListener, Sock
 /// `shutdown` becomes true; then returns once the requests already begun are answered.
 pub async fn serve<H, F>(
     listener: TcpListener,
-    counted: Counted,
+    settings: ListenerSettings,
     mut shutdown: watch::Receiver<bool>,
     handler: H,
 ) where
@@ -70,6 +75,7 @@ pub async fn serve<H, F>(
 {
     // Every connection task holds a sender; `recv` returns None once all have ended.
     let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
     let mut stopping = false;
     loop {
         let accepted = if stopping {
@@ -98,12 +104,17 @@ pub async fn serve<H, F>(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            settings.metrics.connection_refused(settings.name);
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let counted = counted.clone();
+        let settings = settings.clone();
         let mut shutdown = shutdown.clone();
         let open = open_tx.clone();
-        let counted_open = counted.metrics.connection(counted.listener);
+        let counted_open = settings.metrics.connection(settings.name);
         tokio::spawn(async move {
             let (begun_tx, mut begun) = watch::channel(false);
             let service = service_fn(move |req| {
@@ -111,13 +122,13 @@ pub async fn serve<H, F>(
                 let started = Instant::now();
                 let route = metrics::route_of(req.uri().path());
                 let answer = handler(req);
-                let counted = counted.clone();
+                let settings = settings.clone();
                 async move {
                     let response = answer.await;
                     let status = response.status().as_u16();
-                    counted
+                    settings
                         .metrics
-                        .request(counted.listener, route, status, started.elapsed());
+                        .request(settings.name, route, status, started.elapsed());
                     Ok::<_, Infallible>(response)
                 }
             });
@@ -160,12 +171,33 @@ pub async fn serve<H, F>(
             if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
-            drop((open, counted_open));
+            drop((open, counted_open, slot));
         });
     }
     drop(listener);
     drop(open_tx);
     let _ = all_closed.recv().await;
+}
+
+/// Answers a connection past the cap with 503 and closes it. The request is read (a little,
+/// briefly) before the close, so that the client gets the answer rather than a reset.
+async fn refuse(mut stream: TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\
+        retry-after: 1\r\nconnection: close\r\n\r\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(BUSY).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < 64 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {

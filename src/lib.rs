@@ -68,7 +68,7 @@ use crate::config::Config;
 use crate::directory::{Directory, SwapCell};
 use crate::feed::socket::SocketSettings;
 use crate::feed::writer::{Job, WriterThread};
-use crate::http::Counted;
+use crate::http::ListenerSettings;
 use crate::logs::LogControl;
 use crate::metrics::Metrics;
 use crate::store::{Readers, Writer};
@@ -78,6 +78,9 @@ pub use crate::feed::writer::FeedStatus;
 /// The longest a stop may take: the listeners' grace for requests already begun, then the
 /// snapshot being applied and the checkpoint. systemd's `TimeoutStopSec` is above it.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Connections the metrics listener holds at most: Prometheus and a health check or two.
+const METRICS_MAX_CONNECTIONS: usize = 64;
 
 /// A running agent. Dropping it stops it.
 pub struct Agent {
@@ -172,9 +175,10 @@ impl Agent {
                 password: config.feed.password.clone(),
                 max_body_bytes: config.feed.max_body_bytes,
             });
-            let counted = Counted {
-                listener: "feed",
+            let counted = ListenerSettings {
+                name: "feed",
                 metrics: metrics.clone(),
+                max_connections: config.feed.max_connections,
             };
             servers.push(tokio::spawn(feed::socket::serve(
                 listener,
@@ -206,7 +210,11 @@ impl Agent {
                 listener,
                 state.clone(),
                 routes,
-                "metrics",
+                ListenerSettings {
+                    name: "metrics",
+                    metrics: state.metrics.clone(),
+                    max_connections: METRICS_MAX_CONNECTIONS,
+                },
                 shutdown_rx.clone(),
             )));
             tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
@@ -223,7 +231,11 @@ impl Agent {
             listener,
             state.clone(),
             routes,
-            "api",
+            ListenerSettings {
+                name: "api",
+                metrics: state.metrics.clone(),
+                max_connections: config.api.max_connections,
+            },
             shutdown_rx,
         )));
         tracing::info!(%api_addr, "serving {}", api::OUTGOING_ACTIVE_CALLS);

@@ -100,6 +100,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram>,
     connections: Family<ListenerLabels, Gauge>,
+    connections_refused: Family<ListenerLabels, Counter>,
     directory_loads: Family<ResultLabels, Counter>,
 }
 
@@ -129,6 +130,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.000_025, 2.0, 16))
             }),
             connections: Family::default(),
+            connections_refused: Family::default(),
             directory_loads: Family::default(),
         };
         registry.register(
@@ -173,6 +175,11 @@ impl Metrics {
             "http_connections",
             "HTTP connections open now, per listener",
             metrics.connections.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "Connections answered 503 because the listener was at its max_connections",
+            metrics.connections_refused.clone(),
         );
         registry.register(
             "directory_loads",
@@ -232,6 +239,13 @@ impl Metrics {
             .clone();
         gauge.inc();
         OpenConnection(gauge)
+    }
+
+    /// A connection refused at the cap of `listener`.
+    pub fn connection_refused(&self, listener: &'static str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
     }
 
     /// One read of the directory file.

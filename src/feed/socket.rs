@@ -53,7 +53,7 @@ pub async fn serve(
     listener: TcpListener,
     writer: WriterHandle,
     settings: Arc<SocketSettings>,
-    counted: http::Counted,
+    counted: http::ListenerSettings,
     shutdown: watch::Receiver<bool>,
 ) {
     http::serve(listener, counted, shutdown, move |req| {

@@ -1,0 +1,177 @@
+//! Limits that hold under abuse: huge heads, more connections than the listener takes, slow
+//! clients, a flood of feed posts. Each is bounded, gets the right status, and leaves the
+//! API answering.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The server may answer and close before it has read everything.
+    let _ = stream.write_all(request);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn assert_answers(agent: &TestAgent) {
+    let reply = agent.get(&format!("account-id={ACCOUNT_101}"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[test]
+fn huge_heads_get_431_and_the_api_keeps_answering() {
+    let agent = TestAgent::start();
+    let addr = agent.addr();
+    let long_query = format!(
+        "GET {ENDPOINT}?{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "src-name-in-eq=x&".repeat(100_000)
+    );
+    let huge_cookie = format!(
+        "GET {ENDPOINT} HTTP/1.1\r\nHost: x\r\nCookie: {}\r\n\r\n",
+        "c".repeat(1 << 20)
+    );
+    let many_headers = format!(
+        "GET {ENDPOINT} HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        (0..500)
+            .map(|i| format!("X-{i}: y\r\n"))
+            .collect::<String>()
+    );
+    for request in [long_query, huge_cookie, many_headers] {
+        let answer = raw_exchange(addr, request.as_bytes());
+        assert!(
+            answer.starts_with("HTTP/1.1 431 "),
+            "{}",
+            &answer[..answer.len().min(200)]
+        );
+        assert_answers(&agent);
+    }
+}
+
+#[test]
+fn past_max_connections_a_new_connection_gets_503() {
+    let agent = TestAgent::start_with(|c| {
+        c.api.max_connections = 8;
+        c.metrics.listen = "127.0.0.1:0".into();
+    });
+    let metrics = agent.agent().metrics_addr().unwrap();
+    let open = || {
+        metric(
+            &request(metrics, "GET", "/metrics", &[]).text(),
+            r#"active_calls_agent_http_connections{listener="api"}"#,
+        )
+    };
+    let wait_open = |n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while open() != Some(n) {
+            assert!(
+                Instant::now() < deadline,
+                "{:?} open, waiting for {n}",
+                open()
+            );
+        }
+    };
+    // Eight idle clients take every slot.
+    let mut idle: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(agent.addr()).unwrap())
+        .collect();
+    wait_open(8.0);
+
+    let busy = agent.get(&format!("account-id={ACCOUNT_101}"));
+    assert_eq!(busy.status, 503, "{}", busy.text());
+    assert_eq!(busy.header("retry-after"), Some("1"));
+    let text = request(metrics, "GET", "/metrics", &[]).text();
+    assert_eq!(
+        metric(
+            &text,
+            r#"active_calls_agent_http_connections_refused_total{listener="api"}"#
+        ),
+        Some(1.0)
+    );
+
+    // Two leave: the next client is served.
+    idle.truncate(6);
+    wait_open(6.0);
+    assert_answers(&agent);
+}
+
+#[test]
+fn a_slow_client_does_not_hold_up_the_others() {
+    let agent = TestAgent::start();
+    let addr = agent.addr();
+    let mut slow = TcpStream::connect(addr).unwrap();
+    let head = format!("GET {ENDPOINT}?account-id={ACCOUNT_101} HTTP/1.1\r\nHost: x\r\n");
+    // One byte at a time, while fifty other queries come and go.
+    let mut sent = 0;
+    for _ in 0..50 {
+        if sent < head.len() {
+            slow.write_all(&head.as_bytes()[sent..sent + 1]).unwrap();
+            sent += 1;
+        }
+        assert_answers(&agent);
+    }
+    // The slow one is still served when it finally finishes.
+    slow.write_all(&head.as_bytes()[sent..]).unwrap();
+    slow.write_all(
+        format!(
+            "Authorization: {}\r\nConnection: close\r\n\r\n",
+            token_for(5001)
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+}
+
+#[test]
+fn a_flood_of_feed_posts_is_bounded_and_applies_whole_snapshots() {
+    let agent = TestAgent::start_with(|c| {
+        c.feed.listen = "127.0.0.1:0".into();
+        c.feed.max_connections = 4;
+    });
+    let feed = agent.agent().feed_addr().unwrap();
+    let posts: Vec<_> = (0..24)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let name = format!("S{i}");
+                let reply = post(feed, "/", &[], &named_snapshot(&name, 500));
+                (name, reply.status)
+            })
+        })
+        .collect();
+    // The API answers while the flood goes on.
+    for _ in 0..20 {
+        assert_answers(&agent);
+    }
+    let statuses: Vec<(String, u16)> = posts.into_iter().map(|p| p.join().unwrap()).collect();
+    let applied: Vec<&String> = statuses
+        .iter()
+        .filter(|(_, s)| *s == 200)
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        statuses.iter().all(|(_, s)| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(!applied.is_empty(), "{statuses:?}");
+    assert_eq!(
+        agent.agent().feed_status().borrow().applied,
+        applied.len() as u64
+    );
+    // The store holds one whole snapshot of those applied.
+    let rows = agent.get(&format!("account-id={ACCOUNT_101}")).rows();
+    assert_eq!(rows.len(), 500);
+    let name = rows[0]["src_name_in"].as_str().unwrap().to_owned();
+    assert!(rows.iter().all(|r| r["src_name_in"] == name.as_str()));
+    assert!(applied.contains(&&name), "{name} was not answered 200");
+}
