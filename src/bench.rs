@@ -44,15 +44,15 @@ pub struct BenchOptions {
     pub dump: Option<PathBuf>,
 }
 
-const SECRET: &str = "bench-secret";
+pub(crate) const SECRET: &str = "bench-secret";
 const ENDPOINT: &str = crate::api::OUTGOING_ACTIVE_CALLS;
 
 // ---------------------------------------------------------------------------------------
 // The agent under test
 
-struct AgentProcess {
+pub(crate) struct AgentProcess {
     child: Child,
-    api: SocketAddr,
+    pub(crate) api: SocketAddr,
     feed: SocketAddr,
     /// Server-side apply durations (ms) from the agent's log lines, as they come.
     applied: mpsc::Receiver<f64>,
@@ -60,7 +60,7 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn start(dir: &Path) -> anyhow::Result<AgentProcess> {
+    pub(crate) fn start(dir: &Path) -> anyhow::Result<AgentProcess> {
         std::fs::create_dir_all(dir)?;
         let snapshot_file = dir.join("snapshot.jsonl");
         let config = dir.join("config.toml");
@@ -130,24 +130,18 @@ impl AgentProcess {
         })
     }
 
-    fn proc_status(&self, key: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Resident memory now, MB.
     fn rss_mb(&self) -> f64 {
-        self.proc_status("VmRSS:") as f64 / 1024.0
+        rss_mb(self.pid())
     }
 
     /// Peak resident memory since the last reset, MB.
     fn peak_mb(&self) -> f64 {
-        self.proc_status("VmHWM:") as f64 / 1024.0
+        proc_status(self.pid(), "VmHWM:") as f64 / 1024.0
     }
 
     fn reset_peak(&self) {
@@ -155,7 +149,7 @@ impl AgentProcess {
     }
 
     /// POSTs a snapshot; the client-observed time until the 200.
-    fn post(&self, body: &[u8]) -> anyhow::Result<Duration> {
+    pub(crate) fn post(&self, body: &[u8]) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let mut conn = Conn::open(self.feed)?;
         let head = format!(
@@ -178,7 +172,7 @@ impl AgentProcess {
 
     /// Renames a snapshot file into place; the time until the agent logged it applied,
     /// and the duration it logged.
-    fn feed_file(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
+    pub(crate) fn feed_file(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
         let tmp = self.snapshot_file.with_extension("writing");
         std::fs::write(&tmp, body)?;
         while self.applied.try_recv().is_ok() {}
@@ -192,6 +186,21 @@ impl AgentProcess {
     }
 }
 
+/// A `/proc/<pid>/status` figure, in kB.
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The resident memory of process `pid` now, MB.
+pub(crate) fn rss_mb(pid: u32) -> f64 {
+    proc_status(pid, "VmRSS:") as f64 / 1024.0
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -202,19 +211,19 @@ impl Drop for AgentProcess {
 // ---------------------------------------------------------------------------------------
 // A minimal keep-alive HTTP/1.1 client (the load generator must not be the bottleneck)
 
-struct Conn {
+pub(crate) struct Conn {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
 }
 
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     runtime: Option<f64>,
-    body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Conn {
-    fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+    pub(crate) fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -224,7 +233,7 @@ impl Conn {
         })
     }
 
-    fn get(&mut self, target: &str, token: &str) -> anyhow::Result<Reply> {
+    pub(crate) fn get(&mut self, target: &str, token: &str) -> anyhow::Result<Reply> {
         let head = format!(
             "GET {target} HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {token}\r\n\r\n"
         );
@@ -266,7 +275,7 @@ impl Conn {
 // Queries
 
 /// A random account-filtered query: a small account, 0–3 random filters of SPEC 1.2.
-fn random_query(rng: &mut fastrand::Rng) -> (String, i64) {
+pub(crate) fn random_query(rng: &mut fastrand::Rng) -> (String, i64) {
     let account = rng.i64(2..=ACCOUNTS);
     let mut target = format!("{ENDPOINT}?account-id={}", uuid_of(account));
     let columns = [
@@ -326,7 +335,7 @@ fn p50_p99(values: Vec<f64>) -> String {
     )
 }
 
-fn tokens() -> HashMap<i64, String> {
+pub(crate) fn tokens() -> HashMap<i64, String> {
     let auth = Authenticator::new(Some(SECRET.as_bytes()), Duration::ZERO);
     (1..=CUSTOMERS)
         .filter_map(|c| Some((c, auth.issue_for_access(c, SystemTime::now())?)))

@@ -198,6 +198,9 @@ impl Config {
         if self.api.listen != new.api.listen {
             changed.push("api.listen");
         }
+        if self.api.max_connections != new.api.max_connections {
+            changed.push("api.max_connections");
+        }
         if self.store != new.store {
             changed.push("[store]");
         }
@@ -213,6 +216,14 @@ impl Config {
         changed
     }
 
+    /// Takes from `new` what SIGHUP applies: the secret, the token lifetime, the log level.
+    pub fn apply_live(&mut self, new: &Config) {
+        self.api.jwt_secret = new.api.jwt_secret.clone();
+        self.api.jwt_secret_file = new.api.jwt_secret_file.clone();
+        self.api.token_lifetime = new.api.token_lifetime;
+        self.log = new.log.clone();
+    }
+
     /// `feed.stale_after` as a duration, `None` when silence never expires.
     pub fn stale_after(&self) -> Option<Duration> {
         (self.feed.stale_after > 0).then(|| Duration::from_secs(self.feed.stale_after))
@@ -220,16 +231,24 @@ impl Config {
 }
 
 /// A parse error as its message and position, without the line of the file that toml
-/// quotes: that line may hold the inline secret or the feed's password, and the error goes
-/// to the journal.
+/// quotes nor the value it names: either may be the inline secret or the feed's password,
+/// and the error goes to the journal.
 fn without_source(error: &toml::de::Error, text: &str) -> anyhow::Error {
+    let message = error.message();
+    let message = match message.split_once(", expected ") {
+        Some((found, expected)) if found.starts_with("invalid ") => {
+            let kind = found.split(':').next().unwrap_or(found);
+            format!("{kind}, expected {expected}")
+        }
+        _ => message.to_owned(),
+    };
     let Some(span) = error.span() else {
-        return anyhow::anyhow!("{}", error.message());
+        return anyhow::anyhow!("{message}");
     };
     let before = &text.as_bytes()[..span.start.min(text.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-    anyhow::anyhow!("line {line}, column {column}: {}", error.message())
+    anyhow::anyhow!("line {line}, column {column}: {message}")
 }
 
 #[cfg(test)]
@@ -269,6 +288,18 @@ mod tests {
         let text = format!("{:#}", err.unwrap_err());
         assert!(!text.contains("s3cr3t"), "{text}");
         assert!(text.starts_with("line 4, column "), "{text}");
+        // A value of the wrong type is not repeated either.
+        for wrong in [
+            "[feed]\npassword = 987654321\n",
+            "[api]\ntoken_lifetime = \"my-secret\"\n",
+        ] {
+            let text = format!("{:#}", Config::parse(wrong).unwrap_err());
+            assert!(
+                !text.contains("987654321") && !text.contains("my-secret"),
+                "{text}"
+            );
+            assert!(text.contains("invalid type, expected"), "{text}");
+        }
     }
 
     #[test]
@@ -287,7 +318,16 @@ mod tests {
         assert!(old.needs_restart(&new).is_empty());
         new.feed.stale_after = 5;
         new.metrics.listen = "127.0.0.1:0".into();
-        assert_eq!(old.needs_restart(&new), ["[feed]", "[metrics]"]);
+        new.api.max_connections = 10;
+        assert_eq!(
+            old.needs_restart(&new),
+            ["api.max_connections", "[feed]", "[metrics]"]
+        );
+        // Applying the live part leaves the rest as it runs: the next reload warns again.
+        let mut running = old.clone();
+        running.apply_live(&new);
+        assert_eq!(running.api.jwt_secret.as_deref(), Some("s"));
+        assert_eq!(running.needs_restart(&new).len(), 3);
     }
 
     #[test]

@@ -57,8 +57,9 @@ impl Switch {
         }
     }
 
-    /// Adds calls until there are `total`.
+    /// Adds calls (or ends the newest) until there are `total`.
     pub fn fill(&mut self, total: usize, now: i64) {
+        self.calls.truncate(total);
         while self.calls.len() < total {
             let call = self.new_call(now);
             self.calls.push(call);

@@ -10,10 +10,12 @@
 //! two requests closes, a connection just taken gets a moment for its first request, and
 //! a request already begun is answered, up to [`SHUTDOWN_GRACE`].
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
@@ -25,7 +27,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::metrics::{self, Metrics};
 
@@ -47,8 +49,8 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 pub struct ListenerSettings {
     pub name: &'static str,
     pub metrics: Arc<Metrics>,
-    /// Past this many open connections, a new one is answered 503 and closed: idle or slow
-    /// clients cannot take every file descriptor, and the others keep being served.
+    /// Past this many open connections, a new one takes the place of the oldest idle one,
+    /// or, when all are busy, is answered 503 (see [`Slots`]).
     pub max_connections: usize,
 }
 
@@ -75,7 +77,7 @@ pub async fn serve<H, F>(
 {
     // Every connection task holds a sender; `recv` returns None once all have ended.
     let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let slots = Arc::new(Slots::new(settings.max_connections));
     let mut stopping = false;
     loop {
         let accepted = if stopping {
@@ -104,7 +106,7 @@ pub async fn serve<H, F>(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(slot) = slots.admit(&settings) else {
             settings.metrics.connection_refused(settings.name);
             tokio::spawn(refuse(stream));
             continue;
@@ -116,19 +118,24 @@ pub async fn serve<H, F>(
         let open = open_tx.clone();
         let counted_open = settings.metrics.connection(settings.name);
         tokio::spawn(async move {
-            let (begun_tx, mut begun) = watch::channel(false);
+            let activity = slot.entry.activity.clone();
+            let mut watched = activity.subscribe();
             let service = service_fn(move |req| {
-                begun_tx.send_replace(true);
+                activity.send_modify(|a| {
+                    a.begun += 1;
+                    a.busy = true;
+                });
                 let started = Instant::now();
                 let route = metrics::route_of(req.uri().path());
                 let answer = handler(req);
-                let settings = settings.clone();
+                let (settings, activity) = (settings.clone(), activity.clone());
                 async move {
                     let response = answer.await;
                     let status = response.status().as_u16();
                     settings
                         .metrics
                         .request(settings.name, route, status, started.elapsed());
+                    activity.send_modify(|a| a.busy = false);
                     Ok::<_, Infallible>(response)
                 }
             });
@@ -137,22 +144,31 @@ pub async fn serve<H, F>(
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
-            let running = tokio::select! {
-                served = conn.as_mut() => Some(served),
-                _ = stopped(&mut shutdown) => None,
+            let ending = tokio::select! {
+                served = conn.as_mut() => Ok(served),
+                _ = stopped(&mut shutdown) => Err(true),
+                _ = slot.entry.evict.notified() => Err(false),
             };
-            let served = match running {
-                Some(served) => served,
-                None => {
-                    // hyper would close a connection that has sent nothing yet: a client
-                    // that has just connected gets a moment for its first request.
-                    let first_request = async {
+            let served = match ending {
+                Ok(served) => served,
+                Err(stopping) => {
+                    // Stopping, a connection with no request in progress gets a moment
+                    // for its next one (hyper would close it at once); an evicted one
+                    // does not. A request counts as begun once hyper has called the
+                    // service, even if it was answered within the same poll.
+                    let at_stop = watched.borrow_and_update().begun;
+                    let next_request = async {
                         tokio::select! {
                             served = conn.as_mut() => Some(served),
-                            _ = begun.wait_for(|begun| *begun) => None,
+                            _ = watched.wait_for(|a| a.busy || a.begun != at_stop) => None,
                         }
                     };
-                    match tokio::time::timeout(FIRST_REQUEST_GRACE, first_request).await {
+                    let grace = if stopping {
+                        FIRST_REQUEST_GRACE
+                    } else {
+                        Duration::ZERO
+                    };
+                    match tokio::time::timeout(grace, next_request).await {
                         Ok(Some(served)) => served,
                         _ => {
                             // Closes the connection if idle, else after the answer in
@@ -177,6 +193,82 @@ pub async fn serve<H, F>(
     drop(listener);
     drop(open_tx);
     let _ = all_closed.recv().await;
+}
+
+/// The open connections of a listener, oldest first, up to its `max_connections`.
+///
+/// At the cap, a new connection takes the slot of the oldest one that has no request in
+/// progress (idle between requests, or connected and silent): that one is closed the way a
+/// stop closes it. So idle clients, however many, cannot lock the others out; only when
+/// every connection is busy is a new one refused with 503.
+struct Slots {
+    max: usize,
+    next_id: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<SlotEntry>>>,
+}
+
+struct SlotEntry {
+    /// The requests begun on the connection, and whether one is in progress.
+    activity: watch::Sender<Activity>,
+    /// Tells the connection to close.
+    evict: Notify,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Activity {
+    begun: u64,
+    busy: bool,
+}
+
+/// A connection's place in [`Slots`], given back when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    entry: Arc<SlotEntry>,
+}
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots {
+            max,
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// A slot for a new connection, evicting the oldest idle one at the cap; `None` when
+    /// every open connection is busy.
+    fn admit(self: &Arc<Self>, settings: &ListenerSettings) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= self.max {
+            let idle = open
+                .iter()
+                .find(|(_, entry)| !entry.activity.borrow().busy)
+                .map(|(id, _)| *id)?;
+            if let Some(evicted) = open.remove(&idle) {
+                evicted.evict.notify_one();
+                settings.metrics.connection_evicted(settings.name);
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(SlotEntry {
+            activity: watch::Sender::new(Activity::default()),
+            evict: Notify::new(),
+        });
+        open.insert(id, entry.clone());
+        Some(Slot {
+            slots: self.clone(),
+            id,
+            entry,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(&self.id);
+    }
 }
 
 /// Answers a connection past the cap with 503 and closes it. The request is read (a little,

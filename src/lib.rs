@@ -26,7 +26,8 @@
 //! * [`watch`]: following the snapshot and directory files with notify.
 //! * [`http`]: the accept loop and small answers both HTTP listeners share.
 //! * [`demo`]: a newcomer's first run, with a simulated switch.
-//! * [`bench`]: the performance benchmark, driving the real agent as a child process.
+//! * [`bench`]: the performance benchmark, driving the real agent as a child process, and
+//!   [`soak`], a bounded run under load that checks every answer.
 //!
 //! [`Agent`] wires them together: one writer thread owns the write connection and applies
 //! snapshot files, posted snapshots and expiry in turn; the file watcher and the socket
@@ -47,6 +48,7 @@ pub mod feed;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod soak;
 pub mod store;
 pub mod watch;
 
@@ -133,12 +135,18 @@ impl Agent {
             let directory = directory.clone();
             let path = config.directory.path.clone();
             let (metrics, health) = (metrics.clone(), health.clone());
+            // The watcher and SIGHUP may both re-read: one at a time, so that a slow read
+            // of the old file cannot land after a fast read of the new one.
+            let one_at_a_time = std::sync::Mutex::new(());
             move || {
-                let loaded = reload_directory(&directory, &path, &reloads_tx);
+                let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+                let loaded = reload_directory(&directory, &path);
                 metrics.directory_load(loaded);
                 if loaded {
                     health.directory_loaded.store(true, Ordering::Release);
                 }
+                // Last: whoever waits on the count sees the health and metrics of this read.
+                reloads_tx.send_modify(|n| *n += 1);
             }
         });
         let mut targets = vec![watch::Target {
@@ -345,40 +353,57 @@ fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
 /// directory and what of the configuration at `config_path` can change live.
 pub async fn serve(
     config_path: Option<PathBuf>,
-    mut config: Config,
+    config: Config,
     logs: &LogControl,
 ) -> anyhow::Result<()> {
-    let agent = Agent::start(&config).await?;
+    // Signals are ours from the first moment: a SIGTERM while the store opens stops
+    // cleanly, and a SIGHUP then is not the default action (the end of the process) but
+    // a reload once started.
+    let mut signals = Signals::new()?;
+    let mut reload_pending = false;
+    let start = Agent::start(&config);
+    tokio::pin!(start);
+    let agent = loop {
+        tokio::select! {
+            agent = &mut start => break agent?,
+            signal = signals.next() => match signal {
+                Signal::Stop => {
+                    tracing::info!("stopped while starting");
+                    return Ok(());
+                }
+                Signal::Reload => reload_pending = true,
+            },
+        }
+    };
     notify(&[NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled().map(|period| {
         let writer_running = agent.state.health.writer_running.clone();
         tokio::spawn(feed_watchdog(writer_running, period))
     });
-    let mut signals = Signals::new()?;
-    while let Some(signal) = signals.next().await {
-        if signal == Signal::Stop {
+    // The configuration in force: what SIGHUP changes in it, and nothing else.
+    let mut running = config.clone();
+    loop {
+        if !reload_pending && signals.next().await == Signal::Stop {
             break;
         }
+        reload_pending = false;
         notify(&[NotifyState::Reloading]);
         tracing::info!("SIGHUP: reloading");
         match Config::load(config_path.as_deref()) {
             Ok(new) => {
-                let restart = config.needs_restart(&new);
+                let restart = running.needs_restart(&new);
                 if !restart.is_empty() {
                     tracing::warn!(changed = ?restart, "these settings change only at a restart");
                 }
-                logs.set_level(&new.log.level);
-                agent.reload(&new);
-                config = new;
+                running.apply_live(&new);
+                logs.set_level(&running.log.level);
             }
-            Err(e) => {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    "configuration not reloaded; keeping the running one"
-                );
-                agent.reload(&config);
-            }
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "configuration not reloaded; keeping the running one"
+            ),
         }
+        agent.reload(&running);
         notify(&[NotifyState::Ready]);
     }
     tracing::info!("stopping");
@@ -439,23 +464,19 @@ impl Signals {
         })
     }
 
-    async fn next(&mut self) -> Option<Signal> {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => Some(Signal::Stop),
-            _ = tokio::signal::ctrl_c() => Some(Signal::Stop),
-            _ = self.hup.recv() => Some(Signal::Reload),
+            _ = self.term.recv() => Signal::Stop,
+            _ = tokio::signal::ctrl_c() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }
 
 /// Reads the directory file into `cell`; a bad file keeps the previous directory.
 /// Returns whether it loaded.
-fn reload_directory(
-    cell: &SwapCell<Directory>,
-    path: &std::path::Path,
-    reloads: &signal::Sender<u64>,
-) -> bool {
-    let loaded = match Directory::load(path) {
+fn reload_directory(cell: &SwapCell<Directory>, path: &std::path::Path) -> bool {
+    match Directory::load(path) {
         Ok(directory) => {
             tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory loaded");
             cell.store(directory);
@@ -468,7 +489,5 @@ fn reload_directory(
             );
             false
         }
-    };
-    reloads.send_modify(|n| *n += 1);
-    loaded
+    }
 }

@@ -68,6 +68,25 @@ enum Command {
         #[arg(long)]
         dump: Option<PathBuf>,
     },
+    /// A bounded soak: mixed queries while snapshots arrive every second; fails on any
+    /// 5xx, torn answer or memory growth (see RELIABILITY.md).
+    Soak {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Query connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Queries a second, over all connections.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Calls in the smallest snapshot.
+        #[arg(long, default_value_t = 10_000)]
+        min_calls: usize,
+        /// Calls in the largest snapshot.
+        #[arg(long, default_value_t = 100_000)]
+        max_calls: usize,
+    },
     /// Print a customer token for an API access id, signed with the configured secret.
     Token {
         /// The API access id (the token's `sub`).
@@ -86,7 +105,9 @@ fn main() -> anyhow::Result<ExitCode> {
     // the first line.
     let config = match command {
         Command::Serve | Command::Token { .. } => Config::load(cli.config.as_deref())?,
-        Command::Check | Command::Demo { .. } | Command::Bench { .. } => Config::default(),
+        Command::Check | Command::Demo { .. } | Command::Bench { .. } | Command::Soak { .. } => {
+            Config::default()
+        }
     };
     let logs = active_calls_agent::logs::init(&config.log.level);
     let runtime = || {
@@ -132,6 +153,19 @@ fn main() -> anyhow::Result<ExitCode> {
             connections: connections.max(1),
             dir,
             dump,
+        })?,
+        Command::Soak {
+            seconds,
+            connections,
+            rate,
+            min_calls,
+            max_calls,
+        } => active_calls_agent::soak::run(active_calls_agent::soak::SoakOptions {
+            seconds: seconds.max(1),
+            connections: connections.max(1),
+            rate,
+            min_calls,
+            max_calls,
         })?,
         Command::Token {
             access_id,

@@ -101,6 +101,7 @@ pub struct Metrics {
     request_duration: Family<RouteLabels, Histogram>,
     connections: Family<ListenerLabels, Gauge>,
     connections_refused: Family<ListenerLabels, Counter>,
+    connections_evicted: Family<ListenerLabels, Counter>,
     directory_loads: Family<ResultLabels, Counter>,
 }
 
@@ -125,12 +126,14 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 17))
             }),
             requests: Family::default(),
-            // 25 µs to ~0.8 s: the endpoint answers in well under a millisecond.
+            // 25 µs to ~26 s: the endpoint answers in well under a millisecond, a posted
+            // snapshot in up to seconds.
             request_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_025, 2.0, 16))
+                Histogram::new(exponential_buckets(0.000_025, 2.0, 21))
             }),
             connections: Family::default(),
             connections_refused: Family::default(),
+            connections_evicted: Family::default(),
             directory_loads: Family::default(),
         };
         registry.register(
@@ -178,8 +181,13 @@ impl Metrics {
         );
         registry.register(
             "http_connections_refused",
-            "Connections answered 503 because the listener was at its max_connections",
+            "Connections answered 503: the listener was at max_connections, all busy",
             metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "http_connections_evicted",
+            "Idle connections closed to make room for a new one at max_connections",
+            metrics.connections_evicted.clone(),
         );
         registry.register(
             "directory_loads",
@@ -244,6 +252,13 @@ impl Metrics {
     /// A connection refused at the cap of `listener`.
     pub fn connection_refused(&self, listener: &'static str) {
         self.connections_refused
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+    }
+
+    /// An idle connection of `listener` closed to make room at the cap.
+    pub fn connection_evicted(&self, listener: &'static str) {
+        self.connections_evicted
             .get_or_create(&ListenerLabels { listener })
             .inc();
     }

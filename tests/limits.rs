@@ -57,50 +57,66 @@ fn huge_heads_get_431_and_the_api_keeps_answering() {
 }
 
 #[test]
-fn past_max_connections_a_new_connection_gets_503() {
+fn at_max_connections_idle_ones_make_room_and_busy_ones_get_503() {
     let agent = TestAgent::start_with(|c| {
         c.api.max_connections = 8;
+        c.feed.listen = "127.0.0.1:0".into();
+        c.feed.max_connections = 2;
         c.metrics.listen = "127.0.0.1:0".into();
     });
     let metrics = agent.agent().metrics_addr().unwrap();
-    let open = || {
+    let series = |name: &str, listener: &str| {
         metric(
             &request(metrics, "GET", "/metrics", &[]).text(),
-            r#"active_calls_agent_http_connections{listener="api"}"#,
+            &format!(r#"active_calls_agent_{name}{{listener="{listener}"}}"#),
         )
     };
-    let wait_open = |n: f64| {
+    let wait_for = |name: &str, listener: &str, n: f64| {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while open() != Some(n) {
+        while series(name, listener) != Some(n) {
             assert!(
                 Instant::now() < deadline,
-                "{:?} open, waiting for {n}",
-                open()
+                "{name}{{{listener}}} never reached {n}"
             );
         }
     };
-    // Eight idle clients take every slot.
+    // Eight silent clients take every slot of the API...
     let mut idle: Vec<TcpStream> = (0..8)
         .map(|_| TcpStream::connect(agent.addr()).unwrap())
         .collect();
-    wait_open(8.0);
+    wait_for("http_connections", "api", 8.0);
+    // ...and a customer still gets an answer: the oldest silent one makes room.
+    assert_answers(&agent);
+    assert_eq!(series("http_connections_evicted_total", "api"), Some(1.0));
+    idle[0]
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        idle[0].read(&mut [0u8; 16]).unwrap(),
+        0,
+        "the oldest was closed"
+    );
+    idle.clear();
 
-    let busy = agent.get(&format!("account-id={ACCOUNT_101}"));
+    // Two snapshot uploads in progress hold both feed slots: a third gets 503.
+    let feed = agent.agent().feed_addr().unwrap();
+    let uploads: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut upload = TcpStream::connect(feed).unwrap();
+            upload
+                .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nINSERT INTO t FORMAT JSONEachRow\n")
+                .unwrap();
+            upload
+        })
+        .collect();
+    wait_for("http_connections", "feed", 2.0);
+    let busy = post(feed, "/", &[], &named_snapshot("C", 1));
     assert_eq!(busy.status, 503, "{}", busy.text());
     assert_eq!(busy.header("retry-after"), Some("1"));
-    let text = request(metrics, "GET", "/metrics", &[]).text();
-    assert_eq!(
-        metric(
-            &text,
-            r#"active_calls_agent_http_connections_refused_total{listener="api"}"#
-        ),
-        Some(1.0)
-    );
-
-    // Two leave: the next client is served.
-    idle.truncate(6);
-    wait_open(6.0);
-    assert_answers(&agent);
+    assert_eq!(series("http_connections_refused_total", "feed"), Some(1.0));
+    drop(uploads);
+    wait_for("http_connections", "feed", 0.0);
+    assert_eq!(post(feed, "/", &[], &named_snapshot("C", 1)).status, 200);
 }
 
 #[test]

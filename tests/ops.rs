@@ -200,6 +200,25 @@ fn a_separate_metrics_listener_keeps_metrics_off_the_api() {
     );
 }
 
+/// Reads exactly one answer (head and Content-Length body) off a kept-alive connection.
+fn read_one_answer(stream: &mut TcpStream) -> String {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        raw.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    raw.extend(body);
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
 #[test]
 fn a_stop_answers_the_request_already_begun() {
     // Scrapes go to a listener of their own, so the API's connection count is ours alone.
@@ -211,14 +230,20 @@ fn a_stop_answers_the_request_already_begun() {
     let head = format!(
         "GET {ENDPOINT}?account-id={ACCOUNT_101} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n"
     );
-    // Half a request is on the wire when the stop begins.
+    // Half a request is on the wire when the stop begins: on a new connection, and on a
+    // kept-alive one after a first answer.
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.write_all(head.as_bytes()).unwrap();
+    let mut kept = TcpStream::connect(addr).unwrap();
+    kept.write_all(format!("{head}\r\n").as_bytes()).unwrap();
+    let first = read_one_answer(&mut kept);
+    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    kept.write_all(head.as_bytes()).unwrap();
     // Until the server has accepted it, the connection waits in the kernel's backlog,
     // which the closing listener would reset: wait until the metrics count it.
     let open = r#"active_calls_agent_http_connections{listener="api"}"#;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&request(metrics, "GET", "/metrics", &[]).text(), open) != Some(1.0) {
+    while metric(&request(metrics, "GET", "/metrics", &[]).text(), open) != Some(2.0) {
         assert!(
             Instant::now() < deadline,
             "the connection was never accepted"
@@ -238,12 +263,14 @@ fn a_stop_answers_the_request_already_begun() {
         "the stop waits for the begun request"
     );
 
-    stream.write_all(b"\r\n").unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    assert!(text.contains(r#""rows":"#), "a whole body: {text}");
+    for (which, stream) in [("new", &mut stream), ("kept-alive", &mut kept)] {
+        stream.write_all(b"\r\n").unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 200 OK"), "{which}: {text}");
+        assert!(text.contains(r#""rows":"#), "a whole body: {text}");
+    }
     agent
         .runtime
         .block_on(async { tokio::time::timeout(Duration::from_secs(10), stopping).await })

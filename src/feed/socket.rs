@@ -158,6 +158,7 @@ async fn insert(
     let wire = ChannelReader {
         chunks: chunks_rx,
         current: Bytes::new(),
+        ended: false,
     };
     let input: Box<dyn BufRead + Send> = if gzip {
         let unpacked = Gunzip::Pending(wire);
@@ -212,15 +213,19 @@ async fn insert(
     }
 }
 
-/// Moves the request body into the channel the writer reads, until the body ends, the
-/// writer stops reading (it has refused the snapshot), or a limit is hit.
+/// Moves the request body into the channel the writer reads, until the body ends (then
+/// an empty chunk says so), the writer stops reading (it has refused the snapshot), or a
+/// limit is hit.
 async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, max: u64) {
     let mut total = 0u64;
     let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
     loop {
         let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
         let frame = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
-            Ok(None) => return,
+            Ok(None) => {
+                let _ = chunks.send(Ok(Bytes::new())).await;
+                return;
+            }
             Ok(Some(Ok(frame))) => frame,
             Ok(Some(Err(e))) => {
                 let _ = chunks.send(Err(std::io::Error::other(e))).await;
@@ -236,6 +241,9 @@ async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, 
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
+        if data.is_empty() {
+            continue; // only the end marker is empty
+        }
         total += data.len() as u64;
         if total > max {
             let _ = chunks
@@ -249,18 +257,30 @@ async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, 
     }
 }
 
-/// The request body as a blocking `Read`, for the writer thread.
+/// The request body as a blocking `Read`, for the writer thread. The body ends only at
+/// [`pump`]'s end marker: a channel closed without it is a body cut short (its connection
+/// dropped, say at the end of a stop's grace), which must not pass for a whole snapshot.
 struct ChannelReader {
     chunks: mpsc::Receiver<std::io::Result<Bytes>>,
     current: Bytes,
+    ended: bool,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.chunks.blocking_recv() {
+                Some(Ok(chunk)) if chunk.is_empty() => self.ended = true,
                 Some(chunk) => self.current = chunk?,
-                None => return Ok(0),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the body was cut short",
+                    ));
+                }
             }
         }
         let n = buf.len().min(self.current.len());
@@ -375,6 +395,31 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reader_of(chunks: &[&'static [u8]], end_marker: bool) -> ChannelReader {
+        let (tx, rx) = mpsc::channel(8);
+        for chunk in chunks {
+            tx.try_send(Ok(Bytes::from_static(chunk))).unwrap();
+        }
+        if end_marker {
+            tx.try_send(Ok(Bytes::new())).unwrap();
+        }
+        ChannelReader {
+            chunks: rx,
+            current: Bytes::new(),
+            ended: false,
+        }
+    }
+
+    #[test]
+    fn a_body_cut_short_is_an_error_even_at_a_line_end() {
+        let mut out = Vec::new();
+        let whole = reader_of(&[b"{\"a\":1}\n", b"{\"a\":2}\n"], true).read_to_end(&mut out);
+        assert_eq!(whole.unwrap(), 16);
+        // The sender is gone without the end marker: the connection was dropped.
+        let cut = reader_of(&[b"{\"a\":1}\n"], false).read_to_end(&mut Vec::new());
+        assert_eq!(cut.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn limited_refuses_past_its_bound() {
