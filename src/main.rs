@@ -98,7 +98,21 @@ enum Command {
     },
 }
 
+/// glibc gives each thread that allocates under contention an arena of its own (up to
+/// eight per core), and keeps freed memory in each: with the API's worker and blocking
+/// threads, the soak showed ~170 MB of resident memory, most of it free memory spread over
+/// arenas. Two arenas keep the allocator fast on two cores and the footprint small.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any other
+    // thread exists, takes no pointers, and an unsupported value is ignored (returns 0).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> anyhow::Result<ExitCode> {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve);
     // The configuration is read before logging starts, so that its level applies from

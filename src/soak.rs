@@ -38,8 +38,8 @@ pub struct SoakOptions {
 
 /// Accounts whose unfiltered answers are checked against the snapshots.
 const WATCHED: [i64; 6] = [2, 3, 5, 8, 13, 21];
-/// Memory is compared from this point on.
-const WARM_UP: Duration = Duration::from_secs(15);
+/// Memory is compared from this point on: by then the store's page caches are full.
+const WARM_UP: Duration = Duration::from_secs(20);
 /// Resident memory counts as flat when the second half's peak stays within this share
 /// (and a few MB of allocator noise) of the first half's.
 const FLAT_SHARE: f64 = 1.10;
@@ -196,6 +196,12 @@ fn soak(options: &SoakOptions, dir: &std::path::Path) -> anyhow::Result<()> {
         peak(second),
         if flat { "flat" } else { "GROWING" }
     );
+    let timeline: Vec<String> = samples
+        .iter()
+        .step_by(10)
+        .map(|(t, mb)| format!("{}s {mb:.0}", t.as_secs()))
+        .collect();
+    println!("| RSS every 10 s (MB) | {} |", timeline.join(", "));
     for problem in total.torn.iter().take(5) {
         eprintln!("torn: {problem}");
     }
