@@ -298,6 +298,10 @@ pub fn line_key(line: &[u8]) -> Option<LineKey<'_>> {
     if memchr::memmem::find(line, b"\\u").is_some() {
         return None;
     }
+    // A volatile key inside a nested object is not the row's (fuzzing found a nested
+    // `snapshot_timestamp` taken for the row's): where the line may nest objects, each
+    // key found must be at the top level.
+    let nested = memchr::memchr(b'{', &line[1..]).is_some();
     let mut spans = [(0usize, 0usize); 3];
     let mut snapshot_timestamp = None;
     for (i, key) in VOLATILE_KEYS.iter().enumerate() {
@@ -312,6 +316,9 @@ pub fn line_key(line: &[u8]) -> Option<LineKey<'_>> {
             }
             continue;
         };
+        if nested && !at_top_level(line, start) {
+            return None;
+        }
         let value_at = start + key.len();
         let value = &line[value_at..];
         let (text, end) = if value.starts_with(b"null") {
@@ -353,6 +360,31 @@ pub fn line_key(line: &[u8]) -> Option<LineKey<'_>> {
         hash: hasher.digest() as i64,
         snapshot_timestamp,
     })
+}
+
+/// Whether position `at` of a JSON object's text is at its top level: outside every string
+/// and every nested object or array. Scans from the start, so it is used only for lines
+/// that nest, and for keys near their start.
+fn at_top_level(object: &[u8], at: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in &object[1..at] {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    depth == 0 && !in_string
 }
 
 /// Whether a snapshot must start with its `INSERT INTO <table> FORMAT JSONEachRow` query
@@ -845,6 +877,21 @@ pub fn apply_file(writer: &mut Writer, path: &Path) -> Result<ApplyReport, Snaps
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_top_level_volatile_keys_count() {
+        fn key(line: &str) -> Option<Option<&str>> {
+            line_key(line.as_bytes()).map(|k| k.snapshot_timestamp)
+        }
+        let top = r#"{"a":{"b":"}"},"snapshot_timestamp":"2025-11-25 14:30:00","c":[{"d":1}]}"#;
+        assert_eq!(key(top), Some(Some("2025-11-25 14:30:00")));
+        let nested = r#"{"a":1,"m":{"snapshot_timestamp":"2020-01-01 00:00:00"}}"#;
+        assert_eq!(key(nested), None);
+        let in_array = r#"{"m":[{"x":"\"{"}],"end_time":null}"#;
+        assert_eq!(key(in_array), Some(None));
+        let after_unclosed = r#"{"m":[{"end_time":null}]}"#;
+        assert_eq!(key(after_unclosed), None);
+    }
 
     fn row(line: &str) -> CallRow<'_> {
         match parse_line(line.as_bytes()) {
