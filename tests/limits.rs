@@ -191,3 +191,48 @@ fn a_flood_of_feed_posts_is_bounded_and_applies_whole_snapshots() {
     assert!(rows.iter().all(|r| r["src_name_in"] == name.as_str()));
     assert!(applied.contains(&&name), "{name} was not answered 200");
 }
+
+#[test]
+fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
+    let agent = TestAgent::start_with(|c| c.metrics.listen = "127.0.0.1:0".into());
+    agent.feed(SAMPLE_SNAPSHOT);
+    let metrics = agent.agent().metrics_addr().unwrap();
+    let open = || {
+        metric(
+            &request(metrics, "GET", "/metrics", &[]).text(),
+            r#"active_calls_agent_http_connections{listener="api"}"#,
+        )
+    };
+    // Pipelined queries whose answers (megabytes) are never read: the agent's writes stall
+    // once the socket buffers are full.
+    let stream = TcpStream::connect(agent.addr()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let query = format!(
+        "GET {ENDPOINT}?account-id={ACCOUNT_101} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+        token_for(5001)
+    );
+    std::thread::spawn(move || {
+        for _ in 0..20_000 {
+            // Fails once the agent has closed the connection.
+            if writer.write_all(query.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open() != Some(1.0) {
+        assert!(Instant::now() < deadline, "the connection was never taken");
+    }
+    let limit = active_calls_agent::http::WRITE_TIMEOUT + Duration::from_secs(30);
+    let deadline = Instant::now() + limit;
+    while open() != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "a client that never reads is kept"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Other customers were served all along.
+    assert_answers(&agent);
+    drop(stream);
+}
