@@ -58,7 +58,10 @@ fuzz_target!(|input: &[u8]| {
 
     let auth = common::authenticator();
     let directory = common::directory();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let Ok(authenticated) = auth.authenticate(&headers, directory) else {
         return;
     };
@@ -80,8 +83,14 @@ fuzz_target!(|input: &[u8]| {
     }
     let sub = claims.get("sub").expect("accepted without sub");
     if sub == "D" {
-        let cfg = claims.get("cfg").and_then(Value::as_object).expect("a dynamic cfg");
-        assert_eq!(cfg.get("customer_id").and_then(integer), Some(context.customer_id));
+        let cfg = claims
+            .get("cfg")
+            .and_then(Value::as_object)
+            .expect("a dynamic cfg");
+        assert_eq!(
+            cfg.get("customer_id").and_then(integer),
+            Some(context.customer_id)
+        );
     } else {
         let access = directory
             .api_access(integer(sub).expect("a static sub is an integer"))
@@ -91,13 +100,5 @@ fuzz_target!(|input: &[u8]| {
     }
     assert!(directory.has_customer(context.customer_id));
 
-    // The refreshed cookie carries the same context.
-    let cookie = auth
-        .refreshed_cookie(context, SystemTime::now())
-        .expect("a refreshed cookie");
-    let pair = cookie.split(';').next().expect("name=value");
-    let mut again = HeaderMap::new();
-    again.insert(COOKIE, HeaderValue::from_str(pair).expect("a header value"));
-    let refreshed = auth.authenticate(&again, directory).expect("the refreshed cookie");
-    assert_eq!(&refreshed.context, context);
+    common::assert_refreshed_cookie_keeps(context);
 });

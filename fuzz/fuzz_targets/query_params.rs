@@ -16,11 +16,17 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|query: &[u8]| {
     // form_pairs: one pair per non-empty `&`-separated piece, each component no longer
     // decoded than it was encoded.
-    let pieces: Vec<&[u8]> = query.split(|&b| b == b'&').filter(|p| !p.is_empty()).collect();
+    let pieces: Vec<&[u8]> = query
+        .split(|&b| b == b'&')
+        .filter(|p| !p.is_empty())
+        .collect();
     let pairs: Vec<(Vec<u8>, Vec<u8>)> = params::form_pairs(query).collect();
     assert_eq!(pairs.len(), pieces.len(), "one pair per piece");
     for ((name, value), piece) in pairs.iter().zip(&pieces) {
-        assert!(name.len() + value.len() <= piece.len(), "decoding never grows");
+        assert!(
+            name.len() + value.len() <= piece.len(),
+            "decoding never grows"
+        );
     }
 
     let directory = common::directory();
@@ -35,7 +41,10 @@ fuzz_target!(|query: &[u8]| {
                     visible.contains(account),
                     "customer {customer} given account {account}, may see {visible:?}"
                 );
-                let owner = common::ACCOUNTS.iter().find(|a| a.1 == *account).map(|a| a.2);
+                let owner = common::ACCOUNTS
+                    .iter()
+                    .find(|a| a.1 == *account)
+                    .map(|a| a.2);
                 assert_eq!(owner, Some(*customer));
             }
             Err(error) => {

@@ -37,7 +37,11 @@ fn store_dir() -> &'static PathBuf {
     DIR.get_or_init(|| {
         const PREFIX: &str = "active-calls-agent-fuzz-";
         // Folders left by runs that ended abruptly (a crash, a kill): their process is gone.
-        for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = entry.file_name();
             let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX));
             if pid.is_some_and(|pid| !std::path::Path::new("/proc").join(pid).exists()) {
@@ -99,7 +103,9 @@ fn answers(readers: &Readers, accounts: &BTreeSet<(i64, i64)>) -> Vec<u8> {
             filters: Vec::new(),
             stale_cutoff_ms: 0,
         };
-        readers.outgoing_calls(&query, &mut out).expect("querying the store");
+        readers
+            .outgoing_calls(&query, &mut out)
+            .expect("querying the store");
         out.push(b'\n');
     }
     out
@@ -115,7 +121,9 @@ fuzz_target!(|input: &[u8]| {
     let Store { writer, readers } = &mut *store;
     let received_at = UNIX_EPOCH + Duration::from_secs(1_764_081_000);
     // Empty the store: every node was received at or before the cutoff.
-    writer.expire(SystemTime::now() + Duration::from_secs(86_400)).expect("emptying the store");
+    writer
+        .expire(SystemTime::now() + Duration::from_secs(86_400))
+        .expect("emptying the store");
     // The agent copies the WAL back between snapshots; here it would otherwise grow
     // without bound (every 256 inputs: a checkpoint costs more than an input).
     static INPUTS: AtomicU64 = AtomicU64::new(0);
@@ -141,7 +149,11 @@ fuzz_target!(|input: &[u8]| {
             return;
         }
         (Ok((rows, skipped, accounts)), Ok(report)) => {
-            assert_eq!((report.rows, report.skipped), (rows, skipped), "first apply");
+            assert_eq!(
+                (report.rows, report.skipped),
+                (rows, skipped),
+                "first apply"
+            );
             (rows, skipped, accounts)
         }
         (expected, got) => panic!("expected {expected:?}, the first apply gave {got:?}"),
@@ -149,7 +161,11 @@ fuzz_target!(|input: &[u8]| {
     let first_answers = answers(readers, &accounts);
 
     let second = apply(writer).unwrap_or_else(|e| panic!("the same snapshot again: {e}"));
-    assert_eq!((second.rows, second.skipped), (rows, skipped), "second apply");
+    assert_eq!(
+        (second.rows, second.skipped),
+        (rows, skipped),
+        "second apply"
+    );
     let second_answers = answers(readers, &accounts);
     if first_answers != second_answers {
         panic!(

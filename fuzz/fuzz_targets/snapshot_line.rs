@@ -40,7 +40,10 @@ fuzz_target!(|line: &[u8]| {
 
     if let Some((table, rest)) = feed::strip_insert(line) {
         assert!(!table.is_empty());
-        assert!(line.ends_with(rest), "the data after the query is the input's tail");
+        assert!(
+            line.ends_with(rest),
+            "the data after the query is the input's tail"
+        );
         // The data after the query parses like any line.
         let _ = feed::parse_line(rest);
         let _ = feed::line_key(rest);

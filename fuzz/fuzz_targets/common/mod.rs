@@ -27,6 +27,24 @@ pub const ACCOUNTS: [(&str, i64, i64); 4] = [
     ("6bad6be2-8e7a-16e9-9f19-950499dd251d", 104, 1002),
 ];
 
+/// The session cookie refreshed for `context` authenticates, from the cookie, as the
+/// same context.
+pub fn assert_refreshed_cookie_keeps(context: &AuthContext) {
+    let (auth, directory) = (authenticator(), directory());
+    let cookie = auth
+        .refreshed_cookie(context, SystemTime::now())
+        .expect("a refreshed cookie");
+    let pair = cookie.split(';').next().expect("name=value");
+    let mut again = hyper::HeaderMap::new();
+    let value = hyper::header::HeaderValue::from_str(pair).expect("a header value");
+    again.insert(hyper::header::COOKIE, value);
+    let refreshed = auth
+        .authenticate(&again, directory)
+        .expect("the refreshed cookie");
+    assert_eq!(&refreshed.context, context);
+    assert!(refreshed.from_cookie);
+}
+
 pub fn directory() -> &'static Directory {
     static DIRECTORY: OnceLock<Directory> = OnceLock::new();
     DIRECTORY.get_or_init(|| Directory::parse(DIRECTORY_JSON).expect("the sample directory"))
@@ -65,8 +83,11 @@ pub fn contexts() -> &'static [(AuthContext, i64, Vec<i64>)] {
 pub fn sign_raw(header: &[u8], payload: &[u8], secret: &[u8]) -> String {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let message = format!("{}.{}", b64.encode(header), b64.encode(payload));
-    let signature =
-        jsonwebtoken::crypto::sign(message.as_bytes(), &EncodingKey::from_secret(secret), Algorithm::HS256)
-            .expect("HMAC signing");
+    let signature = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &EncodingKey::from_secret(secret),
+        Algorithm::HS256,
+    )
+    .expect("HMAC signing");
     format!("{message}.{signature}")
 }
