@@ -616,25 +616,10 @@ fn current_calls(rows: &[Row], received: &str) -> Vec<Call> {
     calls
 }
 
-/// `YYYY-MM-DD hh:mm:ss` (UTC) of a time (days to civil date: H. Hinnant's algorithm).
+/// `YYYY-MM-DD hh:mm:ss` (UTC) of a time.
 fn datetime(time: SystemTime) -> String {
     let secs = time.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    active_calls_agent::feed::format_datetime(secs)
 }
 
 // ------------------------------------------------------------------------------------
@@ -1454,33 +1439,16 @@ struct QuerySpec {
 }
 
 fn needle_strategy() -> impl Strategy<Value = Needle> {
-    let cut = prop::sample::select(vec![
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Natural,
-        Cut::Whole,
-        Cut::Whole,
-        Cut::Prefix,
-        Cut::Prefix,
-        Cut::Suffix,
-        Cut::Suffix,
-        Cut::Middle,
-        Cut::Middle,
-        Cut::SwapCase,
-        Cut::Upper,
-        Cut::Lower,
-    ]);
+    let cut = prop_oneof![
+        14 => Just(Cut::Natural),
+        2 => Just(Cut::Whole),
+        2 => Just(Cut::Prefix),
+        2 => Just(Cut::Suffix),
+        2 => Just(Cut::Middle),
+        1 => Just(Cut::SwapCase),
+        1 => Just(Cut::Upper),
+        1 => Just(Cut::Lower),
+    ];
     prop_oneof![
         8 => (prop::option::weighted(0.15, any::<Index>()), prop::option::weighted(0.1, 0usize..6), cut, any::<Index>(), any::<Index>())
             .prop_map(|(call, column, cut, a, b)| Needle::FromCall { call, column, cut, a, b }),
