@@ -396,6 +396,15 @@ pub fn empty(status: StatusCode) -> Response<Body> {
     response
 }
 
+/// A plain-text answer ending with a line break (ClickHouse's answers, the health ones).
+pub fn text(status: StatusCode, text: &str) -> Response<Body> {
+    with_body(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{text}\n").into_bytes(),
+    )
+}
+
 /// An answer with a body of the given content type.
 pub fn with_body(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Body> {
     let length = body.len();

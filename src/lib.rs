@@ -287,11 +287,6 @@ impl Agent {
         self.directory_reloads.clone()
     }
 
-    /// Whether the writer thread still runs: what the systemd watchdog is told.
-    pub fn writer_running(&self) -> bool {
-        self.state.health.writer_running.load(Ordering::Acquire)
-    }
-
     /// Applies what of `config` can change live (the secret and the token lifetime; an
     /// unreadable secret file keeps the previous secret), and re-reads the directory.
     pub fn reload(&self, config: &Config) {

@@ -15,7 +15,7 @@ use hyper::StatusCode;
 
 use crate::api::ApiState;
 use crate::feed::unix_millis;
-use crate::http::{Body, empty, with_body};
+use crate::http::{Body, empty, text, with_body};
 use crate::metrics::CONTENT_TYPE;
 use crate::store::NodeStats;
 
@@ -48,34 +48,21 @@ pub fn metrics(state: &ApiState) -> hyper::Response<Body> {
 
 /// `GET /healthz`.
 pub fn healthz() -> hyper::Response<Body> {
-    with_body(
-        StatusCode::OK,
-        "text/plain; charset=utf-8",
-        b"ok\n".to_vec(),
-    )
+    text(StatusCode::OK, "ok")
 }
 
 /// `GET /readyz`: 200 `ready`, or 503 with one line per reason.
 pub fn readyz(state: &ApiState) -> hyper::Response<Body> {
     let problems = not_ready_because(state);
     if problems.is_empty() {
-        return with_body(
-            StatusCode::OK,
-            "text/plain; charset=utf-8",
-            b"ready\n".to_vec(),
-        );
+        return text(StatusCode::OK, "ready");
     }
-    let mut body = String::from("not ready:\n");
+    let mut body = String::from("not ready:");
     for problem in problems {
-        body.push_str("- ");
+        body.push_str("\n- ");
         body.push_str(&problem);
-        body.push('\n');
     }
-    with_body(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "text/plain; charset=utf-8",
-        body.into_bytes(),
-    )
+    text(StatusCode::SERVICE_UNAVAILABLE, &body)
 }
 
 fn not_ready_because(state: &ApiState) -> Vec<String> {

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::api::params::form_pairs;
 use crate::feed::writer::{Job, WriterHandle};
 use crate::feed::{InsertLine, SnapshotError, strip_insert};
-use crate::http::{self, Body, empty, with_body};
+use crate::http::{self, Body, empty, text};
 
 /// A client that stops sending its body for this long is cut off: the writer is waiting.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,15 +79,6 @@ async fn handle(
         }
         _ => empty(StatusCode::NOT_FOUND),
     }
-}
-
-/// A one-line plain-text answer, as ClickHouse gives.
-fn text(status: StatusCode, line: &str) -> Response<Body> {
-    with_body(
-        status,
-        "text/plain; charset=utf-8",
-        format!("{line}\n").into_bytes(),
-    )
 }
 
 /// Why a body stopped short; carried inside the `io::Error` the writer sees.
