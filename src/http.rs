@@ -361,17 +361,22 @@ impl Drop for Slot {
     }
 }
 
-/// Answers a connection past the cap with 503 and closes it. The request is read (a little,
-/// briefly) before the close, so that the client gets the answer rather than a reset.
+/// How much of a refused request is read and dropped before the close: closing with unread
+/// bytes sends a reset, which throws away the 503 the client has not read yet.
+const REFUSED_READ_BYTES: usize = 1 << 20;
+
+/// Answers a connection past the cap with 503 and closes it. The request is read (up to
+/// [`REFUSED_READ_BYTES`], for up to a second) before the close, so that the client gets
+/// the answer rather than a reset.
 async fn refuse(mut stream: TcpStream) {
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\
         retry-after: 1\r\nconnection: close\r\n\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(BUSY).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
+        let mut sink = [0u8; 16 * 1024];
         let mut read = 0;
-        while read < 64 * 1024 {
+        while read < REFUSED_READ_BYTES {
             match stream.read(&mut sink).await? {
                 0 => break,
                 n => read += n,
