@@ -288,9 +288,12 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for WriteDeadline<T> {
 /// The open connections of a listener, oldest first, up to its `max_connections`.
 ///
 /// At the cap, a new connection takes the slot of the oldest one that has no request in
-/// progress (idle between requests, or connected and silent): that one is closed the way a
-/// stop closes it. So idle clients, however many, cannot lock the others out; only when
-/// every connection is busy is a new one refused with 503.
+/// progress (idle between requests, or connected and silent for [`FIRST_REQUEST_GRACE`]):
+/// that one is closed the way a stop closes it. So idle clients, however many, cannot lock
+/// the others out; only when every connection is busy is a new one refused with 503.
+///
+/// A connection younger than the grace counts as busy: its request may be on the way, and
+/// closing it would leave that client with a reset instead of an answer.
 struct Slots {
     max: usize,
     next_id: AtomicU64,
@@ -298,6 +301,7 @@ struct Slots {
 }
 
 struct SlotEntry {
+    opened: Instant,
     /// The requests begun on the connection, and whether one is in progress.
     activity: watch::Sender<Activity>,
     /// Tells the connection to close.
@@ -333,7 +337,7 @@ impl Slots {
         if open.len() >= self.max {
             let idle = open
                 .iter()
-                .find(|(_, entry)| !entry.activity.borrow().busy)
+                .find(|(_, entry)| entry.evictable())
                 .map(|(id, _)| *id)?;
             if let Some(evicted) = open.remove(&idle) {
                 evicted.evict.notify_one();
@@ -342,6 +346,7 @@ impl Slots {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(SlotEntry {
+            opened: Instant::now(),
             activity: watch::Sender::new(Activity::default()),
             evict: Notify::new(),
         });
@@ -351,6 +356,14 @@ impl Slots {
             id,
             entry,
         })
+    }
+}
+
+impl SlotEntry {
+    /// Whether the connection may make room for a new one (see [`Slots`]).
+    fn evictable(&self) -> bool {
+        let activity = *self.activity.borrow();
+        !activity.busy && (activity.begun > 0 || self.opened.elapsed() >= FIRST_REQUEST_GRACE)
     }
 }
 
@@ -364,14 +377,17 @@ impl Drop for Slot {
 /// How much of a refused request is read and dropped before the close: closing with unread
 /// bytes sends a reset, which throws away the 503 the client has not read yet.
 const REFUSED_READ_BYTES: usize = 1 << 20;
+/// How long a refused client has to send its request (a client closes as soon as it has
+/// read the 503, so this only matters to one the machine is starving).
+const REFUSED_LINGER: Duration = Duration::from_secs(5);
 
 /// Answers a connection past the cap with 503 and closes it. The request is read (up to
-/// [`REFUSED_READ_BYTES`], for up to a second) before the close, so that the client gets
+/// [`REFUSED_READ_BYTES`], for up to [`REFUSED_LINGER`]) before the close, so that the client gets
 /// the answer rather than a reset.
 async fn refuse(mut stream: TcpStream) {
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\
         retry-after: 1\r\nconnection: close\r\n\r\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(REFUSED_LINGER, async {
         stream.write_all(BUSY).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 16 * 1024];

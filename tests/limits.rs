@@ -80,23 +80,54 @@ fn at_max_connections_idle_ones_make_room_and_busy_ones_get_503() {
             );
         }
     };
-    // Eight silent clients take every slot of the API...
+    // Eight kept-alive clients, each between two requests, take every slot of the API...
+    let keep_alive = |stream: &mut TcpStream| {
+        let head = format!(
+            "GET {ENDPOINT}?account-id={ACCOUNT_101} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+            token_for(5001)
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+    };
     let mut idle: Vec<TcpStream> = (0..8)
-        .map(|_| TcpStream::connect(agent.addr()).unwrap())
+        .map(|_| {
+            let mut stream = TcpStream::connect(agent.addr()).unwrap();
+            keep_alive(&mut stream);
+            stream
+        })
         .collect();
     wait_for("http_connections", "api", 8.0);
-    // ...and a customer still gets an answer: the oldest silent one makes room.
+    // ...and a customer still gets an answer: the oldest idle one makes room.
     assert_answers(&agent);
     assert_eq!(series("http_connections_evicted_total", "api"), Some(1.0));
     idle[0]
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    assert_eq!(
-        idle[0].read(&mut [0u8; 16]).unwrap(),
-        0,
-        "the oldest was closed"
-    );
+    // The oldest was closed: the rest of its answer, then the end (not the read timeout).
+    idle[0].read_to_end(&mut Vec::new()).unwrap();
     idle.clear();
+    wait_for("http_connections", "api", 0.0);
+
+    // Eight silent clients that just connected may still be sending their first request:
+    // they keep their slots for a grace of two seconds (a new client gets 503 meanwhile),
+    // and only then make room.
+    let connected = Instant::now();
+    let _silent: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(agent.addr()).unwrap())
+        .collect();
+    wait_for("http_connections", "api", 8.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = agent.get(&format!("account-id={ACCOUNT_101}"));
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(Instant::now() < deadline, "the silent ones never made room");
+    }
+    assert!(connected.elapsed() >= Duration::from_secs(2));
 
     // Two snapshot uploads in progress hold both feed slots: a third gets 503.
     let feed = agent.agent().feed_addr().unwrap();
