@@ -23,6 +23,7 @@ pub struct Config {
     pub directory: DirectoryConfig,
     pub log: LogConfig,
     pub metrics: MetricsConfig,
+    pub upstream: UpstreamConfig,
 }
 
 /// `[api]`: the customer endpoint's listener and its token settings.
@@ -87,6 +88,40 @@ pub struct MetricsConfig {
     /// Empty: on the API listener. Otherwise a listener of its own (with the health
     /// answers too), and the API listener no longer shows the metrics to customers.
     pub listen: String,
+}
+
+/// `[upstream]`: what aggregators and the central ClickHouse get (SPEC 6).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// A file of bearer tokens that may scrape every call of the node, one per line;
+    /// unset: nobody may.
+    pub scrape_tokens_file: Option<PathBuf>,
+    /// ClickHouse HTTP endpoints every applied snapshot is relayed to; empty: no relay.
+    pub clickhouse_urls: Vec<String>,
+    /// The table the relay inserts into.
+    pub table: String,
+    /// Credentials the relay sends (`X-ClickHouse-User`/`X-ClickHouse-Key`); empty: none.
+    pub user: String,
+    pub password: String,
+    /// Where snapshots wait until each URL has taken them; survives restarts.
+    pub spool_dir: PathBuf,
+    /// The spool's bound per URL: past it, the oldest snapshots are dropped (and counted).
+    pub spool_max_bytes: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            scrape_tokens_file: None,
+            clickhouse_urls: Vec::new(),
+            table: "active_calls".into(),
+            user: String::new(),
+            password: String::new(),
+            spool_dir: "data/spool".into(),
+            spool_max_bytes: 1 << 30,
+        }
+    }
 }
 
 impl Default for LogConfig {
