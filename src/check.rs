@@ -2,7 +2,8 @@
 //! configuration, before a restart.
 //!
 //! It looks at everything the agent would read at start (the configuration, the JWT
-//! secret, the directory, the store and the listen addresses) without starting anything
+//! secret, the directory, the store, the listen addresses and the relay's spool folder)
+//! without starting anything
 //! and without writing, and says for each what it found. An *error* is something that
 //! stops the agent from starting or from serving customers (`/readyz` would say not
 //! ready); a *warning* is legal but probably not meant.
@@ -87,6 +88,7 @@ pub fn check(path: &Path) -> Report {
     directory(&config, &mut report);
     store(&config, &mut report);
     feed(&config, &mut report);
+    relay(&config, &mut report);
     report
 }
 
@@ -228,4 +230,59 @@ fn feed(config: &Config, report: &mut Report) {
     if config.feed.stale_after == 0 {
         report.warning("feed.stale_after = 0: calls of a silent node never expire");
     }
+}
+
+/// The relay's URLs (their syntax was checked with the configuration) and whether its
+/// spool folder can be created or written, without writing.
+fn relay(config: &Config, report: &mut Report) {
+    let Ok(Some(settings)) = crate::relay::Settings::from_config(&config.upstream) else {
+        return;
+    };
+    for endpoint in &settings.endpoints {
+        report.ok(format!(
+            "relay to {} (table {})",
+            endpoint.label, settings.table
+        ));
+    }
+    let spool = &settings.spool_dir;
+    // The folder, or the nearest ancestor that exists: the agent creates the rest.
+    let existing = spool
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("."));
+    let existing = if existing.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        existing
+    };
+    if !existing.is_dir() {
+        report.error(format!(
+            "upstream.spool_dir {}: {} is not a folder",
+            spool.display(),
+            existing.display()
+        ));
+    } else if !writable(existing) {
+        report.error(format!(
+            "upstream.spool_dir {}: {} is not writable by this user (the agent would not start)",
+            spool.display(),
+            existing.display()
+        ));
+    } else if existing == spool {
+        report.ok(format!("upstream.spool_dir {}", spool.display()));
+    } else {
+        report.ok(format!(
+            "upstream.spool_dir {}: does not exist yet; the agent will create it",
+            spool.display()
+        ));
+    }
+}
+
+/// Whether this user may create files in `dir` (access(2): no file is written).
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access() reads the NUL-terminated path it is given and nothing else.
+    unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }

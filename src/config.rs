@@ -108,6 +108,9 @@ pub struct UpstreamConfig {
     pub spool_dir: PathBuf,
     /// The spool's bound per URL: past it, the oldest snapshots are dropped (and counted).
     pub spool_max_bytes: u64,
+    /// The longest wait between two attempts at a failing URL (milliseconds); the wait
+    /// starts at 1 s (or this, if shorter) and doubles.
+    pub retry_max_ms: u64,
 }
 
 impl Default for UpstreamConfig {
@@ -120,6 +123,7 @@ impl Default for UpstreamConfig {
             password: String::new(),
             spool_dir: "data/spool".into(),
             spool_max_bytes: 1 << 30,
+            retry_max_ms: 60_000,
         }
     }
 }
@@ -201,6 +205,7 @@ impl Config {
         if config.api.max_connections == 0 || config.feed.max_connections == 0 {
             bail!("api.max_connections and feed.max_connections must be at least 1");
         }
+        crate::relay::Settings::from_config(&config.upstream)?;
         Ok(config)
     }
 
@@ -248,6 +253,30 @@ impl Config {
         if self.metrics != new.metrics {
             changed.push("[metrics]");
         }
+        let (old, up) = (&self.upstream, &new.upstream);
+        let relay_keys = [
+            (
+                "upstream.clickhouse_urls",
+                old.clickhouse_urls != up.clickhouse_urls,
+            ),
+            ("upstream.table", old.table != up.table),
+            (
+                "upstream.user/password",
+                old.user != up.user || old.password != up.password,
+            ),
+            ("upstream.spool_dir", old.spool_dir != up.spool_dir),
+            (
+                "upstream.spool_max_bytes",
+                old.spool_max_bytes != up.spool_max_bytes,
+            ),
+            ("upstream.retry_max_ms", old.retry_max_ms != up.retry_max_ms),
+        ];
+        changed.extend(
+            relay_keys
+                .iter()
+                .filter(|(_, differs)| *differs)
+                .map(|(key, _)| *key),
+        );
         changed
     }
 
@@ -363,6 +392,31 @@ mod tests {
         running.apply_live(&new);
         assert_eq!(running.api.jwt_secret.as_deref(), Some("s"));
         assert_eq!(running.needs_restart(&new).len(), 3);
+        // The relay's keys are read at start only.
+        let mut relay = old.clone();
+        relay.upstream.clickhouse_urls = vec!["http://ch:8123/".into()];
+        relay.upstream.password = "p".into();
+        assert_eq!(
+            old.needs_restart(&relay),
+            ["upstream.clickhouse_urls", "upstream.user/password"]
+        );
+    }
+
+    #[test]
+    fn relay_urls_are_checked_when_read() {
+        let ok =
+            Config::parse("[upstream]\nclickhouse_urls = [\"http://ch:8123/?database=yeti\"]\n");
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = Config::parse("[upstream]\nclickhouse_urls = [\"https://u:pw@ch:8443/\"]\n");
+        let text = format!("{:#}", err.unwrap_err());
+        assert!(
+            text.contains("https is not supported") && !text.contains("pw"),
+            "{text}"
+        );
+        assert!(
+            Config::parse("[upstream]\ntable = \"x;y\"\nclickhouse_urls = [\"http://ch/\"]\n")
+                .is_err()
+        );
     }
 
     #[test]

@@ -656,13 +656,35 @@ pub fn apply_snapshot(
     origin: Origin,
     received_at: SystemTime,
 ) -> Result<ApplyReport, SnapshotError> {
+    apply_snapshot_teed(writer, input, insert_line, origin, received_at, None)
+}
+
+/// Where the reader copies a snapshot's rows as it reads them: the relay's spool.
+///
+/// It gets the bytes of every line after the `INSERT` line, as they came (so every key,
+/// and rows the agent skips), before they are parsed; whether they count is decided at the
+/// commit. It cannot fail the snapshot: applying never waits for, or on, the relay.
+pub trait Tee: Send {
+    fn copy(&mut self, bytes: &[u8]);
+}
+
+/// [`apply_snapshot`], copying the rows into `tee` on the way.
+pub fn apply_snapshot_teed(
+    writer: &mut Writer,
+    input: impl BufRead + Send,
+    insert_line: InsertLine,
+    origin: Origin,
+    received_at: SystemTime,
+    tee: Option<&mut dyn Tee>,
+) -> Result<ApplyReport, SnapshotError> {
     let started = Instant::now();
     let mut tx = writer.begin(origin, received_at)?;
     let stored_keys = tx.stored_line_keys()?;
     let mut report = ApplyReport::default();
     std::thread::scope(|scope| -> Result<(), SnapshotError> {
         let (blocks_tx, blocks) = std::sync::mpsc::sync_channel(BLOCKS_IN_FLIGHT);
-        let reader = scope.spawn(move || read_blocks(input, insert_line, &stored_keys, blocks_tx));
+        let reader =
+            scope.spawn(move || read_blocks(input, insert_line, &stored_keys, blocks_tx, tee));
         let applied = apply_blocks(&mut tx, blocks, &mut report);
         let read = reader.join().unwrap_or_else(|_| {
             Err(SnapshotError::Io(std::io::Error::other(
@@ -746,6 +768,7 @@ fn read_blocks(
     insert_line: InsertLine,
     stored_keys: &std::collections::HashSet<i64>,
     blocks: std::sync::mpsc::SyncSender<Block>,
+    mut tee: Option<&mut dyn Tee>,
 ) -> Result<(), SnapshotError> {
     writer::lower_priority();
     let new_block = || Block {
@@ -773,9 +796,12 @@ fn read_blocks(
                 });
             }
             // An object too long to be a row of a switch: skipped without ever holding
-            // more of it in memory.
+            // more of it in memory (the relay still gets it whole: ClickHouse decides).
+            if let Some(tee) = tee.as_deref_mut() {
+                tee.copy(&block.text[start..]);
+            }
             block.text.truncate(start);
-            skip_rest_of_line(&mut input)?;
+            skip_rest_of_line(&mut input, tee.as_deref_mut())?;
             tracing::debug!(
                 line = line_no,
                 "snapshot row skipped: longer than {MAX_LINE_BYTES} bytes"
@@ -797,6 +823,13 @@ fn read_blocks(
             }
         }
         let text = &block.text[line.clone()];
+        // The INSERT line's own line end is not a row: the relay's body starts at the rows.
+        let insert_line_end = line.start > start && text.trim_ascii().is_empty();
+        if let Some(tee) = tee.as_deref_mut()
+            && !insert_line_end
+        {
+            tee.copy(text);
+        }
         let key = line_key(text);
         let item = match key {
             Some(key) if stored_keys.contains(&key.hash) => {
@@ -841,36 +874,46 @@ fn read_blocks(
     Ok(())
 }
 
-/// Consumes input up to and including the next newline.
-fn skip_rest_of_line(input: &mut impl BufRead) -> std::io::Result<()> {
+/// Consumes input up to and including the next newline, copying it into `tee`.
+fn skip_rest_of_line(
+    input: &mut impl BufRead,
+    mut tee: Option<&mut (dyn Tee + '_)>,
+) -> std::io::Result<()> {
     loop {
         let chunk = input.fill_buf()?;
         if chunk.is_empty() {
             return Ok(());
         }
-        match chunk.iter().position(|&b| b == b'\n') {
-            Some(end) => {
-                input.consume(end + 1);
-                return Ok(());
-            }
-            None => {
-                let all = chunk.len();
-                input.consume(all);
-            }
+        let (used, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) => (end + 1, true),
+            None => (chunk.len(), false),
+        };
+        if let Some(tee) = tee.as_deref_mut() {
+            tee.copy(&chunk[..used]);
+        }
+        input.consume(used);
+        if done {
+            return Ok(());
         }
     }
 }
 
-/// Applies the snapshot file at `path`, received at its modification time (SPEC 2.2).
-pub fn apply_file(writer: &mut Writer, path: &Path) -> Result<ApplyReport, SnapshotError> {
+/// Applies the snapshot file at `path`, received at its modification time (SPEC 2.2),
+/// copying its rows into `tee`.
+pub fn apply_file(
+    writer: &mut Writer,
+    path: &Path,
+    tee: Option<&mut dyn Tee>,
+) -> Result<ApplyReport, SnapshotError> {
     let file = File::open(path)?;
     let received_at = file.metadata()?.modified()?;
-    apply_snapshot(
+    apply_snapshot_teed(
         writer,
         BufReader::with_capacity(256 * 1024, file),
         InsertLine::Optional,
         Origin::File,
         received_at,
+        tee,
     )
 }
 

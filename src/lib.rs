@@ -6,6 +6,7 @@
 //! switch ──HTTP POST (ClickHouse-ish)┴→ feed ──one write txn──→ store (SQLite, WAL)
 //!                                                                    │ read pool
 //! customer ──GET …/outgoing-active-calls──→ api ──auth, params─────┘ → JSON
+//!                            feed ──each committed snapshot──→ relay ──spool──→ ClickHouse
 //! ```
 //!
 //! The major components, one module each:
@@ -25,6 +26,8 @@
 //! * [`logs`]: tracing to stderr (the journal), its level reloadable.
 //! * [`watch`]: following the snapshot and directory files with notify.
 //! * [`http`]: the accept loop and small answers both HTTP listeners share.
+//! * [`relay`]: every applied snapshot forwarded to the central ClickHouse, through an
+//!   on-disk spool that outlives outages and restarts.
 //! * [`demo`]: a newcomer's first run, with a simulated switch.
 //! * [`bench`]: the performance benchmark, driving the real agent as a child process, and
 //!   [`soak`], a bounded run under load that checks every answer.
@@ -48,6 +51,7 @@ pub mod feed;
 pub mod http;
 pub mod logs;
 pub mod metrics;
+pub mod relay;
 pub mod soak;
 pub mod store;
 pub mod watch;
@@ -95,6 +99,7 @@ pub struct Agent {
     shutdown: signal::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     writer: WriterThread,
+    relay: Option<relay::Relay>,
     _watcher: watch::FileWatcher,
 }
 
@@ -120,12 +125,18 @@ impl Agent {
         let watch_path =
             (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
         let stale_after = config.stale_after();
+        // Before the writer: the snapshot file it applies first is relayed too.
+        let relay = match relay::Settings::from_config(&config.upstream)? {
+            Some(settings) => Some(relay::Relay::start(&settings, &metrics)?),
+            None => None,
+        };
         let writer = WriterThread::spawn(
             store,
             watch_path.clone(),
             stale_after,
             metrics.clone(),
             health.writer_running.clone(),
+            relay.as_ref().map(relay::Relay::spool),
         )?;
 
         // The watcher also does the first read of both files.
@@ -258,6 +269,7 @@ impl Agent {
             shutdown,
             servers,
             writer,
+            relay,
             _watcher: watcher,
         })
     }
@@ -307,7 +319,7 @@ impl Agent {
 
     /// Stops gracefully: the listeners close, requests already begun are answered (up to
     /// [`http::SHUTDOWN_GRACE`]), then the writer finishes its snapshot and checkpoints
-    /// the store.
+    /// the store, and the relay stops (what it has not sent stays spooled).
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         for server in std::mem::take(&mut self.servers) {
@@ -325,6 +337,10 @@ impl Agent {
     fn stop_inner(&mut self) {
         let _ = self.shutdown.send(true);
         self.writer.stop();
+        // After the writer: its last snapshot is pending in the spool by then.
+        if let Some(relay) = &mut self.relay {
+            relay.stop();
+        }
     }
 }
 

@@ -4,11 +4,13 @@
 //! snapshot, the accept loop per request, the watcher per directory read. The per-node
 //! gauges (calls, snapshot age) are not kept up to date at all: they are read from the
 //! store when Prometheus scrapes, so they are the database's truth, and a node that expired
-//! a second ago does not linger as a series.
+//! a second ago does not linger as a series. The relay's spool age is likewise computed at
+//! the scrape, from the time its oldest snapshot was spooled, so it grows while a URL is
+//! down even though nothing else happens.
 
-use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -78,6 +80,35 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UrlLabels {
+    url: String,
+}
+
+/// One relay URL's series, for its sender and the spooler.
+#[derive(Clone)]
+pub struct RelayMetrics {
+    /// Snapshots ClickHouse took.
+    pub sent: Counter,
+    /// Snapshots ClickHouse refused for good.
+    pub failed: Counter,
+    /// Attempts that failed and will be retried.
+    pub retried: Counter,
+    /// Snapshots dropped without reaching ClickHouse: the spool's bound, or a spool error.
+    pub dropped: Counter,
+    pub spool_bytes: Gauge,
+    /// When the oldest spooled snapshot was spooled (unix ms; 0: the spool is empty).
+    oldest_ms: Arc<AtomicI64>,
+}
+
+impl RelayMetrics {
+    /// The spool's oldest snapshot was spooled `at` (`None`: the spool is empty).
+    pub fn set_oldest(&self, at: Option<SystemTime>) {
+        let ms = at.map_or(0, |t| crate::feed::unix_millis(t).max(1));
+        self.oldest_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
 /// An open connection, counted until dropped.
 pub struct OpenConnection(Gauge);
 
@@ -103,6 +134,14 @@ pub struct Metrics {
     connections_refused: Family<ListenerLabels, Counter>,
     connections_evicted: Family<ListenerLabels, Counter>,
     directory_loads: Family<ResultLabels, Counter>,
+    relay_sent: Family<UrlLabels, Counter>,
+    relay_failed: Family<UrlLabels, Counter>,
+    relay_retried: Family<UrlLabels, Counter>,
+    relay_dropped: Family<UrlLabels, Counter>,
+    relay_spool_bytes: Family<UrlLabels, Gauge>,
+    relay_spool_oldest_age: Family<UrlLabels, Gauge<f64, AtomicU64>>,
+    /// Per URL, when its oldest spooled snapshot was spooled: the age gauge's source.
+    relay_oldest: Mutex<Vec<(UrlLabels, Arc<AtomicI64>)>>,
 }
 
 impl Default for Metrics {
@@ -135,6 +174,13 @@ impl Metrics {
             connections_refused: Family::default(),
             connections_evicted: Family::default(),
             directory_loads: Family::default(),
+            relay_sent: Family::default(),
+            relay_failed: Family::default(),
+            relay_retried: Family::default(),
+            relay_dropped: Family::default(),
+            relay_spool_bytes: Family::default(),
+            relay_spool_oldest_age: Family::default(),
+            relay_oldest: Mutex::new(Vec::new()),
         };
         registry.register(
             "calls",
@@ -193,6 +239,38 @@ impl Metrics {
             "directory_loads",
             "Reads of the directory file, per result (ok, failed)",
             metrics.directory_loads.clone(),
+        );
+        registry.register(
+            "relay_sent",
+            "Snapshots relayed to a ClickHouse URL (answered 2xx)",
+            metrics.relay_sent.clone(),
+        );
+        registry.register(
+            "relay_failed",
+            "Snapshots a ClickHouse URL refused for good (a 4xx that no retry fixes); dropped",
+            metrics.relay_failed.clone(),
+        );
+        registry.register(
+            "relay_retried",
+            "Failed attempts to relay a snapshot that will be retried, per URL",
+            metrics.relay_retried.clone(),
+        );
+        registry.register(
+            "relay_dropped",
+            "Snapshots dropped before a URL took them: past upstream.spool_max_bytes, or a spool error",
+            metrics.relay_dropped.clone(),
+        );
+        registry.register_with_unit(
+            "relay_spool",
+            "Size of the snapshots spooled for a URL",
+            Unit::Bytes,
+            metrics.relay_spool_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "relay_spool_oldest_age",
+            "Time since the oldest snapshot spooled for a URL was spooled (0: none)",
+            Unit::Seconds,
+            metrics.relay_spool_oldest_age.clone(),
         );
         Metrics {
             registry,
@@ -271,6 +349,27 @@ impl Metrics {
             .inc();
     }
 
+    /// The series of relay URL `url` (its label: no credentials, no query), all at 0.
+    pub fn relay(&self, url: &str) -> RelayMetrics {
+        let labels = UrlLabels {
+            url: url.to_owned(),
+        };
+        let oldest_ms = Arc::new(AtomicI64::new(0));
+        self.relay_oldest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((labels.clone(), oldest_ms.clone()));
+        self.relay_spool_oldest_age.get_or_create(&labels).set(0.0);
+        RelayMetrics {
+            sent: self.relay_sent.get_or_create(&labels).clone(),
+            failed: self.relay_failed.get_or_create(&labels).clone(),
+            retried: self.relay_retried.get_or_create(&labels).clone(),
+            dropped: self.relay_dropped.get_or_create(&labels).clone(),
+            spool_bytes: self.relay_spool_bytes.get_or_create(&labels).clone(),
+            oldest_ms,
+        }
+    }
+
     /// The text exposition, with the per-node gauges set from `nodes` as of `now_ms`.
     pub fn render(&self, nodes: &[NodeStats], now_ms: i64) -> String {
         let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,6 +382,20 @@ impl Metrics {
             self.node_calls.get_or_create(&labels).set(node.calls);
             let age = (now_ms - node.received_at_ms).max(0) as f64 / 1000.0;
             self.snapshot_age.get_or_create(&labels).set(age);
+        }
+        for (labels, oldest_ms) in self
+            .relay_oldest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let oldest = oldest_ms.load(Ordering::Relaxed);
+            let age = if oldest == 0 {
+                0.0
+            } else {
+                (now_ms - oldest).max(0) as f64 / 1000.0
+            };
+            self.relay_spool_oldest_age.get_or_create(labels).set(age);
         }
         let mut text = String::with_capacity(8192);
         // Writing into a String cannot fail.
@@ -311,6 +424,36 @@ mod tests {
         assert!(
             text.contains(r#"route="/healthz",status="200"} 1"#),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn the_relay_spool_age_grows_between_scrapes() {
+        let metrics = Metrics::new();
+        let url = metrics.relay("http://ch:8123/");
+        let series = r#"active_calls_agent_relay_spool_oldest_age_seconds{url="http://ch:8123/"}"#;
+        assert!(
+            metrics
+                .render(&[], 5_000)
+                .contains(&format!("{series} 0.0"))
+        );
+        url.set_oldest(Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_000)));
+        url.spool_bytes.set(42);
+        let text = metrics.render(&[], 3_500);
+        assert!(text.contains(&format!("{series} 2.5")), "{text}");
+        assert!(
+            text.contains(r#"active_calls_agent_relay_spool_bytes{url="http://ch:8123/"} 42"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"active_calls_agent_relay_sent_total{url="http://ch:8123/"} 0"#),
+            "{text}"
+        );
+        url.set_oldest(None);
+        assert!(
+            metrics
+                .render(&[], 9_000)
+                .contains(&format!("{series} 0.0"))
         );
     }
 

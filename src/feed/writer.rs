@@ -5,6 +5,11 @@
 //! silent. One writer means no write ever waits for a lock, and the order in which
 //! snapshots arrive is the order in which they apply. Queued requests to re-read the file
 //! collapse into one: the file has one current content, however many events announced it.
+//!
+//! With the relay on, each snapshot's rows are copied into the relay's spool as they are
+//! read, and the copy is handed over only once the snapshot committed: the relay sees
+//! exactly the snapshots the store took, in the same order, and the writer never waits
+//! for it (handing over is a rename).
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -17,8 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::feed::{ApplyReport, InsertLine, SnapshotError, apply_file, apply_snapshot};
+use crate::feed::{ApplyReport, InsertLine, SnapshotError, Tee, apply_file, apply_snapshot_teed};
 use crate::metrics::Metrics;
+use crate::relay::spool::SpoolHandle;
 use crate::store::{Origin, Writer};
 
 /// How often the writer looks for nodes gone silent.
@@ -81,14 +87,16 @@ pub struct WriterThread {
 }
 
 impl WriterThread {
-    /// Starts the thread; `watch_path` is the snapshot file, if the file source is on.
-    /// `running` is set while the thread runs, and cleared as it ends, however it ends.
+    /// Starts the thread; `watch_path` is the snapshot file, if the file source is on,
+    /// and `relay` the relay's spool, if the relay is on. `running` is set while the
+    /// thread runs, and cleared as it ends, however it ends.
     pub fn spawn(
         writer: Writer,
         watch_path: Option<PathBuf>,
         stale_after: Option<Duration>,
         metrics: Arc<Metrics>,
         running: Arc<AtomicBool>,
+        relay: Option<SpoolHandle>,
     ) -> std::io::Result<WriterThread> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (status_tx, status) = watch::channel(FeedStatus::default());
@@ -99,6 +107,7 @@ impl WriterThread {
             status: status_tx,
             metrics,
             applied_file: None,
+            relay,
         };
         running.store(true, Ordering::Release);
         let thread = std::thread::Builder::new()
@@ -144,6 +153,7 @@ struct Worker {
     /// The file content applied last: a late duplicate event for the same content is not
     /// worth a second pass over it.
     applied_file: Option<FileStamp>,
+    relay: Option<SpoolHandle>,
 }
 
 impl Worker {
@@ -175,13 +185,16 @@ impl Worker {
                     received_at,
                     reply,
                 }) => {
-                    let result = apply_snapshot(
-                        &mut self.writer,
-                        input,
-                        insert_line,
-                        Origin::Socket,
-                        received_at,
-                    );
+                    let result = self.apply(|writer, tee| {
+                        apply_snapshot_teed(
+                            writer,
+                            input,
+                            insert_line,
+                            Origin::Socket,
+                            received_at,
+                            tee,
+                        )
+                    });
                     self.record(Origin::Socket, result.as_ref().map_err(|e| e.to_string()));
                     let _ = reply.send(result);
                     (last_write, released, copied_back) = (Instant::now(), false, false);
@@ -219,7 +232,7 @@ impl Worker {
         match file_stamp(&path) {
             Ok(stamp) if Some(stamp) == self.applied_file => {}
             Ok(stamp) => {
-                let result = apply_file(&mut self.writer, &path);
+                let result = self.apply(|writer, tee| apply_file(writer, &path, tee));
                 self.record(Origin::File, result.as_ref().map_err(|e| e.to_string()));
                 self.applied_file = Some(stamp);
             }
@@ -231,6 +244,20 @@ impl Worker {
             }
         }
         self.status.send_modify(|s| s.file_checks += 1);
+    }
+
+    /// Applies a snapshot with `apply`, its rows copied for the relay when it is on: the
+    /// copy is handed to the relay once the snapshot committed, and deleted otherwise.
+    fn apply(
+        &mut self,
+        apply: impl FnOnce(&mut Writer, Option<&mut dyn Tee>) -> Result<ApplyReport, SnapshotError>,
+    ) -> Result<ApplyReport, SnapshotError> {
+        let mut copy = self.relay.as_ref().and_then(SpoolHandle::begin);
+        let result = apply(&mut self.writer, copy.as_mut().map(|c| c as &mut dyn Tee));
+        if let (Ok(report), Some(copy), Some(relay)) = (&result, copy, &self.relay) {
+            relay.commit(copy, &report.nodes);
+        }
+        result
     }
 
     /// One log line and one status update per snapshot, applied or rejected.

@@ -1,0 +1,540 @@
+//! The relay: every snapshot the agent applies, forwarded to the central ClickHouse
+//! (SPEC 6), so that an outage there delays history instead of losing it.
+//!
+//! ```text
+//!  feed reader thread ──copy of each row line──→ spool/incoming/<seq>.jsonl
+//!  writer thread, at commit ──rename──────────→ spool/pending/<seq>.<token>.jsonl
+//!  spooler thread ──gzip once, sync, hard link──→ spool/<url-key>/<seq>.<token>.jsonl.gz
+//!  one sender task per URL ──POST ?query=INSERT INTO <table> FORMAT JSONEachRow──→ ClickHouse
+//! ```
+//!
+//! The shape follows from two rules. *Applying never waits for the relay*: the writer's
+//! share is a rename and a message per snapshot; the rows are copied by the reader thread
+//! that already reads them (the exact bytes the switch sent, so ClickHouse gets every key,
+//! and rows the agent skipped), uncompressed, because gzip on that path would add about a
+//! second per 100k calls. *Nothing is lost to a crash or an outage*: a snapshot is on disk
+//! before it is announced, each step from one spool folder to the next is a rename or a
+//! link (see [`spool`] for what a restart finds and does), and a file leaves a URL's folder
+//! only once that URL answered 2xx, or refused it for good.
+//!
+//! Each URL has its own folder and sender, so a dead URL delays only itself, and within a
+//! URL snapshots go oldest first, one at a time, strictly in order: ClickHouse sees history
+//! as the switch produced it. Retries back off exponentially (1 s doubling to
+//! `upstream.retry_max_ms`, with jitter so that the nodes of a network do not all come back
+//! at once). A resend after a crash or a cut attempt carries the same
+//! `insert_deduplication_token` (the node ids and an xxh3-128 of the rows), so ClickHouse
+//! stores it once. A snapshot that ClickHouse refuses with a 4xx that no retry can fix is
+//! dropped and counted, so that one bad snapshot never blocks the rest; past
+//! `upstream.spool_max_bytes`, the oldest are dropped and counted.
+//!
+//! The sender is the only one that deletes from its folder: it alone enforces the bound,
+//! between attempts, so the snapshot being sent is never dropped under it and "oldest
+//! first" holds for drops too.
+
+pub mod client;
+pub mod spool;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::config::UpstreamConfig;
+use crate::metrics::{Metrics, RelayMetrics};
+use client::{Endpoint, Outcome};
+use spool::{COMPRESSED, SpoolHandle, Spooled, Spooler, URL_FILE, UrlFolder, Wake};
+
+/// The first wait after a failed attempt; it doubles up to `upstream.retry_max_ms`.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// A URL that keeps failing is logged at most this often (and when it recovers).
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The running relay: the spooler thread and one sender task per URL.
+pub struct Relay {
+    spool: SpoolHandle,
+    wake: mpsc::Sender<Wake>,
+    stopping: Arc<AtomicBool>,
+    spooler: Option<JoinHandle<()>>,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What the relay needs from `[upstream]`, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub endpoints: Vec<Endpoint>,
+    pub table: String,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+    pub retry_max: Duration,
+}
+
+impl Settings {
+    /// Checks `[upstream]`'s relay keys; `Ok(None)` when no URL is configured. The errors
+    /// name a URL by its position, never by its text (it may hold a password).
+    pub fn from_config(config: &UpstreamConfig) -> anyhow::Result<Option<Settings>> {
+        if config.clickhouse_urls.is_empty() {
+            return Ok(None);
+        }
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for (i, url) in config.clickhouse_urls.iter().enumerate() {
+            let endpoint = Endpoint::parse(url, &config.user, &config.password)
+                .with_context(|| format!("upstream.clickhouse_urls[{i}]"))?;
+            if endpoints.iter().any(|e| e.label == endpoint.label) {
+                anyhow::bail!(
+                    "upstream.clickhouse_urls[{i}]: {} is listed twice (URLs must differ \
+                     in host, port or path)",
+                    endpoint.label
+                );
+            }
+            endpoints.push(endpoint);
+        }
+        if !is_table_name(&config.table) {
+            anyhow::bail!(
+                "upstream.table must be a table name, optionally with its database \
+                 (letters, digits, _ and one .)"
+            );
+        }
+        if config.spool_max_bytes == 0 || config.retry_max_ms == 0 {
+            anyhow::bail!("upstream.spool_max_bytes and upstream.retry_max_ms must be above 0");
+        }
+        Ok(Some(Settings {
+            endpoints,
+            table: config.table.clone(),
+            spool_dir: config.spool_dir.clone(),
+            spool_max_bytes: config.spool_max_bytes,
+            retry_max: Duration::from_millis(config.retry_max_ms),
+        }))
+    }
+}
+
+/// `name` or `database.name`, each an identifier ClickHouse takes unquoted.
+fn is_table_name(text: &str) -> bool {
+    let identifier = |s: &str| {
+        s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
+    match text.split_once('.') {
+        Some((database, table)) => identifier(database) && identifier(table),
+        None => identifier(text),
+    }
+}
+
+/// The folder of `endpoint` under the spool: a stable short hash of its label.
+pub fn url_dir(spool_dir: &Path, endpoint: &Endpoint) -> PathBuf {
+    let key = xxhash_rust::xxh3::xxh3_64(endpoint.label.as_bytes());
+    spool_dir.join(format!("{key:016x}"))
+}
+
+impl Relay {
+    /// Prepares the spool (what a crash left, see [`spool`]), then starts the spooler
+    /// thread and, on the current tokio runtime, one sender per URL.
+    pub fn start(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Relay> {
+        let root = &settings.spool_dir;
+        let dirs: Vec<PathBuf> = settings
+            .endpoints
+            .iter()
+            .map(|e| url_dir(root, e))
+            .collect();
+        let first_seq = spool::prepare(root, &dirs)
+            .with_context(|| format!("preparing the relay's spool {}", root.display()))?;
+        warn_about_orphans(root, &dirs);
+        let (wake, wake_rx) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut folders = Vec::new();
+        let mut senders = Vec::new();
+        let mut url_metrics = Vec::new();
+        for (endpoint, dir) in settings.endpoints.iter().zip(dirs) {
+            // For the operator looking at the spool: which URL this folder is for.
+            std::fs::write(dir.join(URL_FILE), format!("{}\n", endpoint.label))
+                .with_context(|| format!("writing {}", dir.join(URL_FILE).display()))?;
+            let queue = scan(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            let url = metrics.relay(&endpoint.label);
+            let (news_tx, news) = unbounded_channel();
+            let mut sender = Sender {
+                endpoint: endpoint.clone(),
+                table: settings.table.clone(),
+                dir: dir.clone(),
+                max_bytes: settings.spool_max_bytes,
+                retry_max: settings.retry_max,
+                queue: VecDeque::new(),
+                bytes: 0,
+                news,
+                metrics: url.clone(),
+                drops: Throttled::default(),
+            };
+            for entry in queue {
+                sender.add(entry);
+            }
+            if !sender.queue.is_empty() {
+                tracing::info!(url = %endpoint.label, snapshots = sender.queue.len(), bytes = sender.bytes, "relay: resuming the spool");
+            }
+            senders.push(tokio::spawn(sender.run()));
+            folders.push(UrlFolder {
+                dir,
+                news: news_tx,
+                metrics: url.clone(),
+            });
+            url_metrics.push(url);
+        }
+        let spooler = Spooler {
+            pending: root.join(spool::PENDING),
+            urls: folders,
+            stopping: stopping.clone(),
+        };
+        let spooler = std::thread::Builder::new()
+            .name("relay-spooler".into())
+            .spawn(move || spooler.run(wake_rx))
+            .context("starting the relay's spooler thread")?;
+        tracing::info!(
+            urls = ?settings.endpoints,
+            table = %settings.table,
+            spool = %root.display(),
+            "relaying every applied snapshot to ClickHouse"
+        );
+        Ok(Relay {
+            spool: SpoolHandle::new(root, first_seq, wake.clone(), url_metrics),
+            wake,
+            stopping,
+            spooler: Some(spooler),
+            senders,
+        })
+    }
+
+    /// The writer's side: where snapshots are copied while they apply.
+    pub fn spool(&self) -> SpoolHandle {
+        self.spool.clone()
+    }
+
+    /// Stops at once without losing anything: an attempt in flight is cut (it is resent
+    /// at the next start, with the same token), and a snapshot being compressed stays
+    /// pending. Call it after the writer stopped, so that its last snapshot is pending.
+    pub fn stop(&mut self) {
+        for sender in self.senders.drain(..) {
+            sender.abort();
+        }
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.wake.send(Wake::Stop);
+        if let Some(thread) = self.spooler.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A URL folder in the spool that no configured URL uses any more: left alone (it may come
+/// back), but said once.
+fn warn_about_orphans(root: &Path, dirs: &[PathBuf]) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if dirs.contains(&path) || !path.join(URL_FILE).exists() {
+            continue;
+        }
+        let snapshots = spool::list(&path, COMPRESSED).map_or(0, |n| n.len());
+        if snapshots > 0 {
+            let url = std::fs::read_to_string(path.join(URL_FILE)).unwrap_or_default();
+            tracing::warn!(
+                dir = %path.display(),
+                url = url.trim(),
+                snapshots,
+                "relay: a spool folder of a URL no longer configured; its snapshots stay until it is again (or delete the folder)"
+            );
+        }
+    }
+}
+
+/// A URL folder's snapshots, oldest first.
+fn scan(dir: &Path) -> std::io::Result<Vec<Spooled>> {
+    let mut found = Vec::new();
+    for name in spool::list(dir, COMPRESSED)? {
+        let meta = std::fs::metadata(dir.join(name.file_name(COMPRESSED)))?;
+        found.push(Spooled {
+            name,
+            bytes: meta.len(),
+            at: meta.modified().unwrap_or_else(|_| SystemTime::now()),
+        });
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+/// One URL's sender: its folder's snapshots in order, one attempt at a time.
+struct Sender {
+    endpoint: Endpoint,
+    table: String,
+    dir: PathBuf,
+    max_bytes: u64,
+    retry_max: Duration,
+    /// The folder's snapshots, oldest first, and their total size.
+    queue: VecDeque<Spooled>,
+    bytes: u64,
+    news: UnboundedReceiver<Spooled>,
+    metrics: RelayMetrics,
+    drops: Throttled,
+}
+
+impl Sender {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(self.retry_max);
+        let mut failing: Option<Failing> = None;
+        loop {
+            while let Ok(news) = self.news.try_recv() {
+                self.add(news);
+            }
+            let Some(next) = self.queue.front() else {
+                match self.news.recv().await {
+                    Some(news) => self.add(news),
+                    None => return, // the relay stopped
+                }
+                continue;
+            };
+            let (name, bytes) = (next.name.clone(), next.bytes);
+            let path = self.dir.join(name.file_name(COMPRESSED));
+            let file = match blocking(move || std::fs::File::open(path)).await {
+                Ok(file) => file,
+                Err(e) => {
+                    tracing::error!(url = %self.endpoint.label, file = %name.file_name(COMPRESSED), error = %e, "relay: a spooled snapshot cannot be read; dropped");
+                    self.metrics.dropped.inc();
+                    self.remove_front().await;
+                    continue;
+                }
+            };
+            let outcome =
+                client::attempt(&self.endpoint, &self.table, &name.token, file, bytes).await;
+            let attempts = failing.as_ref().map_or(0, |f| f.attempts) + 1;
+            match outcome {
+                Outcome::Sent => {
+                    self.metrics.sent.inc();
+                    if let Some(failing) = failing.take() {
+                        tracing::info!(url = %self.endpoint.label, failed_attempts = failing.attempts, down_s = failing.since.elapsed().as_secs(), "relay: the URL takes snapshots again");
+                    }
+                    tracing::info!(url = %self.endpoint.label, token = %name.token, bytes, attempts, "snapshot relayed");
+                    backoff = Backoff::new(self.retry_max);
+                    self.remove_front().await;
+                }
+                Outcome::Refused { status, message } => {
+                    self.metrics.failed.inc();
+                    tracing::warn!(url = %self.endpoint.label, token = %name.token, status, %message, "relay: ClickHouse refused a snapshot for good; dropped, going on with the next");
+                    self.remove_front().await;
+                }
+                Outcome::Retry(error) => {
+                    self.metrics.retried.inc();
+                    let delay = backoff.next();
+                    let state = failing.get_or_insert_with(|| Failing {
+                        since: Instant::now(),
+                        attempts: 0,
+                        logged: Throttled::default(),
+                    });
+                    state.attempts += 1;
+                    if state.logged.due() {
+                        tracing::warn!(url = %self.endpoint.label, %error, attempts = state.attempts, spooled = self.queue.len(), retry_in_ms = delay.as_millis() as u64, "relay: sending failed; snapshots stay spooled and are retried");
+                    }
+                    self.wait(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Waits `delay`, taking new snapshots (and enforcing the bound) meanwhile.
+    async fn wait(&mut self, delay: Duration) {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return,
+                news = self.news.recv() => match news {
+                    Some(news) => self.add(news),
+                    // The spooler is gone; the folder still has snapshots to send.
+                    None => {
+                        tokio::time::sleep_until(until).await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Queues a snapshot newly in the folder, in order, then drops the oldest while the
+    /// folder is past its bound. The newest always stays: a snapshot larger than the bound
+    /// on its own is still sent.
+    fn add(&mut self, news: Spooled) {
+        // After a crash the spooler may link again what the start already found.
+        let at = self.queue.partition_point(|s| s.name < news.name);
+        if self.queue.get(at).is_some_and(|s| s.name == news.name) {
+            return;
+        }
+        self.bytes += news.bytes;
+        self.queue.insert(at, news);
+        let mut dropped = 0u64;
+        while self.bytes > self.max_bytes && self.queue.len() > 1 {
+            let Some(oldest) = self.queue.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.bytes;
+            // Small and rare: not worth a trip to the blocking pool.
+            let path = self.dir.join(oldest.name.file_name(COMPRESSED));
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::error!(file = %path.display(), error = %e, "relay: cannot delete a dropped snapshot");
+            }
+            self.metrics.dropped.inc();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.drops.pending += dropped;
+            if self.drops.due() {
+                tracing::warn!(url = %self.endpoint.label, dropped = self.drops.pending, max_bytes = self.max_bytes, "relay: spool full; oldest snapshots dropped");
+                self.drops.pending = 0;
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Deletes the snapshot at the front of the queue (sent, refused, or unreadable).
+    async fn remove_front(&mut self) {
+        let Some(done) = self.queue.pop_front() else {
+            return;
+        };
+        self.bytes -= done.bytes;
+        self.update_gauges();
+        let path = self.dir.join(done.name.file_name(COMPRESSED));
+        let shown = path.display().to_string();
+        // It would be sent again at the next start: harmless (same token), but said.
+        if let Err(e) = blocking(move || spool::remove_if_exists(&path)).await {
+            tracing::error!(file = shown, error = %e, "relay: cannot delete a finished snapshot");
+        }
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.spool_bytes.set(self.bytes as i64);
+        self.metrics.set_oldest(self.queue.front().map(|s| s.at));
+    }
+}
+
+/// Runs file work on the blocking pool (a panic there is reported as an I/O error).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// A URL failing since `since`.
+struct Failing {
+    since: Instant,
+    attempts: u64,
+    logged: Throttled,
+}
+
+/// Says "now" at most once per [`LOG_EVERY`], with what happened in between.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    pending: u64,
+}
+
+impl Throttled {
+    fn due(&mut self) -> bool {
+        let due = self.last.is_none_or(|t| t.elapsed() >= LOG_EVERY);
+        if due {
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+}
+
+/// Capped exponential backoff with ±20% jitter.
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Backoff {
+        Backoff {
+            next: FIRST_BACKOFF.min(max),
+            max,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay.mul_f64(0.8 + 0.4 * fastrand::f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let mut backoff = Backoff::new(Duration::from_secs(5));
+        let delays: Vec<u64> = (0..6).map(|_| backoff.next().as_millis() as u64).collect();
+        for (delay, base) in delays.iter().zip([1000, 2000, 4000, 5000, 5000, 5000]) {
+            assert!(
+                (base * 8 / 10..=base * 12 / 10).contains(delay),
+                "{delays:?}"
+            );
+        }
+        let mut short = Backoff::new(Duration::from_millis(50));
+        assert!(short.next() <= Duration::from_millis(60));
+    }
+
+    #[test]
+    fn table_names() {
+        for good in ["active_calls", "yeti.active_calls", "_t1"] {
+            assert!(is_table_name(good), "{good}");
+        }
+        for bad in ["", "1t", "a.b.c", "t; DROP", "`t`", "a."] {
+            assert!(!is_table_name(bad), "{bad}");
+        }
+    }
+
+    fn settings(urls: &[&str]) -> anyhow::Result<Option<Settings>> {
+        Settings::from_config(&UpstreamConfig {
+            clickhouse_urls: urls.iter().map(|u| u.to_string()).collect(),
+            ..UpstreamConfig::default()
+        })
+    }
+
+    #[test]
+    fn settings_refuse_what_cannot_work_without_quoting_a_password() {
+        assert!(settings(&[]).unwrap().is_none());
+        let err = format!(
+            "{:#}",
+            settings(&["http://u:secret@ch:8123/", "https://u:secret@ch2/"]).unwrap_err()
+        );
+        assert!(
+            err.contains("clickhouse_urls[1]") && err.contains("https"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
+        let twice = format!(
+            "{:#}",
+            settings(&[
+                "http://ch:8123/?database=a",
+                "http://u:secret@ch:8123/?database=b"
+            ])
+            .unwrap_err()
+        );
+        assert!(
+            twice.contains("listed twice") && !twice.contains("secret"),
+            "{twice}"
+        );
+    }
+}

@@ -1,0 +1,389 @@
+//! One attempt to insert one spooled snapshot into one ClickHouse URL, and what its
+//! answer means (SPEC 6).
+//!
+//! Plain HTTP/1.1 over a fresh connection per attempt, with hyper's client connection:
+//! one snapshot every few seconds does not need a pool, and a fresh connection never
+//! meets one that ClickHouse (or a proxy) closed while it sat idle. The body streams from
+//! the spooled file, so a large snapshot is never held in memory whole.
+
+use std::io::Read;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::body::{Body, Bytes, Frame, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// An attempt (connect, send, answer) that takes longer than this is abandoned and retried.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of an error answer is read, and how much of it a log line quotes.
+const ANSWER_BYTES: usize = 4096;
+const MESSAGE_CHARS: usize = 300;
+/// ClickHouse's error code for a failed authentication (also its HTTP status in some
+/// versions): the credentials may be fixed, so it is retried, like 401 and 403.
+const AUTHENTICATION_FAILED: u16 = 516;
+
+/// A configured ClickHouse URL, ready to send to.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The URL without credentials and query: the metrics' `url` label and the logs' name.
+    pub label: String,
+    /// `host:port`, to connect to and for the `Host` header.
+    authority: String,
+    path: String,
+    /// The URL's own parameters, raw, without `query` and `insert_deduplication_token`.
+    params: Vec<String>,
+    user: String,
+    password: String,
+}
+
+// Never the password, even in a debug print.
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+/// Why a configured URL cannot be used. The messages never quote the URL, which may hold
+/// a password.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error(
+        "https is not supported: the relay speaks plain HTTP (use an http:// URL on a trusted \
+         network, or a local TLS proxy such as stunnel or haproxy)"
+    )]
+    Https,
+    #[error("not an http:// URL")]
+    NotHttp,
+    #[error("no host, or an invalid host or port")]
+    BadHost,
+    #[error("the user or password holds a character a header cannot carry")]
+    BadCredentials,
+}
+
+impl Endpoint {
+    /// Parses `http://[user[:password]@]host[:port][/path][?params]`. Credentials in the
+    /// URL win over `user`/`password` (the `[upstream]` ones).
+    pub fn parse(url: &str, user: &str, password: &str) -> Result<Endpoint, UrlError> {
+        let scheme_end = url.find("://").ok_or(UrlError::NotHttp)?;
+        let rest = match &url[..scheme_end] {
+            s if s.eq_ignore_ascii_case("http") => &url[scheme_end + 3..],
+            s if s.eq_ignore_ascii_case("https") => return Err(UrlError::Https),
+            _ => return Err(UrlError::NotHttp),
+        };
+        let rest = rest.split('#').next().unwrap_or_default();
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, rest) = rest.split_at(end);
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let path = if path.is_empty() { "/" } else { path };
+        let (userinfo, host) = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, authority),
+        };
+        let parsed: hyper::http::uri::Authority = host.parse().map_err(|_| UrlError::BadHost)?;
+        // `Authority` takes any digits as a port, and then says there is none.
+        let port_given = host.rsplit(']').next().is_some_and(|h| h.contains(':'));
+        if parsed.host().is_empty() || (port_given && parsed.port_u16().is_none()) {
+            return Err(UrlError::BadHost);
+        }
+        let authority = format!("{}:{}", parsed.host(), parsed.port_u16().unwrap_or(80));
+        let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let (user, password) = match userinfo {
+            Some(info) => {
+                let (u, p) = info.split_once(':').unwrap_or((info, ""));
+                (decode(u), decode(p))
+            }
+            None => (user.to_owned(), password.to_owned()),
+        };
+        if HeaderValue::from_str(&user).is_err() || HeaderValue::from_str(&password).is_err() {
+            return Err(UrlError::BadCredentials);
+        }
+        let params = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .filter(|p| {
+                let name = decode(p.split('=').next().unwrap_or_default());
+                name != "query" && name != "insert_deduplication_token"
+            })
+            .map(str::to_owned)
+            .collect();
+        Ok(Endpoint {
+            label: format!("http://{authority}{path}"),
+            authority,
+            path: path.to_owned(),
+            params,
+            user,
+            password,
+        })
+    }
+
+    /// The request target for inserting into `table` with `token`: the URL's parameters,
+    /// then `query` and `insert_deduplication_token`.
+    fn target(&self, table: &str, token: &str) -> String {
+        let query = format!("INSERT INTO {table} FORMAT JSONEachRow");
+        let mut params = self.params.clone();
+        params.push(format!(
+            "query={}",
+            utf8_percent_encode(&query, NON_ALPHANUMERIC)
+        ));
+        params.push(format!(
+            "insert_deduplication_token={}",
+            utf8_percent_encode(token, NON_ALPHANUMERIC)
+        ));
+        format!("{}?{}", self.path, params.join("&"))
+    }
+}
+
+/// What became of one attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// ClickHouse took the snapshot (2xx).
+    Sent,
+    /// Try again later: the network, a timeout, 5xx, 401/403/408/429/516, a redirect.
+    Retry(String),
+    /// ClickHouse refused this snapshot for good (any other 4xx): it will never take it.
+    Refused { status: u16, message: String },
+}
+
+/// What an answer with `status` (and ClickHouse's `X-ClickHouse-Exception-Code`) means.
+pub fn classify(status: StatusCode, exception_code: Option<u16>, message: String) -> Outcome {
+    let code = status.as_u16();
+    if status.is_success() {
+        return Outcome::Sent;
+    }
+    let retryable = matches!(code, 401 | 403 | 408 | 429 | AUTHENTICATION_FAILED)
+        || exception_code == Some(AUTHENTICATION_FAILED);
+    if status.is_client_error() && !retryable {
+        Outcome::Refused {
+            status: code,
+            message,
+        }
+    } else {
+        // 5xx, the retryable 4xx, and anything odd (a redirect: the URL is wrong, which
+        // the operator can fix; the spool keeps the snapshots meanwhile).
+        Outcome::Retry(format!("HTTP {code}: {message}"))
+    }
+}
+
+/// One attempt to insert the gzip file `body` (`len` bytes) with `token`.
+pub async fn attempt(
+    endpoint: &Endpoint,
+    table: &str,
+    token: &str,
+    body: std::fs::File,
+    len: u64,
+) -> Outcome {
+    match tokio::time::timeout(ATTEMPT_TIMEOUT, send(endpoint, table, token, body, len)).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => Outcome::Retry(e),
+        Err(_) => Outcome::Retry(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+    }
+}
+
+async fn send(
+    endpoint: &Endpoint,
+    table: &str,
+    token: &str,
+    body: std::fs::File,
+    len: u64,
+) -> Result<Outcome, String> {
+    let stream = TcpStream::connect(&endpoint.authority)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    // The connection is driven beside the request, and dropped with this attempt.
+    let driver = AbortOnDrop(tokio::spawn(connection));
+    let mut request = Request::post(endpoint.target(table, token))
+        .header(header::HOST, &endpoint.authority)
+        .header(header::CONTENT_ENCODING, "gzip")
+        .header(header::CONTENT_LENGTH, len)
+        .header(
+            header::USER_AGENT,
+            concat!("active-calls-agent/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(FileBody::new(body, len))
+        .map_err(|e| format!("building the request: {e}"))?;
+    if !endpoint.user.is_empty() {
+        let headers = request.headers_mut();
+        // Checked when the configuration was read.
+        if let (Ok(user), Ok(key)) = (
+            HeaderValue::from_str(&endpoint.user),
+            HeaderValue::from_str(&endpoint.password),
+        ) {
+            headers.insert("x-clickhouse-user", user);
+            headers.insert("x-clickhouse-key", key);
+        }
+    }
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("sending: {e}"))?;
+    let status = response.status();
+    let exception_code = response
+        .headers()
+        .get("x-clickhouse-exception-code")
+        .and_then(|v| v.to_str().ok()?.trim().parse().ok());
+    let message = if status.is_success() {
+        String::new()
+    } else {
+        read_message(response.into_body()).await
+    };
+    drop(driver);
+    Ok(classify(status, exception_code, message))
+}
+
+/// The start of an error answer, on one line: ClickHouse says there what it refused.
+async fn read_message(mut body: hyper::body::Incoming) -> String {
+    let mut text = Vec::new();
+    while text.len() < ANSWER_BYTES {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    text.extend_from_slice(&data);
+                }
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&text)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MESSAGE_CHARS)
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A request body read from a file in chunks on the blocking pool, a few chunks ahead.
+struct FileBody {
+    chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+    left: u64,
+}
+
+impl FileBody {
+    const CHUNK: usize = 256 * 1024;
+
+    fn new(mut file: std::fs::File, len: u64) -> FileBody {
+        let (tx, chunks) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            loop {
+                let mut buf = vec![0; Self::CHUNK];
+                let chunk = match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Ok(Bytes::from(buf))
+                    }
+                    Err(e) => Err(e),
+                };
+                let failed = chunk.is_err();
+                // The receiver is gone when the attempt ended: stop reading.
+                if tx.blocking_send(chunk).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        FileBody { chunks, left: len }
+    }
+}
+
+impl Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.chunks.poll_recv(cx).map(|chunk| {
+            chunk.map(|chunk| {
+                let data = chunk?;
+                self.left = self.left.saturating_sub(data.len() as u64);
+                Ok(Frame::data(data))
+            })
+        })
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_keeps_its_parameters_and_loses_its_credentials() {
+        let e = Endpoint::parse(
+            "http://relay:p%40ss@ch.example:8123/?database=calls&query=x&async_insert=0#frag",
+            "ignored",
+            "ignored",
+        )
+        .unwrap();
+        assert_eq!(e.label, "http://ch.example:8123/");
+        assert_eq!((e.user.as_str(), e.password.as_str()), ("relay", "p@ss"));
+        assert_eq!(
+            e.target("db.active_calls", "n1-ab"),
+            "/?database=calls&async_insert=0\
+             &query=INSERT%20INTO%20db%2Eactive%5Fcalls%20FORMAT%20JSONEachRow\
+             &insert_deduplication_token=n1%2Dab"
+        );
+        assert!(!format!("{e:?}").contains("p@ss"));
+        let plain = Endpoint::parse("HTTP://10.0.0.5", "u", "k").unwrap();
+        assert_eq!(plain.label, "http://10.0.0.5:80/");
+        assert_eq!((plain.user.as_str(), plain.password.as_str()), ("u", "k"));
+        assert_eq!(
+            plain.target("t", "x"),
+            "/?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow&insert_deduplication_token=x"
+        );
+        let ipv6 = Endpoint::parse("http://[::1]:8123/ch", "", "").unwrap();
+        assert_eq!(ipv6.label, "http://[::1]:8123/ch");
+    }
+
+    #[test]
+    fn only_plain_http_urls_are_taken() {
+        let parse = |url| Endpoint::parse(url, "", "").map(|_| ());
+        assert_eq!(parse("https://ch:8443/"), Err(UrlError::Https));
+        assert_eq!(parse("ch.example:8123"), Err(UrlError::NotHttp));
+        assert_eq!(parse("ftp://ch/"), Err(UrlError::NotHttp));
+        assert_eq!(parse("http:///x"), Err(UrlError::BadHost));
+        assert_eq!(parse("http://ch:99999/"), Err(UrlError::BadHost));
+        assert_eq!(
+            Endpoint::parse("http://ch/", "u", "bad\nkey").map(|_| ()),
+            Err(UrlError::BadCredentials)
+        );
+    }
+
+    #[test]
+    fn what_is_retried_and_what_is_refused() {
+        let of = |code: u16, exception| {
+            classify(StatusCode::from_u16(code).unwrap(), exception, "m".into())
+        };
+        assert_eq!(of(200, None), Outcome::Sent);
+        for code in [500, 502, 503, 504, 401, 403, 408, 429, 516, 301] {
+            assert!(matches!(of(code, None), Outcome::Retry(_)), "{code}");
+        }
+        for code in [400, 404, 413, 415] {
+            assert!(matches!(of(code, None), Outcome::Refused { .. }), "{code}");
+        }
+        assert!(matches!(of(400, Some(516)), Outcome::Retry(_)));
+    }
+}
