@@ -173,7 +173,12 @@ impl Relay {
                 sender.add(entry);
             }
             if !sender.queue.is_empty() {
-                tracing::info!(url = %endpoint.label, snapshots = sender.queue.len(), bytes = sender.bytes, "relay: resuming the spool");
+                tracing::info!(
+                    url = %endpoint.label,
+                    snapshots = sender.queue.len(),
+                    bytes = sender.bytes,
+                    "relay: resuming the spool"
+                );
             }
             senders.push(tokio::spawn(sender.run()));
             folders.push(UrlFolder {
@@ -307,7 +312,12 @@ impl Sender {
             let file = match blocking(move || std::fs::File::open(path)).await {
                 Ok(file) => file,
                 Err(e) => {
-                    tracing::error!(url = %self.endpoint.label, file = %name.file_name(COMPRESSED), error = %e, "relay: a spooled snapshot cannot be read; dropped");
+                    tracing::error!(
+                        url = %self.endpoint.label,
+                        file = %name.file_name(COMPRESSED),
+                        error = %e,
+                        "relay: a spooled snapshot cannot be read; dropped"
+                    );
                     self.metrics.dropped.inc();
                     self.remove_front().await;
                     continue;
@@ -316,19 +326,39 @@ impl Sender {
             let outcome =
                 client::attempt(&self.endpoint, &self.table, &name.token, file, bytes).await;
             let attempts = failing.as_ref().map_or(0, |f| f.attempts) + 1;
+            // An answer that is not to be retried means the URL works again.
+            if !matches!(outcome, Outcome::Retry(_)) {
+                backoff = Backoff::new(self.retry_max);
+                if let Some(failing) = failing.take() {
+                    tracing::info!(
+                        url = %self.endpoint.label,
+                        failed_attempts = failing.attempts,
+                        down_s = failing.since.elapsed().as_secs(),
+                        "relay: the URL answers again"
+                    );
+                }
+            }
             match outcome {
                 Outcome::Sent => {
                     self.metrics.sent.inc();
-                    if let Some(failing) = failing.take() {
-                        tracing::info!(url = %self.endpoint.label, failed_attempts = failing.attempts, down_s = failing.since.elapsed().as_secs(), "relay: the URL takes snapshots again");
-                    }
-                    tracing::info!(url = %self.endpoint.label, token = %name.token, bytes, attempts, "snapshot relayed");
-                    backoff = Backoff::new(self.retry_max);
+                    tracing::info!(
+                        url = %self.endpoint.label,
+                        token = %name.token,
+                        bytes,
+                        attempts,
+                        "snapshot relayed"
+                    );
                     self.remove_front().await;
                 }
                 Outcome::Refused { status, message } => {
                     self.metrics.failed.inc();
-                    tracing::warn!(url = %self.endpoint.label, token = %name.token, status, %message, "relay: ClickHouse refused a snapshot for good; dropped, going on with the next");
+                    tracing::warn!(
+                        url = %self.endpoint.label,
+                        token = %name.token,
+                        status,
+                        %message,
+                        "relay: ClickHouse refused a snapshot for good; dropped, going on with the next"
+                    );
                     self.remove_front().await;
                 }
                 Outcome::Retry(error) => {
@@ -341,7 +371,14 @@ impl Sender {
                     });
                     state.attempts += 1;
                     if state.logged.due() {
-                        tracing::warn!(url = %self.endpoint.label, %error, attempts = state.attempts, spooled = self.queue.len(), retry_in_ms = delay.as_millis() as u64, "relay: sending failed; snapshots stay spooled and are retried");
+                        tracing::warn!(
+                            url = %self.endpoint.label,
+                            %error,
+                            attempts = state.attempts,
+                            spooled = self.queue.len(),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "relay: sending failed; snapshots stay spooled and are retried"
+                        );
                     }
                     self.wait(delay).await;
                 }
@@ -387,7 +424,11 @@ impl Sender {
             // Small and rare: not worth a trip to the blocking pool.
             let path = self.dir.join(oldest.name.file_name(COMPRESSED));
             if let Err(e) = std::fs::remove_file(&path) {
-                tracing::error!(file = %path.display(), error = %e, "relay: cannot delete a dropped snapshot");
+                tracing::error!(
+                    file = %path.display(),
+                    error = %e,
+                    "relay: cannot delete a dropped snapshot"
+                );
             }
             self.metrics.dropped.inc();
             dropped += 1;
@@ -395,7 +436,12 @@ impl Sender {
         if dropped > 0 {
             self.drops.pending += dropped;
             if self.drops.due() {
-                tracing::warn!(url = %self.endpoint.label, dropped = self.drops.pending, max_bytes = self.max_bytes, "relay: spool full; oldest snapshots dropped");
+                tracing::warn!(
+                    url = %self.endpoint.label,
+                    dropped = self.drops.pending,
+                    max_bytes = self.max_bytes,
+                    "relay: spool full; oldest snapshots dropped"
+                );
                 self.drops.pending = 0;
             }
         }

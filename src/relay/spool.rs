@@ -308,7 +308,11 @@ impl Spooler {
         let mut names = match list(&self.pending, RAW) {
             Ok(names) => names,
             Err(e) => {
-                tracing::error!(dir = %self.pending.display(), error = %e, "cannot list the relay's pending snapshots");
+                tracing::error!(
+                    dir = %self.pending.display(),
+                    error = %e,
+                    "cannot list the relay's pending snapshots"
+                );
                 return;
             }
         };
@@ -322,7 +326,11 @@ impl Spooler {
                 Ok(()) => {}
                 Err(SpoolError::Stopped) => return,
                 Err(e) => {
-                    tracing::error!(file = %raw.display(), error = %e, "snapshot dropped before the relay could spool it");
+                    tracing::error!(
+                        file = %raw.display(),
+                        error = %e,
+                        "snapshot dropped before the relay could spool it"
+                    );
                     for url in &self.urls {
                         url.metrics.dropped.inc();
                     }
