@@ -251,12 +251,14 @@ impl Config {
         changed
     }
 
-    /// Takes from `new` what SIGHUP applies: the secret, the token lifetime, the log level.
+    /// Takes from `new` what SIGHUP applies: the secret, the token lifetime, the log level,
+    /// the scrape tokens file.
     pub fn apply_live(&mut self, new: &Config) {
         self.api.jwt_secret = new.api.jwt_secret.clone();
         self.api.jwt_secret_file = new.api.jwt_secret_file.clone();
         self.api.token_lifetime = new.api.token_lifetime;
         self.log = new.log.clone();
+        self.upstream.scrape_tokens_file = new.upstream.scrape_tokens_file.clone();
     }
 
     /// `feed.stale_after` as a duration, `None` when silence never expires.
