@@ -320,6 +320,11 @@ impl ScrapeTokens {
         self.0.is_empty()
     }
 
+    /// The length of the shortest token (0 when there is none).
+    pub fn shortest(&self) -> usize {
+        self.0.iter().map(Vec::len).min().unwrap_or(0)
+    }
+
     /// Whether the request's `Authorization: Bearer <token>` names one of the tokens. Every
     /// token is compared, each in time independent of where it differs: the answer's
     /// timing tells nothing about how much of a guess was right.

@@ -87,7 +87,31 @@ pub fn check(path: &Path) -> Report {
     directory(&config, &mut report);
     store(&config, &mut report);
     feed(&config, &mut report);
+    scrape_tokens(&config, &mut report);
     report
+}
+
+fn scrape_tokens(config: &Config, report: &mut Report) {
+    let Some(path) = config.upstream.scrape_tokens_file.as_deref() else {
+        return;
+    };
+    match crate::auth::ScrapeTokens::load(Some(path)) {
+        Err(e) => report.error(format!("{e:#}")),
+        Ok(tokens) if tokens.is_empty() => report.warning(format!(
+            "upstream.scrape_tokens_file {} lists no token: nobody may scrape",
+            path.display()
+        )),
+        Ok(tokens) => {
+            report.ok(format!(
+                "upstream.scrape_tokens_file {}: {} token(s)",
+                path.display(),
+                tokens.len()
+            ));
+            if tokens.shortest() < 16 {
+                report.warning("a scrape token is shorter than 16 bytes: easy to guess");
+            }
+        }
+    }
 }
 
 fn secret(config: &Config, report: &mut Report) {

@@ -403,3 +403,43 @@ fn a_scrape_that_stops_reading_holds_up_neither_snapshots_nor_customers() {
     assert_eq!(rows.len(), 5020);
     drop(stalled);
 }
+
+#[test]
+fn check_names_a_missing_or_weak_tokens_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_process_config(dir.path(), "");
+    let tokens = dir.path().join("scrape-tokens");
+    let with_tokens = |content: Option<&str>| {
+        match content {
+            Some(content) => std::fs::write(&tokens, content).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&tokens);
+            }
+        }
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        if !text.contains("[upstream]") {
+            text.push_str(&format!("[upstream]\nscrape_tokens_file = {tokens:?}\n"));
+            std::fs::write(&config, text).unwrap();
+        }
+        let report = active_calls_agent::check::check(&config);
+        (report.has_errors(), report.to_string())
+    };
+    let (errors, text) = with_tokens(Some(&format!("{SCRAPE_TOKEN}\n")));
+    assert!(!errors, "{text}");
+    assert!(text.contains("scrape-tokens: 1 token(s)"), "{text}");
+    let (errors, text) = with_tokens(Some("short\n"));
+    assert!(!errors, "{text}");
+    assert!(
+        text.contains("warning: a scrape token is shorter"),
+        "{text}"
+    );
+    let (errors, text) = with_tokens(Some("# none yet\n"));
+    assert!(!errors, "{text}");
+    assert!(text.contains("lists no token"), "{text}");
+    let (errors, text) = with_tokens(None);
+    assert!(errors, "{text}");
+    assert!(
+        text.contains("error: reading upstream.scrape_tokens_file"),
+        "{text}"
+    );
+}
