@@ -290,8 +290,9 @@ impl Agent {
         self.directory_reloads.clone()
     }
 
-    /// Applies what of `config` can change live (the secret and the token lifetime; an
-    /// unreadable secret file keeps the previous secret), and re-reads the directory.
+    /// Applies what of `config` can change live (the secret and the token lifetime, where
+    /// an unreadable secret file keeps the previous secret; the scrape tokens, where an
+    /// unreadable file admits nobody), and re-reads the directory.
     pub fn reload(&self, config: &Config) {
         match authenticator(config) {
             Ok(auth) => {
