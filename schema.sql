@@ -11,8 +11,16 @@ CREATE TABLE nodes (
     node_id             INTEGER PRIMARY KEY,
     received_at_ms      INTEGER NOT NULL, -- unix ms the latest snapshot was received (file: its mtime)
     snapshot_timestamp  TEXT    NOT NULL, -- 'YYYY-MM-DD hh:mm:ss' UTC, shared by the node's rows
-    source              TEXT    NOT NULL  -- 'file' or 'socket': which feed sent it
+    source              TEXT    NOT NULL, -- 'file' or 'socket': which feed sent it
+    changed_in          INTEGER NOT NULL  -- generation.last when what the node's calls show last changed
 ) STRICT;
+
+-- A counter that grows with every snapshot applied. A node keeps the value of the last
+-- snapshot that changed what its calls show, so the scrape's ETag (SPEC 6), a hash of the
+-- current nodes' (node_id, changed_in), changes exactly when the scrape's answer does, and
+-- a resend of the same calls keeps it.
+CREATE TABLE generation (last INTEGER NOT NULL) STRICT;
+INSERT INTO generation (last) VALUES (0);
 
 -- One row per current call. A rowid table: every secondary index entry is then just
 -- (account, value, call_id), narrow keys that are cheap to write and to search. The agent
@@ -107,4 +115,4 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', 'calls_src_prefix_routing_rev', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_routing_rev', '100000 1000 2');
 
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;

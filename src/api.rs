@@ -13,6 +13,7 @@
 
 pub mod ops;
 pub mod params;
+pub mod scrape;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::ops::Health;
-use crate::auth::{AuthContext, Authenticator};
+use crate::auth::{AuthContext, Authenticator, ScrapeTokens};
 use crate::directory::{Directory, SwapCell};
 use crate::feed::unix_millis;
 use crate::http::{self, Body, ListenerSettings, empty, with_body};
@@ -48,6 +49,10 @@ pub struct ApiState {
     pub stale_after: Option<Duration>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// Who may scrape every call (SPEC 6); replaced whole on SIGHUP.
+    pub scrape_tokens: SwapCell<ScrapeTokens>,
+    /// Turns for scrapes, [`scrape::MAX_SCRAPES`] at a time.
+    pub scrapes: Arc<tokio::sync::Semaphore>,
 }
 
 /// What a listener answers besides the health endpoints.
@@ -84,6 +89,7 @@ async fn handle(state: &ApiState, routes: Routes, req: Request<Incoming>) -> Res
         OUTGOING_ACTIVE_CALLS if routes.customer && get => {
             outgoing_active_calls(state, &req, &request_id).await
         }
+        scrape::ACTIVE_CALLS if routes.customer && get => scrape::active_calls(state, &req).await,
         OPENAPI if routes.customer && get => with_body(
             StatusCode::OK,
             "application/json",
@@ -92,7 +98,7 @@ async fn handle(state: &ApiState, routes: Routes, req: Request<Incoming>) -> Res
         ops::METRICS if routes.metrics && get => ops::metrics(state),
         ops::HEALTHZ if get => ops::healthz(),
         ops::READYZ if get => ops::readyz(state),
-        OUTGOING_ACTIVE_CALLS | OPENAPI if routes.customer => not_allowed(),
+        OUTGOING_ACTIVE_CALLS | OPENAPI | scrape::ACTIVE_CALLS if routes.customer => not_allowed(),
         ops::METRICS if routes.metrics => not_allowed(),
         ops::HEALTHZ | ops::READYZ => not_allowed(),
         _ => empty(StatusCode::NOT_FOUND),
@@ -150,15 +156,11 @@ async fn authorized(
         Ok(parsed) => parsed,
         Err(e) => return json(StatusCode::BAD_REQUEST, e.body().into_bytes()),
     };
-    let stale_cutoff_ms = match state.stale_after {
-        Some(stale) => unix_millis(now) - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
-        None => i64::MIN,
-    };
     let call_query = CallQuery {
         customer_id: context.customer_id,
         account_id,
         filters,
-        stale_cutoff_ms,
+        stale_cutoff_ms: stale_cutoff_ms(state.stale_after, now),
     };
     // Most answers take a few tens of microseconds: handing them to another thread would
     // cost more than the query. block_in_place lets the runtime move this worker's other
@@ -193,6 +195,14 @@ async fn authorized(
     );
     headers.insert(header::VARY, HeaderValue::from_static("Accept"));
     response
+}
+
+/// Calls of nodes whose latest snapshot was received at or before this (ms) are stale.
+fn stale_cutoff_ms(stale_after: Option<Duration>, now: SystemTime) -> i64 {
+    match stale_after {
+        Some(stale) => unix_millis(now) - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
+        None => i64::MIN,
+    }
 }
 
 /// A JSON answer; an error is never cached.

@@ -285,9 +285,102 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
     (!value.is_empty()).then(|| value.to_owned())
 }
 
+/// The bearer tokens that may scrape every call of the node (SPEC 6), from
+/// `upstream.scrape_tokens_file`: one per line; blank lines and `#` comments are skipped.
+#[derive(Debug, Default)]
+pub struct ScrapeTokens(Vec<Vec<u8>>);
+
+impl ScrapeTokens {
+    /// Reads the file; no file configured means no token.
+    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<ScrapeTokens> {
+        use anyhow::Context;
+        let Some(path) = path else {
+            return Ok(ScrapeTokens::default());
+        };
+        let text = std::fs::read(path)
+            .with_context(|| format!("reading upstream.scrape_tokens_file {}", path.display()))?;
+        Ok(ScrapeTokens::parse(&text))
+    }
+
+    fn parse(text: &[u8]) -> ScrapeTokens {
+        let tokens = text
+            .split(|&b| b == b'\n')
+            .map(<[u8]>::trim_ascii)
+            .filter(|line| !line.is_empty() && !line.starts_with(b"#"))
+            .map(<[u8]>::to_vec)
+            .collect();
+        ScrapeTokens(tokens)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The length of the shortest token (0 when there is none).
+    pub fn shortest(&self) -> usize {
+        self.0.iter().map(Vec::len).min().unwrap_or(0)
+    }
+
+    /// Whether the request's `Authorization: Bearer <token>` names one of the tokens. Every
+    /// token is compared, each in time independent of where it differs: the answer's
+    /// timing tells nothing about how much of a guess was right.
+    pub fn admit(&self, headers: &HeaderMap) -> bool {
+        let Some(value) = headers
+            .get(AUTHORIZATION)
+            .map(|v| v.as_bytes().trim_ascii())
+        else {
+            return false;
+        };
+        let Some(space) = value.iter().position(|&b| b == b' ') else {
+            return false;
+        };
+        let (scheme, presented) = value.split_at(space);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return false;
+        }
+        let presented = presented.trim_ascii();
+        self.0.iter().fold(false, |found, token| {
+            found | constant_time_eq(token, presented)
+        })
+    }
+}
+
+/// Compares two byte strings in time that depends on their length only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrape_tokens_are_whole_lines_compared_whole() {
+        let tokens = ScrapeTokens::parse(b"# aggregators\n\n  tok-one \r\ntok-two\n");
+        assert_eq!(tokens.len(), 2);
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(AUTHORIZATION, value.parse().unwrap());
+            tokens.admit(&headers)
+        };
+        assert!(with("Bearer tok-one"));
+        assert!(with("bearer  tok-two"));
+        assert!(!with("Bearer tok-on"));
+        assert!(!with("Bearer tok-one2"));
+        assert!(!with("tok-one"));
+        assert!(!with("Bearer # aggregators"));
+        assert!(!with("Bearer "));
+        assert!(!tokens.admit(&HeaderMap::new()));
+        assert!(!ScrapeTokens::default().admit(&HeaderMap::new()));
+    }
     use serde_json::json;
 
     const SECRET: &[u8] = b"test-secret";

@@ -45,6 +45,8 @@ pub struct BenchOptions {
 }
 
 pub(crate) const SECRET: &str = "bench-secret";
+/// The aggregators' token the benchmark's agent lists.
+const SCRAPE_TOKEN: &str = "bench-scrape-token-0123456789";
 const ENDPOINT: &str = crate::api::OUTGOING_ACTIVE_CALLS;
 
 // ---------------------------------------------------------------------------------------
@@ -65,15 +67,17 @@ impl AgentProcess {
         let snapshot_file = dir.join("snapshot.jsonl");
         let config = dir.join("config.toml");
         std::fs::write(dir.join("directory.json"), directory_json())?;
+        std::fs::write(dir.join("scrape-tokens"), SCRAPE_TOKEN)?;
         std::fs::write(
             &config,
             format!(
                 "[api]\nlisten = \"127.0.0.1:0\"\njwt_secret = \"{SECRET}\"\n[store]\npath = {:?}\n\
                  [feed]\nwatch = {:?}\nlisten = \"127.0.0.1:0\"\nstale_after = 0\n\
-                 [directory]\npath = {:?}\n",
+                 [directory]\npath = {:?}\n[upstream]\nscrape_tokens_file = {:?}\n",
                 dir.join("active-calls.db"),
                 snapshot_file,
                 dir.join("directory.json"),
+                dir.join("scrape-tokens"),
             ),
         )?;
         let mut child = Command::new(std::env::current_exe()?)
@@ -269,6 +273,48 @@ impl Conn {
             body,
         })
     }
+}
+
+/// What a scrape took: its status, the bytes on the wire, the time to the last byte.
+struct Scraped {
+    status: u16,
+    bytes: usize,
+    time: Duration,
+}
+
+/// One scrape over a new connection, read to its end; and its ETag.
+fn scrape(api: SocketAddr, headers: &[(&str, &str)]) -> anyhow::Result<(Scraped, String)> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(api)?;
+    let mut head = format!(
+        "GET {} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\
+         Authorization: Bearer {SCRAPE_TOKEN}\r\n",
+        crate::api::scrape::ACTIVE_CALLS
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    stream.write_all(format!("{head}\r\n").as_bytes())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let time = started.elapsed();
+    let text = String::from_utf8_lossy(&raw[..raw.len().min(4096)]).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let etag = text
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .unwrap_or_default()
+        .to_owned();
+    let scraped = Scraped {
+        status,
+        bytes: raw.len(),
+        time,
+    };
+    Ok((scraped, etag))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -647,6 +693,42 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
             "10%-churn snapshot, file",
             format!("{} (applied in {logged:.0} ms)", ms(wall)),
             "≤ 600 ms",
+        );
+
+        // The aggregators' scrape of all of it (issue 7): streamed, so the agent's memory
+        // must not grow with the answer.
+        std::thread::sleep(Duration::from_secs(1));
+        let before = agent.rss_mb();
+        agent.reset_peak();
+        let (plain, etag) = scrape(agent.api, &[])?;
+        let (gzipped, _) = scrape(agent.api, &[("Accept-Encoding", "gzip")])?;
+        let peak = agent.peak_mb();
+        add(
+            &format!("scrape of all {} calls, JSONEachRow", options.calls),
+            format!(
+                "{} for {:.1} MB; gzip: {} for {:.1} MB",
+                ms(plain.time),
+                plain.bytes as f64 / 1e6,
+                ms(gzipped.time),
+                gzipped.bytes as f64 / 1e6
+            ),
+            "streams",
+        );
+        add(
+            "agent RSS before the scrapes / peak during them",
+            format!("{before:.1} MB / {peak:.1} MB"),
+            "no growth with the answer",
+        );
+        let mut revalidations = Vec::new();
+        for _ in 0..200 {
+            let (reply, _) = scrape(agent.api, &[("If-None-Match", &etag)])?;
+            anyhow::ensure!(reply.status == 304, "revalidation got {}", reply.status);
+            revalidations.push(reply.time.as_secs_f64() * 1000.0);
+        }
+        add(
+            "scrape revalidation, 304 (p50 / p99)",
+            p50_p99(revalidations),
+            "",
         );
     }
     let _ = std::fs::remove_dir_all(&base);

@@ -89,7 +89,31 @@ pub fn check(path: &Path) -> Report {
     store(&config, &mut report);
     feed(&config, &mut report);
     relay(&config, &mut report);
+    scrape_tokens(&config, &mut report);
     report
+}
+
+fn scrape_tokens(config: &Config, report: &mut Report) {
+    let Some(path) = config.scrape_tokens_file() else {
+        return;
+    };
+    match crate::auth::ScrapeTokens::load(Some(path)) {
+        Err(e) => report.error(format!("{e:#}")),
+        Ok(tokens) if tokens.is_empty() => report.warning(format!(
+            "upstream.scrape_tokens_file {} lists no token: nobody may scrape",
+            path.display()
+        )),
+        Ok(tokens) => {
+            report.ok(format!(
+                "upstream.scrape_tokens_file {}: {} token(s)",
+                path.display(),
+                tokens.len()
+            ));
+            if tokens.shortest() < 16 {
+                report.warning("a scrape token is shorter than 16 bytes: easy to guess");
+            }
+        }
+    }
 }
 
 fn secret(config: &Config, report: &mut Report) {

@@ -95,8 +95,8 @@ pub struct MetricsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// A file of bearer tokens that may scrape every call of the node, one per line;
-    /// unset: nobody may.
-    pub scrape_tokens_file: Option<PathBuf>,
+    /// empty: nobody may.
+    pub scrape_tokens_file: PathBuf,
     /// ClickHouse HTTP endpoints every applied snapshot is relayed to; empty: no relay.
     pub clickhouse_urls: Vec<String>,
     /// The table the relay inserts into.
@@ -116,7 +116,7 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            scrape_tokens_file: None,
+            scrape_tokens_file: PathBuf::new(),
             clickhouse_urls: Vec::new(),
             table: "active_calls".into(),
             user: String::new(),
@@ -280,12 +280,20 @@ impl Config {
         changed
     }
 
-    /// Takes from `new` what SIGHUP applies: the secret, the token lifetime, the log level.
+    /// Takes from `new` what SIGHUP applies: the secret, the token lifetime, the log level,
+    /// the scrape tokens file.
     pub fn apply_live(&mut self, new: &Config) {
         self.api.jwt_secret = new.api.jwt_secret.clone();
         self.api.jwt_secret_file = new.api.jwt_secret_file.clone();
         self.api.token_lifetime = new.api.token_lifetime;
         self.log = new.log.clone();
+        self.upstream.scrape_tokens_file = new.upstream.scrape_tokens_file.clone();
+    }
+
+    /// `upstream.scrape_tokens_file`, `None` when it is unset (empty).
+    pub fn scrape_tokens_file(&self) -> Option<&Path> {
+        let path = &self.upstream.scrape_tokens_file;
+        (!path.as_os_str().is_empty()).then_some(path.as_path())
     }
 
     /// `feed.stale_after` as a duration, `None` when silence never expires.

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -33,8 +34,16 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::metrics::{self, Metrics};
 
-/// Every answer's body: built whole, then sent.
-pub type Body = Full<Bytes>;
+/// Every answer's body: most are built whole ([`full`]); the scrape streams. An error
+/// mid-stream cuts the connection, so a client never takes half an answer for a whole one.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A body built whole.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// A client that sends no complete request head within this time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,6 +67,25 @@ pub struct ListenerSettings {
     /// Past this many open connections, a new one takes the place of the oldest idle one,
     /// or, when all are busy, is answered 503 (see [`Slots`]).
     pub max_connections: usize,
+}
+
+/// A body streamed from a channel: each `Ok` is a piece of it, an `Err` cuts the
+/// connection, and the end of the channel ends the body.
+pub fn channel(pieces: mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
+    struct Channel(mpsc::Receiver<std::io::Result<Bytes>>);
+    impl hyper::body::Body for Channel {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|piece| piece.map(|piece| piece.map(hyper::body::Frame::data)))
+        }
+    }
+    Channel(pieces).boxed()
 }
 
 /// Binds a listener (port 0 picks a free port).
@@ -429,7 +457,7 @@ pub fn text(status: StatusCode, text: &str) -> Response<Body> {
 /// An answer with a body of the given content type.
 pub fn with_body(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Body> {
     let length = body.len();
-    let mut response = Response::new(Body::from(body));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

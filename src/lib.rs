@@ -17,7 +17,8 @@
 //! * [`store`]: the SQLite database of `schema.sql`; one [`store::Writer`] that applies a
 //!   snapshot as one transaction writing only what changed, and [`store::Readers`] that
 //!   answer customer queries through prefix indexes.
-//! * [`api`]: the HTTP endpoint on hyper, with the exact answers of the central API.
+//! * [`api`]: the HTTP endpoint on hyper, with the exact answers of the central API, and
+//!   [`api::scrape`], every call of the node streamed to an aggregator.
 //! * [`auth`]: customer JWTs (header or session cookie) resolved into a customer context.
 //! * [`directory`]: the accounts and API accesses file, reloaded when it changes.
 //! * [`config`]: the TOML configuration, and [`check`], which validates it for an operator.
@@ -69,7 +70,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::ops::Health;
 use crate::api::{ApiState, Routes};
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, ScrapeTokens};
 use crate::config::Config;
 use crate::directory::{Directory, SwapCell};
 use crate::feed::socket::SocketSettings;
@@ -217,6 +218,8 @@ impl Agent {
             stale_after,
             metrics,
             health,
+            scrape_tokens: SwapCell::new(scrape_tokens(config)),
+            scrapes: Arc::new(tokio::sync::Semaphore::new(api::scrape::MAX_SCRAPES)),
         });
         let separate_metrics = !config.metrics.listen.is_empty();
         let metrics_addr = if separate_metrics {
@@ -299,8 +302,9 @@ impl Agent {
         self.directory_reloads.clone()
     }
 
-    /// Applies what of `config` can change live (the secret and the token lifetime; an
-    /// unreadable secret file keeps the previous secret), and re-reads the directory.
+    /// Applies what of `config` can change live (the secret and the token lifetime, where
+    /// an unreadable secret file keeps the previous secret; the scrape tokens, where an
+    /// unreadable file admits nobody), and re-reads the directory.
     pub fn reload(&self, config: &Config) {
         match authenticator(config) {
             Ok(auth) => {
@@ -314,6 +318,7 @@ impl Agent {
                 "JWT secret not reloaded; keeping the previous one"
             ),
         }
+        self.state.scrape_tokens.store(scrape_tokens(config));
         (self.reread_directory)();
     }
 
@@ -347,6 +352,24 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop_inner();
+    }
+}
+
+/// The scrape tokens `config` names; none (logged) when its file cannot be read, so that a
+/// broken file locks aggregators out rather than stopping the node's customer API.
+fn scrape_tokens(config: &Config) -> ScrapeTokens {
+    let path = config.scrape_tokens_file();
+    match ScrapeTokens::load(path) {
+        Ok(tokens) => {
+            if path.is_some() && tokens.is_empty() {
+                tracing::warn!("upstream.scrape_tokens_file lists no token: nobody may scrape");
+            }
+            tokens
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "no scrape token can be used");
+            ScrapeTokens::default()
+        }
     }
 }
 

@@ -26,8 +26,9 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Paths counted under their own name; any other is counted as `other`, so that a scan of
 /// random URLs cannot create unbounded series.
-const ROUTES: [&str; 7] = [
+const ROUTES: [&str; 8] = [
     crate::api::OUTGOING_ACTIVE_CALLS,
+    crate::api::scrape::ACTIVE_CALLS,
     crate::api::OPENAPI,
     crate::api::ops::METRICS,
     crate::api::ops::HEALTHZ,

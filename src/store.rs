@@ -32,7 +32,7 @@ use crate::feed::{CallRow, LineKey, format_datetime, unix_millis};
 /// The whole schema, applied to a new database.
 pub const SCHEMA: &str = include_str!("../schema.sql");
 /// The `user_version` that [`SCHEMA`] sets.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// How many idle read connections the pool keeps.
 const MAX_IDLE_READERS: usize = 4;
@@ -96,9 +96,18 @@ const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
     row_hash = ?37, key_hash = ?38, line_key = ?39
   WHERE call_id = ?1";
 const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
+/// A node the snapshot contains: ?5 is the snapshot's generation, which the node takes
+/// when its calls changed (?6) or their shared timestamp did.
 const PUT_NODE: &str =
-    "INSERT OR REPLACE INTO nodes (node_id, received_at_ms, snapshot_timestamp, source)
-    VALUES (?1, ?2, ?3, ?4)";
+    "INSERT INTO nodes (node_id, received_at_ms, snapshot_timestamp, source, changed_in)
+    VALUES (?1, ?2, ?3, ?4, ?5)
+    ON CONFLICT (node_id) DO UPDATE SET
+      received_at_ms = excluded.received_at_ms,
+      snapshot_timestamp = excluded.snapshot_timestamp,
+      source = excluded.source,
+      changed_in = CASE WHEN ?6 OR snapshot_timestamp IS NOT excluded.snapshot_timestamp
+                        THEN excluded.changed_in ELSE changed_in END";
+const NEXT_GENERATION: &str = "UPDATE generation SET last = last + 1 RETURNING last";
 const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
 const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
 const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
@@ -163,7 +172,8 @@ impl Writer {
                 );
             }
             conn.execute_batch(&format!(
-                "BEGIN; DROP TABLE IF EXISTS calls; DROP TABLE IF EXISTS nodes; {SCHEMA} COMMIT;"
+                "BEGIN; DROP TABLE IF EXISTS calls; DROP TABLE IF EXISTS nodes;
+                 DROP TABLE IF EXISTS generation; {SCHEMA} COMMIT;"
             ))
             .context("applying schema.sql")?;
         }
@@ -190,6 +200,7 @@ impl Writer {
             stored: None,
             nodes: HashMap::new(),
             seen: HashSet::new(),
+            changed_nodes: HashSet::new(),
             written_tags: HashMap::new(),
             next_ids: HashMap::new(),
             written: 0,
@@ -295,6 +306,8 @@ pub struct SnapshotTx<'w> {
     nodes: HashMap<i64, Option<String>>,
     /// The calls this snapshot has; the other calls of its nodes have ended.
     seen: HashSet<i64>,
+    /// The nodes some of whose calls this snapshot wrote or removed.
+    changed_nodes: HashSet<i64>,
     /// Calls written by this snapshot, by a hash of (node, tag): a repeated call is found
     /// again by its id.
     written_tags: HashMap<u64, i64>,
@@ -453,6 +466,7 @@ impl SnapshotTx<'_> {
                 // Only unindexed values changed (a call connecting, a rate): rewrite those.
                 values.write(&self.tx, UPDATE_CALL_VALUES, Some(known.call_id))?;
                 self.seen.insert(known.call_id);
+                self.changed_nodes.insert(row.node_id);
                 self.written += 1;
                 return Ok(());
             }
@@ -468,6 +482,7 @@ impl SnapshotTx<'_> {
         self.seen.insert(self.tx.last_insert_rowid());
         self.written_tags
             .insert(tag_hash, self.tx.last_insert_rowid());
+        self.changed_nodes.insert(row.node_id);
         self.written += 1;
         if self.written >= self.bulk_after && self.dropped_indexes.is_none() {
             let empty_store = self.stored.as_ref().is_none_or(|s| s.calls.is_empty());
@@ -491,7 +506,10 @@ impl SnapshotTx<'_> {
             .calls
             .iter()
             .filter(|c| self.nodes.contains_key(&c.node_id) && !self.seen.contains(&c.call_id))
-            .map(|c| (c.account, c.call_id))
+            .map(|c| {
+                self.changed_nodes.insert(c.node_id);
+                (c.account, c.call_id)
+            })
             .collect();
         gone.sort_unstable();
         let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
@@ -499,13 +517,19 @@ impl SnapshotTx<'_> {
             changes.removed += delete.execute([call_id])? as u64;
         }
         drop(delete);
+        let generation: i64 = self
+            .tx
+            .prepare_cached(NEXT_GENERATION)?
+            .query_row([], |r| r.get(0))?;
         for (node_id, timestamp) in &self.nodes {
             let timestamp = timestamp.as_deref().unwrap_or(&self.received_timestamp);
             self.tx.prepare_cached(PUT_NODE)?.execute(params![
                 node_id,
                 self.received_at_ms,
                 timestamp,
-                self.origin.as_str()
+                self.origin.as_str(),
+                generation,
+                self.changed_nodes.contains(node_id),
             ])?;
             changes.nodes.push(*node_id);
         }
@@ -801,17 +825,27 @@ pub struct CallQuery {
     pub stale_cutoff_ms: i64,
 }
 
-/// The output columns in the order of SPEC 1.3, each with the JSON key that precedes it.
-const SELECT_CALLS: &str = "SELECT COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
+/// The 26 output columns of SPEC 1.3, in its order (`c`: calls, `n`: its node).
+macro_rules! answer_columns {
+    () => {
+        "COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
     c.connect_time, c.destination_prefix, c.destination_initial_interval, c.destination_initial_rate,
     c.destination_next_interval, c.destination_next_rate, c.destination_fee,
     c.src_name_in, c.src_prefix_in, c.dst_prefix_in, c.src_prefix_routing, c.dst_prefix_routing,
     c.from_domain, c.to_domain, c.ruri_domain,
     c.diversion_in, c.pai_in, c.ppi_in, c.privacy_in, c.rpid_in, c.rpid_privacy_in,
-    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port
-  FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
-  WHERE c.customer_acc_id = ? AND c.customer_id = ? AND n.received_at_ms > ?";
+    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port"
+    };
+}
+
+const SELECT_CALLS: &str = concat!(
+    "SELECT ",
+    answer_columns!(),
+    " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE c.customer_acc_id = ? AND c.customer_id = ? AND n.received_at_ms > ?"
+);
 const ORDER_CALLS: &str = " ORDER BY c.start_time DESC, c.local_tag, c.node_id";
+/// The JSON keys of [`answer_columns`], each with what precedes it in a row object.
 const ROW_KEYS: [&str; 26] = [
     "{\"snapshot_timestamp\":",
     ",\"start_time\":",
@@ -839,6 +873,28 @@ const ROW_KEYS: [&str; 26] = [
     ",\"auth_orig_transport_protocol_id\":",
     ",\"auth_orig_ip\":",
     ",\"auth_orig_port\":",
+];
+
+/// The nodes a scrape shows (SPEC 6): every one not stale at ?1.
+const SCRAPE_NODES: &str =
+    "SELECT node_id, changed_in FROM nodes WHERE received_at_ms > ?1 ORDER BY node_id";
+/// Their calls, in the scrape's order: the identity columns, then [`answer_columns`].
+/// Ordered by `n.node_id` (the nodes' own rowid order), SQLite walks the nodes, then each
+/// node's calls in `calls_by_node`, and never sorts: rows go out as they are read.
+const SCRAPE_CALLS: &str = concat!(
+    "SELECT c.node_id, c.local_tag, c.customer_id, c.customer_acc_id, ",
+    answer_columns!(),
+    " FROM nodes AS n CROSS JOIN calls AS c ON c.node_id = n.node_id
+  WHERE n.received_at_ms > ?1 ORDER BY n.node_id, c.local_tag"
+);
+/// The JSON keys of [`SCRAPE_CALLS`] up to its first answer column; the rest of
+/// [`ROW_KEYS`] follow.
+const SCRAPE_KEYS: [&str; 5] = [
+    "{\"node_id\":",
+    ",\"local_tag\":",
+    ",\"customer_id\":",
+    ",\"customer_acc_id\":",
+    ",\"snapshot_timestamp\":",
 ];
 
 /// A value bound to a statement: bytes as TEXT (which may be invalid UTF-8, as a
@@ -961,6 +1017,14 @@ pub struct NodeStats {
     pub calls: i64,
 }
 
+/// A current node and the generation in which what its calls show last changed: what a
+/// scrape's `ETag` is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeGeneration {
+    pub node_id: i64,
+    pub changed_in: i64,
+}
+
 /// A pool of read-only connections.
 pub struct Readers {
     path: PathBuf,
@@ -1011,10 +1075,7 @@ impl Readers {
                 if count > 0 {
                     out.push(b',');
                 }
-                for (i, key) in ROW_KEYS.iter().enumerate() {
-                    out.extend_from_slice(key.as_bytes());
-                    write_json_value(out, row.get_ref(i)?);
-                }
+                write_row(out, row, &ROW_KEYS, 0)?;
                 out.push(b'}');
                 count += 1;
             }
@@ -1022,6 +1083,46 @@ impl Readers {
             let _ = write!(out, "{count}");
             out.push(b'}');
             Ok(count)
+        })
+    }
+
+    /// Every call of every node not stale at `stale_cutoff_ms`, read in one transaction (so
+    /// from one state of the store, however long the reading takes). `nodes` first gets the
+    /// nodes with the generation their calls last changed in, and says whether to go on;
+    /// then `row` gets each call as a JSON object (SPEC 6), until it says to stop.
+    pub fn scrape(
+        &self,
+        stale_cutoff_ms: i64,
+        nodes: impl FnOnce(&[NodeGeneration]) -> bool,
+        mut row: impl FnMut(&[u8]) -> bool,
+    ) -> rusqlite::Result<()> {
+        self.with_connection(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            let current: Vec<NodeGeneration> = tx
+                .prepare_cached(SCRAPE_NODES)?
+                .query_map([stale_cutoff_ms], |r| {
+                    Ok(NodeGeneration {
+                        node_id: r.get(0)?,
+                        changed_in: r.get(1)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            if !nodes(&current) {
+                return Ok(());
+            }
+            let mut stmt = tx.prepare_cached(SCRAPE_CALLS)?;
+            let mut rows = stmt.query([stale_cutoff_ms])?;
+            let mut out = Vec::with_capacity(2048);
+            while let Some(r) = rows.next()? {
+                out.clear();
+                write_row(&mut out, r, &SCRAPE_KEYS, 0)?;
+                write_row(&mut out, r, &ROW_KEYS[1..], SCRAPE_KEYS.len())?;
+                out.push(b'}');
+                if !row(&out) {
+                    break;
+                }
+            }
+            Ok(())
         })
     }
 
@@ -1052,6 +1153,20 @@ impl Readers {
             rows.collect()
         })
     }
+}
+
+/// Writes columns `first..` of `row`, each after its key from `keys`.
+fn write_row(
+    out: &mut Vec<u8>,
+    row: &rusqlite::Row<'_>,
+    keys: &[&str],
+    first: usize,
+) -> rusqlite::Result<()> {
+    for (i, key) in keys.iter().enumerate() {
+        out.extend_from_slice(key.as_bytes());
+        write_json_value(out, row.get_ref(first + i)?);
+    }
+    Ok(())
 }
 
 fn write_json_value(out: &mut Vec<u8>, value: ValueRef<'_>) {
@@ -1131,6 +1246,29 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_scrape_reads_in_index_order_without_sorting() {
+        // A sort would hold every call in memory before the first row goes out.
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {SCRAPE_CALLS}"))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map([0], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+        assert!(
+            plan.iter().any(|step| step.contains("calls_by_node")),
+            "{plan:?}"
+        );
     }
 
     #[test]

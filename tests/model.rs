@@ -984,35 +984,6 @@ fn compare(reply: &Reply, want: &Result<Vec<&Call>, String>) -> Result<usize, St
     Ok(got.len())
 }
 
-const OUTPUT_KEYS: [&str; 26] = [
-    "snapshot_timestamp",
-    "start_time",
-    "connect_time",
-    "destination_prefix",
-    "destination_initial_interval",
-    "destination_initial_rate",
-    "destination_next_interval",
-    "destination_next_rate",
-    "destination_fee",
-    "src_name_in",
-    "src_prefix_in",
-    "dst_prefix_in",
-    "src_prefix_routing",
-    "dst_prefix_routing",
-    "from_domain",
-    "to_domain",
-    "ruri_domain",
-    "diversion_in",
-    "pai_in",
-    "ppi_in",
-    "privacy_in",
-    "rpid_in",
-    "rpid_privacy_in",
-    "auth_orig_transport_protocol_id",
-    "auth_orig_ip",
-    "auth_orig_port",
-];
-
 // ------------------------------------------------------------------------------------
 // Queries: pairs, percent-encoding
 // ------------------------------------------------------------------------------------

@@ -690,7 +690,7 @@ fn check_names_what_keeps_the_relay_from_working() {
     };
     let spool = dir.path().join("spool");
     let (ok, text) = check(&format!(
-        "clickhouse_urls = [\"http://relay:pw@ch.example:8123/?database=yeti\"]\nspool_dir = {spool:?}"
+        "clickhouse_urls = [\"http://relay:Hunter2-relay-secret@ch.example:8123/?database=yeti\"]\nspool_dir = {spool:?}"
     ));
     assert!(ok, "{text}");
     assert!(
@@ -701,7 +701,7 @@ fn check_names_what_keeps_the_relay_from_working() {
         text.contains("upstream.spool_dir") && text.contains("will create it"),
         "{text}"
     );
-    assert!(!text.contains("pw"), "{text}");
+    assert!(!text.contains("Hunter2-relay-secret"), "{text}");
 
     let (ok, text) = check("clickhouse_urls = [\"https://ch.example:8443/\"]");
     assert!(!ok, "{text}");

@@ -18,6 +18,36 @@ use serde_json::Value;
 
 pub const SECRET: &str = "integration-secret";
 pub const ENDPOINT: &str = "/api/rest/customer/v1/outgoing-active-calls";
+/// The keys of an answer row, in SPEC 1.3's order.
+pub const OUTPUT_KEYS: [&str; 26] = [
+    "snapshot_timestamp",
+    "start_time",
+    "connect_time",
+    "destination_prefix",
+    "destination_initial_interval",
+    "destination_initial_rate",
+    "destination_next_interval",
+    "destination_next_rate",
+    "destination_fee",
+    "src_name_in",
+    "src_prefix_in",
+    "dst_prefix_in",
+    "src_prefix_routing",
+    "dst_prefix_routing",
+    "from_domain",
+    "to_domain",
+    "ruri_domain",
+    "diversion_in",
+    "pai_in",
+    "ppi_in",
+    "privacy_in",
+    "rpid_in",
+    "rpid_privacy_in",
+    "auth_orig_transport_protocol_id",
+    "auth_orig_ip",
+    "auth_orig_port",
+];
+
 pub const SAMPLE_SNAPSHOT: &str = include_str!("../fixtures/snapshot.jsonl");
 pub const SAMPLE_DIRECTORY: &str = include_str!("../fixtures/directory.json");
 
@@ -436,6 +466,26 @@ fn send(
     parse_reply(&raw, method == "HEAD")
 }
 
+/// A chunked body's content; panics when it was cut before its last chunk.
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a chunked body cut before its last chunk");
+        let size_text = std::str::from_utf8(&raw[..line_end]).unwrap();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return body;
+        }
+        assert!(raw.len() >= size + 2, "a chunked body cut in a chunk");
+        body.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
 fn parse_reply(raw: &[u8], head_only: bool) -> Reply {
     let end = raw
         .windows(4)
@@ -457,8 +507,13 @@ fn parse_reply(raw: &[u8], head_only: bool) -> Reply {
             (n.trim().to_ascii_lowercase(), v.trim().to_owned())
         })
         .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
     let body = if head_only {
         Vec::new()
+    } else if chunked {
+        dechunk(&raw[end + 4..])
     } else {
         raw[end + 4..].to_vec()
     };

@@ -1,0 +1,420 @@
+//! `GET /api/rest/node/v1/active-calls`: every current call of the node, for aggregators
+//! (SPEC 6).
+//!
+//! An aggregator scrapes every node every few seconds, and a node may hold 100k calls, so
+//! the answer is shaped around two facts:
+//!
+//! * It is mostly unchanged. The `ETag` is known before a single row is read: it is a
+//!   hash of the current nodes and the generation in which each node's calls last changed
+//!   (kept by the writer), so `If-None-Match` costs one small read and no body.
+//! * It is large. It streams: a blocking task reads the rows in one read transaction
+//!   (one state of the store, however slow the client), frames them, gzips them when the
+//!   client accepts it, and hands chunks of [`CHUNK_BYTES`] through a channel of
+//!   [`CHUNKS_IN_FLIGHT`] to the connection. Memory stays the same whatever the number of
+//!   calls; a client that stops reading is cut by the listener's write timeout, which ends
+//!   the task and its transaction, and no scrape lasts longer than [`MAX_SCRAPE_TIME`].
+
+use std::io::{self, Write};
+use std::time::{Duration, Instant, SystemTime};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ApiState, header_value, if_none_match, json, stale_cutoff_ms};
+use crate::http::{self, Body, empty};
+use crate::store::NodeGeneration;
+
+/// The scrape's path.
+pub const ACTIVE_CALLS: &str = "/api/rest/node/v1/active-calls";
+
+/// Scrapes read at the same time; more wait their turn. Each holds a read connection and a
+/// thread for as long as its client takes.
+pub const MAX_SCRAPES: usize = 2;
+/// The longest a scrape may take. Its read transaction keeps the WAL from being copied
+/// back past it, so a client that trickles its reads (each within the write timeout)
+/// must not hold it for ever: at 100k calls the answer is ~70 MB, ~7 MB gzipped.
+const MAX_SCRAPE_TIME: Duration = Duration::from_secs(120);
+/// The size of the pieces the body is sent in.
+const CHUNK_BYTES: usize = 64 * 1024;
+/// Pieces between the reading task and the connection: with [`CHUNK_BYTES`], the memory a
+/// scrape holds.
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The answer's formats, as ClickHouse names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// One JSON object per line (the default).
+    JsonEachRow,
+    /// `{"data":[…],"rows":N}`.
+    Json,
+}
+
+impl Format {
+    /// The `format` parameter of `query` (the last one given), if valid.
+    fn of_query(query: &str) -> Result<Format, ()> {
+        let mut format = Format::JsonEachRow;
+        for pair in query.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if decode(name) != "format" {
+                continue;
+            }
+            format = match decode(value).as_str() {
+                "JSONEachRow" => Format::JsonEachRow,
+                "JSON" => Format::Json,
+                _ => return Err(()),
+            };
+        }
+        Ok(format)
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::JsonEachRow => "application/x-ndjson",
+            Format::Json => "application/json; charset=utf-8",
+        }
+    }
+}
+
+/// A query-string component, `+` as a space, percent-decoded (invalid UTF-8 replaced: no
+/// format name has any).
+fn decode(component: &str) -> String {
+    let spaced = component.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// What the reading task has decided once it has read the nodes.
+struct Head {
+    etag: String,
+    not_modified: bool,
+}
+
+/// Answers a scrape (SPEC 6).
+pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response<Body> {
+    if !state.scrape_tokens.load().admit(req.headers()) {
+        let directory = state.directory.load();
+        let customer = state
+            .auth
+            .load()
+            .authenticate(req.headers(), &directory)
+            .is_ok();
+        return if customer {
+            json(
+                StatusCode::FORBIDDEN,
+                br#"{"error":"a customer token may not scrape the node"}"#.to_vec(),
+            )
+        } else {
+            let mut r = json(
+                StatusCode::UNAUTHORIZED,
+                br#"{"error":"a scrape token is required"}"#.to_vec(),
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        };
+    }
+    let Ok(format) = Format::of_query(req.uri().query().unwrap_or("")) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":"invalid value format"}"#.to_vec(),
+        );
+    };
+    let gzip = accepts_gzip(req.headers());
+    let wants_body = req.method() != Method::HEAD;
+    let Ok(permit) = state.scrapes.clone().acquire_owned().await else {
+        return empty(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let cutoff = stale_cutoff_ms(state.stale_after, SystemTime::now());
+    let request_headers = req.headers().clone();
+    let readers = state.readers.clone();
+    let (head_tx, head_rx) = oneshot::channel();
+    let (chunks_tx, chunks_rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut out = Framed::new(format, gzip, Chunks::new(chunks_tx));
+        let started = Instant::now();
+        let mut send_body = false;
+        let mut client_gone = false;
+        let mut too_long = false;
+        let read = readers.scrape(
+            cutoff,
+            |nodes| {
+                let etag = etag_of(format, nodes);
+                let not_modified = if_none_match(&request_headers, &etag);
+                send_body = wants_body && !not_modified;
+                let _ = head_tx.send(Head { etag, not_modified });
+                send_body
+            },
+            |row| {
+                client_gone = out.row(row).is_err();
+                too_long = started.elapsed() > MAX_SCRAPE_TIME;
+                !client_gone && !too_long
+            },
+        );
+        if too_long && !client_gone {
+            tracing::warn!(
+                "a scrape took longer than {} s and was cut off",
+                MAX_SCRAPE_TIME.as_secs()
+            );
+            out.abort();
+            return;
+        }
+        match read {
+            // Before the head, the handler answers 500; after it, the cut body says it.
+            Err(e) => {
+                tracing::error!(error = %e, "scrape failed");
+                out.abort();
+            }
+            Ok(()) if send_body && !client_gone => {
+                if let Err(e) = out.finish() {
+                    tracing::debug!(error = %e, "scrape client left");
+                }
+            }
+            Ok(()) => {}
+        }
+    });
+    let Ok(head) = head_rx.await else {
+        return empty(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    let mut response = if head.not_modified {
+        empty(StatusCode::NOT_MODIFIED)
+    } else {
+        let mut r = Response::new(http::channel(chunks_rx));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        );
+        if gzip {
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        r
+    };
+    if head.not_modified {
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, header_value(&head.etag));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
+    headers.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    response
+}
+
+/// `W/"<hash>"` of the format and the current nodes with their generations: it changes
+/// exactly when the answer does (gzip or not, the same calls: a weak ETag).
+fn etag_of(format: Format, nodes: &[NodeGeneration]) -> String {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&[format as u8]);
+    for node in nodes {
+        hasher.update(&node.node_id.to_le_bytes());
+        hasher.update(&node.changed_in.to_le_bytes());
+    }
+    format!("W/\"n{:032x}\"", hasher.digest128())
+}
+
+/// Whether `Accept-Encoding` accepts gzip (by name or `*`, with a q-value above 0).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut gzip = None;
+    let mut any = None;
+    for coding in headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+    {
+        let mut parts = coding.split(';');
+        let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match name.as_str() {
+            "gzip" | "x-gzip" => gzip = Some(q > 0.0),
+            "*" => any = Some(q > 0.0),
+            _ => {}
+        }
+    }
+    gzip.or(any).unwrap_or(false)
+}
+
+/// The body's bytes, cut into [`CHUNK_BYTES`] pieces for the connection.
+struct Chunks {
+    buffer: Vec<u8>,
+    to_connection: mpsc::Sender<io::Result<Bytes>>,
+}
+
+impl Chunks {
+    fn new(to_connection: mpsc::Sender<io::Result<Bytes>>) -> Chunks {
+        Chunks {
+            buffer: Vec::with_capacity(CHUNK_BYTES),
+            to_connection,
+        }
+    }
+
+    /// Sends what is buffered; an error when the connection is gone.
+    fn send(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
+        self.to_connection
+            .blocking_send(Ok(Bytes::from(chunk)))
+            .map_err(|_| io::ErrorKind::BrokenPipe.into())
+    }
+}
+
+impl Write for Chunks {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        if self.buffer.len() >= CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Rows in, the answer's bytes out: framed per [`Format`], gzipped if asked.
+struct Framed {
+    format: Format,
+    out: Encoded,
+    rows: u64,
+}
+
+enum Encoded {
+    Identity(Chunks),
+    Gzip(GzEncoder<Chunks>),
+}
+
+impl Framed {
+    fn new(format: Format, gzip: bool, chunks: Chunks) -> Framed {
+        // The fastest level: the point is bytes on the wire, and the node's CPU is the
+        // switch's.
+        let out = if gzip {
+            Encoded::Gzip(GzEncoder::new(chunks, Compression::fast()))
+        } else {
+            Encoded::Identity(chunks)
+        };
+        Framed {
+            format,
+            out,
+            rows: 0,
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        match &mut self.out {
+            Encoded::Identity(chunks) => chunks.write_all(data),
+            Encoded::Gzip(gzip) => gzip.write_all(data),
+        }
+    }
+
+    fn row(&mut self, row: &[u8]) -> io::Result<()> {
+        match self.format {
+            Format::JsonEachRow => {
+                self.write(row)?;
+                self.write(b"\n")?;
+            }
+            Format::Json => {
+                self.write(if self.rows == 0 { b"{\"data\":[" } else { b"," })?;
+                self.write(row)?;
+            }
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<()> {
+        if self.format == Format::Json {
+            if self.rows == 0 {
+                self.write(b"{\"data\":[")?;
+            }
+            let end = format!("],\"rows\":{}}}", self.rows);
+            self.write(end.as_bytes())?;
+        }
+        let mut chunks = match self.out {
+            Encoded::Identity(chunks) => chunks,
+            Encoded::Gzip(gzip) => gzip.finish()?,
+        };
+        chunks.send()
+    }
+
+    /// Ends the body with an error: the connection is cut, not ended cleanly.
+    fn abort(self) {
+        let chunks = match &self.out {
+            Encoded::Identity(chunks) => chunks,
+            Encoded::Gzip(gzip) => gzip.get_ref(),
+        };
+        let _ = chunks
+            .to_connection
+            .blocking_send(Err(io::Error::other("the scrape failed")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_is_the_last_one_given_and_nothing_else() {
+        assert_eq!(Format::of_query(""), Ok(Format::JsonEachRow));
+        assert_eq!(Format::of_query("format=JSON"), Ok(Format::Json));
+        assert_eq!(
+            Format::of_query("x=1&format=JSONEachRow"),
+            Ok(Format::JsonEachRow)
+        );
+        assert_eq!(
+            Format::of_query("format=JSON&format=JSONEachRow"),
+            Ok(Format::JsonEachRow)
+        );
+        assert_eq!(Format::of_query("%66ormat=%4ASON"), Ok(Format::Json));
+        assert_eq!(Format::of_query("format=json"), Err(()));
+        assert_eq!(Format::of_query("format="), Err(()));
+        assert_eq!(Format::of_query("format=CSV"), Err(()));
+    }
+
+    #[test]
+    fn gzip_is_taken_when_offered_with_a_weight() {
+        let accepts = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::ACCEPT_ENCODING, value.parse().unwrap());
+            accepts_gzip(&headers)
+        };
+        assert!(accepts("gzip"));
+        assert!(accepts("br, GZIP;q=0.5"));
+        assert!(accepts("*"));
+        assert!(!accepts("gzip;q=0"));
+        assert!(!accepts("gzip;q=0, *"));
+        assert!(!accepts("identity"));
+        assert!(!accepts("*;q=0"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn etags_differ_by_format_and_by_any_node_change() {
+        let nodes = [NodeGeneration {
+            node_id: 1,
+            changed_in: 7,
+        }];
+        let same = etag_of(Format::JsonEachRow, &nodes);
+        assert_eq!(same, etag_of(Format::JsonEachRow, &nodes));
+        assert_ne!(same, etag_of(Format::Json, &nodes));
+        assert_ne!(same, etag_of(Format::JsonEachRow, &[]));
+        let changed = [NodeGeneration {
+            node_id: 1,
+            changed_in: 8,
+        }];
+        assert_ne!(same, etag_of(Format::JsonEachRow, &changed));
+    }
+}
