@@ -17,10 +17,12 @@ CREATE TABLE nodes (
 
 -- A counter that grows with every snapshot applied. A node keeps the value of the last
 -- snapshot that changed what its calls show, so the scrape's ETag (SPEC 6), a hash of the
--- current nodes' (node_id, changed_in), changes exactly when the scrape's answer does, and
--- a resend of the same calls keeps it.
+-- current nodes' (node_id, changed_in), changes when the scrape's answer does, and a resend
+-- of the same calls keeps it. It starts at the database's creation time in microseconds:
+-- a database created anew (a schema change, a deleted file) never repeats the numbers of
+-- an old one, whose ETags an aggregator may still hold.
 CREATE TABLE generation (last INTEGER NOT NULL) STRICT;
-INSERT INTO generation (last) VALUES (0);
+INSERT INTO generation (last) VALUES (CAST(unixepoch('subsec') * 1000000 AS INTEGER));
 
 -- One row per current call. A rowid table: every secondary index entry is then just
 -- (account, value, call_id), narrow keys that are cheap to write and to search. The agent

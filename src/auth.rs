@@ -287,8 +287,15 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
 
 /// The bearer tokens that may scrape every call of the node (SPEC 6), from
 /// `upstream.scrape_tokens_file`: one per line; blank lines and `#` comments are skipped.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ScrapeTokens(Vec<Vec<u8>>);
+
+/// Never the tokens themselves, should one ever be logged.
+impl std::fmt::Debug for ScrapeTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ScrapeTokens({} tokens)", self.0.len())
+    }
+}
 
 impl ScrapeTokens {
     /// Reads the file; no file configured means no token.
@@ -335,7 +342,7 @@ impl ScrapeTokens {
         else {
             return false;
         };
-        let Some(space) = value.iter().position(|&b| b == b' ') else {
+        let Some(space) = value.iter().position(u8::is_ascii_whitespace) else {
             return false;
         };
         let (scheme, presented) = value.split_at(space);
@@ -373,6 +380,8 @@ mod tests {
         };
         assert!(with("Bearer tok-one"));
         assert!(with("bearer  tok-two"));
+        assert!(with("Bearer\ttok-one"));
+        assert_eq!(format!("{tokens:?}"), "ScrapeTokens(2 tokens)");
         assert!(!with("Bearer tok-on"));
         assert!(!with("Bearer tok-one2"));
         assert!(!with("tok-one"));

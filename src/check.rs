@@ -112,7 +112,21 @@ fn scrape_tokens(config: &Config, report: &mut Report) {
             if tokens.shortest() < 16 {
                 report.warning("a scrape token is shorter than 16 bytes: easy to guess");
             }
+            world_readable(path, report);
         }
+    }
+}
+
+/// Warns when a file of secrets can be read by every user.
+fn world_readable(file: &Path, report: &mut Report) {
+    if let Ok(meta) = std::fs::metadata(file)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        report.warning(format!(
+            "{} is readable by every user (mode {:o}); make it 0640",
+            file.display(),
+            meta.permissions().mode() & 0o777
+        ));
     }
 }
 
@@ -130,15 +144,8 @@ fn secret(config: &Config, report: &mut Report) {
             }
         }
     }
-    if let Some(file) = &config.api.jwt_secret_file
-        && let Ok(meta) = std::fs::metadata(file)
-        && meta.permissions().mode() & 0o004 != 0
-    {
-        report.warning(format!(
-            "{} is readable by every user (mode {:o}); make it 0640",
-            file.display(),
-            meta.permissions().mode() & 0o777
-        ));
+    if let Some(file) = &config.api.jwt_secret_file {
+        world_readable(file, report);
     }
     if config.api.jwt_secret.is_some() {
         report.warning(

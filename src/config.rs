@@ -232,7 +232,8 @@ impl Config {
     }
 
     /// What differs between `self` and `new` that only a restart applies (SIGHUP applies
-    /// the secret, the token lifetime and the log level, and re-reads the directory).
+    /// the secret, the token lifetime, the log level and the scrape tokens file, and
+    /// re-reads the directory).
     pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
         if self.api.listen != new.api.listen {

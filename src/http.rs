@@ -70,9 +70,15 @@ pub struct ListenerSettings {
 }
 
 /// A body streamed from a channel: each `Ok` is a piece of it, an `Err` cuts the
-/// connection, and the end of the channel ends the body.
-pub fn channel(pieces: mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
-    struct Channel(mpsc::Receiver<std::io::Result<Bytes>>);
+/// connection, and the end of the channel ends the body. Past `time_limit` the connection
+/// is cut too (and the channel closed, which tells its sender to stop), however slowly
+/// the client keeps reading.
+pub fn channel(pieces: mpsc::Receiver<std::io::Result<Bytes>>, time_limit: Duration) -> Body {
+    struct Channel {
+        pieces: mpsc::Receiver<std::io::Result<Bytes>>,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+        time_limit: Duration,
+    }
     impl hyper::body::Body for Channel {
         type Data = Bytes;
         type Error = std::io::Error;
@@ -80,12 +86,24 @@ pub fn channel(pieces: mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-            self.0
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                tracing::warn!(
+                    "a streamed answer was cut at its time limit of {} s",
+                    self.time_limit.as_secs()
+                );
+                return Poll::Ready(Some(Err(std::io::ErrorKind::TimedOut.into())));
+            }
+            self.pieces
                 .poll_recv(cx)
                 .map(|piece| piece.map(|piece| piece.map(hyper::body::Frame::data)))
         }
     }
-    Channel(pieces).boxed()
+    Channel {
+        pieces,
+        deadline: Box::pin(tokio::time::sleep(time_limit)),
+        time_limit,
+    }
+    .boxed()
 }
 
 /// Binds a listener (port 0 picks a free port).
@@ -169,7 +187,7 @@ pub async fn serve<H, F>(
                     settings
                         .metrics
                         .request(settings.name, route, status, started.elapsed());
-                    activity.send_modify(|a| a.busy = false);
+                    let response = response.map(|body| BusyUntilSent { body, activity });
                     Ok::<_, Infallible>(response)
                 }
             });
@@ -227,6 +245,39 @@ pub async fn serve<H, F>(
     drop(listener);
     drop(open_tx);
     let _ = all_closed.recv().await;
+}
+
+/// An answer's body, which keeps its connection busy (see [`Slots`]) until it has been
+/// sent or dropped: a streamed answer is never taken for an idle connection.
+struct BusyUntilSent {
+    body: Body,
+    activity: watch::Sender<Activity>,
+}
+
+impl Drop for BusyUntilSent {
+    fn drop(&mut self) {
+        self.activity.send_modify(|a| a.busy = false);
+    }
+}
+
+impl hyper::body::Body for BusyUntilSent {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A connection's socket with a deadline on writes: a write (or flush) that makes no

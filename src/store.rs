@@ -97,7 +97,8 @@ const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
   WHERE call_id = ?1";
 const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
 /// A node the snapshot contains: ?5 is the snapshot's generation, which the node takes
-/// when its calls changed (?6) or their shared timestamp did.
+/// when its calls changed (?6), or when their shared timestamp did and a call shows it
+/// (a node without calls shows nothing, whatever its timestamp).
 const PUT_NODE: &str =
     "INSERT INTO nodes (node_id, received_at_ms, snapshot_timestamp, source, changed_in)
     VALUES (?1, ?2, ?3, ?4, ?5)
@@ -105,7 +106,10 @@ const PUT_NODE: &str =
       received_at_ms = excluded.received_at_ms,
       snapshot_timestamp = excluded.snapshot_timestamp,
       source = excluded.source,
-      changed_in = CASE WHEN ?6 OR snapshot_timestamp IS NOT excluded.snapshot_timestamp
+      changed_in = CASE WHEN ?6 OR (snapshot_timestamp IS NOT excluded.snapshot_timestamp
+                                   AND EXISTS (SELECT 1 FROM calls
+                                               WHERE calls.node_id = ?1
+                                                 AND calls.snapshot_timestamp IS NULL))
                         THEN excluded.changed_in ELSE changed_in END";
 const NEXT_GENERATION: &str = "UPDATE generation SET last = last + 1 RETURNING last";
 const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
@@ -1098,16 +1102,7 @@ impl Readers {
     ) -> rusqlite::Result<()> {
         self.with_connection(|conn| {
             let tx = conn.unchecked_transaction()?;
-            let current: Vec<NodeGeneration> = tx
-                .prepare_cached(SCRAPE_NODES)?
-                .query_map([stale_cutoff_ms], |r| {
-                    Ok(NodeGeneration {
-                        node_id: r.get(0)?,
-                        changed_in: r.get(1)?,
-                    })
-                })?
-                .collect::<Result<_, _>>()?;
-            if !nodes(&current) {
+            if !nodes(&current_nodes(&tx, stale_cutoff_ms)?) {
                 return Ok(());
             }
             let mut stmt = tx.prepare_cached(SCRAPE_CALLS)?;
@@ -1124,6 +1119,11 @@ impl Readers {
             }
             Ok(())
         })
+    }
+
+    /// The nodes a scrape at `stale_cutoff_ms` would show: enough for its `ETag`.
+    pub fn node_generations(&self, stale_cutoff_ms: i64) -> rusqlite::Result<Vec<NodeGeneration>> {
+        self.with_connection(|conn| current_nodes(conn, stale_cutoff_ms))
     }
 
     /// Every node with a snapshot, with its call count (an index range per node).
@@ -1153,6 +1153,18 @@ impl Readers {
             rows.collect()
         })
     }
+}
+
+/// The nodes not stale at `stale_cutoff_ms`, by node id.
+fn current_nodes(conn: &Connection, stale_cutoff_ms: i64) -> rusqlite::Result<Vec<NodeGeneration>> {
+    conn.prepare_cached(SCRAPE_NODES)?
+        .query_map([stale_cutoff_ms], |r| {
+            Ok(NodeGeneration {
+                node_id: r.get(0)?,
+                changed_in: r.get(1)?,
+            })
+        })?
+        .collect()
 }
 
 /// Writes columns `first..` of `row`, each after its key from `keys`.

@@ -217,6 +217,28 @@ fn the_etag_changes_exactly_when_the_answer_does() {
     assert_eq!(after.status, 200);
     assert_ne!(after.header("etag"), Some(grown_etag.as_str()));
 
+    // A call ends: the answer changes.
+    let after_etag = after.header("etag").unwrap().to_owned();
+    agent.feed(
+        &changed_rate
+            .lines()
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    );
+    let shrunk = scrape(&agent, "", &[("If-None-Match", &after_etag)]);
+    assert_eq!(shrunk.status, 200);
+    assert_eq!(each_row(&shrunk).len(), 19 + 3);
+    let shrunk_etag = shrunk.header("etag").unwrap().to_owned();
+
+    // A rejected snapshot changes nothing, the ETag included.
+    let status = agent.feed("{\"node_id\": 1, \"local_tag\": \"x\"\nnot json\n");
+    assert!(status.last_error.is_some());
+    assert_eq!(
+        scrape(&agent, "", &[("If-None-Match", &shrunk_etag)]).status,
+        304
+    );
+
     // Each format has its own ETag.
     let json_etag = scrape(&agent, "format=JSON", &[])
         .header("etag")
@@ -230,8 +252,27 @@ fn the_etag_changes_exactly_when_the_answer_does() {
 }
 
 #[test]
+fn a_database_made_anew_never_repeats_an_old_etag() {
+    let mut agent = start();
+    agent.feed(&sample_of_node(1, |_| true));
+    let etag = scrape(&agent, "", &[]).header("etag").unwrap().to_owned();
+    // The database goes (deleted, or rebuilt for a new schema); the switch sends other calls.
+    agent.agent.take().unwrap().stop();
+    let store = agent.config.store.path.clone();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", store.display()));
+    }
+    std::fs::remove_file(agent.snapshot_path()).unwrap();
+    agent.restart();
+    agent.feed(&sample_of_node(1, |i| i < 5));
+    let reply = scrape(&agent, "", &[("If-None-Match", &etag)]);
+    assert_eq!(reply.status, 200);
+    assert_eq!(each_row(&reply).len(), 5);
+}
+
+#[test]
 fn a_node_gone_stale_leaves_the_answer_and_changes_the_etag() {
-    let agent = start_with(|c| c.feed.stale_after = 2);
+    let agent = start_with(|c| c.feed.stale_after = 5);
     post_snapshot(&agent, &sample_of_node(2, |_| true));
     let fresh = scrape(&agent, "", &[]);
     assert_eq!(each_row(&fresh).len(), 20);
@@ -371,37 +412,108 @@ fn head_and_an_empty_node_answer_like_get() {
     assert_eq!(head.header("content-type"), get.header("content-type"));
 }
 
-#[test]
-fn a_scrape_that_stops_reading_holds_up_neither_snapshots_nor_customers() {
-    let agent = start();
-    // ~5 MB of answer: far more than the socket buffers and the chunks in flight.
+/// Posts a snapshot of `calls` calls of node 3 with ~1 KB rows: ~`calls` KB of answer.
+fn post_big_node(agent: &TestAgent, calls: usize) {
     let mut big = String::new();
-    for i in 0..5000 {
+    for i in 0..calls {
         let row = serde_json::json!({"node_id": 3, "local_tag": format!("big-{i:05}"),
             "customer_id": 1001, "customer_acc_id": 101, "start_time": "2025-11-25 10:00:00",
             "src_name_in": "x".repeat(500)});
         big.push_str(&format!("{row}\n"));
     }
-    post_snapshot(&agent, &big);
+    post_snapshot(agent, &big);
+}
+
+/// Starts a scrape and reads only its status line, from a socket with a small receive
+/// buffer: the agent's sending side then fills and waits, mid-answer.
+fn stalled_scrape(agent: &TestAgent) -> TcpStream {
+    use std::os::fd::AsRawFd;
     let mut stalled = TcpStream::connect(agent.addr()).unwrap();
+    let size: libc::c_int = 16 * 1024;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int, on a socket
+    // this function owns.
+    let set = unsafe {
+        libc::setsockopt(
+            stalled.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
     write!(
         stalled,
-        "GET {SCRAPE} HTTP/1.1\r\nHost: x\r\nAuthorization: {BEARER}\r\n\r\n"
+        "GET {SCRAPE} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {BEARER}\r\n\r\n"
     )
     .unwrap();
     let mut first = [0u8; 12];
     stalled.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"HTTP/1.1 200");
-    // The scrape's reader now waits on its client, in the middle of its transaction.
+    stalled
+}
+
+#[test]
+fn scrapes_that_stop_reading_hold_up_neither_snapshots_nor_customers() {
+    let agent = start();
+    // ~8 MB of answer: more than the agent's socket buffer and its chunks in flight.
+    post_big_node(&agent, 8000);
+    let etag = scrape(&agent, "", &[("If-None-Match", "x")])
+        .header("etag")
+        .unwrap()
+        .to_owned();
+    let stalled = [stalled_scrape(&agent), stalled_scrape(&agent)];
+
+    // Their readers wait on their clients, mid-transaction; snapshots still apply.
     let mut status = agent.agent().feed_status();
     let before = status.borrow_and_update().applied;
     post_snapshot(&agent, &sample_of_node(1, |_| true));
     agent.wait_for(&mut status, |s| s.applied > before);
     assert_eq!(agent.get(&format!("account-id={ACCOUNT_101}")).status, 200);
-    // Another scrape is served meanwhile, from the new state.
-    let rows = each_row(&scrape(&agent, "", &[]));
-    assert_eq!(rows.len(), 5020);
+
+    // Both turns are taken: a revalidation needs none, a full scrape waits, then gets 503.
+    let changed = scrape(&agent, "", &[("If-None-Match", &etag)]);
+    assert_eq!(changed.status, 503, "{}", changed.text());
+    assert_eq!(changed.header("retry-after"), Some("5"));
+    let head = agent.request("HEAD", SCRAPE, &[("Authorization", BEARER)]);
+    assert_eq!(head.status, 200);
+    let new_etag = head.header("etag").unwrap().to_owned();
+    assert_ne!(new_etag, etag);
+    assert_eq!(
+        scrape(&agent, "", &[("If-None-Match", &new_etag)]).status,
+        304
+    );
+
+    // The clients leave: their turns come back, and a scrape sees the new state.
     drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let reply = scrape(&agent, "", &[]);
+        if reply.status == 200 {
+            break each_row(&reply);
+        }
+        assert_eq!(reply.status, 503);
+        assert!(Instant::now() < deadline, "the turns never came back");
+    };
+    assert_eq!(rows.len(), 8020);
+}
+
+#[test]
+fn a_streaming_scrape_is_never_evicted_for_a_new_connection() {
+    let agent = start_with(|c| c.api.max_connections = 1);
+    post_big_node(&agent, 3000);
+    let mut stalled = stalled_scrape(&agent);
+    // The one slot is busy streaming: a customer gets 503 rather than cutting it.
+    let customer = agent.get(&format!("account-id={ACCOUNT_101}"));
+    assert_eq!(customer.status, 503);
+    // The scrape goes on to its end, whole.
+    let mut rest = Vec::new();
+    stalled.read_to_end(&mut rest).unwrap();
+    let mut whole = b"HTTP/1.1 200".to_vec();
+    whole.extend_from_slice(&rest);
+    let head_end = whole.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let body = String::from_utf8(dechunked(&whole[head_end + 4..])).unwrap();
+    assert_eq!(body.lines().count(), 3000);
 }
 
 #[test]

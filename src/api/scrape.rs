@@ -5,17 +5,19 @@
 //! the answer is shaped around two facts:
 //!
 //! * It is mostly unchanged. The `ETag` is known before a single row is read: it is a
-//!   hash of the current nodes and the generation in which each node's calls last changed
-//!   (kept by the writer), so `If-None-Match` costs one small read and no body.
+//!   hash of the current nodes and the generation in which what each node's calls show
+//!   last changed (kept by the writer), so `If-None-Match` costs one small read, no body,
+//!   and no wait for a turn.
 //! * It is large. It streams: a blocking task reads the rows in one read transaction
 //!   (one state of the store, however slow the client), frames them, gzips them when the
 //!   client accepts it, and hands chunks of [`CHUNK_BYTES`] through a channel of
 //!   [`CHUNKS_IN_FLIGHT`] to the connection. Memory stays the same whatever the number of
-//!   calls; a client that stops reading is cut by the listener's write timeout, which ends
-//!   the task and its transaction, and no scrape lasts longer than [`MAX_SCRAPE_TIME`].
+//!   calls. A client that stops reading is cut by the listener's write timeout, one that
+//!   trickles by [`MAX_SCRAPE_TIME`]; either closes the channel, which ends the task and its
+//!   transaction. [`MAX_SCRAPES`] read at once; the others wait up to [`TURN_WAIT`].
 
 use std::io::{self, Write};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
@@ -34,9 +36,11 @@ pub const ACTIVE_CALLS: &str = "/api/rest/node/v1/active-calls";
 /// Scrapes read at the same time; more wait their turn. Each holds a read connection and a
 /// thread for as long as its client takes.
 pub const MAX_SCRAPES: usize = 2;
-/// The longest a scrape may take. Its read transaction keeps the WAL from being copied
-/// back past it, so a client that trickles its reads (each within the write timeout)
-/// must not hold it for ever: at 100k calls the answer is ~70 MB, ~7 MB gzipped.
+/// How long a scrape waits for its turn before it is answered 503.
+const TURN_WAIT: Duration = Duration::from_secs(5);
+/// The longest a scrape's body may take. Its read transaction keeps the WAL from being
+/// copied back past it, so a client that trickles its reads (each within the write
+/// timeout) must not hold it for ever: at 100k calls the answer is ~80 MB, ~15 MB gzipped.
 const MAX_SCRAPE_TIME: Duration = Duration::from_secs(120);
 /// The size of the pieces the body is sent in.
 const CHUNK_BYTES: usize = 64 * 1024;
@@ -88,7 +92,7 @@ fn decode(component: &str) -> String {
         .into_owned()
 }
 
-/// What the reading task has decided once it has read the nodes.
+/// What the reading task has decided once it has read the nodes, in its transaction.
 struct Head {
     etag: String,
     not_modified: bool,
@@ -97,26 +101,7 @@ struct Head {
 /// Answers a scrape (SPEC 6).
 pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response<Body> {
     if !state.scrape_tokens.load().admit(req.headers()) {
-        let directory = state.directory.load();
-        let customer = state
-            .auth
-            .load()
-            .authenticate(req.headers(), &directory)
-            .is_ok();
-        return if customer {
-            json(
-                StatusCode::FORBIDDEN,
-                br#"{"error":"a customer token may not scrape the node"}"#.to_vec(),
-            )
-        } else {
-            let mut r = json(
-                StatusCode::UNAUTHORIZED,
-                br#"{"error":"a scrape token is required"}"#.to_vec(),
-            );
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            r
-        };
+        return refused(state, req.headers());
     }
     let Ok(format) = Format::of_query(req.uri().query().unwrap_or("")) else {
         return json(
@@ -125,11 +110,29 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
         );
     };
     let gzip = accepts_gzip(req.headers());
-    let wants_body = req.method() != Method::HEAD;
-    let Ok(permit) = state.scrapes.clone().acquire_owned().await else {
-        return empty(StatusCode::SERVICE_UNAVAILABLE);
-    };
     let cutoff = stale_cutoff_ms(state.stale_after, SystemTime::now());
+    // Revalidations and HEAD need only the nodes: one small read, no turn to wait for.
+    let nodes = tokio::task::block_in_place(|| state.readers.node_generations(cutoff));
+    let etag = match nodes {
+        Ok(nodes) => etag_of(format, &nodes),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the nodes for a scrape failed");
+            return empty(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    };
+    if if_none_match(req.headers(), &etag) {
+        return not_modified(&etag);
+    }
+    if req.method() == Method::HEAD {
+        return with_calls(format, gzip, Body::default(), &etag);
+    }
+    let permit = tokio::time::timeout(TURN_WAIT, state.scrapes.clone().acquire_owned()).await;
+    let Ok(Ok(permit)) = permit else {
+        let mut busy = empty(StatusCode::SERVICE_UNAVAILABLE);
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return busy;
+    };
     let request_headers = req.headers().clone();
     let readers = state.readers.clone();
     let (head_tx, head_rx) = oneshot::channel();
@@ -137,33 +140,23 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut out = Framed::new(format, gzip, Chunks::new(chunks_tx));
-        let started = Instant::now();
         let mut send_body = false;
         let mut client_gone = false;
-        let mut too_long = false;
         let read = readers.scrape(
             cutoff,
             |nodes| {
+                // Read again, in the transaction the rows come from.
                 let etag = etag_of(format, nodes);
                 let not_modified = if_none_match(&request_headers, &etag);
-                send_body = wants_body && !not_modified;
+                send_body = !not_modified;
                 let _ = head_tx.send(Head { etag, not_modified });
                 send_body
             },
             |row| {
                 client_gone = out.row(row).is_err();
-                too_long = started.elapsed() > MAX_SCRAPE_TIME;
-                !client_gone && !too_long
+                !client_gone
             },
         );
-        if too_long && !client_gone {
-            tracing::warn!(
-                "a scrape took longer than {} s and was cut off",
-                MAX_SCRAPE_TIME.as_secs()
-            );
-            out.abort();
-            return;
-        }
         match read {
             // Before the head, the handler answers 500; after it, the cut body says it.
             Err(e) => {
@@ -178,28 +171,60 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
             Ok(()) => {}
         }
     });
-    let Ok(head) = head_rx.await else {
-        return empty(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    let mut response = if head.not_modified {
-        empty(StatusCode::NOT_MODIFIED)
-    } else {
-        let mut r = Response::new(http::channel(chunks_rx));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(format.content_type()),
-        );
-        if gzip {
-            r.headers_mut()
-                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        }
-        r
-    };
-    if head.not_modified {
-        response.headers_mut().remove(header::CONTENT_LENGTH);
+    match head_rx.await {
+        Ok(head) if head.not_modified => not_modified(&head.etag),
+        Ok(head) => with_calls(
+            format,
+            gzip,
+            http::channel(chunks_rx, MAX_SCRAPE_TIME),
+            &head.etag,
+        ),
+        Err(_) => empty(StatusCode::INTERNAL_SERVER_ERROR),
     }
+}
+
+/// The answer to a request without a scrape token: 403 for a customer, else 401.
+fn refused(state: &ApiState, headers: &HeaderMap) -> Response<Body> {
+    let directory = state.directory.load();
+    if state.auth.load().authenticate(headers, &directory).is_ok() {
+        return json(
+            StatusCode::FORBIDDEN,
+            br#"{"error":"a customer token may not scrape the node"}"#.to_vec(),
+        );
+    }
+    let mut r = json(
+        StatusCode::UNAUTHORIZED,
+        br#"{"error":"a scrape token is required"}"#.to_vec(),
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// 200 with the calls in `body`.
+fn with_calls(format: Format, gzip: bool, body: Body, etag: &str) -> Response<Body> {
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
-    headers.insert(header::ETAG, header_value(&head.etag));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    cache_headers(response, etag)
+}
+
+fn not_modified(etag: &str) -> Response<Body> {
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    cache_headers(response, etag)
+}
+
+/// The headers of both 200 and 304: revalidate every time.
+fn cache_headers(mut response: Response<Body>, etag: &str) -> Response<Body> {
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, header_value(etag));
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, private"),
@@ -209,7 +234,9 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
 }
 
 /// `W/"<hash>"` of the format and the current nodes with their generations: it changes
-/// exactly when the answer does (gzip or not, the same calls: a weak ETag).
+/// when the answer does, and a resend of the same calls keeps it (gzip or not, the same
+/// calls: a weak ETag). Rarely it changes for an answer that did not (a call rewritten
+/// and rewritten back within one snapshot): one needless transfer, never a stale one.
 fn etag_of(format: Format, nodes: &[NodeGeneration]) -> String {
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     hasher.update(&[format as u8]);

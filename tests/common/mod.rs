@@ -467,7 +467,7 @@ fn send(
 }
 
 /// A chunked body's content; panics when it was cut before its last chunk.
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+pub fn dechunked(mut raw: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     loop {
         let line_end = raw
@@ -513,7 +513,7 @@ fn parse_reply(raw: &[u8], head_only: bool) -> Reply {
     let body = if head_only {
         Vec::new()
     } else if chunked {
-        dechunk(&raw[end + 4..])
+        dechunked(&raw[end + 4..])
     } else {
         raw[end + 4..].to_vec()
     };
