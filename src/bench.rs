@@ -63,6 +63,11 @@ pub(crate) struct AgentProcess {
 
 impl AgentProcess {
     pub(crate) fn start(dir: &Path) -> anyhow::Result<AgentProcess> {
+        Self::start_with(dir, "")
+    }
+
+    /// [`start`](Self::start) with more `[upstream]` keys.
+    pub(crate) fn start_with(dir: &Path, upstream: &str) -> anyhow::Result<AgentProcess> {
         std::fs::create_dir_all(dir)?;
         let snapshot_file = dir.join("snapshot.jsonl");
         let config = dir.join("config.toml");
@@ -73,7 +78,7 @@ impl AgentProcess {
             format!(
                 "[api]\nlisten = \"127.0.0.1:0\"\njwt_secret = \"{SECRET}\"\n[store]\npath = {:?}\n\
                  [feed]\nwatch = {:?}\nlisten = \"127.0.0.1:0\"\nstale_after = 0\n\
-                 [directory]\npath = {:?}\n[upstream]\nscrape_tokens_file = {:?}\n",
+                 [directory]\npath = {:?}\n[upstream]\nscrape_tokens_file = {:?}\n{upstream}\n",
                 dir.join("active-calls.db"),
                 snapshot_file,
                 dir.join("directory.json"),
@@ -672,6 +677,32 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         "≥ 80% of the above",
     );
     drop(agent);
+
+    // The relay's share of an apply: the same snapshots with the relay on, its ClickHouse
+    // down (so they stay spooled; the sender's work is not in the writer's path anyway).
+    {
+        let spool = base.join("relay-spool");
+        let agent = AgentProcess::start_with(
+            &base.join("relay"),
+            &format!("clickhouse_urls = [\"http://127.0.0.1:9/\"]\nspool_dir = {spool:?}"),
+        )?;
+        agent.reset_peak();
+        let full = agent.post(&large_body)?;
+        let churn = agent.post(&churn_body)?;
+        add(
+            &format!(
+                "with the relay on: full {}-call snapshot / churn, socket",
+                options.calls
+            ),
+            format!("{} / {}", ms(full), ms(churn)),
+            "≈ without",
+        );
+        add(
+            "peak RSS during them",
+            format!("{:.1} MB", agent.peak_mb()),
+            "≤ 96 MB",
+        );
+    }
 
     // Large snapshot through the file.
     {
