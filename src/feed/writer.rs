@@ -30,8 +30,7 @@ use crate::store::{Origin, Writer};
 /// How often the writer looks for nodes gone silent.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// The writer thread's niceness: below the API's threads, well above idle.
-#[cfg(target_os = "linux")]
-const WRITER_NICENESS: libc::c_int = 10;
+const WRITER_NICENESS: i32 = 10;
 
 /// After this long without a snapshot the writer gives its page cache back: a switch
 /// posting every few seconds keeps it warm, an idle agent stays small.
@@ -311,13 +310,19 @@ impl Worker {
 /// beside), the writer thread yields to the API's threads, and a snapshot takes longer
 /// instead of answers.
 pub(crate) fn lower_priority() {
+    set_niceness(WRITER_NICENESS);
+}
+
+/// Sets the calling thread's niceness (only ever lowering its priority, which needs no
+/// privilege).
+pub(crate) fn set_niceness(niceness: i32) {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid and setpriority only read and set scheduling attributes of the calling
     // thread; they take no pointers and have no memory effects.
     unsafe {
         let tid = libc::gettid();
-        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, WRITER_NICENESS) != 0 {
-            tracing::debug!("could not lower the writer thread's priority");
+        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, niceness) != 0 {
+            tracing::debug!(niceness, "could not lower a thread's priority");
         }
     }
 }

@@ -279,6 +279,9 @@ enum SpoolError {
     Io(#[from] io::Error),
 }
 
+/// The spooler thread's niceness: the lowest priority there is.
+const SPOOLER_NICENESS: i32 = 19;
+
 /// The spooler thread: compresses each pending snapshot once, links it into every URL
 /// folder, and tells the senders. Runs until [`Wake::Stop`] (or `stopping`, checked
 /// between chunks, so a stop does not wait for a large file).
@@ -290,7 +293,10 @@ pub struct Spooler {
 
 impl Spooler {
     pub fn run(self, wake: mpsc::Receiver<Wake>) {
-        crate::feed::writer::lower_priority();
+        // Below the writer too: compressing a 100k-call snapshot takes seconds of a core,
+        // and the next snapshot's apply (which a switch or a customer waits on) must not
+        // share the second core with it.
+        crate::feed::writer::set_niceness(SPOOLER_NICENESS);
         loop {
             self.spool_pending();
             let Ok(first) = wake.recv() else { return };
