@@ -280,6 +280,32 @@ impl Conn {
     }
 }
 
+/// Waits until the relay's spool holds `count` compressed snapshots for its one URL;
+/// returns how long that took.
+fn wait_for_spooled(spool: &Path, count: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let mut spooled = 0;
+        for folder in std::fs::read_dir(spool)? {
+            let folder = folder?.path();
+            if folder.is_dir() {
+                spooled += std::fs::read_dir(&folder)?
+                    .filter_map(Result::ok)
+                    .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl.gz"))
+                    .count();
+            }
+        }
+        if spooled >= count {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the spool never held {count} compressed snapshots"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// What a scrape took: its status, the bytes on the wire, the time to the last byte.
 struct Scraped {
     status: u16,
@@ -688,14 +714,29 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         )?;
         agent.reset_peak();
         let full = agent.post(&large_body)?;
+        // The spooler compresses it at the lowest priority; the churn comes after, as a
+        // switch's next snapshot would, then one more right away, overlapping it.
+        let compressed = wait_for_spooled(&spool, 1)?;
         let churn = agent.post(&churn_body)?;
+        let overlapped = agent.post(&churn_body)?;
+        wait_for_spooled(&spool, 3)?;
         add(
             &format!(
                 "with the relay on: full {}-call snapshot / churn, socket",
                 options.calls
             ),
-            format!("{} / {}", ms(full), ms(churn)),
+            format!(
+                "{} / {} ({} while the spooler compressed the one before)",
+                ms(full),
+                ms(churn),
+                ms(overlapped)
+            ),
             "≈ without",
+        );
+        add(
+            "the spooler compressing the full snapshot (after its apply)",
+            ms(compressed),
+            "",
         );
         add(
             "peak RSS during them",
