@@ -271,6 +271,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut switch = Switch::new(unix_now() as u64);
     let secret = format!("demo-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let scrape_token = format!(
+        "scrape-{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    );
 
     let mut config = Config::default();
     config.api.listen = options.listen.clone();
@@ -290,18 +295,26 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     config.feed.listen = "127.0.0.1:0".into();
     config.directory.path = dir.join("directory.json");
     std::fs::write(&config.directory.path, directory_json())?;
+    // An aggregator's token too, for the node-wide scrape.
+    config.upstream.scrape_tokens_file = dir.join("scrape-tokens");
+    std::fs::write(
+        &config.upstream.scrape_tokens_file,
+        format!("{scrape_token}\n"),
+    )?;
     std::fs::write(
         dir.join("config.toml"),
         format!(
             "# What `demo` runs with; `active-calls-agent serve --config {0}` reruns it.\n\
              [api]\nlisten = {1:?}\njwt_secret = {2:?}\n\n[store]\npath = {3:?}\n\n\
-             [feed]\nwatch = {4:?}\nlisten = \"127.0.0.1:0\"\n\n[directory]\npath = {5:?}\n",
+             [feed]\nwatch = {4:?}\nlisten = \"127.0.0.1:0\"\n\n[directory]\npath = {5:?}\n\n\
+             [upstream]\nscrape_tokens_file = {6:?}\n",
             dir.join("config.toml").display(),
             config.api.listen,
             secret,
             config.store.path.display().to_string(),
             config.feed.watch.display().to_string(),
             config.directory.path.display().to_string(),
+            config.upstream.scrape_tokens_file.display().to_string(),
         ),
     )?;
 
@@ -347,9 +360,17 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         account_uuid
     );
     println!();
+    println!("Add filters such as &dst-prefix-in-starts-with=44 or &src-name-in-contains=ali.");
+    println!();
+    println!("Every call of the node, as an aggregator scrapes it (one JSON object a line):");
+    println!();
     println!(
-        "Add filters such as &dst-prefix-in-starts-with=44 or &src-name-in-contains=ali. Ctrl-C stops."
+        "  curl -s --compressed -H 'Authorization: Bearer {scrape_token}' 'http://{}{}'",
+        agent.api_addr(),
+        crate::api::scrape::ACTIVE_CALLS
     );
+    println!();
+    println!("Ctrl-C stops.");
 
     let period = options.period;
     let snapshot_path = config.feed.watch.clone();
