@@ -294,7 +294,7 @@ fn relay(config: &Config, report: &mut Report) {
         ));
     } else if !writable(existing) {
         report.error(format!(
-            "upstream.spool_dir {}: {} is not writable by this user (the agent would not start)",
+            "upstream.spool_dir {}: {} is not writable by this user (the agent would start without its relay)",
             spool.display(),
             existing.display()
         ));

@@ -90,8 +90,9 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
-/// `[upstream]`: what aggregators and the central ClickHouse get (SPEC 6).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `[upstream]`: what aggregators and the central ClickHouse get (SPEC 6). Its `Debug`
+/// hides the password, in the key and in the URLs.
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// A file of bearer tokens that may scrape every call of the node, one per line;
@@ -107,10 +108,68 @@ pub struct UpstreamConfig {
     /// Where snapshots wait until each URL has taken them; survives restarts.
     pub spool_dir: PathBuf,
     /// The spool's bound per URL: past it, the oldest snapshots are dropped (and counted).
+    /// Also the bound on raw snapshots waiting for the spooler (all URLs together): past
+    /// it, new snapshots are applied but not relayed (and counted).
     pub spool_max_bytes: u64,
     /// The longest wait between two attempts at a failing URL (milliseconds); the wait
     /// starts at 1 s (or this, if shorter) and doubles.
     pub retry_max_ms: u64,
+}
+
+// Written by hand: a derived one would print the password into any debug line or panic
+// message that shows the configuration.
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.clickhouse_urls.iter().map(|u| redact_url(u)).collect();
+        let password = if self.password.is_empty() { "" } else { "***" };
+        f.debug_struct("UpstreamConfig")
+            .field("scrape_tokens_file", &self.scrape_tokens_file)
+            .field("clickhouse_urls", &urls)
+            .field("table", &self.table)
+            .field("user", &self.user)
+            .field("password", &password)
+            .field("spool_dir", &self.spool_dir)
+            .field("spool_max_bytes", &self.spool_max_bytes)
+            .field("retry_max_ms", &self.retry_max_ms)
+            .finish()
+    }
+}
+
+/// `url` without what may carry a secret: its userinfo, and a `password` parameter
+/// (ClickHouse takes one in the URL too).
+fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("***@{host}"),
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<&str> = query
+                .split('&')
+                .map(|p| {
+                    if p.split('=')
+                        .next()
+                        .is_some_and(|n| n.eq_ignore_ascii_case("password"))
+                    {
+                        "password=***"
+                    } else {
+                        p
+                    }
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    let scheme = if scheme.is_empty() {
+        String::new()
+    } else {
+        format!("{scheme}://")
+    };
+    format!("{scheme}{host}{tail}")
 }
 
 impl Default for UpstreamConfig {
@@ -425,6 +484,34 @@ mod tests {
         assert!(
             Config::parse("[upstream]\ntable = \"x;y\"\nclickhouse_urls = [\"http://ch/\"]\n")
                 .is_err()
+        );
+        // A password that would never be sent is refused, without quoting it.
+        let err = Config::parse(
+            "[upstream]\nclickhouse_urls = [\"http://ch:8123/\"]\npassword = \"pw-never-sent\"\n",
+        );
+        let text = format!("{:#}", err.unwrap_err());
+        assert!(
+            text.contains("password without a user") && !text.contains("pw-never-sent"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_debug_print_of_upstream_hides_its_secrets() {
+        let config = Config::parse(
+            "[upstream]\nuser = \"relay\"\npassword = \"key-one\"\nclickhouse_urls = [\
+             \"http://u:key-two@ch:8123/?database=yeti&password=key-three\", \"http://ch2/\"]\n",
+        )
+        .unwrap();
+        let text = format!("{config:?}");
+        for secret in ["key-one", "key-two", "key-three"] {
+            assert!(!text.contains(secret), "{secret}: {text}");
+        }
+        assert!(
+            text.contains("http://***@ch:8123/?database=yeti&password=***")
+                && text.contains("\"http://ch2/\"")
+                && text.contains("user: \"relay\""),
+            "{text}"
         );
     }
 

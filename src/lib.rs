@@ -126,11 +126,25 @@ impl Agent {
         let watch_path =
             (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
         let stale_after = config.stale_after();
-        // Before the writer: the snapshot file it applies first is relayed too.
+        // Before the writer: the snapshot file it applies first is relayed too. A relay
+        // that cannot start (its spool cannot be made: a full disk, permissions) must not
+        // keep the customer API down: the agent runs without it, and says so (an error
+        // line, `relay_running 0`). A wrong `[upstream]` still stops the start: that is a
+        // configuration to fix, and `check` names it.
         let relay = match relay::Settings::from_config(&config.upstream)? {
-            Some(settings) => Some(relay::Relay::start(&settings, &metrics)?),
+            Some(settings) => match relay::Relay::start(&settings, &metrics) {
+                Ok(relay) => Some(relay),
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "the relay could not start: snapshots are applied and served, but not relayed to ClickHouse until a restart"
+                    );
+                    None
+                }
+            },
             None => None,
         };
+        metrics.relay_running(relay.is_some());
         let writer = WriterThread::spawn(
             store,
             watch_path.clone(),

@@ -141,6 +141,8 @@ pub struct Metrics {
     relay_dropped: Family<UrlLabels, Counter>,
     relay_spool_bytes: Family<UrlLabels, Gauge>,
     relay_spool_oldest_age: Family<UrlLabels, Gauge<f64, AtomicU64>>,
+    relay_pending_bytes: Gauge,
+    relay_running: Gauge,
     /// Per URL, when its oldest spooled snapshot was spooled: the age gauge's source.
     relay_oldest: Mutex<Vec<(UrlLabels, Arc<AtomicI64>)>>,
 }
@@ -181,6 +183,8 @@ impl Metrics {
             relay_dropped: Family::default(),
             relay_spool_bytes: Family::default(),
             relay_spool_oldest_age: Family::default(),
+            relay_pending_bytes: Gauge::default(),
+            relay_running: Gauge::default(),
             relay_oldest: Mutex::new(Vec::new()),
         };
         registry.register(
@@ -272,6 +276,18 @@ impl Metrics {
             "Time since the oldest snapshot spooled for a URL was spooled (0: none)",
             Unit::Seconds,
             metrics.relay_spool_oldest_age.clone(),
+        );
+        registry.register_with_unit(
+            "relay_pending",
+            "Raw bytes of applied snapshots waiting for the relay's spooler (all URLs); past \
+             upstream.spool_max_bytes new snapshots are not relayed (relay_dropped_total)",
+            Unit::Bytes,
+            metrics.relay_pending_bytes.clone(),
+        );
+        registry.register(
+            "relay_running",
+            "1 while the relay runs; 0 when it is off, or configured but could not start (the log says why)",
+            metrics.relay_running.clone(),
         );
         Metrics {
             registry,
@@ -369,6 +385,16 @@ impl Metrics {
             spool_bytes: self.relay_spool_bytes.get_or_create(&labels).clone(),
             oldest_ms,
         }
+    }
+
+    /// The gauge of the raw bytes waiting for the relay's spooler.
+    pub fn relay_pending_bytes(&self) -> Gauge {
+        self.relay_pending_bytes.clone()
+    }
+
+    /// Whether the relay runs.
+    pub fn relay_running(&self, running: bool) {
+        self.relay_running.set(i64::from(running));
     }
 
     /// The text exposition, with the per-node gauges set from `nodes` as of `now_ms`.

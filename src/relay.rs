@@ -47,7 +47,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use crate::config::UpstreamConfig;
 use crate::metrics::{Metrics, RelayMetrics};
 use client::{Endpoint, Outcome};
-use spool::{COMPRESSED, SpoolHandle, Spooled, Spooler, URL_FILE, UrlFolder, Wake};
+use spool::{Backlog, COMPRESSED, SpoolHandle, Spooled, Spooler, URL_FILE, UrlFolder, Wake};
 
 /// The first wait after a failed attempt; it doubles up to `upstream.retry_max_ms`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -151,9 +151,7 @@ impl Relay {
         let mut senders = Vec::new();
         let mut url_metrics = Vec::new();
         for (endpoint, dir) in settings.endpoints.iter().zip(dirs) {
-            // For the operator looking at the spool: which URL this folder is for.
-            std::fs::write(dir.join(URL_FILE), format!("{}\n", endpoint.label))
-                .with_context(|| format!("writing {}", dir.join(URL_FILE).display()))?;
+            spool::write_url_file(&dir, &endpoint.label);
             let queue = scan(&dir).with_context(|| format!("reading {}", dir.display()))?;
             let url = metrics.relay(&endpoint.label);
             let (news_tx, news) = unbounded_channel();
@@ -183,15 +181,23 @@ impl Relay {
             senders.push(tokio::spawn(sender.run()));
             folders.push(UrlFolder {
                 dir,
+                label: endpoint.label.clone(),
                 news: news_tx,
                 metrics: url.clone(),
             });
             url_metrics.push(url);
         }
+        let backlog = Arc::new(Backlog::new(
+            spool::pending_bytes(root),
+            metrics.relay_pending_bytes(),
+        ));
         let spooler = Spooler {
             pending: root.join(spool::PENDING),
             urls: folders,
             stopping: stopping.clone(),
+            backlog: backlog.clone(),
+            retry_max: settings.retry_max,
+            errors: Throttled::default(),
         };
         let spooler = std::thread::Builder::new()
             .name("relay-spooler".into())
@@ -204,7 +210,17 @@ impl Relay {
             "relaying every applied snapshot to ClickHouse"
         );
         Ok(Relay {
-            spool: SpoolHandle::new(root, first_seq, wake.clone(), url_metrics),
+            // The bound on raw bytes waiting for the spooler is the per-URL bound on
+            // compressed ones: one key, and the spool then takes at most (URLs + 1) times
+            // it, plus a snapshot.
+            spool: SpoolHandle::new(
+                root,
+                first_seq,
+                wake.clone(),
+                url_metrics,
+                backlog,
+                settings.spool_max_bytes,
+            ),
             wake,
             stopping,
             spooler: Some(spooler),
@@ -487,7 +503,7 @@ struct Failing {
 
 /// Says "now" at most once per [`LOG_EVERY`], with what happened in between.
 #[derive(Default)]
-struct Throttled {
+pub struct Throttled {
     last: Option<Instant>,
     pending: u64,
 }
@@ -502,7 +518,7 @@ impl Throttled {
     }
 }
 
-/// Capped exponential backoff with ±20% jitter.
+/// Capped exponential backoff with ±20% jitter, never above its cap.
 struct Backoff {
     next: Duration,
     max: Duration,
@@ -519,7 +535,9 @@ impl Backoff {
     fn next(&mut self) -> Duration {
         let delay = self.next;
         self.next = (self.next * 2).min(self.max);
-        delay.mul_f64(0.8 + 0.4 * fastrand::f64())
+        // Clamped after the jitter: `retry_max_ms` is the longest wait, as documented
+        // (at the cap the jitter only shortens it, which still spreads the nodes).
+        delay.mul_f64(0.8 + 0.4 * fastrand::f64()).min(self.max)
     }
 }
 
@@ -528,17 +546,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_up_to_its_cap() {
+    fn backoff_doubles_up_to_its_cap_and_never_waits_longer() {
         let mut backoff = Backoff::new(Duration::from_secs(5));
         let delays: Vec<u64> = (0..6).map(|_| backoff.next().as_millis() as u64).collect();
         for (delay, base) in delays.iter().zip([1000, 2000, 4000, 5000, 5000, 5000]) {
             assert!(
-                (base * 8 / 10..=base * 12 / 10).contains(delay),
+                (base * 8 / 10..=(base * 12 / 10).min(5000)).contains(delay),
                 "{delays:?}"
             );
         }
+        // At the cap, half the draws went above it before the clamp: 50 all below is luck
+        // of 2^-50.
+        let at_cap: Vec<Duration> = (0..50).map(|_| backoff.next()).collect();
+        assert!(
+            at_cap.iter().all(|d| *d <= Duration::from_secs(5)),
+            "{at_cap:?}"
+        );
         let mut short = Backoff::new(Duration::from_millis(50));
-        assert!(short.next() <= Duration::from_millis(60));
+        assert!(short.next() <= Duration::from_millis(50));
     }
 
     #[test]

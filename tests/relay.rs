@@ -366,6 +366,44 @@ fn spooled(spool: &Path) -> (usize, u64) {
     found
 }
 
+/// The spool folder of the URL labelled `label` (its `url` file names it).
+fn url_folder(spool: &Path, label: &str) -> PathBuf {
+    std::fs::read_dir(spool)
+        .unwrap()
+        .flatten()
+        .map(|d| d.path())
+        .find(|d| std::fs::read_to_string(d.join("url")).is_ok_and(|u| u.trim() == label))
+        .unwrap_or_else(|| panic!("no spool folder for {label}"))
+}
+
+/// The files of `dir` whose names end with `suffix`, and their total size (none when
+/// `dir` is not a folder).
+fn files_in(dir: &Path, suffix: &str) -> (usize, u64) {
+    let mut found = (0, 0);
+    for file in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if file.file_name().to_string_lossy().ends_with(suffix) {
+            found.0 += 1;
+            found.1 += file.metadata().map_or(0, |m| m.len());
+        }
+    }
+    found
+}
+
+/// The `src_name_in` of every call of account 101 the agent serves now.
+fn served_names(agent: &TestAgent) -> Vec<String> {
+    agent
+        .get(&format!("account-id={ACCOUNT_101}"))
+        .rows()
+        .iter()
+        .map(|r| r["src_name_in"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The value of an unlabelled series of the agent (0 when absent).
+fn plain_metric(text: &str, name: &str) -> f64 {
+    metric(text, &format!("active_calls_agent_{name}")).unwrap_or(0.0)
+}
+
 fn tokens(inserts: &[Insert]) -> Vec<String> {
     inserts.iter().map(|i| i.token().to_owned()).collect()
 }
@@ -442,6 +480,10 @@ fn every_applied_snapshot_arrives_once_in_order_as_the_switch_sent_it() {
     );
     assert_eq!(fake.answers().len(), 3, "{:?}", fake.answers());
     assert_eq!(spooled(&spool_dir(&agent.config)), (0, 0));
+    assert!(
+        !text.contains("s3cret"),
+        "the metrics show the password: {text}"
+    );
 }
 
 #[test]
@@ -591,6 +633,13 @@ fn the_spool_keeps_within_its_bound_dropping_the_oldest() {
         .collect();
     for rows in &sent {
         post_snapshot(feed, rows);
+        // Each spooled before the next: the bound, 16 KB, is also the one on raw snapshots
+        // waiting for the spooler, and one of these is ~70 KB raw (that bound has its own
+        // test below).
+        eventually("the snapshot spooled", || {
+            let text = metrics_of(agent.addr());
+            (plain_metric(&text, "relay_pending_bytes") == 0.0).then_some(())
+        });
     }
 
     // Every snapshot is either spooled or dropped, and what is spooled fits the bound.
@@ -639,12 +688,7 @@ fn a_clickhouse_that_never_answers_blocks_nothing() {
     for i in 0..5 {
         let name = format!("H{i}");
         post_snapshot(feed, &rows(&name, 20));
-        let names: Vec<String> = agent
-            .get(&format!("account-id={ACCOUNT_101}"))
-            .rows()
-            .iter()
-            .map(|r| r["src_name_in"].as_str().unwrap().to_owned())
-            .collect();
+        let names = served_names(&agent);
         assert_eq!(names, vec![name; 20]);
     }
     assert!(
@@ -654,7 +698,8 @@ fn a_clickhouse_that_never_answers_blocks_nothing() {
     );
     eventually("the hung attempt and the spooled rest", || {
         let held = fake.state.lock().unwrap().hung.len();
-        (held == 1 && spooled(&spool_dir(&agent.config)).0 == 5).then_some(())
+        // At least one: past the attempt's timeout, a second attempt holds another.
+        (held >= 1 && spooled(&spool_dir(&agent.config)).0 == 5).then_some(())
     });
     let text = metrics_of(agent.addr());
     assert_eq!(relay_metric(&text, "relay_sent_total", &url), 0.0);
@@ -718,4 +763,174 @@ fn check_names_what_keeps_the_relay_from_working() {
     ));
     assert!(!ok, "{text}");
     assert!(text.contains("is not a folder"), "{text}");
+}
+
+#[test]
+fn a_url_folder_that_cannot_take_a_snapshot_costs_that_url_alone() {
+    let (a, b) = (
+        FakeClickHouse::start(Mode::Accept),
+        FakeClickHouse::start(Mode::Accept),
+    );
+    let (url_a, url_b) = (a.label(), b.label());
+    let b_url = b.url();
+    let agent = start_relaying(&a, move |c| c.upstream.clickhouse_urls.push(b_url));
+    let feed = agent.agent().feed_addr().unwrap();
+    let spool = spool_dir(&agent.config);
+    let folder_b = url_folder(&spool, &url_b);
+    let sent: Vec<String> = (0..4).map(|i| rows(&format!("S{i}"), 3)).collect();
+
+    post_snapshot(feed, &sent[0]);
+    b.wait_stored(1);
+    eventually("B's folder emptied", || {
+        (files_in(&folder_b, ".jsonl.gz").0 == 0).then_some(())
+    });
+    // B's folder becomes a file: no link can be made there, nor the folder made again.
+    std::fs::remove_dir_all(&folder_b).unwrap();
+    std::fs::write(&folder_b, "in the way").unwrap();
+    post_snapshot(feed, &sent[1]);
+    post_snapshot(feed, &sent[2]);
+    // A gets them all the same, in order; B counts them dropped.
+    let stored = a.wait_stored(3);
+    assert_eq!(
+        tokens(&stored),
+        sent[..3].iter().map(|r| token_of(r)).collect::<Vec<_>>()
+    );
+    let text = eventually("B's drops counted", || {
+        let text = metrics_of(agent.addr());
+        (relay_metric(&text, "relay_dropped_total", &url_b) == 2.0).then_some(text)
+    });
+    assert_eq!(
+        relay_metric(&text, "relay_dropped_total", &url_a),
+        0.0,
+        "{text}"
+    );
+
+    // Out of the way: B's folder is made again (its url file too), and B gets the next.
+    std::fs::remove_file(&folder_b).unwrap();
+    post_snapshot(feed, &sent[3]);
+    let stored = a.wait_stored(4);
+    assert_eq!(
+        tokens(&stored),
+        sent.iter().map(|r| token_of(r)).collect::<Vec<_>>()
+    );
+    let stored_b = b.wait_stored(2);
+    assert_eq!(tokens(&stored_b), [&sent[0], &sent[3]].map(|r| token_of(r)));
+    assert_eq!(url_folder(&spool, &url_b), folder_b);
+    assert!(a.state.lock().unwrap().duplicates.is_empty());
+}
+
+#[test]
+fn a_spool_deleted_while_running_is_made_again() {
+    let fake = FakeClickHouse::start(Mode::Accept);
+    let url = fake.label();
+    let agent = start_relaying(&fake, |_| {});
+    let feed = agent.agent().feed_addr().unwrap();
+    let spool = spool_dir(&agent.config);
+    let sent: Vec<String> = (0..3).map(|i| rows(&format!("D{i}"), 3)).collect();
+
+    post_snapshot(feed, &sent[0]);
+    fake.wait_stored(1);
+    eventually("the spool emptied", || {
+        (spooled(&spool) == (0, 0)).then_some(())
+    });
+    std::fs::remove_dir_all(&spool).unwrap();
+    post_snapshot(feed, &sent[1]);
+    agent.feed(&sent[2]);
+    let stored = fake.wait_stored(3);
+    assert_eq!(
+        tokens(&stored),
+        sent.iter().map(|r| token_of(r)).collect::<Vec<_>>()
+    );
+    let text = metrics_of(agent.addr());
+    assert_eq!(
+        relay_metric(&text, "relay_dropped_total", &url),
+        0.0,
+        "{text}"
+    );
+    assert!(spool.join("pending").is_dir() && spool.join("incoming").is_dir());
+}
+
+#[test]
+fn a_spooler_that_cannot_keep_up_holds_back_the_copies_not_the_applies() {
+    const SNAPSHOTS: usize = 6;
+    let fake = FakeClickHouse::start(Mode::Accept);
+    let url = fake.label();
+    let sent: Vec<String> = (0..SNAPSHOTS).map(|i| rows(&format!("P{i}"), 50)).collect();
+    let largest = sent.iter().map(|r| r.len() as u64).max().unwrap();
+    // Room for two and a half raw snapshots waiting for the spooler.
+    let bound = largest * 5 / 2;
+    let agent = start_relaying(&fake, |c| c.upstream.spool_max_bytes = bound);
+    let feed = agent.agent().feed_addr().unwrap();
+    let spool = spool_dir(&agent.config);
+    let pending = spool.join("pending");
+
+    // The spooler cannot spool anything: its URL folder is a file.
+    let folder = url_folder(&spool, &url);
+    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::write(&folder, "in the way").unwrap();
+    for (i, rows) in sent.iter().enumerate() {
+        post_snapshot(feed, rows);
+        let names = served_names(&agent);
+        assert_eq!(names, vec![format!("P{i}"); 50], "applies go on");
+        let (_, bytes) = files_in(&pending, ".jsonl");
+        assert!(
+            bytes <= bound + largest,
+            "{bytes} bytes pending, bound {bound}"
+        );
+    }
+    // Nothing was dropped from pending; the copies past the bound were not made, and
+    // counted; the gauge says what waits.
+    let (kept, bytes) = files_in(&pending, ".jsonl");
+    let text = eventually("the gauge counts what is pending", || {
+        let text = metrics_of(agent.addr());
+        (plain_metric(&text, "relay_pending_bytes") == bytes as f64).then_some(text)
+    });
+    let skipped = relay_metric(&text, "relay_dropped_total", &url) as usize;
+    assert!(kept >= 1 && skipped >= 1, "kept {kept}, skipped {skipped}");
+    assert_eq!(kept + skipped, SNAPSHOTS, "{text}");
+
+    // The folder back: what was kept arrives, in order, and the relay takes new ones again.
+    std::fs::remove_file(&folder).unwrap();
+    let stored = fake.wait_stored(kept);
+    let expected: Vec<String> = sent[..kept].iter().map(|r| token_of(r)).collect();
+    assert_eq!(tokens(&stored), expected);
+    eventually("pending drained", || {
+        let text = metrics_of(agent.addr());
+        (plain_metric(&text, "relay_pending_bytes") == 0.0).then_some(())
+    });
+    let after = rows("P-after", 5);
+    post_snapshot(feed, &after);
+    let stored = fake.wait_stored(kept + 1);
+    assert_eq!(stored[kept].token(), token_of(&after));
+}
+
+#[test]
+fn a_spool_that_cannot_be_made_leaves_the_agent_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_process_config(dir.path(), "");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[upstream]\nclickhouse_urls = [\"http://relay:Hunter2-pw@127.0.0.1:9/\"]\nspool_dir = {:?}\n",
+        file.join("spool")
+    ));
+    std::fs::write(&config, text).unwrap();
+
+    let agent = Process::start(&config);
+    let error = agent
+        .start_log
+        .iter()
+        .find(|l| l.contains("the relay could not start"))
+        .unwrap_or_else(|| panic!("no error logged: {:#?}", agent.start_log));
+    assert!(
+        error.contains("ERROR") && error.contains("spool"),
+        "{error}"
+    );
+    assert!(!agent.start_log.iter().any(|l| l.contains("Hunter2-pw")));
+    post_snapshot(agent.feed, &rows("R", 2));
+    assert_eq!(agent.answer(), (vec!["R".to_owned()], 2));
+    let metrics = metrics_of(agent.api);
+    assert_eq!(plain_metric(&metrics, "relay_running"), 0.0, "{metrics}");
+    agent.kill();
 }

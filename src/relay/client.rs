@@ -72,6 +72,12 @@ pub enum UrlError {
     BadHost,
     #[error("the user or password holds a character a header cannot carry")]
     BadCredentials,
+    #[error(
+        "a password without a user would never be sent (ClickHouse takes a key only with \
+         its user): set upstream.user (ClickHouse's own default user is \"default\"), or \
+         put user:password in the URL"
+    )]
+    PasswordWithoutUser,
 }
 
 impl Endpoint {
@@ -110,6 +116,9 @@ impl Endpoint {
         };
         if HeaderValue::from_str(&user).is_err() || HeaderValue::from_str(&password).is_err() {
             return Err(UrlError::BadCredentials);
+        }
+        if user.is_empty() && !password.is_empty() {
+            return Err(UrlError::PasswordWithoutUser);
         }
         let params = query
             .split('&')
@@ -377,6 +386,15 @@ mod tests {
             Endpoint::parse("http://ch/", "u", "bad\nkey").map(|_| ()),
             Err(UrlError::BadCredentials)
         );
+        assert_eq!(
+            Endpoint::parse("http://ch/", "", "key").map(|_| ()),
+            Err(UrlError::PasswordWithoutUser)
+        );
+        assert_eq!(
+            Endpoint::parse("http://:key@ch/", "u", "").map(|_| ()),
+            Err(UrlError::PasswordWithoutUser)
+        );
+        assert!(Endpoint::parse("http://u:key@ch/", "", "").is_ok());
     }
 
     #[test]

@@ -25,17 +25,30 @@
 //! reader thread, not the writer, and without compression or sync: the writer's only added
 //! work is a rename per snapshot. Compressing (about a second per 100k calls) and syncing
 //! happen on the spooler thread, which nobody waits for.
+//!
+//! Two things outside the agent's control are survived without a restart:
+//!
+//! * A spool folder deleted while the agent runs (an operator "cleaning up", a tmpfs
+//!   remounted): every step that creates something in a folder goes through [`in_dir`],
+//!   which creates the folder again and retries once, so the next snapshot goes through.
+//! * A disk that fills up, or any other error that may pass: the spooler keeps the raw
+//!   snapshot in `pending` and retries with a backoff, rather than deleting it; only a
+//!   torn or vanished file is dropped. Since `pending` then grows, the raw bytes waiting
+//!   there are counted (the [`Backlog`]) and, past `spool_max_bytes`, new snapshots are
+//!   applied without being copied: the relay must never fill the disk the store is on.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc::UnboundedSender;
 use xxhash_rust::xxh3::Xxh3Default;
 
+use super::{Backoff, Throttled};
 use crate::feed::Tee;
 use crate::metrics::RelayMetrics;
 
@@ -115,6 +128,63 @@ struct Shared {
     /// Every URL's metrics: a snapshot lost before it reached the URL folders counts as
     /// dropped for each.
     urls: Vec<RelayMetrics>,
+    /// Raw bytes waiting for the spooler, and the bound past which a new snapshot is not
+    /// copied (`upstream.spool_max_bytes`).
+    backlog: Arc<Backlog>,
+    max_backlog: u64,
+    /// A spool that cannot take snapshots says so once a minute, not once a snapshot.
+    lost_log: std::sync::Mutex<Throttled>,
+}
+
+/// The raw bytes committed to `pending` and not yet spooled, shared by the writer (which
+/// adds each snapshot it hands over) and the spooler (which subtracts each it finishes, and
+/// recounts the folder at each pass, so that files deleted behind its back, or a race
+/// between the two, are forgotten by the next pass). Exported as `relay_pending_bytes`.
+pub struct Backlog {
+    bytes: AtomicU64,
+    gauge: Gauge,
+}
+
+impl Backlog {
+    pub fn new(bytes: u64, gauge: Gauge) -> Backlog {
+        gauge.set(bytes as i64);
+        Backlog {
+            bytes: AtomicU64::new(bytes),
+            gauge,
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, bytes: u64) {
+        let now = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.gauge.set(now as i64);
+    }
+
+    fn sub(&self, bytes: u64) {
+        let before = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(bytes))
+            })
+            .unwrap_or_default();
+        self.gauge.set(before.saturating_sub(bytes) as i64);
+    }
+
+    /// Replaces a count read as `before` with `counted` (a listing of `pending` that began
+    /// after that read), unless the writer added a snapshot meanwhile: the listing may have
+    /// missed it, and counting it twice until the next pass is safer than not at all.
+    fn recount(&self, before: u64, counted: u64) {
+        if self
+            .bytes
+            .compare_exchange(before, counted, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.gauge.set(counted as i64);
+        }
+    }
 }
 
 /// What the spooler thread is told.
@@ -130,6 +200,8 @@ impl SpoolHandle {
         first_seq: u64,
         wake: mpsc::Sender<Wake>,
         urls: Vec<RelayMetrics>,
+        backlog: Arc<Backlog>,
+        max_backlog: u64,
     ) -> SpoolHandle {
         SpoolHandle {
             shared: Arc::new(Shared {
@@ -138,22 +210,38 @@ impl SpoolHandle {
                 next_seq: AtomicU64::new(first_seq),
                 wake,
                 urls,
+                backlog,
+                max_backlog,
+                lost_log: std::sync::Mutex::new(Throttled::default()),
             }),
         }
     }
 
     /// A new copy for the snapshot about to apply; `None` (logged and counted) when the
-    /// spool cannot take it: the snapshot still applies, it is only not relayed.
+    /// spool cannot take it, or when the spooler is so far behind that the raw snapshots
+    /// waiting for it are past the bound: the snapshot still applies, it is only not
+    /// relayed. The check is before the copy, so `pending` holds at most the bound plus
+    /// one snapshot.
     pub fn begin(&self) -> Option<Incoming> {
+        let waiting = self.shared.backlog.get();
+        if waiting > self.shared.max_backlog {
+            self.lost(&format!(
+                "{waiting} bytes of snapshots wait for the spooler, past upstream.spool_max_bytes \
+                 ({}): the spooler (at the lowest CPU priority) cannot keep up, or cannot write",
+                self.shared.max_backlog
+            ));
+            return None;
+        }
         let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.shared.incoming.join(format!("{seq:020}{RAW}"));
-        match File::create(&path) {
+        match in_dir(&self.shared.incoming, || File::create(&path)) {
             Ok(file) => Some(Incoming {
                 path,
                 seq,
                 file: BufWriter::with_capacity(1 << 20, file),
                 hasher: Xxh3Default::new(),
                 error: None,
+                written: 0,
                 has_rows: false,
                 at_line_start: true,
                 handed_over: false,
@@ -182,9 +270,12 @@ impl SpoolHandle {
             token: token(nodes, hash),
         };
         let pending = self.shared.pending.join(name.file_name(RAW));
-        match std::fs::rename(&incoming.path, &pending) {
+        match in_dir(&self.shared.pending, || {
+            std::fs::rename(&incoming.path, &pending)
+        }) {
             Ok(()) => {
                 incoming.handed_over = true;
+                self.shared.backlog.add(incoming.written);
                 let _ = self.shared.wake.send(Wake::Pending);
             }
             Err(e) => self.lost(&format!(
@@ -195,9 +286,23 @@ impl SpoolHandle {
     }
 
     fn lost(&self, error: &str) {
-        tracing::error!(%error, "snapshot applied but not relayed: the spool could not take it");
         for url in &self.shared.urls {
             url.dropped.inc();
+        }
+        // Once a minute: a spool that cannot take one snapshot usually cannot take the next.
+        let mut log = self
+            .shared
+            .lost_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        log.pending += 1;
+        if log.due() {
+            tracing::error!(
+                %error,
+                snapshots = log.pending,
+                "snapshots applied but not relayed (counted in relay_dropped_total): the spool could not take them"
+            );
+            log.pending = 0;
         }
     }
 }
@@ -211,6 +316,8 @@ pub struct Incoming {
     hasher: Xxh3Default,
     /// The first write error: later bytes are not written, and the copy is not relayed.
     error: Option<io::Error>,
+    /// Bytes written, for the backlog once it is handed over.
+    written: u64,
     has_rows: bool,
     at_line_start: bool,
     handed_over: bool,
@@ -224,8 +331,9 @@ impl Tee for Incoming {
         self.has_rows = self.has_rows || !bytes.trim_ascii().is_empty();
         self.at_line_start = bytes.ends_with(b"\n");
         self.hasher.update(bytes);
-        if let Err(e) = self.file.write_all(bytes) {
-            self.error = Some(e);
+        match self.file.write_all(bytes) {
+            Ok(()) => self.written += bytes.len() as u64,
+            Err(e) => self.error = Some(e),
         }
     }
 }
@@ -264,6 +372,8 @@ pub struct Spooled {
 /// A URL folder as the spooler sees it.
 pub struct UrlFolder {
     pub dir: PathBuf,
+    /// The URL's label, for the `url` file of a folder created again, and the logs.
+    pub label: String,
     pub news: UnboundedSender<Spooled>,
     pub metrics: RelayMetrics,
 }
@@ -279,6 +389,37 @@ enum SpoolError {
     Io(#[from] io::Error),
 }
 
+/// What becomes of a pending snapshot the spooler failed to spool.
+#[derive(Debug, PartialEq, Eq)]
+enum Fate {
+    /// Deleted and counted dropped: it can never be spooled.
+    Drop,
+    /// Kept in `pending` and tried again after a backoff.
+    Retry,
+}
+
+/// Only a snapshot that cannot be sent whole is dropped: a torn one, or one whose raw file
+/// is gone. Anything else (ENOSPC, EMFILE, EIO, a folder that cannot be made) may pass,
+/// and deleting the only copy would turn a passing trouble into lost history; the bound
+/// on `pending` ([`Backlog`]) keeps the retries from filling the disk.
+fn fate(error: &SpoolError, raw_exists: bool) -> Fate {
+    match error {
+        SpoolError::Torn => Fate::Drop,
+        _ if !raw_exists => Fate::Drop,
+        _ => Fate::Retry,
+    }
+}
+
+/// How a pass over `pending` ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Pass {
+    /// Everything pending was spooled (or dropped for good).
+    Done,
+    /// A snapshot stays pending after an error that may pass: try again after a backoff.
+    Retry,
+    Stopped,
+}
+
 /// The spooler thread's niceness: the lowest priority there is.
 const SPOOLER_NICENESS: i32 = 19;
 
@@ -289,49 +430,95 @@ pub struct Spooler {
     pub pending: PathBuf,
     pub urls: Vec<UrlFolder>,
     pub stopping: Arc<AtomicBool>,
+    pub backlog: Arc<Backlog>,
+    /// The longest wait before trying a kept snapshot again (`upstream.retry_max_ms`).
+    pub retry_max: std::time::Duration,
+    pub errors: Throttled,
 }
 
 impl Spooler {
-    pub fn run(self, wake: mpsc::Receiver<Wake>) {
+    pub fn run(mut self, wake: mpsc::Receiver<Wake>) {
         // Below the writer too: compressing a 100k-call snapshot takes seconds of a core,
         // and the next snapshot's apply (which a switch or a customer waits on) must not
         // share the second core with it.
         crate::feed::writer::set_niceness(SPOOLER_NICENESS);
+        let mut backoff = Backoff::new(self.retry_max);
         loop {
-            self.spool_pending();
-            let Ok(first) = wake.recv() else { return };
-            // Many wakes while busy are one pass over the folder.
-            if std::iter::once(first)
-                .chain(wake.try_iter())
-                .any(|w| matches!(w, Wake::Stop))
-            {
-                return;
+            let deadline = match self.spool_pending() {
+                Pass::Done => {
+                    backoff = Backoff::new(self.retry_max);
+                    None
+                }
+                // A wake before the backoff ends does not cut it short: it would compress
+                // the same snapshot again only to meet the same full disk.
+                Pass::Retry => Some(Instant::now() + backoff.next()),
+                Pass::Stopped => return,
+            };
+            loop {
+                let first = match deadline {
+                    None => match wake.recv() {
+                        Ok(first) => first,
+                        Err(_) => return,
+                    },
+                    Some(deadline) => {
+                        match wake.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                        {
+                            Ok(first) => first,
+                            Err(mpsc::RecvTimeoutError::Timeout) => break,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                };
+                // Many wakes while busy are one pass over the folder.
+                if std::iter::once(first)
+                    .chain(wake.try_iter())
+                    .any(|w| matches!(w, Wake::Stop))
+                {
+                    return;
+                }
+                if deadline.is_none() {
+                    break;
+                }
             }
         }
     }
 
-    fn spool_pending(&self) {
-        let mut names = match list(&self.pending, RAW) {
+    fn spool_pending(&mut self) -> Pass {
+        let before = self.backlog.get();
+        let mut names = match in_dir(&self.pending, || list(&self.pending, RAW)) {
             Ok(names) => names,
             Err(e) => {
-                tracing::error!(
-                    dir = %self.pending.display(),
-                    error = %e,
-                    "cannot list the relay's pending snapshots"
-                );
-                return;
+                let dir = self.pending.clone();
+                self.error("cannot list the relay's pending snapshots", &dir, &e);
+                return Pass::Retry;
             }
         };
         names.sort();
-        for name in names {
+        let sizes: Vec<u64> = names
+            .iter()
+            .map(|n| std::fs::metadata(self.pending.join(n.file_name(RAW))).map_or(0, |m| m.len()))
+            .collect();
+        self.backlog.recount(before, sizes.iter().sum());
+        for (name, size) in names.into_iter().zip(sizes) {
             if self.stopping.load(Ordering::Relaxed) {
-                return;
+                return Pass::Stopped;
             }
             let raw = self.pending.join(name.file_name(RAW));
             match self.spool_one(&raw, &name) {
                 Ok(()) => {}
-                Err(SpoolError::Stopped) => return,
+                Err(SpoolError::Stopped) => return Pass::Stopped,
                 Err(e) => {
+                    let _ = std::fs::remove_file(self.pending.join(name.file_name(PARTIAL)));
+                    if fate(&e, raw.exists()) == Fate::Retry {
+                        // The rest waits too: they are younger, and would only meet the
+                        // same trouble.
+                        self.error(
+                            "relay: cannot spool a snapshot; it stays pending and is retried",
+                            &raw,
+                            &e,
+                        );
+                        return Pass::Retry;
+                    }
                     tracing::error!(
                         file = %raw.display(),
                         error = %e,
@@ -341,42 +528,91 @@ impl Spooler {
                         url.metrics.dropped.inc();
                     }
                     let _ = std::fs::remove_file(&raw);
-                    let _ = std::fs::remove_file(self.pending.join(name.file_name(PARTIAL)));
                 }
             }
+            self.backlog.sub(size);
+        }
+        Pass::Done
+    }
+
+    /// Logs a spooler error at most once a minute: one that lasts repeats at each retry.
+    fn error(&mut self, what: &'static str, path: &Path, error: &dyn std::fmt::Display) {
+        self.errors.pending += 1;
+        if self.errors.due() {
+            tracing::error!(
+                path = %path.display(),
+                %error,
+                times = self.errors.pending,
+                "{what}"
+            );
+            self.errors.pending = 0;
         }
     }
 
+    /// Compresses one pending snapshot and links it into each URL folder. Each URL is
+    /// linked on its own: one that cannot take it (its folder cannot be made, EMLINK)
+    /// counts it dropped, and the others still get it, announced, in order. Only when no
+    /// URL took it is it an error (and the snapshot stays pending): retrying it for some
+    /// URLs only would need a record of which have it, since one whose sender already sent
+    /// and deleted it would get it twice, out of order.
     fn spool_one(&self, raw: &Path, name: &SpoolName) -> Result<(), SpoolError> {
         let partial = self.pending.join(name.file_name(PARTIAL));
         // A partial file of an earlier run may be linked already: never write into it.
         remove_if_exists(&partial)?;
         let bytes = self.compress(raw, &partial, name.hash())?;
         let file_name = name.file_name(COMPRESSED);
+        let mut linked = Vec::new();
+        let mut failed = Vec::new();
         for url in &self.urls {
-            match std::fs::hard_link(&partial, url.dir.join(&file_name)) {
-                Ok(()) => {}
+            let link = url.dir.join(&file_name);
+            let made = in_dir(&url.dir, || match std::fs::hard_link(&partial, &link) {
                 // Linked before a crash: that link is whole (made after the sync).
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e.into()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                other => other,
+            });
+            match made {
+                Ok(()) => linked.push(url),
+                Err(e) => failed.push((url, e)),
             }
         }
-        for url in &self.urls {
-            File::open(&url.dir)?.sync_all()?;
+        if linked.is_empty() && !failed.is_empty() {
+            let (_, e) = failed.swap_remove(0);
+            return Err(e.into());
+        }
+        for (url, e) in failed {
+            tracing::error!(
+                url = %url.label,
+                dir = %url.dir.display(),
+                error = %e,
+                "relay: a snapshot could not be put in a URL's spool folder; dropped for that URL"
+            );
+            url.metrics.dropped.inc();
         }
         let at = SystemTime::now();
-        for url in &self.urls {
+        for url in linked {
+            // The link exists either way: a sender that is not told would send it only
+            // after a restart, out of order. A failed sync only weakens it to the kernel's
+            // own write-back.
+            if let Err(e) = File::open(&url.dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(dir = %url.dir.display(), error = %e, "relay: cannot sync a spool folder");
+            }
+            if !url.dir.join(URL_FILE).exists() {
+                // The folder was made again: say again which URL it is for.
+                write_url_file(&url.dir, &url.label);
+            }
             let _ = url.news.send(Spooled {
                 name: name.clone(),
                 bytes,
                 at,
             });
         }
-        std::fs::remove_file(raw)?;
-        std::fs::remove_file(&partial)?;
+        for done in [raw, &partial] {
+            if let Err(e) = remove_if_exists(done) {
+                tracing::error!(file = %done.display(), error = %e, "relay: cannot delete a spooled snapshot's pending file");
+            }
+        }
         Ok(())
     }
-
     /// Gzips `raw` into `partial` and syncs it, checking the rows against `hash`.
     /// Returns the compressed size.
     fn compress(&self, raw: &Path, partial: &Path, hash: Option<u128>) -> Result<u64, SpoolError> {
@@ -421,6 +657,42 @@ pub fn list(dir: &Path, suffix: &str) -> io::Result<Vec<SpoolName>> {
         }
     }
     Ok(names)
+}
+
+/// Runs `op`, which creates something in `dir`; when it fails because `dir` is gone
+/// (deleted while the agent runs), creates `dir` again and runs it once more. The one
+/// mechanism behind every spool folder surviving its deletion: the copy of a new snapshot,
+/// its move to `pending`, its links into the URL folders.
+pub(super) fn in_dir<T>(dir: &Path, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    match op() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.is_dir() => {
+            tracing::warn!(dir = %dir.display(), "relay: a spool folder was deleted; creating it again");
+            std::fs::create_dir_all(dir)?;
+            op()
+        }
+        other => other,
+    }
+}
+
+/// Writes a URL folder's `url` file, for the operator looking at the spool: best effort,
+/// since the relay works without it (a full disk must not stop the agent at start).
+pub(super) fn write_url_file(dir: &Path, label: &str) {
+    let path = dir.join(URL_FILE);
+    if let Err(e) = std::fs::write(&path, format!("{label}\n")) {
+        tracing::warn!(file = %path.display(), error = %e, "relay: cannot write a spool folder's url file");
+    }
+}
+
+/// The raw bytes waiting in `pending` (at start, for the [`Backlog`]).
+pub fn pending_bytes(root: &Path) -> u64 {
+    let pending = root.join(PENDING);
+    list(&pending, RAW).map_or(0, |names| {
+        names
+            .iter()
+            .filter_map(|n| std::fs::metadata(pending.join(n.file_name(RAW))).ok())
+            .map(|m| m.len())
+            .sum()
+    })
 }
 
 /// Prepares `root` at start: creates the folders, deletes what a crash or a stop left
@@ -519,10 +791,14 @@ mod tests {
             pending: root.path().join(PENDING),
             urls: vec![UrlFolder {
                 dir: url_dir,
+                label: "http://ch:8123/".into(),
                 news,
                 metrics: crate::metrics::Metrics::new().relay("http://ch:8123/"),
             }],
             stopping: Arc::new(AtomicBool::new(false)),
+            backlog: Arc::new(Backlog::new(0, Gauge::default())),
+            retry_max: std::time::Duration::from_millis(100),
+            errors: Throttled::default(),
         };
         (root, spooler, news_rx, first_seq)
     }
@@ -542,7 +818,7 @@ mod tests {
             ),
         };
         let pending = |n: &SpoolName, suffix| format!("{PENDING}/{}", n.file_name(suffix));
-        let (root, spooler, mut news, first_seq) = spool_with(&[
+        let (root, mut spooler, mut news, first_seq) = spool_with(&[
             (&format!("{INCOMING}/00000000000000000009.jsonl"), b"{\"cut"),
             (&pending(&whole, RAW), rows),
             // A crash mid-compress left a partial file.
@@ -556,7 +832,7 @@ mod tests {
                 .count(),
             0
         );
-        spooler.spool_pending();
+        assert_eq!(spooler.spool_pending(), Pass::Done);
 
         let linked = spooler.urls[0].dir.join(whole.file_name(COMPRESSED));
         let mut text = String::new();
@@ -584,6 +860,70 @@ mod tests {
         spooler.spool_pending();
         assert_eq!(news.try_recv().unwrap().name, whole);
         assert!(linked.exists());
+    }
+
+    #[test]
+    fn a_snapshot_no_url_folder_can_take_stays_pending_until_one_can() {
+        let rows = b"{\"node_id\":1}\n";
+        let name = SpoolName {
+            seq: 1,
+            token: token(&[1], xxhash_rust::xxh3::xxh3_128(rows)),
+        };
+        let raw = format!("{PENDING}/{}", name.file_name(RAW));
+        let (root, mut spooler, mut news, _) = spool_with(&[(&raw, rows)]);
+        spooler.backlog.add(rows.len() as u64);
+        // The URL folder is a file: no link can be made, and none made again.
+        let dir = spooler.urls[0].dir.clone();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::write(&dir, b"").unwrap();
+        assert_eq!(spooler.spool_pending(), Pass::Retry);
+        assert!(root.path().join(&raw).exists(), "kept for a retry");
+        assert_eq!(spooler.urls[0].metrics.dropped.get(), 0);
+        assert_eq!(spooler.backlog.get(), rows.len() as u64);
+        assert!(news.try_recv().is_err());
+        // The folder deleted instead: made again, with its url file, and the snapshot goes.
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(spooler.spool_pending(), Pass::Done);
+        assert_eq!(news.try_recv().unwrap().name, name);
+        assert!(dir.join(URL_FILE).exists());
+        assert!(!root.path().join(&raw).exists());
+        assert_eq!(spooler.backlog.get(), 0);
+    }
+
+    #[test]
+    fn only_a_torn_or_vanished_snapshot_is_dropped() {
+        let full = || SpoolError::Io(io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(fate(&SpoolError::Torn, true), Fate::Drop);
+        assert_eq!(fate(&full(), true), Fate::Retry);
+        assert_eq!(
+            fate(
+                &SpoolError::Io(io::Error::from_raw_os_error(libc::EMFILE)),
+                true
+            ),
+            Fate::Retry
+        );
+        assert_eq!(
+            fate(&SpoolError::Io(io::ErrorKind::NotFound.into()), false),
+            Fate::Drop
+        );
+        assert_eq!(fate(&full(), false), Fate::Drop);
+    }
+
+    #[test]
+    fn a_deleted_folder_is_made_again_once() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("gone/deeper");
+        let file = dir.join("f");
+        let mut calls = 0;
+        in_dir(&dir, || {
+            calls += 1;
+            std::fs::write(&file, b"x")
+        })
+        .unwrap();
+        assert_eq!((calls, file.exists()), (2, true));
+        // A source that is missing is not a missing folder: no retry.
+        let err = in_dir(&dir, || std::fs::rename(root.path().join("nothing"), &file));
+        assert_eq!(err.unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 
     #[test]

@@ -214,6 +214,8 @@ pub struct Process {
     /// The metrics listener, when the configuration has one.
     pub metrics: Option<SocketAddr>,
     pub log: mpsc::Receiver<String>,
+    /// The lines logged before both listeners were (what a start logs about itself).
+    pub start_log: Vec<String>,
 }
 
 impl Process {
@@ -240,10 +242,12 @@ impl Process {
             }
         });
         let (mut api, mut feed, mut metrics) = (None, None, None);
+        let mut start_log = Vec::new();
         while api.is_none() || feed.is_none() {
             let line = log
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the agent logs its listeners within 30 s");
+            start_log.push(line.clone());
             let addr = || {
                 line.rsplit('=')
                     .next()
@@ -266,6 +270,7 @@ impl Process {
             feed: feed.unwrap(),
             metrics,
             log,
+            start_log,
         }
     }
 
