@@ -339,8 +339,15 @@ impl Sender {
                     continue;
                 }
             };
-            let outcome =
-                client::attempt(&self.endpoint, &self.table, &name.token, file, bytes).await;
+            let outcome = client::attempt(
+                &self.endpoint,
+                &self.table,
+                &name.token,
+                file,
+                bytes,
+                client::IDLE_TIMEOUT,
+            )
+            .await;
             let attempts = failing.as_ref().map_or(0, |f| f.attempts) + 1;
             // An answer that is not to be retried means the URL works again.
             if !matches!(outcome, Outcome::Retry(_)) {

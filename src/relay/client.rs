@@ -8,6 +8,8 @@
 
 use std::io::Read;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,11 +19,16 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// An attempt (connect, send, answer) that takes longer than this is abandoned and retried.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connecting may take this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An attempt that neither sends nor receives a byte for this long is abandoned and
+/// retried. Not a limit on the whole attempt: a 15 MB snapshot on a slow link takes the
+/// time it needs, while a peer that stopped reading or answering frees the URL.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How much of an error answer is read, and how much of it a log line quotes.
 const ANSWER_BYTES: usize = 4096;
 const MESSAGE_CHARS: usize = 300;
@@ -187,18 +194,28 @@ pub fn classify(status: StatusCode, exception_code: Option<u16>, message: String
     }
 }
 
-/// One attempt to insert the gzip file `body` (`len` bytes) with `token`.
+/// One attempt to insert the gzip file `body` (`len` bytes) with `token`; abandoned after
+/// `idle` without a byte either way (see [`IDLE_TIMEOUT`]).
 pub async fn attempt(
     endpoint: &Endpoint,
     table: &str,
     token: &str,
     body: std::fs::File,
     len: u64,
+    idle: Duration,
 ) -> Outcome {
-    match tokio::time::timeout(ATTEMPT_TIMEOUT, send(endpoint, table, token, body, len)).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) => Outcome::Retry(e),
-        Err(_) => Outcome::Retry(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+    let progress = Arc::new(Progress::new());
+    let send = send(endpoint, table, token, body, len, progress.clone());
+    tokio::pin!(send);
+    loop {
+        tokio::select! {
+            sent = &mut send => return sent.unwrap_or_else(Outcome::Retry),
+            _ = tokio::time::sleep_until(progress.last() + idle) => {
+                if progress.last() + idle <= tokio::time::Instant::now() {
+                    return Outcome::Retry(format!("nothing sent or received for {idle:?}"));
+                }
+            }
+        }
     }
 }
 
@@ -208,11 +225,17 @@ async fn send(
     token: &str,
     body: std::fs::File,
     len: u64,
+    progress: Arc<Progress>,
 ) -> Result<Outcome, String> {
-    let stream = TcpStream::connect(&endpoint.authority)
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&endpoint.authority))
         .await
+        .map_err(|_| format!("connecting: no answer within {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("connecting: {e}"))?;
     let _ = stream.set_nodelay(true);
+    let stream = Tracked {
+        inner: stream,
+        progress,
+    };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("connecting: {e}"))?;
@@ -277,6 +300,76 @@ async fn read_message(mut body: hyper::body::Incoming) -> String {
         .collect::<String>()
         .trim()
         .to_owned()
+}
+
+/// When an attempt last sent or received a byte.
+struct Progress {
+    started: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            started: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis();
+        self.last_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A connection that records its [`Progress`]: every byte read or written.
+struct Tracked {
+    inner: TcpStream,
+    progress: Arc<Progress>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.progress.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.progress.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -345,6 +438,74 @@ impl Body for FileBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Posts `bytes` of body to a peer that takes the connection and then reads slowly
+    /// (a pause of `pause` between 64 KB reads) or, with no pause, never reads at all;
+    /// once it has read everything it answers 200.
+    fn attempt_against(bytes: usize, pause: Option<Duration>, idle: Duration) -> Outcome {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let peer = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let Some(pause) = pause else {
+                std::thread::sleep(Duration::from_secs(2));
+                return;
+            };
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0;
+            while total < bytes {
+                std::thread::sleep(pause);
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => total += n,
+                }
+            }
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        });
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&vec![b'x'; bytes]).unwrap();
+        file.rewind().unwrap();
+        let endpoint = Endpoint::parse(&url, "", "").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                attempt(&endpoint, "t", "x", file, bytes as u64, idle),
+            )
+            .await
+            .expect("the attempt ended")
+        });
+        drop(runtime);
+        let _ = peer.join();
+        outcome
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_is_given_up_after_the_idle_time() {
+        // 64 MB: more than any socket buffers hold, so the writes stall.
+        let outcome = attempt_against(64 << 20, None, Duration::from_millis(300));
+        match outcome {
+            Outcome::Retry(why) => assert!(why.contains("nothing sent or received"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_slow_peer_that_keeps_reading_is_not_cut_off() {
+        // The whole upload takes longer than the idle time, each pause much less.
+        let started = std::time::Instant::now();
+        let outcome = attempt_against(
+            16 << 20,
+            Some(Duration::from_millis(5)),
+            Duration::from_secs(1),
+        );
+        assert!(matches!(outcome, Outcome::Sent), "{outcome:?}");
+        assert!(started.elapsed() > Duration::from_secs(1));
+    }
 
     #[test]
     fn a_url_keeps_its_parameters_and_loses_its_credentials() {
