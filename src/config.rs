@@ -27,7 +27,7 @@ pub struct Config {
 }
 
 /// `[api]`: the customer endpoint's listener and its token settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: String,
@@ -47,7 +47,7 @@ pub struct StoreConfig {
 }
 
 /// `[feed]`: where snapshots come from and when silence means "no calls".
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FeedConfig {
     /// The snapshot file; empty turns the file source off.
@@ -118,10 +118,43 @@ pub struct UpstreamConfig {
 
 // Written by hand: a derived one would print the password into any debug line or panic
 // message that shows the configuration.
+/// What a debug print shows of a secret: whether there is one.
+fn hidden(secret: &str) -> &'static str {
+    if secret.is_empty() { "" } else { "***" }
+}
+
+// The three sections holding secrets print without them, should a configuration ever be
+// logged whole.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("jwt_secret", &self.jwt_secret.as_deref().map(hidden))
+            .field("jwt_secret_file", &self.jwt_secret_file)
+            .field("token_lifetime", &self.token_lifetime)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for FeedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeedConfig")
+            .field("watch", &self.watch)
+            .field("listen", &self.listen)
+            .field("stale_after", &self.stale_after)
+            .field("user", &self.user)
+            .field("password", &hidden(&self.password))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let urls: Vec<String> = self.clickhouse_urls.iter().map(|u| redact_url(u)).collect();
-        let password = if self.password.is_empty() { "" } else { "***" };
+        let password = hidden(&self.password);
         f.debug_struct("UpstreamConfig")
             .field("scrape_tokens_file", &self.scrape_tokens_file)
             .field("clickhouse_urls", &urls)
@@ -497,14 +530,16 @@ mod tests {
     }
 
     #[test]
-    fn a_debug_print_of_upstream_hides_its_secrets() {
+    fn a_debug_print_of_the_configuration_hides_its_secrets() {
         let config = Config::parse(
-            "[upstream]\nuser = \"relay\"\npassword = \"key-one\"\nclickhouse_urls = [\
+            "[api]\njwt_secret = \"key-four\"\n[feed]\nuser = \"sw\"\npassword = \"key-five\"\n\
+             [upstream]\nuser = \"relay\"\npassword = \"key-one\"\nclickhouse_urls = [\
              \"http://u:key-two@ch:8123/?database=yeti&password=key-three\", \"http://ch2/\"]\n",
         )
         .unwrap();
         let text = format!("{config:?}");
-        for secret in ["key-one", "key-two", "key-three"] {
+        assert!(text.contains("jwt_secret: Some(\"***\")"), "{text}");
+        for secret in ["key-one", "key-two", "key-three", "key-four", "key-five"] {
             assert!(!text.contains(secret), "{secret}: {text}");
         }
         assert!(
