@@ -26,6 +26,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
+use super::params::form_pairs;
 use super::{ApiState, header_value, if_none_match, json, stale_cutoff_ms};
 use crate::http::{self, Body, empty};
 use crate::store::NodeGeneration;
@@ -58,17 +59,16 @@ enum Format {
 }
 
 impl Format {
-    /// The `format` parameter of `query` (the last one given), if valid.
+    /// The `format` parameter of `query` (the last one given), if every one given is valid.
     fn of_query(query: &str) -> Result<Format, ()> {
         let mut format = Format::JsonEachRow;
-        for pair in query.split('&') {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if decode(name) != "format" {
+        for (name, value) in form_pairs(query.as_bytes()) {
+            if name != b"format" {
                 continue;
             }
-            format = match decode(value).as_str() {
-                "JSONEachRow" => Format::JsonEachRow,
-                "JSON" => Format::Json,
+            format = match value.as_slice() {
+                b"JSONEachRow" => Format::JsonEachRow,
+                b"JSON" => Format::Json,
                 _ => return Err(()),
             };
         }
@@ -81,15 +81,6 @@ impl Format {
             Format::Json => "application/json; charset=utf-8",
         }
     }
-}
-
-/// A query-string component, `+` as a space, percent-decoded (invalid UTF-8 replaced: no
-/// format name has any).
-fn decode(component: &str) -> String {
-    let spaced = component.replace('+', " ");
-    percent_encoding::percent_decode_str(&spaced)
-        .decode_utf8_lossy()
-        .into_owned()
 }
 
 /// What the reading task has decided once it has read the nodes, in its transaction.
