@@ -353,14 +353,9 @@ fn relay_metric(text: &str, name: &str, url: &str) -> f64 {
 fn spooled(spool: &Path) -> (usize, u64) {
     let mut found = (0, 0);
     for dir in std::fs::read_dir(spool).unwrap().flatten() {
-        if !dir.path().join("url").exists() {
-            continue;
-        }
-        for file in std::fs::read_dir(dir.path()).unwrap().flatten() {
-            if file.file_name().to_string_lossy().ends_with(".jsonl.gz") {
-                found.0 += 1;
-                found.1 += file.metadata().unwrap().len();
-            }
+        if dir.path().join("url").exists() {
+            let (files, bytes) = files_in(&dir.path(), ".jsonl.gz");
+            found = (found.0 + files, found.1 + bytes);
         }
     }
     found
@@ -721,20 +716,12 @@ fn check_names_what_keeps_the_relay_from_working() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_process_config(dir.path(), "");
     let base = std::fs::read_to_string(&config).unwrap();
-    let check = |upstream: &str| {
+    let check_upstream = |upstream: &str| {
         std::fs::write(&config, format!("{base}[upstream]\n{upstream}\n")).unwrap();
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_active-calls-agent"))
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
+        check(&config)
     };
     let spool = dir.path().join("spool");
-    let (ok, text) = check(&format!(
+    let (ok, text) = check_upstream(&format!(
         "clickhouse_urls = [\"http://relay:Hunter2-relay-secret@ch.example:8123/?database=yeti\"]\nspool_dir = {spool:?}"
     ));
     assert!(ok, "{text}");
@@ -748,7 +735,7 @@ fn check_names_what_keeps_the_relay_from_working() {
     );
     assert!(!text.contains("Hunter2-relay-secret"), "{text}");
 
-    let (ok, text) = check("clickhouse_urls = [\"https://ch.example:8443/\"]");
+    let (ok, text) = check_upstream("clickhouse_urls = [\"https://ch.example:8443/\"]");
     assert!(!ok, "{text}");
     assert!(
         text.contains("error: ") && text.contains("https is not supported"),
@@ -757,7 +744,7 @@ fn check_names_what_keeps_the_relay_from_working() {
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, "").unwrap();
-    let (ok, text) = check(&format!(
+    let (ok, text) = check_upstream(&format!(
         "clickhouse_urls = [\"http://ch:8123/\"]\nspool_dir = {:?}",
         file.join("spool")
     ));

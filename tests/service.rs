@@ -7,8 +7,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -293,18 +291,6 @@ fn sigterm_under_load_answers_every_request_begun() {
     let agent = Process::start(&config);
     assert_eq!(agent.answer(), (vec!["B".to_string()], 2_000));
     agent.kill();
-}
-
-fn check(config: &Path) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_active-calls-agent"))
-        .args(["check", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
 }
 
 #[test]

@@ -205,6 +205,20 @@ pub fn write_process_config(dir: &Path, api: &str) -> PathBuf {
     config
 }
 
+/// Runs `active-calls-agent check --config <config>` (the real binary, as an operator
+/// does): whether it passed, and what it printed.
+pub fn check(config: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_active-calls-agent"))
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
 /// The agent as a child process (the real binary), with the addresses it logged and the
 /// rest of its log lines.
 pub struct Process {
