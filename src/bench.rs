@@ -289,10 +289,8 @@ fn wait_for_spooled(spool: &Path, count: usize) -> anyhow::Result<Duration> {
         for folder in std::fs::read_dir(spool)? {
             let folder = folder?.path();
             if folder.is_dir() {
-                spooled += std::fs::read_dir(&folder)?
-                    .filter_map(Result::ok)
-                    .filter(|f| f.file_name().to_string_lossy().ends_with(".jsonl.gz"))
-                    .count();
+                spooled +=
+                    crate::relay::spool::list(&folder, crate::relay::spool::COMPRESSED)?.len();
             }
         }
         if spooled >= count {

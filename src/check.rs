@@ -276,16 +276,12 @@ fn relay(config: &Config, report: &mut Report) {
         ));
     }
     let spool = &settings.spool_dir;
-    // The folder, or the nearest ancestor that exists: the agent creates the rest.
+    // The folder, or the nearest ancestor that exists: the agent creates the rest. (A
+    // relative path's last ancestor is "", which never exists: then the current folder.)
     let existing = spool
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("."));
-    let existing = if existing.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        existing
-    };
     if !existing.is_dir() {
         report.error(format!(
             "upstream.spool_dir {}: {} is not a folder",
