@@ -26,8 +26,8 @@ use tokio::sync::watch;
 
 use crate::api::ops::Health;
 use crate::auth::{AuthContext, Authenticator, ScrapeTokens};
+use crate::clock::unix_millis;
 use crate::directory::{Directory, SwapCell};
-use crate::feed::unix_millis;
 use crate::http::{self, Body, ListenerSettings, empty, with_body};
 use crate::metrics::Metrics;
 use crate::store::{CallQuery, Readers};
@@ -38,6 +38,16 @@ pub const OUTGOING_ACTIVE_CALLS: &str = "/api/rest/customer/v1/outgoing-active-c
 pub const OPENAPI: &str = "/api/rest/customer/v1/openapi.json";
 /// The OpenAPI 3.1 document of the endpoint, as kept in the repository.
 pub const OPENAPI_DOCUMENT: &[u8] = include_bytes!("../openapi.json");
+/// The paths the API's listeners answer, each counted under its own name in the request
+/// metrics (see [`ListenerSettings::routes`]).
+pub const ROUTES: &[&str] = &[
+    OUTGOING_ACTIVE_CALLS,
+    scrape::ACTIVE_CALLS,
+    OPENAPI,
+    ops::METRICS,
+    ops::HEALTHZ,
+    ops::READYZ,
+];
 
 /// Everything a request needs, shared by all connections.
 pub struct ApiState {

@@ -263,11 +263,16 @@ fn feed(config: &Config, report: &mut Report) {
     }
 }
 
-/// The relay's URLs (their syntax was checked with the configuration) and whether its
-/// spool folder can be created or written, without writing.
+/// The relay's keys as the relay reads them at start (a wrong one stops the agent), and
+/// whether its spool folder can be created or written, without writing.
 fn relay(config: &Config, report: &mut Report) {
-    let Ok(Some(settings)) = crate::relay::Settings::from_config(&config.upstream) else {
-        return;
+    let settings = match crate::relay::Settings::from_config(&config.upstream) {
+        Ok(Some(settings)) => settings,
+        Ok(None) => return,
+        Err(e) => {
+            report.error(format!("{e:#}"));
+            return;
+        }
     };
     for endpoint in &settings.endpoints {
         report.ok(format!(

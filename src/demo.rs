@@ -16,8 +16,8 @@ use anyhow::Context;
 
 use crate::Agent;
 use crate::auth::Authenticator;
+use crate::clock::format_datetime;
 use crate::config::Config;
-use crate::feed::format_datetime;
 
 pub const ACCOUNTS: i64 = 1000;
 pub const CUSTOMERS: i64 = 50;

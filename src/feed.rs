@@ -15,11 +15,13 @@ use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::call::{CallRow, LineKey};
+use crate::clock::{format_datetime, is_datetime};
 use crate::store::{Origin, Writer};
 
 pub mod socket;
@@ -28,86 +30,6 @@ pub mod writer;
 /// A line longer than this is not a row of a switch (those are ~2.3 KB): it is skipped as
 /// a bad row rather than buffered without bound.
 pub const MAX_LINE_BYTES: u64 = 1 << 20;
-
-/// One call, converted and checked, borrowing from the line it was read from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CallRow<'a> {
-    pub node_id: i64,
-    pub local_tag: Cow<'a, str>,
-    pub customer_id: i64,
-    pub customer_acc_id: i64,
-    /// `None`: the row has none, the snapshot's receive time stands in.
-    pub snapshot_timestamp: Option<Cow<'a, str>>,
-    pub start_time: Cow<'a, str>,
-    pub connect_time: Option<Cow<'a, str>>,
-    pub destination_prefix: Cow<'a, str>,
-    pub destination_initial_interval: i64,
-    pub destination_initial_rate: Cow<'a, str>,
-    pub destination_next_interval: i64,
-    pub destination_next_rate: Cow<'a, str>,
-    pub destination_fee: Cow<'a, str>,
-    pub src_name_in: Cow<'a, str>,
-    pub src_prefix_in: Cow<'a, str>,
-    pub dst_prefix_in: Cow<'a, str>,
-    pub src_prefix_routing: Cow<'a, str>,
-    pub dst_prefix_routing: Cow<'a, str>,
-    pub from_domain: Cow<'a, str>,
-    pub to_domain: Cow<'a, str>,
-    pub ruri_domain: Cow<'a, str>,
-    pub diversion_in: Option<Cow<'a, str>>,
-    pub pai_in: Option<Cow<'a, str>>,
-    pub ppi_in: Option<Cow<'a, str>>,
-    pub privacy_in: Option<Cow<'a, str>>,
-    pub rpid_in: Option<Cow<'a, str>>,
-    pub rpid_privacy_in: Option<Cow<'a, str>>,
-    pub auth_orig_transport_protocol_id: i64,
-    pub auth_orig_ip: Cow<'a, str>,
-    pub auth_orig_port: i64,
-}
-
-impl CallRow<'_> {
-    /// The same row, owning its text (to cross from the reader thread to the writer).
-    pub fn into_owned(self) -> CallRow<'static> {
-        fn own(text: Cow<'_, str>) -> Cow<'static, str> {
-            Cow::Owned(text.into_owned())
-        }
-        fn own_opt(text: Option<Cow<'_, str>>) -> Option<Cow<'static, str>> {
-            text.map(own)
-        }
-        CallRow {
-            node_id: self.node_id,
-            local_tag: own(self.local_tag),
-            customer_id: self.customer_id,
-            customer_acc_id: self.customer_acc_id,
-            snapshot_timestamp: own_opt(self.snapshot_timestamp),
-            start_time: own(self.start_time),
-            connect_time: own_opt(self.connect_time),
-            destination_prefix: own(self.destination_prefix),
-            destination_initial_interval: self.destination_initial_interval,
-            destination_initial_rate: own(self.destination_initial_rate),
-            destination_next_interval: self.destination_next_interval,
-            destination_next_rate: own(self.destination_next_rate),
-            destination_fee: own(self.destination_fee),
-            src_name_in: own(self.src_name_in),
-            src_prefix_in: own(self.src_prefix_in),
-            dst_prefix_in: own(self.dst_prefix_in),
-            src_prefix_routing: own(self.src_prefix_routing),
-            dst_prefix_routing: own(self.dst_prefix_routing),
-            from_domain: own(self.from_domain),
-            to_domain: own(self.to_domain),
-            ruri_domain: own(self.ruri_domain),
-            diversion_in: own_opt(self.diversion_in),
-            pai_in: own_opt(self.pai_in),
-            ppi_in: own_opt(self.ppi_in),
-            privacy_in: own_opt(self.privacy_in),
-            rpid_in: own_opt(self.rpid_in),
-            rpid_privacy_in: own_opt(self.rpid_privacy_in),
-            auth_orig_transport_protocol_id: self.auth_orig_transport_protocol_id,
-            auth_orig_ip: own(self.auth_orig_ip),
-            auth_orig_port: self.auth_orig_port,
-        }
-    }
-}
 
 /// What one line of a snapshot turned out to be.
 #[derive(Debug, PartialEq)]
@@ -264,16 +186,6 @@ fn skipped_if_object(line: &[u8], reason: String) -> Result<Line<'_>, String> {
         }),
         Err(e) => Err(format!("not a JSON object: {e}")),
     }
-}
-
-/// What identifies a snapshot line apart from the values that change with every snapshot:
-/// a switch resends an unchanged call as the same bytes but for these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LineKey<'a> {
-    /// xxh3 of the line without the volatile key-value pairs.
-    pub hash: i64,
-    /// The row's `snapshot_timestamp` (`None`: absent or null).
-    pub snapshot_timestamp: Option<&'a str>,
 }
 
 /// The keys whose values change every snapshot while the call itself does not.
@@ -541,80 +453,6 @@ fn time(value: &RawValue) -> Result<Cow<'_, str>, ()> {
     Ok(Cow::Owned(format_datetime(seconds)))
 }
 
-/// Checks the exact `YYYY-MM-DD hh:mm:ss` form and a real calendar date.
-pub fn is_datetime(text: &str) -> bool {
-    let b = text.as_bytes();
-    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' {
-        return false;
-    }
-    if b[16] != b':' {
-        return false;
-    }
-    let number = |range: std::ops::Range<usize>| -> Option<u32> {
-        b[range].iter().try_fold(0u32, |n, &d| {
-            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
-        })
-    };
-    let parts = (
-        number(0..4),
-        number(5..7),
-        number(8..10),
-        number(11..13),
-        number(14..16),
-        number(17..19),
-    );
-    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = parts else {
-        return false;
-    };
-    (1..=12).contains(&month)
-        && day >= 1
-        && day <= days_in_month(year, month)
-        && hour < 24
-        && minute < 60
-        && second < 60
-}
-
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
-            29
-        }
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Formats unix seconds as `YYYY-MM-DD hh:mm:ss` UTC (days to civil date after
-/// H. Hinnant's public-domain algorithm).
-pub fn format_datetime(unix_seconds: i64) -> String {
-    let days = unix_seconds.div_euclid(86_400);
-    let secs = unix_seconds.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-/// Milliseconds since the unix epoch.
-pub fn unix_millis(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
-    }
-}
-
 /// A block of whole lines read from a snapshot, and what the reader made of each.
 struct Block {
     text: Vec<u8>,
@@ -663,9 +501,21 @@ pub fn apply_snapshot(
 ///
 /// It gets the bytes of every line after the `INSERT` line, as they came (so every key,
 /// and rows the agent skips), before they are parsed; whether they count is decided at the
-/// commit. It cannot fail the snapshot: applying never waits for, or on, the relay.
+/// commit. It cannot fail the snapshot: applying never waits for, or on, the relay. A copy
+/// dropped without [`Tee::commit`] (the snapshot was rejected) is discarded.
 pub trait Tee: Send {
     fn copy(&mut self, bytes: &[u8]);
+    /// Hands the copy of a committed snapshot of `nodes` on, without waiting for anything.
+    fn commit(self: Box<Self>, nodes: &[i64]);
+}
+
+/// Where each applied snapshot's rows go on: the relay, when it is on.
+///
+/// The feed defines it and the relay implements it, so that the writer hands snapshots on
+/// without naming the relay: the relay builds on the feed, never the other way round.
+pub trait Forward: Send {
+    /// A new copy for the snapshot about to apply; `None` when this one is not forwarded.
+    fn begin(&self) -> Option<Box<dyn Tee>>;
 }
 
 /// [`apply_snapshot`], copying the rows into `tee` on the way.
@@ -1083,16 +933,6 @@ mod tests {
         assert_eq!(data(b"SELECT 1"), None);
         assert_eq!(data(b"INSERT INTO t FORMAT CSV"), None);
         assert_eq!(data(b"INSERT INTO t"), None);
-    }
-
-    #[test]
-    fn datetimes_round_trip() {
-        assert_eq!(format_datetime(0), "1970-01-01 00:00:00");
-        assert_eq!(format_datetime(951_782_400), "2000-02-29 00:00:00");
-        assert!(is_datetime("2024-02-29 23:59:59"));
-        assert!(!is_datetime("2023-02-29 00:00:00"));
-        assert!(!is_datetime("2023-01-01T00:00:00"));
-        assert!(!is_datetime("2023-01-01 24:00:00"));
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! What the agent's two HTTP listeners share: the accept loop on hyper, the body type, and
-//! the small answers.
+//! What the agent's two HTTP listeners share: the accept loop on hyper, the body type, the
+//! small answers, and the query-string decoder.
 //!
 //! Both the customer API and the socket feed are plain HTTP/1.1 over hyper, with the same
 //! limits on a slow client, the same request metrics and the same way to stop; only the
-//! handler differs.
+//! handler differs. Both read parameters from the query string too (the API its filters
+//! and the scrape's format, the feed its `query` and credentials), so [`form_pairs`] is
+//! here, below both, as one decoder.
 //!
 //! Stopping is graceful, as systemd's SIGTERM expects: the listener takes the connections
 //! already queued and closes (new ones are refused, not left hanging), a connection between
@@ -28,11 +30,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use percent_encoding::percent_decode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 
 /// Every answer's body: most are built whole ([`full`]); the scrape streams. An error
 /// mid-stream cuts the connection, so a client never takes half an answer for a whole one.
@@ -67,6 +70,18 @@ pub struct ListenerSettings {
     /// Past this many open connections, a new one takes the place of the oldest idle one,
     /// or, when all are busy, is answered 503 (see [`Slots`]).
     pub max_connections: usize,
+    /// Paths counted under their own name in the request metrics; any other is counted as
+    /// `other`, so that a scan of random URLs cannot create unbounded series.
+    pub routes: &'static [&'static str],
+}
+
+/// The `route` label of a request for `path` on a listener serving `routes`.
+fn route_of(routes: &'static [&'static str], path: &str) -> &'static str {
+    routes
+        .iter()
+        .find(|r| **r == path)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// A body streamed from a channel: each `Ok` is a piece of it, an `Err` cuts the
@@ -178,7 +193,7 @@ pub async fn serve<H, F>(
                     a.busy = true;
                 });
                 let started = Instant::now();
-                let route = metrics::route_of(req.uri().path());
+                let route = route_of(settings.routes, req.uri().path());
                 let answer = handler(req);
                 let (settings, activity) = (settings.clone(), activity.clone());
                 async move {
@@ -514,4 +529,39 @@ pub fn with_body(status: StatusCode, content_type: &'static str, body: Vec<u8>) 
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     response
+}
+
+/// The decoded `(name, value)` pairs of a query string, in order; a pair without `=` has
+/// an empty value.
+pub fn form_pairs(query: &[u8]) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
+    query
+        .split(|&b| b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| match pair.iter().position(|&b| b == b'=') {
+            Some(i) => (decode(&pair[..i]), decode(&pair[i + 1..])),
+            None => (decode(pair), Vec::new()),
+        })
+}
+
+/// Decodes one form-urlencoded component (`+` is a space) to bytes.
+fn decode(component: &[u8]) -> Vec<u8> {
+    let spaced: Vec<u8> = component
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
+    percent_decode(&spaced).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_paths_are_other() {
+        const ROUTES: &[&str] = &["/", "/healthz"];
+        assert_eq!(route_of(ROUTES, "/healthz"), "/healthz");
+        assert_eq!(route_of(ROUTES, "/"), "/");
+        assert_eq!(route_of(ROUTES, "/x"), "other");
+        assert_eq!(route_of(ROUTES, "/healthz/"), "other");
+    }
 }

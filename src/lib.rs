@@ -17,6 +17,8 @@
 //! * [`store`]: the SQLite database of `schema.sql`; one [`store::Writer`] that applies a
 //!   snapshot as one transaction writing only what changed, and [`store::Readers`] that
 //!   answer customer queries through prefix indexes.
+//! * [`call`]: one call, as the feed reads it and the store keeps it.
+//! * [`clock`]: the UTC date-time text and the unix milliseconds the others share.
 //! * [`api`]: the HTTP endpoint on hyper, with the exact answers of the central API, and
 //!   [`api::scrape`], every call of the node streamed to an aggregator.
 //! * [`auth`]: customer JWTs (header or session cookie) resolved into a customer context.
@@ -44,7 +46,9 @@
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod call;
 pub mod check;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod directory;
@@ -73,6 +77,7 @@ use crate::api::{ApiState, Routes};
 use crate::auth::{Authenticator, ScrapeTokens};
 use crate::config::Config;
 use crate::directory::{Directory, SwapCell};
+use crate::feed::Forward;
 use crate::feed::socket::SocketSettings;
 use crate::feed::writer::{Job, WriterThread};
 use crate::http::ListenerSettings;
@@ -88,6 +93,25 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connections the metrics listener holds at most: Prometheus and a health check or two.
 const METRICS_MAX_CONNECTIONS: usize = 64;
+
+/// The paths every listener counts under their own name in the request metrics: the API's
+/// and the socket feed's, on each of the three listeners alike, so that a path asked of
+/// the other listener (`/healthz` of the feed, `/` of the API) is counted as that path
+/// there too, not as `other`.
+static ROUTES: [&str; api::ROUTES.len() + feed::socket::ROUTES.len()] = {
+    let (api, feed) = (api::ROUTES, feed::socket::ROUTES);
+    let mut all = [""; api::ROUTES.len() + feed::socket::ROUTES.len()];
+    let mut i = 0;
+    while i < all.len() {
+        all[i] = if i < api.len() {
+            api[i]
+        } else {
+            feed[i - api.len()]
+        };
+        i += 1;
+    }
+    all
+};
 
 /// A running agent. Dropping it stops it.
 pub struct Agent {
@@ -109,6 +133,10 @@ impl Agent {
     /// files, and binds the listeners. Returns once the directory has been read and the
     /// listeners are bound (the snapshot file may still be applying).
     pub async fn start(config: &Config) -> anyhow::Result<Agent> {
+        // A wrong `[upstream]` stops the start, before anything is opened or created: that
+        // is a configuration to fix, and `check` names it. (The configuration does not
+        // check it when read: the relay builds on the configuration, not the other way.)
+        let relay_settings = relay::Settings::from_config(&config.upstream)?;
         // Without a secret the agent still serves (every token gets 401, /readyz says why),
         // so that the operator sees it running and its logs say why.
         let auth = authenticator(config).unwrap_or_else(|e| {
@@ -129,9 +157,8 @@ impl Agent {
         // Before the writer: the snapshot file it applies first is relayed too. A relay
         // that cannot start (its spool cannot be made: a full disk, permissions) must not
         // keep the customer API down: the agent runs without it, and says so (an error
-        // line, `relay_running 0`). A wrong `[upstream]` still stops the start: that is a
-        // configuration to fix, and `check` names it.
-        let relay = match relay::Settings::from_config(&config.upstream)? {
+        // line, `relay_running 0`).
+        let relay = match relay_settings {
             Some(settings) => match relay::Relay::start(&settings, &metrics) {
                 Ok(relay) => Some(relay),
                 Err(e) => {
@@ -151,7 +178,9 @@ impl Agent {
             stale_after,
             metrics.clone(),
             health.writer_running.clone(),
-            relay.as_ref().map(relay::Relay::spool),
+            relay
+                .as_ref()
+                .map(|relay| Box::new(relay.spool()) as Box<dyn Forward>),
         )?;
 
         // The watcher also does the first read of both files.
@@ -213,6 +242,7 @@ impl Agent {
                 name: "feed",
                 metrics: metrics.clone(),
                 max_connections: config.feed.max_connections,
+                routes: &ROUTES,
             };
             servers.push(tokio::spawn(feed::socket::serve(
                 listener,
@@ -250,6 +280,7 @@ impl Agent {
                     name: "metrics",
                     metrics: state.metrics.clone(),
                     max_connections: METRICS_MAX_CONNECTIONS,
+                    routes: &ROUTES,
                 },
                 shutdown_rx.clone(),
             )));
@@ -271,6 +302,7 @@ impl Agent {
                 name: "api",
                 metrics: state.metrics.clone(),
                 max_connections: config.api.max_connections,
+                routes: &ROUTES,
             },
             shutdown_rx,
         )));
@@ -437,7 +469,10 @@ pub async fn serve(
         reload_pending = false;
         notify(&[NotifyState::Reloading]);
         tracing::info!("SIGHUP: reloading");
-        match Config::load(config_path.as_deref()) {
+        // A wrong `[upstream]` would stop the next start: refused here as at the start.
+        let loaded = Config::load(config_path.as_deref())
+            .and_then(|new| relay::Settings::from_config(&new.upstream).map(|_| new));
+        match loaded {
             Ok(new) => {
                 let restart = running.needs_restart(&new);
                 if !restart.is_empty() {

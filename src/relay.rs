@@ -615,4 +615,34 @@ mod tests {
             "{twice}"
         );
     }
+
+    /// `[upstream]` as the agent reads it: the configuration file, then the relay's check.
+    fn upstream(text: &str) -> anyhow::Result<Option<Settings>> {
+        let config = crate::config::Config::parse(text)?;
+        Settings::from_config(&config.upstream)
+    }
+
+    #[test]
+    fn relay_urls_are_checked_as_the_relay_reads_them() {
+        let ok = upstream("[upstream]\nclickhouse_urls = [\"http://ch:8123/?database=yeti\"]\n");
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = upstream("[upstream]\nclickhouse_urls = [\"https://u:pw@ch:8443/\"]\n");
+        let text = format!("{:#}", err.unwrap_err());
+        assert!(
+            text.contains("https is not supported") && !text.contains("pw"),
+            "{text}"
+        );
+        assert!(
+            upstream("[upstream]\ntable = \"x;y\"\nclickhouse_urls = [\"http://ch/\"]\n").is_err()
+        );
+        // A password that would never be sent is refused, without quoting it.
+        let err = upstream(
+            "[upstream]\nclickhouse_urls = [\"http://ch:8123/\"]\npassword = \"pw-never-sent\"\n",
+        );
+        let text = format!("{:#}", err.unwrap_err());
+        assert!(
+            text.contains("password without a user") && !text.contains("pw-never-sent"),
+            "{text}"
+        );
+    }
 }

@@ -21,8 +21,8 @@ use anyhow::Context;
 use serde_json::Value;
 
 use crate::bench::{AgentProcess, Conn, random_query, rss_mb, tokens};
+use crate::clock::format_datetime;
 use crate::demo::{Switch, customer_of, unix_now, uuid_of};
-use crate::feed::format_datetime;
 
 /// The soak's options (the `soak` command's flags).
 #[derive(Debug, Clone)]

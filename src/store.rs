@@ -27,7 +27,8 @@ use std::time::SystemTime;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql, params};
 
-use crate::feed::{CallRow, LineKey, format_datetime, unix_millis};
+use crate::call::{CallRow, LineKey};
+use crate::clock::{format_datetime, unix_millis};
 
 /// The whole schema, applied to a new database.
 pub const SCHEMA: &str = include_str!("../schema.sql");

@@ -115,7 +115,7 @@ fn the_snapshot_timestamp_follows_each_snapshot() {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    assert_eq!(stamp, active_calls_agent::feed::format_datetime(secs));
+    assert_eq!(stamp, active_calls_agent::clock::format_datetime(secs));
 }
 
 #[test]

@@ -4,7 +4,8 @@
 use std::io::Cursor;
 use std::time::{Duration, UNIX_EPOCH};
 
-use active_calls_agent::feed::{InsertLine, apply_snapshot, format_datetime};
+use active_calls_agent::clock::format_datetime;
+use active_calls_agent::feed::{InsertLine, apply_snapshot};
 use active_calls_agent::store::{CallQuery, Origin, Readers, Writer};
 
 /// The answer of account 101 of customer 1001.

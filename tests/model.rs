@@ -619,7 +619,7 @@ fn current_calls(rows: &[Row], received: &str) -> Vec<Call> {
 /// `YYYY-MM-DD hh:mm:ss` (UTC) of a time.
 fn datetime(time: SystemTime) -> String {
     let secs = time.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    active_calls_agent::feed::format_datetime(secs)
+    active_calls_agent::clock::format_datetime(secs)
 }
 
 // ------------------------------------------------------------------------------------

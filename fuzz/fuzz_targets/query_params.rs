@@ -1,4 +1,4 @@
-//! The endpoint's query string (SPEC 1.2): `api::params::form_pairs` and `params::parse`
+//! The endpoint's query string (SPEC 1.2): `http::form_pairs` and `api::params::parse`
 //! for every API access of the sample directory. The input is the raw query string, the
 //! bytes after `?` exactly as a client sent them.
 //!
@@ -11,6 +11,7 @@
 mod common;
 
 use active_calls_agent::api::params::{self, ParamError};
+use active_calls_agent::http;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|query: &[u8]| {
@@ -20,7 +21,7 @@ fuzz_target!(|query: &[u8]| {
         .split(|&b| b == b'&')
         .filter(|p| !p.is_empty())
         .collect();
-    let pairs: Vec<(Vec<u8>, Vec<u8>)> = params::form_pairs(query).collect();
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = http::form_pairs(query).collect();
     assert_eq!(pairs.len(), pieces.len(), "one pair per piece");
     for ((name, value), piece) in pairs.iter().zip(&pieces) {
         assert!(

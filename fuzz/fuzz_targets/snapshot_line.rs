@@ -7,6 +7,7 @@
 
 #![no_main]
 
+use active_calls_agent::clock;
 use active_calls_agent::feed::{self, Line};
 use libfuzzer_sys::fuzz_target;
 
@@ -18,7 +19,7 @@ fuzz_target!(|line: &[u8]| {
             assert_eq!(&owned, &**row);
             assert!(!row.local_tag.is_empty(), "a row always has its call's tag");
             if let Some(t) = &row.snapshot_timestamp {
-                assert!(feed::is_datetime(t), "snapshot_timestamp {t:?}");
+                assert!(clock::is_datetime(t), "snapshot_timestamp {t:?}");
             }
         }
         Ok(Line::Nothing) => assert!(line.trim_ascii().is_empty()),
@@ -28,7 +29,7 @@ fuzz_target!(|line: &[u8]| {
     let key = feed::line_key(line);
     if let Some(key) = key {
         if let Some(t) = key.snapshot_timestamp {
-            assert!(feed::is_datetime(t), "line key timestamp {t:?}");
+            assert!(clock::is_datetime(t), "line key timestamp {t:?}");
         }
         // A key exists only for an object; the line around it does not matter.
         let mut padded = b" \t".to_vec();

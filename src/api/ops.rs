@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use hyper::StatusCode;
 
 use crate::api::ApiState;
-use crate::feed::unix_millis;
+use crate::clock::unix_millis;
 use crate::http::{Body, empty, text, with_body};
 use crate::metrics::CONTENT_TYPE;
 use crate::store::NodeStats;

@@ -1,15 +1,15 @@
 //! The endpoint's query string, decoded and checked as SPEC 1.2 says, into the filters of
 //! a [`CallQuery`](crate::store::CallQuery).
 //!
-//! Decoding is `application/x-www-form-urlencoded` to *bytes*, not to text: a filter
-//! compares bytes, so `%FF` is a byte like any other and never turns into U+FFFD. Names
-//! follow Rack's rule for brackets (`name[]`, `name[k]` make an array or a hash), because
-//! the central API is a Rails application and its answers are the reference.
-
-use percent_encoding::percent_decode;
+//! Decoding ([`form_pairs`], shared with the feed) is `application/x-www-form-urlencoded`
+//! to *bytes*, not to text: a filter compares bytes, so `%FF` is a byte like any other and
+//! never turns into U+FFFD. Names follow Rack's rule for brackets (`name[]`, `name[k]` make
+//! an array or a hash), because the central API is a Rails application and its answers
+//! are the reference.
 
 use crate::auth::AuthContext;
 use crate::directory::Directory;
+use crate::http::form_pairs;
 use crate::store::{Filter, TextColumn, TextMatch};
 
 /// A 400 answer: the SPEC's exact `error` text.
@@ -162,15 +162,6 @@ enum Given {
     Array,
 }
 
-/// Decodes one form-urlencoded component (`+` is a space) to bytes.
-fn decode(component: &[u8]) -> Vec<u8> {
-    let spaced: Vec<u8> = component
-        .iter()
-        .map(|&b| if b == b'+' { b' ' } else { b })
-        .collect();
-    percent_decode(&spaced).collect()
-}
-
 /// Splits a decoded name as Rack does at the top level: the part before the first `[`
 /// (from the second byte on) is the key; anything after it but a lone `[` makes the value
 /// an array or a hash.
@@ -180,18 +171,6 @@ fn split_brackets(name: &[u8]) -> (&[u8], bool) {
         Some(i) if &name[i + 1..] == b"[" => (name, false),
         Some(i) => (&name[..i + 1], true),
     }
-}
-
-/// The decoded `(name, value)` pairs of a query string, in order; a pair without `=` has
-/// an empty value.
-pub fn form_pairs(query: &[u8]) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
-    query
-        .split(|&b| b == b'&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| match pair.iter().position(|&b| b == b'=') {
-            Some(i) => (decode(&pair[..i]), decode(&pair[i + 1..])),
-            None => (decode(pair), Vec::new()),
-        })
 }
 
 /// The known parameters of a query string, in the order of their first appearance, each

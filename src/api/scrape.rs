@@ -26,9 +26,8 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
-use super::params::form_pairs;
 use super::{ApiState, header_value, if_none_match, json, stale_cutoff_ms};
-use crate::http::{self, Body, empty};
+use crate::http::{self, Body, empty, form_pairs};
 use crate::store::NodeGeneration;
 
 /// The scrape's path.

@@ -28,10 +28,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::params::form_pairs;
 use crate::feed::writer::{Job, WriterHandle};
 use crate::feed::{InsertLine, SnapshotError, strip_insert};
-use crate::http::{self, Body, empty, text};
+use crate::http::{self, Body, empty, form_pairs, text};
 
 /// A client that stops sending its body for this long is cut off: the writer is waiting.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +38,10 @@ const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Body chunks in flight between the connection and the writer: the memory a post holds.
 const CHANNEL_CHUNKS: usize = 16;
+
+/// The paths the socket source answers, each counted under its own name in the request
+/// metrics (see [`http::ListenerSettings::routes`]).
+pub const ROUTES: &[&str] = &["/", "/ping"];
 
 /// What the socket source needs from the configuration.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@
 //! With the relay on, each snapshot's rows are copied into the relay's spool as they are
 //! read, and the copy is handed over only once the snapshot committed: the relay sees
 //! exactly the snapshots the store took, in the same order, and the writer never waits
-//! for it (handing over is a rename).
+//! for it (handing over is a rename). The writer knows the relay only as a [`Forward`].
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -22,9 +22,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::feed::{ApplyReport, InsertLine, SnapshotError, Tee, apply_file, apply_snapshot_teed};
+use crate::feed::{
+    ApplyReport, Forward, InsertLine, SnapshotError, Tee, apply_file, apply_snapshot_teed,
+};
 use crate::metrics::Metrics;
-use crate::relay::spool::SpoolHandle;
 use crate::store::{Origin, Writer};
 
 /// How often the writer looks for nodes gone silent.
@@ -87,15 +88,15 @@ pub struct WriterThread {
 
 impl WriterThread {
     /// Starts the thread; `watch_path` is the snapshot file, if the file source is on,
-    /// and `relay` the relay's spool, if the relay is on. `running` is set while the
-    /// thread runs, and cleared as it ends, however it ends.
+    /// and `relay` where applied snapshots go on (the relay's spool), if the relay is on.
+    /// `running` is set while the thread runs, and cleared as it ends, however it ends.
     pub fn spawn(
         writer: Writer,
         watch_path: Option<PathBuf>,
         stale_after: Option<Duration>,
         metrics: Arc<Metrics>,
         running: Arc<AtomicBool>,
-        relay: Option<SpoolHandle>,
+        relay: Option<Box<dyn Forward>>,
     ) -> std::io::Result<WriterThread> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (status_tx, status) = watch::channel(FeedStatus::default());
@@ -152,7 +153,7 @@ struct Worker {
     /// The file content applied last: a late duplicate event for the same content is not
     /// worth a second pass over it.
     applied_file: Option<FileStamp>,
-    relay: Option<SpoolHandle>,
+    relay: Option<Box<dyn Forward>>,
 }
 
 impl Worker {
@@ -251,10 +252,13 @@ impl Worker {
         &mut self,
         apply: impl FnOnce(&mut Writer, Option<&mut dyn Tee>) -> Result<ApplyReport, SnapshotError>,
     ) -> Result<ApplyReport, SnapshotError> {
-        let mut copy = self.relay.as_ref().and_then(SpoolHandle::begin);
-        let result = apply(&mut self.writer, copy.as_mut().map(|c| c as &mut dyn Tee));
-        if let (Ok(report), Some(copy), Some(relay)) = (&result, copy, &self.relay) {
-            relay.commit(copy, &report.nodes);
+        let mut copy = self.relay.as_ref().and_then(|relay| relay.begin());
+        let result = apply(
+            &mut self.writer,
+            copy.as_deref_mut().map(|c| c as &mut dyn Tee),
+        );
+        if let (Ok(report), Some(copy)) = (&result, copy) {
+            copy.commit(&report.nodes);
         }
         result
     }

@@ -49,7 +49,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use super::{Backoff, Throttled};
-use crate::feed::Tee;
+use crate::feed::{Forward, Tee};
 use crate::metrics::RelayMetrics;
 
 pub const INCOMING: &str = "incoming";
@@ -113,8 +113,8 @@ pub fn token(nodes: &[i64], hash: u128) -> String {
     format!("n{names}-{hash:032x}")
 }
 
-/// The writer's side of the spool: where a snapshot's rows are copied while it applies,
-/// and how a committed one is handed to the spooler. Cheap to clone.
+/// The writer's side of the spool (its [`Forward`]): where a snapshot's rows are copied
+/// while it applies; a committed copy hands itself to the spooler. Cheap to clone.
 #[derive(Clone)]
 pub struct SpoolHandle {
     shared: Arc<Shared>,
@@ -216,16 +216,18 @@ impl SpoolHandle {
             }),
         }
     }
+}
 
+impl Forward for SpoolHandle {
     /// A new copy for the snapshot about to apply; `None` (logged and counted) when the
     /// spool cannot take it, or when the spooler is so far behind that the raw snapshots
     /// waiting for it are past the bound: the snapshot still applies, it is only not
     /// relayed. The check is before the copy, so `pending` holds at most the bound plus
     /// one snapshot.
-    pub fn begin(&self) -> Option<Incoming> {
+    fn begin(&self) -> Option<Box<dyn Tee>> {
         let waiting = self.shared.backlog.get();
         if waiting > self.shared.max_backlog {
-            self.lost(&format!(
+            self.shared.lost(&format!(
                 "{waiting} bytes of snapshots wait for the spooler, past upstream.spool_max_bytes \
                  ({}): the spooler (at the lowest CPU priority) cannot keep up, or cannot write",
                 self.shared.max_backlog
@@ -235,7 +237,8 @@ impl SpoolHandle {
         let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
         let path = self.shared.incoming.join(format!("{seq:020}{RAW}"));
         match in_dir(&self.shared.incoming, || File::create(&path)) {
-            Ok(file) => Some(Incoming {
+            Ok(file) => Some(Box::new(Incoming {
+                shared: self.shared.clone(),
                 path,
                 seq,
                 file: BufWriter::with_capacity(1 << 20, file),
@@ -245,56 +248,23 @@ impl SpoolHandle {
                 has_rows: false,
                 at_line_start: true,
                 handed_over: false,
-            }),
+            })),
             Err(e) => {
-                self.lost(&format!("creating {}: {e}", path.display()));
+                self.shared
+                    .lost(&format!("creating {}: {e}", path.display()));
                 None
             }
         }
     }
+}
 
-    /// Hands the copy of a committed snapshot of `nodes` to the spooler: a rename and a
-    /// message, nothing that waits. A snapshot without a single row is not relayed (there
-    /// is nothing to insert).
-    pub fn commit(&self, mut incoming: Incoming, nodes: &[i64]) {
-        let hash = match incoming.finish() {
-            Ok(Some(hash)) => hash,
-            Ok(None) => return, // dropping it deletes the file
-            Err(e) => {
-                self.lost(&format!("writing {}: {e}", incoming.path.display()));
-                return;
-            }
-        };
-        let name = SpoolName {
-            seq: incoming.seq,
-            token: token(nodes, hash),
-        };
-        let pending = self.shared.pending.join(name.file_name(RAW));
-        match in_dir(&self.shared.pending, || {
-            std::fs::rename(&incoming.path, &pending)
-        }) {
-            Ok(()) => {
-                incoming.handed_over = true;
-                self.shared.backlog.add(incoming.written);
-                let _ = self.shared.wake.send(Wake::Pending);
-            }
-            Err(e) => self.lost(&format!(
-                "moving {} to {PENDING}: {e}",
-                incoming.path.display()
-            )),
-        }
-    }
-
+impl Shared {
     fn lost(&self, error: &str) {
-        for url in &self.shared.urls {
+        for url in &self.urls {
             url.dropped.inc();
         }
         // Once a minute: a spool that cannot take one snapshot usually cannot take the next.
-        let mut log = self
-            .shared
-            .lost_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut log = self.lost_log.lock().unwrap_or_else(|e| e.into_inner());
         log.pending += 1;
         if log.due() {
             tracing::error!(
@@ -308,8 +278,10 @@ impl SpoolHandle {
 }
 
 /// The copy of one snapshot's rows, written by the feed's reader thread as it reads them.
-/// Dropped without [`SpoolHandle::commit`] (the snapshot was rejected), its file goes.
+/// Dropped without [`Tee::commit`] (the snapshot was rejected), its file goes.
 pub struct Incoming {
+    /// The spool it commits itself to.
+    shared: Arc<Shared>,
     path: PathBuf,
     seq: u64,
     file: BufWriter<File>,
@@ -334,6 +306,38 @@ impl Tee for Incoming {
         match self.file.write_all(bytes) {
             Ok(()) => self.written += bytes.len() as u64,
             Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// Hands the copy of a committed snapshot of `nodes` to the spooler: a rename and a
+    /// message, nothing that waits. A snapshot without a single row is not relayed (there
+    /// is nothing to insert).
+    fn commit(mut self: Box<Self>, nodes: &[i64]) {
+        let hash = match self.finish() {
+            Ok(Some(hash)) => hash,
+            Ok(None) => return, // dropping it deletes the file
+            Err(e) => {
+                self.shared
+                    .lost(&format!("writing {}: {e}", self.path.display()));
+                return;
+            }
+        };
+        let name = SpoolName {
+            seq: self.seq,
+            token: token(nodes, hash),
+        };
+        let pending = self.shared.pending.join(name.file_name(RAW));
+        match in_dir(&self.shared.pending, || {
+            std::fs::rename(&self.path, &pending)
+        }) {
+            Ok(()) => {
+                self.handed_over = true;
+                self.shared.backlog.add(self.written);
+                let _ = self.shared.wake.send(Wake::Pending);
+            }
+            Err(e) => self
+                .shared
+                .lost(&format!("moving {} to {PENDING}: {e}", self.path.display())),
         }
     }
 }

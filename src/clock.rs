@@ -1,0 +1,97 @@
+//! Time as the agent writes it: the UTC `YYYY-MM-DD hh:mm:ss` text the switch sends and
+//! the API answers with, and unix milliseconds, the store's and the metrics' instants.
+//!
+//! The feed checks and converts times, the store stamps each snapshot, the API and the
+//! metrics measure ages: all four need the same few functions, so they live in a
+//! module below all of them, which imports none of them.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Checks the exact `YYYY-MM-DD hh:mm:ss` form and a real calendar date.
+pub fn is_datetime(text: &str) -> bool {
+    let b = text.as_bytes();
+    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' {
+        return false;
+    }
+    if b[16] != b':' {
+        return false;
+    }
+    let number = |range: std::ops::Range<usize>| -> Option<u32> {
+        b[range].iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let parts = (
+        number(0..4),
+        number(5..7),
+        number(8..10),
+        number(11..13),
+        number(14..16),
+        number(17..19),
+    );
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = parts else {
+        return false;
+    };
+    (1..=12).contains(&month)
+        && day >= 1
+        && day <= days_in_month(year, month)
+        && hour < 24
+        && minute < 60
+        && second < 60
+}
+
+fn days_in_month(year: u32, month: u32) -> u32 {
+    match month {
+        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
+            29
+        }
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Formats unix seconds as `YYYY-MM-DD hh:mm:ss` UTC (days to civil date after
+/// H. Hinnant's public-domain algorithm).
+pub fn format_datetime(unix_seconds: i64) -> String {
+    let days = unix_seconds.div_euclid(86_400);
+    let secs = unix_seconds.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Milliseconds since the unix epoch.
+pub fn unix_millis(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datetimes_round_trip() {
+        assert_eq!(format_datetime(0), "1970-01-01 00:00:00");
+        assert_eq!(format_datetime(951_782_400), "2000-02-29 00:00:00");
+        assert!(is_datetime("2024-02-29 23:59:59"));
+        assert!(!is_datetime("2023-02-29 00:00:00"));
+        assert!(!is_datetime("2023-01-01T00:00:00"));
+        assert!(!is_datetime("2023-01-01 24:00:00"));
+    }
+}
