@@ -4,8 +4,8 @@
 use std::io::Cursor;
 use std::time::{Instant, SystemTime};
 
-use active_calls_agent::demo::Switch;
 use active_calls_agent::feed::{InsertLine, apply_snapshot};
+use active_calls_agent::sems::Switch;
 use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
 };

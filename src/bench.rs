@@ -22,9 +22,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 
 use crate::auth::Authenticator;
-use crate::demo::{
-    ACCOUNTS, BIG_ACCOUNT, CUSTOMERS, Switch, customer_of, directory_json, unix_now, uuid_of,
-};
+use crate::demo::unix_now;
+use crate::sems::{ACCOUNTS, BIG_ACCOUNT, CUSTOMERS, Switch, customer_of, directory_json, uuid_of};
 
 /// The benchmark's options (the `bench` command's flags).
 #[derive(Debug, Clone)]

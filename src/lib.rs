@@ -31,7 +31,8 @@
 //! * [`http`]: the accept loop and small answers both HTTP listeners share.
 //! * [`relay`]: every applied snapshot forwarded to the central ClickHouse, through an
 //!   on-disk spool that outlives outages and restarts.
-//! * [`demo`]: a newcomer's first run, with a simulated switch.
+//! * [`sems`]: a simulated switch, writing snapshots byte for byte as a yeti node does.
+//! * [`demo`]: a newcomer's first run, fed by that simulated switch.
 //! * [`bench`]: the performance benchmark, driving the real agent as a child process, and
 //!   [`soak`], a bounded run under load that checks every answer.
 //!
@@ -57,6 +58,7 @@ pub mod http;
 pub mod logs;
 pub mod metrics;
 pub mod relay;
+pub mod sems;
 pub mod soak;
 pub mod store;
 pub mod watch;

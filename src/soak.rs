@@ -22,7 +22,8 @@ use serde_json::Value;
 
 use crate::bench::{AgentProcess, Conn, random_query, rss_mb, tokens};
 use crate::clock::format_datetime;
-use crate::demo::{Switch, customer_of, unix_now, uuid_of};
+use crate::demo::unix_now;
+use crate::sems::{Switch, customer_of, uuid_of};
 
 /// The soak's options (the `soak` command's flags).
 #[derive(Debug, Clone)]

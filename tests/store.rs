@@ -4,8 +4,8 @@
 use std::io::Cursor;
 use std::time::SystemTime;
 
-use active_calls_agent::demo::Switch;
 use active_calls_agent::feed::{InsertLine, apply_snapshot};
+use active_calls_agent::sems::Switch;
 use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
 };
@@ -128,7 +128,7 @@ fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
     let mut switch = Switch::new(42);
     switch.fill(1000, 1_764_081_000);
     let (_dir, _path, mut writer, _readers) = fresh_store();
-    let mut apply = |switch: &Switch, now: i64| {
+    let mut apply = |switch: &mut Switch, now: i64| {
         let snapshot = Cursor::new(switch.render(now));
         apply_snapshot(
             &mut writer,
@@ -139,14 +139,14 @@ fn the_simulated_switch_makes_rows_the_agent_takes_whole() {
         )
         .unwrap()
     };
-    let report = apply(&switch, 1_764_081_000);
+    let report = apply(&mut switch, 1_764_081_000);
     assert_eq!(
         (report.rows, report.skipped, report.written),
         (1000, 0, 1000)
     );
     // 10% churn: the next snapshot writes exactly the new calls and removes the ended.
     switch.churn(1_764_081_005);
-    let report = apply(&switch, 1_764_081_005);
+    let report = apply(&mut switch, 1_764_081_005);
     assert_eq!(
         (report.rows, report.written, report.removed),
         (1000, 100, 100)

@@ -1,0 +1,814 @@
+//! A simulated switch: snapshots byte for byte as a yeti node writes them.
+//!
+//! A real node (SEMS with the yeti module, `shared/samples/README.md`) serialises each call
+//! as `arg2json` of a `std::map`: keys in byte order, no spaces, every non-ASCII character
+//! as a lowercase `\uXXXX` escape (surrogate pairs above U+FFFF), and four keys that change
+//! in every snapshot even when the call does not: `id` (the node, the snapshot's second and
+//! a running counter), `snapshot_timestamp`, `snapshot_date` and `end_time`. A figure or a
+//! test on any other layout proves nothing about production, so this one generator feeds
+//! the benchmark, the demo and the tests.
+//!
+//! [`Style::Legacy`] is the project's earlier, made-up layout (keys in no order, raw UTF-8,
+//! numbers as strings, a stable `id`): kept for the tests that need its hostile values
+//! (metacharacters, mixed case, nulls) and as the benchmark's point of comparison.
+//!
+//! A call is kept as its rendered key-value pairs, cut where a per-snapshot value goes,
+//! so rendering 100k calls is a copy of their text with four values filled in.
+
+use std::fmt::Write as _;
+use std::io::Write;
+
+use crate::clock::format_datetime;
+
+/// Accounts of the simulated population, with ids `1..=ACCOUNTS`.
+pub const ACCOUNTS: i64 = 1000;
+/// Customers; account `a` belongs to customer [`customer_of`]`(a)`.
+pub const CUSTOMERS: i64 = 50;
+/// The account that holds 30% of the calls.
+pub const BIG_ACCOUNT: i64 = 1;
+
+pub fn customer_of(account: i64) -> i64 {
+    1 + (account - 1) % CUSTOMERS
+}
+
+pub fn uuid_of(account: i64) -> String {
+    format!("00000000-0000-4000-8000-{account:012x}")
+}
+
+/// The directory of the simulated accounts: API access `n` sees customer `n`'s accounts.
+pub fn directory_json() -> String {
+    let accounts: Vec<String> = (1..=ACCOUNTS)
+        .map(|a| {
+            format!(
+                r#"{{"id":{a},"uuid":"{}","contractor_id":{}}}"#,
+                uuid_of(a),
+                customer_of(a)
+            )
+        })
+        .collect();
+    let accesses: Vec<String> = (1..=CUSTOMERS)
+        .map(|c| format!(r#"{{"id":{c},"customer_id":{c},"account_ids":[]}}"#))
+        .collect();
+    format!(
+        r#"{{"accounts":[{}],"api_accesses":[{}]}}"#,
+        accounts.join(","),
+        accesses.join(",")
+    )
+}
+
+/// How a snapshot is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// What a yeti node writes (the default).
+    Sems,
+    /// The project's earlier layout with hostile values, for the tests and comparisons
+    /// that need them.
+    Legacy,
+}
+
+/// A value that changes with every snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Volatile {
+    Id,
+    SnapshotTimestamp,
+    SnapshotDate,
+    /// The snapshot's time for a call in progress, its end for a buffered one.
+    EndTime,
+}
+
+impl Volatile {
+    fn of(key: &str) -> Option<Volatile> {
+        Some(match key {
+            "id" => Volatile::Id,
+            "snapshot_timestamp" => Volatile::SnapshotTimestamp,
+            "snapshot_date" => Volatile::SnapshotDate,
+            "end_time" => Volatile::EndTime,
+            _ => return None,
+        })
+    }
+}
+
+/// One generated call: its keys and their JSON values, and the same rendered.
+#[derive(Debug, Clone)]
+struct Call {
+    account: i64,
+    dst_prefix_in: String,
+    answered: bool,
+    /// The stable `id` of the legacy layout.
+    serial: u64,
+    /// When it ended (a buffered row), or `None` while in progress.
+    ended_at: Option<i64>,
+    /// `(key, JSON value)`, in the order the style writes them; the volatile keys' values
+    /// are filled in at each render.
+    fields: Vec<(&'static str, String)>,
+    /// The fields rendered: text, each piece followed by a volatile value (but the last).
+    pieces: Vec<(String, Option<Volatile>)>,
+}
+
+impl Call {
+    fn set(&mut self, key: &'static str, value: String) {
+        match self.fields.iter_mut().find(|(k, _)| *k == key) {
+            Some(field) => field.1 = value,
+            None => self.fields.push((key, value)),
+        }
+    }
+
+    /// Renders `fields` into `pieces`, in the style's key order.
+    fn prepare(&mut self, style: Style) {
+        if style == Style::Sems {
+            // std::map<std::string, AmArg>: byte order.
+            self.fields
+                .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        }
+        self.pieces.clear();
+        let mut text = String::from("{");
+        for (i, (key, value)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            let _ = write!(text, "\"{key}\":");
+            match Volatile::of(key) {
+                Some(volatile) => {
+                    self.pieces
+                        .push((std::mem::take(&mut text), Some(volatile)));
+                }
+                None => text.push_str(value),
+            }
+        }
+        text.push('}');
+        self.pieces.push((text, None));
+    }
+}
+
+/// Snapshots of one node, with calls that start, get answered and end.
+pub struct Switch {
+    rng: fastrand::Rng,
+    style: Style,
+    node_id: u64,
+    calls: Vec<Call>,
+    /// Calls that ended since the last render: sent once more, buffered, when buffering.
+    ended: Vec<Call>,
+    buffering: bool,
+    serial: u64,
+    /// SEMS's running counter, the low bits of every `id`.
+    counter: u64,
+}
+
+impl Switch {
+    /// A node (id 1) writing SEMS's bytes, its randomness from `seed`.
+    pub fn new(seed: u64) -> Switch {
+        Switch::with_style(seed, Style::Sems)
+    }
+
+    pub fn with_style(seed: u64, style: Style) -> Switch {
+        Switch {
+            rng: fastrand::Rng::with_seed(seed),
+            style,
+            node_id: 1,
+            calls: Vec::new(),
+            ended: Vec::new(),
+            buffering: false,
+            serial: 0,
+            counter: 0,
+        }
+    }
+
+    /// The node's id (`node_id` of every row). Set it before the first call is made.
+    pub fn node(mut self, node_id: u8) -> Switch {
+        self.node_id = u64::from(node_id);
+        self
+    }
+
+    /// With buffering on (yeti's `buffering`), every row carries `buffered`, and calls
+    /// that ended since the last snapshot come once more with `"buffered":true` and their
+    /// real `end_time`.
+    pub fn buffering(mut self, on: bool) -> Switch {
+        self.buffering = on;
+        for call in &mut self.calls {
+            Self::mark_buffered(call, self.style, on, false);
+        }
+        self
+    }
+
+    fn mark_buffered(call: &mut Call, style: Style, on: bool, ended: bool) {
+        if on {
+            call.set("buffered", ended.to_string());
+        } else {
+            call.fields.retain(|(k, _)| *k != "buffered");
+        }
+        call.prepare(style);
+    }
+
+    /// Calls in progress.
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// Starts calls (or ends the newest) until there are `total`; new calls began up to two
+    /// hours before `now`.
+    pub fn fill(&mut self, total: usize, now: i64) {
+        self.truncate(total, now);
+        while self.calls.len() < total {
+            let start = now - self.rng.i64(0..7200);
+            let call = self.new_call(start);
+            self.calls.push(call);
+        }
+    }
+
+    fn truncate(&mut self, total: usize, now: i64) {
+        while self.calls.len() > total {
+            if let Some(call) = self.calls.pop() {
+                self.end(call, now);
+            }
+        }
+    }
+
+    fn end(&mut self, mut call: Call, at: i64) {
+        if self.buffering {
+            call.ended_at = Some(at);
+            Self::mark_buffered(&mut call, self.style, true, true);
+            self.ended.push(call);
+        }
+    }
+
+    /// Ends `share` of the calls at random, starts as many new ones in the period before
+    /// `now`, and answers `answered` of the calls not yet answered.
+    fn step(&mut self, ended: f64, answered: f64, now: i64, period: i64) {
+        let total = self.calls.len();
+        for _ in 0..(total as f64 * ended).round() as usize {
+            if self.calls.is_empty() {
+                break;
+            }
+            let i = self.rng.usize(..self.calls.len());
+            let call = self.calls.swap_remove(i);
+            let at = now - self.rng.i64(0..period.max(1));
+            self.end(call, at);
+        }
+        let waiting: Vec<usize> = (0..self.calls.len())
+            .filter(|&i| !self.calls[i].answered)
+            .collect();
+        let to_answer = (waiting.len() as f64 * answered).round() as usize;
+        for &i in waiting.iter().take(to_answer) {
+            let at = now - self.rng.i64(0..period.max(1));
+            let style = self.style;
+            let call = &mut self.calls[i];
+            call.answered = true;
+            call.set("connect_time", json_string(style, &format_datetime(at)));
+            call.prepare(style);
+        }
+        while self.calls.len() < total {
+            let start = now - self.rng.i64(0..period.max(1));
+            let call = self.new_call(start);
+            self.calls.push(call);
+        }
+    }
+
+    /// 10% of the calls end, as many new ones start; the rest change only the values
+    /// that change in every snapshot.
+    pub fn churn(&mut self, now: i64) {
+        self.step(0.10, 0.0, now, 5);
+    }
+
+    /// One switch period of `seconds` before `now`, as a busy node sees it: 3% of the calls
+    /// end, 3% new ones start, 3% of those not yet answered are answered.
+    pub fn period(&mut self, now: i64, seconds: i64) {
+        self.step(0.03, 0.03, now, seconds);
+    }
+
+    /// The snapshot the switch sends at `now` (its period-aligned time): the `INSERT`
+    /// line, then one row per call (and, buffering, per call ended since the last one).
+    pub fn render(&mut self, now: i64) -> Vec<u8> {
+        let stamp = format_datetime(now);
+        let mut out = Vec::with_capacity((self.calls.len() + self.ended.len()) * 2300 + 64);
+        out.extend_from_slice(b"INSERT INTO active_calls FORMAT JSONEachRow\n");
+        let ended = std::mem::take(&mut self.ended);
+        for call in self.calls.iter().chain(&ended) {
+            self.counter = (self.counter + 1) & ID_COUNTER_MASK;
+            let id = match self.style {
+                // The node, the second, the counter: sems-yeti's snapshot row id.
+                Style::Sems => {
+                    (self.node_id << 55) | ((now as u64 & ((1 << 32) - 1)) << 23) | self.counter
+                }
+                Style::Legacy => call.serial,
+            };
+            for (text, volatile) in &call.pieces {
+                out.extend_from_slice(text.as_bytes());
+                let _ = match volatile {
+                    None => Ok(()),
+                    Some(Volatile::Id) => write!(out, "{id}"),
+                    Some(Volatile::SnapshotTimestamp) => write!(out, "\"{stamp}\""),
+                    Some(Volatile::SnapshotDate) => write!(out, "\"{}\"", &stamp[..10]),
+                    Some(Volatile::EndTime) => match call.ended_at {
+                        Some(at) => write!(out, "\"{}\"", format_datetime(at)),
+                        None => write!(out, "\"{stamp}\""),
+                    },
+                };
+            }
+            out.push(b'\n');
+        }
+        out
+    }
+
+    /// `dst_prefix_in` values of the big account's calls, for selective queries.
+    pub fn big_account_numbers(&self) -> Vec<String> {
+        self.calls
+            .iter()
+            .filter(|c| c.account == BIG_ACCOUNT)
+            .map(|c| c.dst_prefix_in.clone())
+            .collect()
+    }
+
+    /// Calls in progress on `account`.
+    pub fn count_in(&self, account: i64) -> usize {
+        self.calls.iter().filter(|c| c.account == account).count()
+    }
+
+    fn new_call(&mut self, start: i64) -> Call {
+        self.serial += 1;
+        let style = self.style;
+        let serial = self.serial;
+        let node_id = self.node_id;
+        let rng = &mut self.rng;
+        let account = if rng.f64() < 0.3 {
+            BIG_ACCOUNT
+        } else {
+            rng.i64(2..=ACCOUNTS)
+        };
+        let answered = rng.bool();
+        let connect = answered.then(|| start + rng.i64(1..30));
+        let number = |rng: &mut fastrand::Rng| {
+            const PREFIXES: [&str; 8] = ["380", "44", "49", "1", "7", "971", "123", "4930"];
+            format!(
+                "{}{}",
+                PREFIXES[rng.usize(..PREFIXES.len())],
+                rng.u64(1_000_000..100_000_000)
+            )
+        };
+        let dst_prefix_in = number(rng);
+        let pick = |rng: &mut fastrand::Rng, list: &[&'static str]| list[rng.usize(..list.len())];
+        let s = |text: &str| json_string(style, text);
+        let local_tag = format!("{:08X}-{:04X}-{:08X}", rng.u32(..), rng.u16(..), serial);
+        let start_text = format_datetime(start);
+        let connect_text = connect.map_or("null".to_owned(), |c| s(&format_datetime(c)));
+        let (name, rate, other_rate, interval, port) = match style {
+            Style::Sems => (
+                s(pick(rng, &SEMS_NAMES)),
+                s(pick(rng, &RATES)),
+                s(pick(rng, &RATES)),
+                pick(rng, &["60", "1"]).to_owned(),
+                pick(rng, &["5060", "5061"]).to_owned(),
+            ),
+            Style::Legacy => (
+                s(pick(rng, &LEGACY_NAMES)),
+                pick(rng, &LEGACY_RATES).to_owned(),
+                pick(rng, &LEGACY_RATES).to_owned(),
+                pick(rng, &["60", "\"1\""]).to_owned(),
+                pick(rng, &["5060", "\"5061\""]).to_owned(),
+            ),
+        };
+        let sip = |rng: &mut fastrand::Rng| {
+            pick(
+                rng,
+                &["null", "\"\"", "\"anonymous\"", "\"<sip:1@x>\"", "\"Id\""],
+            )
+            .to_owned()
+        };
+        let int = |n: i64| n.to_string();
+        let mut fields: Vec<(&'static str, String)> = vec![
+            ("id", String::new()),
+            ("snapshot_timestamp", String::new()),
+            ("snapshot_date", String::new()),
+            ("node_id", node_id.to_string()),
+            ("pop_id", int(4)),
+            ("cdr_born_time", s(&start_text)),
+            ("start_time", s(&start_text)),
+            ("connect_time", connect_text),
+            ("start_date", s(&start_text[..10])),
+            ("end_time", String::new()),
+            ("legB_remote_port", int(5060)),
+            ("legB_local_port", int(5061)),
+            ("legA_remote_port", int(5060)),
+            ("legA_local_port", int(5061)),
+            ("legB_remote_ip", s("10.1.2.3")),
+            ("legB_local_ip", s("10.1.2.4")),
+            (
+                "legA_remote_ip",
+                s(&format!("192.168.88.{}", rng.u8(1..255))),
+            ),
+            ("legA_local_ip", s("192.168.88.24")),
+            (
+                "orig_call_id",
+                s(&format!("{}-{}-{serial}", rng.u32(..), rng.u32(..))),
+            ),
+            ("term_call_id", s(&format!("8-{:X}", rng.u64(..)))),
+            ("local_tag", s(&local_tag)),
+            ("global_tag", s("")),
+            ("time_limit", int(7200)),
+            ("dump_level_id", int(0)),
+            ("audio_record_enabled", int(0)),
+            ("attempt_num", int(1)),
+            ("resources", s("")),
+            ("active_resources", s("")),
+            ("customer_id", int(customer_of(account))),
+            ("customer_acc_id", int(account)),
+            ("vendor_id", int(77)),
+            ("vendor_acc_id", int(78)),
+            ("customer_auth_id", int(20085)),
+            ("destination_id", int(rng.i64(1..5_000_000))),
+            ("destination_prefix", s(&dst_prefix_in[..2])),
+            ("dialpeer_id", int(rng.i64(1..2_000_000))),
+            ("dialpeer_prefix", s("380")),
+            ("orig_gw_id", int(19)),
+            ("term_gw_id", int(20)),
+            ("routing_group_id", int(24)),
+            ("rateplan_id", int(18)),
+            ("routing_plan_id", int(3)),
+            ("destination_initial_rate", rate),
+            ("destination_next_rate", other_rate),
+            ("destination_initial_interval", interval),
+            (
+                "destination_next_interval",
+                pick(rng, &["60", "1"]).to_owned(),
+            ),
+            ("destination_fee", s(pick(rng, &["0.0", "0.01"]))),
+            ("destination_rate_policy_id", int(1)),
+            ("dialpeer_initial_rate", s("0.005")),
+            ("dialpeer_next_rate", s("0.001")),
+            ("dialpeer_initial_interval", int(1)),
+            ("dialpeer_next_interval", int(1)),
+            ("dialpeer_fee", s("0.0")),
+            ("src_name_in", name),
+            ("src_name_out", s("")),
+            ("src_prefix_in", s(&number(rng))),
+            ("src_prefix_out", s("")),
+            ("dst_prefix_in", s(&dst_prefix_in)),
+            ("dst_prefix_out", s("")),
+            ("src_prefix_routing", s(&number(rng))),
+            ("dst_prefix_routing", s(&number(rng))),
+            (
+                "auth_orig_ip",
+                s(&format!("10.20.{}.{}", rng.u8(..), rng.u8(..))),
+            ),
+            ("auth_orig_port", port),
+            ("src_network_id", int(1522)),
+            ("src_country_id", int(222)),
+            ("dst_country_id", int(222)),
+            ("dst_network_id", int(1522)),
+            ("lrn", "null".into()),
+            ("lnp_database_id", "null".into()),
+            ("from_domain", s("example.org")),
+            ("to_domain", s("example.com")),
+            ("ruri_domain", s("10.0.0.1")),
+            ("src_area_id", "null".into()),
+            ("dst_area_id", "null".into()),
+            ("routing_tag_ids", "[1,2]".into()),
+            ("customer_acc_check_balance", int(1)),
+            ("destination_reverse_billing", int(0)),
+            ("dialpeer_reverse_billing", int(0)),
+            ("customer_acc_vat", s("0")),
+            ("customer_auth_name", s("test auth")),
+            ("metadata", "null".into()),
+            ("diversion_in", sip(rng)),
+            ("pai_in", sip(rng)),
+            ("ppi_in", sip(rng)),
+            ("privacy_in", sip(rng)),
+            ("rpid_in", sip(rng)),
+            ("rpid_privacy_in", sip(rng)),
+            ("auth_orig_transport_protocol_id", int(rng.i64(1..4))),
+        ];
+        if style == Style::Legacy {
+            // Keys a real row has and the agent never reads, some of them nested.
+            fields.extend([
+                ("lega_user_agent", s(&format!("Yeti-SBC/1.{}", rng.u8(..)))),
+                (
+                    "lega_headers",
+                    format!(r#"{{"x-orig-ip":"192.168.88.{}"}}"#, rng.u8(..)),
+                ),
+                ("legb_headers", "{}".into()),
+                ("pdd", format!("{}", rng.f32())),
+                ("early_media_present", "false".into()),
+                ("auth_orig_protocol_name", s("UDP")),
+            ]);
+        }
+        let mut call = Call {
+            account,
+            dst_prefix_in,
+            answered,
+            serial,
+            ended_at: None,
+            fields,
+            pieces: Vec::new(),
+        };
+        if self.buffering {
+            call.set("buffered", "false".into());
+        }
+        call.prepare(style);
+        call
+    }
+}
+
+/// The low bits of a SEMS row `id` that count rows.
+const ID_COUNTER_MASK: u64 = (1 << 23) - 1;
+
+/// Display names as customers' phones send them: Cyrillic, accents, emoji, quotes.
+const SEMS_NAMES: [&str; 14] = [
+    "Alice",
+    "Bob",
+    "Олександр",
+    "Zoë",
+    "ÄÖÜ",
+    "O'Brien",
+    "john doe",
+    "MiXeD",
+    "",
+    "test",
+    "[tag]",
+    "say \"hi\"",
+    "back\\slash",
+    "🎉 party",
+];
+/// The legacy layout's hostile names: LIKE and glob metacharacters, case, raw UTF-8.
+const LEGACY_NAMES: [&str; 10] = [
+    "Alice",
+    "Bob",
+    "ÄÖÜ",
+    "Zoë",
+    "O'Brien",
+    "100%",
+    "x*y",
+    "bob_smith",
+    "MiXeD",
+    "",
+];
+const RATES: [&str; 6] = ["0.0", "0.11", "0.5", "1", "2.3", "0.0123"];
+/// Rates as strings and as bare numbers.
+const LEGACY_RATES: [&str; 6] = [
+    "\"0.0\"", "\"0.11\"", "\"0.5\"", "\"1\"", "\"2.3\"", "0.0123",
+];
+
+/// `text` as a JSON string the way `style` writes it.
+fn json_string(style: Style, text: &str) -> String {
+    match style {
+        Style::Sems => sems_string(text),
+        Style::Legacy => serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned()),
+    }
+}
+
+/// SEMS's `str2json`: `"`, `\` and the named control characters escaped, every other
+/// character below U+0020 or above U+007F as `\uXXXX` (lowercase, surrogate pairs above
+/// U+FFFF).
+pub fn sems_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            ' '..='\u{7f}' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    /// The top-level keys of a JSON object line, in the order written.
+    struct Keys(Vec<String>);
+
+    impl<'de> Deserialize<'de> for Keys {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Keys, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some((key, IgnoredAny)) = map.next_entry::<String, IgnoredAny>()? {
+                        keys.push(key);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+
+    const NOW: i64 = 1_764_081_000; // 2025-11-25 14:30:00
+
+    fn rows(body: &[u8]) -> Vec<&str> {
+        let text = std::str::from_utf8(body).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("INSERT INTO active_calls FORMAT JSONEachRow")
+        );
+        lines.collect()
+    }
+
+    fn value(line: &str) -> serde_json::Value {
+        serde_json::from_str(line).unwrap()
+    }
+
+    /// Whether `line` has a byte outside its strings that is whitespace.
+    fn spaced(line: &str) -> bool {
+        let (mut in_string, mut escaped) = (false, false);
+        for b in line.bytes() {
+            match (in_string, escaped, b) {
+                (true, true, _) => escaped = false,
+                (true, false, b'\\') => escaped = true,
+                (true, false, b'"') | (false, _, b'"') => in_string = !in_string,
+                (false, _, b) if b.is_ascii_whitespace() => return true,
+                _ => {}
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn rows_are_what_sems_writes() {
+        let mut switch = Switch::new(7);
+        switch.fill(300, NOW);
+        let body = switch.render(NOW);
+        let lines = rows(&body);
+        assert_eq!(lines.len(), 300);
+        let mut last_id = None;
+        let mut escapes = 0;
+        for line in &lines {
+            let Keys(keys) = serde_json::from_str(line).unwrap();
+            let mut sorted = keys.clone();
+            sorted.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            assert_eq!(keys, sorted, "keys in byte order");
+            sorted.dedup();
+            assert_eq!(sorted.len(), keys.len(), "no key twice");
+            assert!(!spaced(line), "compact: {line}");
+            assert!(line.is_ascii(), "non-ASCII escaped: {line}");
+            for (at, _) in line.match_indices("\\u") {
+                let hex = &line[at + 2..at + 6];
+                assert!(
+                    hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')),
+                    "{hex}"
+                );
+                escapes += 1;
+            }
+            let row = value(line);
+            assert_eq!(row["snapshot_timestamp"], "2025-11-25 14:30:00");
+            assert_eq!(row["snapshot_date"], "2025-11-25");
+            assert_eq!(row["end_time"], "2025-11-25 14:30:00");
+            assert!(row.get("buffered").is_none());
+            let id = row["id"].as_u64().unwrap();
+            assert_eq!(id >> 55, 1, "the node");
+            assert_eq!((id >> 23) & ((1 << 32) - 1), NOW as u64, "the second");
+            if let Some(last) = last_id {
+                assert_eq!(id, last + 1, "a running counter");
+            }
+            last_id = Some(id);
+        }
+        assert!(escapes > 0, "some names need escapes");
+        // The escapes decode to the names they stand for.
+        let names: Vec<String> = lines
+            .iter()
+            .map(|l| value(l)["src_name_in"].as_str().unwrap().to_owned())
+            .collect();
+        for name in SEMS_NAMES {
+            assert!(names.iter().any(|n| n == name), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_unchanged_call_differs_only_in_the_four_per_snapshot_keys() {
+        let mut switch = Switch::new(3);
+        switch.fill(50, NOW);
+        let first = switch.render(NOW);
+        let second = switch.render(NOW + 5);
+        for (a, b) in rows(&first).iter().zip(rows(&second)) {
+            let (a, b) = (value(a), value(b));
+            let changed: Vec<&String> = a
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, v)| b[k.as_str()] != **v)
+                .map(|(k, _)| k)
+                .collect();
+            assert_eq!(changed, ["end_time", "id", "snapshot_timestamp"]);
+            assert_eq!(b["snapshot_timestamp"], "2025-11-25 14:30:05");
+        }
+        // The date changes at midnight, and only then.
+        let next_day = switch.render(NOW + 86_400);
+        assert_eq!(value(rows(&next_day)[0])["snapshot_date"], "2025-11-26");
+    }
+
+    #[test]
+    fn a_period_ends_starts_and_answers_calls() {
+        let mut switch = Switch::new(5);
+        switch.fill(1000, NOW);
+        let before = switch.render(NOW);
+        switch.period(NOW + 5, 5);
+        let after = switch.render(NOW + 5);
+        let by_tag = |body: &[u8]| -> std::collections::HashMap<String, serde_json::Value> {
+            rows(body)
+                .iter()
+                .map(|l| {
+                    let v = value(l);
+                    (v["local_tag"].as_str().unwrap().to_owned(), v)
+                })
+                .collect()
+        };
+        let (old, new) = (by_tag(&before), by_tag(&after));
+        assert_eq!(new.len(), 1000);
+        let gone = old.keys().filter(|t| !new.contains_key(*t)).count();
+        assert_eq!(gone, 30);
+        let answered = new
+            .iter()
+            .filter(|(t, v)| {
+                old.get(*t)
+                    .is_some_and(|o| o["connect_time"].is_null() && !v["connect_time"].is_null())
+            })
+            .count();
+        let waiting = old.values().filter(|v| v["connect_time"].is_null()).count();
+        assert!(
+            answered.abs_diff(waiting * 3 / 100) <= 1,
+            "{answered} of {waiting}"
+        );
+        for (tag, row) in &new {
+            if !old.contains_key(tag) {
+                let start = row["start_time"].as_str().unwrap();
+                assert!(start > "2025-11-25 14:30:00", "{start}");
+            }
+        }
+    }
+
+    #[test]
+    fn buffered_rows_carry_their_end() {
+        let mut switch = Switch::new(9).buffering(true);
+        switch.fill(100, NOW);
+        switch.render(NOW);
+        switch.period(NOW + 5, 5);
+        let body = switch.render(NOW + 5);
+        let lines = rows(&body);
+        assert_eq!(lines.len(), 103);
+        let buffered: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| value(l))
+            .filter(|v| v["buffered"] == true)
+            .collect();
+        assert_eq!(buffered.len(), 3);
+        for row in &buffered {
+            let end = row["end_time"].as_str().unwrap();
+            assert!(
+                end > "2025-11-25 14:30:00" && end <= "2025-11-25 14:30:05",
+                "{end}"
+            );
+        }
+        let active = lines
+            .iter()
+            .map(|l| value(l))
+            .filter(|v| v["buffered"] == false);
+        assert_eq!(active.count(), 100);
+        // Sent once: the next snapshot has none of them.
+        assert_eq!(rows(&switch.render(NOW + 10)).len(), 100);
+    }
+
+    #[test]
+    fn sems_strings_escape_like_str2json() {
+        assert_eq!(sems_string("Zoë"), r#""Zo\u00eb""#);
+        assert_eq!(sems_string("a\"b\\c\n\t\u{1}"), r#""a\"b\\c\n\t\u0001""#);
+        assert_eq!(sems_string("🎉"), r#""\ud83c\udf89""#);
+        assert_eq!(sems_string("Ол"), r#""\u041e\u043b""#);
+    }
+
+    #[test]
+    fn the_legacy_style_keeps_its_hostile_values() {
+        let mut switch = Switch::with_style(1, Style::Legacy);
+        switch.fill(300, NOW);
+        let body = switch.render(NOW);
+        let text = String::from_utf8(body).unwrap();
+        assert!(!text.is_ascii(), "raw UTF-8");
+        assert!(text.contains("\"100%\"") && text.contains("\"5061\""));
+        let first = rows(text.as_bytes())[0];
+        assert!(first.starts_with("{\"id\":"), "{first}");
+        // A stable id: the same in the next snapshot.
+        let again = switch.render(NOW + 5);
+        assert_eq!(value(first)["id"], value(rows(&again)[0])["id"]);
+    }
+}
