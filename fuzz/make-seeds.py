@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets into fuzz/seeds/<target>/ from real inputs:
-the lines of tests/fixtures/snapshot.jsonl, the query strings of tests/endpoint.rs, and
+the lines of tests/fixtures/snapshot-1.jsonl and snapshot-2.jsonl (two consecutive
+snapshots of a node, byte for byte as the switch sends them), the query strings of
+tests/endpoint.rs, and
 tokens signed HS256 with the targets' secret (fuzz_targets/common/mod.rs) for the API
 accesses of tests/fixtures/directory.json. Rerun it after changing those; scripts/fuzz
 does not need it (the seeds are kept in the repository)."""
@@ -17,10 +19,10 @@ ROOT = FUZZ.parent
 SEEDS = FUZZ / "seeds"
 SECRET = b"fuzz-secret"  # common::SECRET
 COOKIE = "_yeti_customer_v1_session"
-A101 = "f38b2ffc-80a4-1f5a-91c9-bc701e7ea419"
-A102 = "f3f49249-dc28-1f90-a5ae-c7978306d03b"
-A103 = "e5121482-3929-1d22-a255-accb1a466884"
-A104 = "6bad6be2-8e7a-16e9-9f19-950499dd251d"
+A101 = "21636369-8b52-1b4a-97b7-50923ceb3ffd"
+A102 = "795b929e-9a9a-10fd-aa7b-5bf55eb561a4"
+A103 = "9b08923d-10c6-1fd9-94b2-b8fda02f34a6"
+A104 = "781f9c58-d664-1fa9-a8a8-529f035efa25"
 FAR = 4102444800  # 2100-01-01
 
 
@@ -43,22 +45,45 @@ def token(claims, header=None, secret=SECRET):
     return f"{msg}.{b64(sig)}"
 
 
-def compact(line):
-    """A JSONEachRow line as ClickHouse writes it (no spaces; the INSERT line as it is)."""
+def switch_line(row):
+    """A row as the switch writes it: no spaces, every non-ASCII character a \\uXXXX escape
+    (the keys keep the order they have, byte order for the sample's rows)."""
+    return json.dumps(row, separators=(",", ":")).encode()
+
+
+def spaced(line):
+    """A JSONEachRow line in the spaced layout of other writers, non-ASCII as raw UTF-8
+    (the INSERT line as it is)."""
     if not line.lstrip().startswith(b"{"):
         return line
-    return json.dumps(json.loads(line), separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(json.loads(line), ensure_ascii=False).encode()
+
+
+def swap(line, old, new):
+    """`line` with its one `old` replaced by `new` (which must be there)."""
+    assert line.count(old) == 1, (old, line[:80])
+    return line.replace(old, new)
 
 
 def main():
     shutil.rmtree(SEEDS, ignore_errors=True)
-    snapshot = (ROOT / "tests/fixtures/snapshot.jsonl").read_bytes()
+    snapshot = (ROOT / "tests/fixtures/snapshot-1.jsonl").read_bytes()
+    following = (ROOT / "tests/fixtures/snapshot-2.jsonl").read_bytes()
 
     # snapshot_line: every line of the sample snapshot, the query line, variants.
     lines = snapshot.split(b"\n")
     for i, line in enumerate(lines):
         if line.strip():
             write("snapshot_line", f"fixture-{i:02}", line)
+    # The lines of the next snapshot that changed more than their id and timestamps.
+    stable = {json.loads(l)["local_tag"]: json.loads(l) for l in lines[1:] if l.strip()}
+    volatile = ("id", "snapshot_timestamp", "snapshot_date", "end_time")
+    for line in following.split(b"\n")[1:]:
+        if line.strip():
+            now = json.loads(line)
+            before = stable.get(now["local_tag"])
+            if before is None or any(now[k] != before[k] for k in now if k not in volatile):
+                write("snapshot_line", f"next-{now['local_tag']}", line)
     row = json.loads(lines[1])
     variants = {
         "epoch-times": dict(row, start_time=1764081000, connect_time=1764081010),
@@ -72,31 +97,32 @@ def main():
         "bad-rate": dict(row, destination_fee="1e"),
     }
     for name, value in variants.items():
-        write("snapshot_line", name, json.dumps(value))
-    # ClickHouse writes JSONEachRow without spaces: only such lines have a line key.
+        write("snapshot_line", name, switch_line(value))
+    # Other writers space their JSON and send raw UTF-8 (the layout of the old fixture).
     for i, line in enumerate(lines[1:6], 1):
-        write("snapshot_line", f"compact-{i:02}", compact(line))
+        write("snapshot_line", f"spaced-{i:02}", spaced(line))
     nested = dict(row, metadata={"tags": [1, 2], "note": "x"}, snapshot_date=None)
-    write("snapshot_line", "compact-nested", json.dumps(nested, separators=(",", ":")))
+    write("snapshot_line", "compact-nested", switch_line(nested))
     write("snapshot_line", "insert-same-line",
           b"INSERT INTO active_calls FORMAT JSONEachRow " + lines[1])
-    write("snapshot_line", "latin1", lines[1].replace(b"[tag]", b"\xc4\xe9"))
+    write("snapshot_line", "latin1", swap(lines[1], b'"src_name_in":"a_b"', b'"src_name_in":"\xc4\xe9"'))
 
-    # snapshot_apply: the whole sample, small parts of it, a refused one.
+    # snapshot_apply: the whole samples, small parts of them, a refused one.
     write("snapshot_apply", "fixture", snapshot)
-    write("snapshot_apply", "compact", b"\n".join(compact(l) for l in lines if l.strip()) + b"\n")
-    write("snapshot_apply", "compact-nested",
-          b"\n".join([compact(lines[1]), json.dumps(nested, separators=(",", ":")).encode()]) + b"\n")
+    write("snapshot_apply", "fixture-next", following)
+    write("snapshot_apply", "spaced", b"\n".join(spaced(l) for l in lines if l.strip()) + b"\n")
+    write("snapshot_apply", "compact-nested", b"\n".join([lines[1], switch_line(nested)]) + b"\n")
     # The regression of tests/fuzz_regressions.rs: a snapshot_timestamp key only nested.
     hidden = {k: v for k, v in row.items() if k != "snapshot_timestamp"}
     hidden["metadata"] = {"snapshot_timestamp": "2020-01-01 00:00:00"}
-    hidden = json.dumps(hidden, separators=(",", ":")).encode()
+    hidden = switch_line(hidden)
     write("snapshot_apply", "nested-timestamp", hidden + b"\n")
     write("snapshot_line", "nested-timestamp", hidden)
     write("snapshot_apply", "first-rows", b"\n".join(lines[:4]) + b"\n")
     write("snapshot_apply", "no-insert", b"\n".join(lines[1:4]) + b"\n")
-    write("snapshot_apply", "repeated-call", b"\n".join([lines[0], lines[1], lines[1].replace(b"12368151", b"999")]) + b"\n")
-    write("snapshot_apply", "skipped-row", b"\n".join([lines[0], lines[2], b'{"node_id": 3, "local_tag": ""}']) + b"\n")
+    repeated = swap(lines[1], b'"src_prefix_in":"79040479666"', b'"src_prefix_in":"999"')
+    write("snapshot_apply", "repeated-call", b"\n".join([lines[0], lines[1], repeated]) + b"\n")
+    write("snapshot_apply", "skipped-row", b"\n".join([lines[0], lines[2], b'{"local_tag":"","node_id":3}']) + b"\n")
     write("snapshot_apply", "refused", b"\n".join([lines[0], lines[1], b"not json"]) + b"\n")
 
     # query_params: the query strings of tests/endpoint.rs.
@@ -105,9 +131,9 @@ def main():
         f"account-id={A102}",
         f"account-id={A101.upper()}",
         f"account-id={A103}",
-        f"account-id={A104}&auth-orig-port=5061",
+        f"account-id={A102}&auth-orig-port=5061",
         "account-id=",
-        "account-id=f38b2ffc80a41f5a91c9bc701e7ea419",
+        f"account-id={A101.replace('-', '')}",
         "account-id=00000000-0000-0000-0000-000000000000",
         f"account-id=%7B{A101}%7D",
         f"account-id={A101}&auth-orig-port=abc",
@@ -122,9 +148,11 @@ def main():
         f"account-id={A102}&auth-orig-ip=2001%3Adb8%3A%3A1",
         f"account-id={A102}&connect-time-null=1&connect-time-null=0&auth-orig-port=1&auth-orig-port=5061",
         f"account-id={A102}&connect-time-null=FALSE",
-        f"account-id={A102}&src-name-in-contains=%C3%84",
-        f"account-id={A102}&src-name-in-starts-with=%C3",
-        f"account-id={A102}&src-name-in-ends-with=%9C",
+        f"account-id={A103}&src-name-in-contains=%C3%AB",
+        f"account-id={A103}&src-name-in-contains=%D0%BE",
+        f"account-id={A103}&src-name-in-starts-with=%D0",
+        f"account-id={A103}&src-name-in-ends-with=%AB",
+        f"account-id={A103}&src-name-in-contains=A_B",
         f"account-id={A102}&src-name-in-eq=mixed+case",
         f"account-id={A102}&src-prefix-in-starts-with=380&dst-prefix-in-ends-with=%25&src-prefix-routing-contains=_",
         f"account-id={A102}&dst-prefix-routing-eq=%5Btag%5D&src-prefix-in-contains=%5C",

@@ -98,14 +98,7 @@ fn sample_rows_cache() -> &'static [Value] {
 
 fn with_sample() -> TestAgent {
     let agent = TestAgent::start();
-    let status = agent.feed(SAMPLE_SNAPSHOT);
-    assert_eq!(
-        (status.applied, status.rejected),
-        (1, 0),
-        "{:?}",
-        status.last_error
-    );
-    let report = status.last_report.unwrap();
+    let report = applied_report(agent.feed(SAMPLE_SNAPSHOT), 1);
     assert_eq!((report.rows, report.skipped), (20, 0));
     agent
 }
@@ -232,8 +225,8 @@ fn etag_if_none_match_and_head() {
         (401, Some("0"))
     );
 
-    // A changed snapshot changes the body, so the old ETag no longer matches.
-    agent.feed(&SAMPLE_SNAPSHOT.replace("2025-11-25 14:30:00", "2025-11-25 14:30:10"));
+    // The switch's next snapshot changes the body, so the old ETag no longer matches.
+    agent.feed(SAMPLE_SNAPSHOT_2);
     let changed = agent.request(
         "GET",
         &target,
@@ -251,7 +244,7 @@ fn bad_parameters_get_the_specs_400_bodies() {
         ("src-name-in-eq=x", "missing required param(s) account-id"),
         ("account-id=", "invalid value account-id"),
         (
-            "account-id=f38b2ffc80a41f5a91c9bc701e7ea419",
+            &format!("account-id={}", ACCOUNT_101.replace('-', "")),
             "invalid value account-id",
         ),
         (
@@ -556,14 +549,9 @@ fn no_secret_means_every_token_is_refused() {
 #[test]
 fn typed_filters() {
     let agent = with_sample();
-    let token_1002 = token_for(5002);
-    let get = |query: &str| {
-        agent.request(
-            "GET",
-            &format!("{ENDPOINT}?account-id={ACCOUNT_104}&{query}"),
-            &[("Authorization", &token_1002)],
-        )
-    };
+    // Account 102: calls on ports 5060 and 5061, ringing and answered, one with the old
+    // protocol key.
+    let get = |query: &str| agent.get(&format!("account-id={ACCOUNT_102}&{query}"));
     let port = |r: &Value| match &r["auth_orig_port"] {
         Value::String(s) => s.parse::<i64>().unwrap(),
         v => v.as_i64().unwrap(),
@@ -576,23 +564,23 @@ fn typed_filters() {
     };
     assert_eq!(
         get("auth-orig-port=5061").rows(),
-        expected_for(104, |r| port(r) == 5061)
+        expected_for(102, |r| port(r) == 5061)
     );
     assert_eq!(
         get("auth-orig-port=%2B0005061").rows(),
-        expected_for(104, |r| port(r) == 5061)
+        expected_for(102, |r| port(r) == 5061)
     );
     assert_eq!(
         get("auth-orig-transport-protocol-id=2").rows(),
-        expected_for(104, |r| proto(r) == 2)
+        expected_for(102, |r| proto(r) == 2)
     );
     assert_eq!(
         get("auth-orig-ip=2001%3Adb8%3A%3A1").rows(),
-        expected_for(104, |r| r["auth_orig_ip"] == "2001:db8::1")
+        expected_for(102, |r| r["auth_orig_ip"] == "2001:db8::1")
     );
     assert!(get("auth-orig-ip=2001").rows().is_empty());
-    let connected = expected_for(104, |r| !r["connect_time"].is_null());
-    let ringing = expected_for(104, |r| r["connect_time"].is_null());
+    let connected = expected_for(102, |r| !r["connect_time"].is_null());
+    let ringing = expected_for(102, |r| r["connect_time"].is_null());
     assert!(!connected.is_empty() && !ringing.is_empty());
     for value in ["", "0", "f", "F", "false", "FALSE", "off", "OFF"] {
         assert_eq!(
@@ -611,7 +599,7 @@ fn typed_filters() {
     // Filters are ANDed; the last value of a repeated name wins.
     assert_eq!(
         get("connect-time-null=1&connect-time-null=0&auth-orig-port=1&auth-orig-port=5061").rows(),
-        expected_for(104, |r| !r["connect_time"].is_null() && port(r) == 5061)
+        expected_for(102, |r| !r["connect_time"].is_null() && port(r) == 5061)
     );
 }
 
@@ -671,6 +659,24 @@ fn string_filters_match_bytes_as_specified() {
         "XeD",
         "%_",
         "\u{0}",
+        // The sample's own names: "a_b", "john doe", "O'Brien", "Олександр" and "Zoë"
+        // (sent as \uXXXX escapes), "test".
+        "a_b",
+        "a_",
+        "_b",
+        "john doe",
+        "n d",
+        "O'Brien",
+        "О",
+        "о",
+        "Ол",
+        "олександр",
+        "ОЛЕКСАНДР",
+        "др",
+        "Zoë",
+        "oë",
+        "TEST",
+        "3805",
     ];
     let mut checked = 0;
     for account in [101i64, 102, 103, 104] {
@@ -710,29 +716,43 @@ fn string_filters_match_bytes_as_specified() {
             }
         }
     }
-    assert_eq!(checked, 4 * 5 * 43 * 4);
+    assert_eq!(checked, 4 * 5 * 59 * 4);
 }
 
 #[test]
 fn contains_folds_ascii_only_and_bytes_are_bytes() {
     let agent = with_sample();
-    let get = |q: &str| agent.get(&format!("account-id={ACCOUNT_102}&{q}"));
-    // "ÄÖÜ" is on account 102: only the exact UTF-8 bytes match it.
-    assert_eq!(get("src-name-in-contains=%C3%84").rows().len(), 1);
+    let token_1002 = token_for(5002);
+    let get = |q: &str| {
+        agent.request(
+            "GET",
+            &format!("{ENDPOINT}?account-id={ACCOUNT_103}&{q}"),
+            &[("Authorization", &token_1002)],
+        )
+    };
+    // "Zoë" and "Олександр" are on account 103, sent as \u00eb and \u041e...: only the
+    // exact UTF-8 bytes match them.
+    assert!(SAMPLE_SNAPSHOT.contains(r#""src_name_in":"Zo\u00eb""#));
+    assert_eq!(get("src-name-in-contains=%C3%AB").rows().len(), 1);
     assert_eq!(
-        get("src-name-in-contains=%C3%A4").rows().len(),
+        get("src-name-in-contains=%C3%8B").rows().len(),
         0,
-        "ä does not fold to Ä"
+        "Ë does not fold to ë"
     );
-    // A byte prefix may split a character: "Ä" is C3 84.
-    assert_eq!(get("src-name-in-starts-with=%C3").rows().len(), 1);
     assert_eq!(
-        get("src-name-in-ends-with=%9C").rows().len(),
-        1,
-        "Ü ends with 0x9C"
+        get("src-name-in-contains=%D0%BE").rows().len(),
+        0,
+        "о does not fold to О"
     );
-    assert_eq!(get("src-name-in-eq=%C3").rows().len(), 0);
-    // "MiXeD" folds on ASCII.
-    assert_eq!(get("src-name-in-contains=mIxEd").rows().len(), 1);
-    assert_eq!(get("src-name-in-eq=mixed").rows().len(), 0);
+    // A byte prefix may split a character: "О" is D0 9E.
+    assert_eq!(get("src-name-in-starts-with=%D0").rows().len(), 1);
+    assert_eq!(
+        get("src-name-in-ends-with=%AB").rows().len(),
+        1,
+        "ë ends with 0xAB"
+    );
+    assert_eq!(get("src-name-in-eq=%D0").rows().len(), 0);
+    // "a_b" folds on ASCII.
+    assert_eq!(get("src-name-in-contains=A_B").rows().len(), 1);
+    assert_eq!(get("src-name-in-eq=A_B").rows().len(), 0);
 }

@@ -123,13 +123,16 @@ fn a_line_that_is_not_json_rejects_the_whole_snapshot() {
     let agent = TestAgent::start();
     agent.feed(SAMPLE_SNAPSHOT);
     let before = agent.get(&format!("account-id={ACCOUNT_102}")).text();
+    // The switch's first row, cut in the middle (as a crashed writer leaves it).
+    let first_row = SAMPLE_SNAPSHOT.lines().nth(1).unwrap();
+    let cut = &first_row[..first_row.len() / 2];
     for bad in [
         format!("{SAMPLE_SNAPSHOT}not json\n"),
         format!(
             "{}\n[1,2,3]\n",
             snapshot(&[call(1, "x", 102, "2025-11-25 10:00:00")])
         ),
-        format!("{{\"node_id\": 1, \"local_tag\": \"cut\n{SAMPLE_SNAPSHOT}"),
+        format!("{cut}\n{SAMPLE_SNAPSHOT}"),
         format!(
             "SELECT 1\n{}",
             SAMPLE_SNAPSHOT
@@ -237,13 +240,7 @@ fn a_file_written_in_place_is_applied_once_complete() {
     file.write_all(rest.as_bytes()).unwrap();
     drop(file);
     let after = agent.wait_for(&mut status, |s| s.applied + s.rejected > 0);
-    assert_eq!(
-        (after.applied, after.rejected),
-        (1, 0),
-        "{:?}",
-        after.last_error
-    );
-    assert_eq!(after.last_report.unwrap().rows, 20);
+    assert_eq!(applied_report(after, 1).rows, 20);
 }
 
 #[test]
@@ -291,7 +288,7 @@ fn feed_aged(agent: &TestAgent, content: &str, age: Duration) {
 fn silent_nodes_expire_also_across_a_restart() {
     let mut agent = TestAgent::start_with(|c| c.feed.stale_after = 60);
     feed_aged(&agent, SAMPLE_SNAPSHOT, Duration::from_secs(30));
-    let calls_of_102 = SAMPLE_SNAPSHOT.matches("\"customer_acc_id\": 102,").count();
+    let calls_of_102 = SAMPLE_SNAPSHOT.matches("\"customer_acc_id\":102,").count();
     assert!(calls_of_102 > 0);
     assert_eq!(
         agent.get(&format!("account-id={ACCOUNT_102}")).rows().len(),

@@ -40,7 +40,7 @@ fn metrics_follow_snapshots_requests_and_reloads() {
     let feed = agent.agent().feed_addr().unwrap();
     let text = scrape(&agent);
     assert_eq!(
-        metric(&text, r#"active_calls_agent_calls{node_id="1"}"#),
+        metric(&text, r#"active_calls_agent_calls{node_id="7"}"#),
         None
     );
     assert_eq!(
@@ -51,6 +51,7 @@ fn metrics_follow_snapshots_requests_and_reloads() {
         Some(1.0)
     );
 
+    // The file: the sample snapshot of node 7.
     agent.feed(SAMPLE_SNAPSHOT);
     // A socket snapshot of node 2: two calls and a row with a bad value, skipped.
     let bad_row = r#"{"node_id": 2, "local_tag": "bad", "customer_acc_id": "x"}"#;
@@ -68,7 +69,7 @@ fn metrics_follow_snapshots_requests_and_reloads() {
 
     let text = scrape(&agent);
     let expect = [
-        (r#"active_calls_agent_calls{node_id="1"}"#, 20.0),
+        (r#"active_calls_agent_calls{node_id="7"}"#, 20.0),
         (r#"active_calls_agent_calls{node_id="2"}"#, 2.0),
         (
             r#"active_calls_agent_snapshots_total{source="file",result="applied"}"#,
@@ -200,25 +201,6 @@ fn a_separate_metrics_listener_keeps_metrics_off_the_api() {
     );
 }
 
-/// Reads exactly one answer (head and Content-Length body) off a kept-alive connection.
-fn read_one_answer(stream: &mut TcpStream) -> String {
-    let mut raw = Vec::new();
-    let mut byte = [0u8; 1];
-    while !raw.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        raw.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&raw).to_ascii_lowercase();
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map_or(0, |v| v.trim().parse().unwrap());
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).unwrap();
-    raw.extend(body);
-    String::from_utf8_lossy(&raw).into_owned()
-}
-
 #[test]
 fn a_stop_answers_the_request_already_begun() {
     // Scrapes go to a listener of their own, so the API's connection count is ours alone.
@@ -236,8 +218,8 @@ fn a_stop_answers_the_request_already_begun() {
     stream.write_all(head.as_bytes()).unwrap();
     let mut kept = TcpStream::connect(addr).unwrap();
     kept.write_all(format!("{head}\r\n").as_bytes()).unwrap();
-    let first = read_one_answer(&mut kept);
-    assert!(first.starts_with("HTTP/1.1 200 "), "{first}");
+    let first = read_reply(&mut kept);
+    assert_eq!(first.status, 200, "{}", first.text());
     kept.write_all(head.as_bytes()).unwrap();
     // Until the server has accepted it, the connection waits in the kernel's backlog,
     // which the closing listener would reset: wait until the metrics count it.

@@ -69,12 +69,15 @@ fn ordered_object(text: &str) -> Vec<(String, Value)> {
     members
 }
 
-/// The sample snapshot's rows as node `node` sends them, keeping those `keep` accepts.
-fn sample_of_node(node: u32, keep: impl Fn(usize) -> bool) -> String {
+/// The sample snapshot's rows (of node 7) as node `node` sends them, keeping those `keep`
+/// accepts.
+fn sample_of_node(node: i64, keep: impl Fn(usize) -> bool) -> String {
+    let sample_node = format!("\"node_id\":{SAMPLE_NODE},");
     let mut out = String::new();
     for (i, line) in SAMPLE_SNAPSHOT.lines().skip(1).enumerate() {
         if keep(i) {
-            out.push_str(&line.replace("\"node_id\": 1,", &format!("\"node_id\": {node},")));
+            assert!(line.contains(&sample_node), "{line}");
+            out.push_str(&line.replace(&sample_node, &format!("\"node_id\":{node},")));
             out.push('\n');
         }
     }
@@ -115,12 +118,12 @@ fn calls_of(lines: &str) -> BTreeMap<(i64, String), (i64, i64)> {
 #[test]
 fn a_scrape_is_the_union_of_every_nodes_latest_snapshot_in_order() {
     let agent = start();
-    // Node 1 from the file, node 2 over the socket, then node 1 again with half its calls.
-    agent.feed(&sample_of_node(1, |_| true));
+    // Node 7 from the file, node 2 over the socket, then node 7 again with half its calls.
+    agent.feed(&sample_of_node(SAMPLE_NODE, |_| true));
     let node_2 = sample_of_node(2, |i| i % 3 != 0);
     post_snapshot(&agent, &node_2);
-    let node_1 = sample_of_node(1, |i| i % 2 == 0);
-    agent.feed(&node_1);
+    let node_7 = sample_of_node(SAMPLE_NODE, |i| i % 2 == 0);
+    agent.feed(&node_7);
 
     let rows = each_row(&scrape(&agent, "", &[]));
     for row in &rows {
@@ -138,7 +141,7 @@ fn a_scrape_is_the_union_of_every_nodes_latest_snapshot_in_order() {
             )
         })
         .collect();
-    let mut expected = calls_of(&node_1);
+    let mut expected = calls_of(&node_7);
     expected.extend(calls_of(&node_2));
     // BTreeMap order is (node_id, local_tag) in byte order: the scrape's order.
     let expected: Vec<_> = expected.into_iter().collect();
@@ -179,7 +182,7 @@ fn a_scrape_is_the_union_of_every_nodes_latest_snapshot_in_order() {
 #[test]
 fn the_etag_changes_exactly_when_the_answer_does() {
     let agent = start();
-    agent.feed(&sample_of_node(1, |_| true));
+    agent.feed(&sample_of_node(SAMPLE_NODE, |_| true));
     let first = scrape(&agent, "", &[]);
     let etag = first.header("etag").unwrap().to_owned();
     assert!(etag.starts_with("W/\""), "{etag}");
@@ -191,7 +194,7 @@ fn the_etag_changes_exactly_when_the_answer_does() {
 
     // The switch sends the same calls again: a new snapshot, the same answer.
     std::fs::remove_file(agent.snapshot_path()).unwrap();
-    agent.feed(&sample_of_node(1, |_| true));
+    agent.feed(&sample_of_node(SAMPLE_NODE, |_| true));
     assert_eq!(
         scrape(&agent, "", &[("If-None-Match", &etag)]).status,
         304,
@@ -206,12 +209,13 @@ fn the_etag_changes_exactly_when_the_answer_does() {
     assert_ne!(grown_etag, etag);
     assert_ne!(grown.body, first.body);
 
-    // One call of node 1 changes only its rate.
-    let changed_rate = sample_of_node(1, |_| true).replacen(
-        "\"destination_next_rate\": \"",
-        "\"destination_next_rate\": \"9",
+    // One call of node 7 changes only its rate.
+    let changed_rate = sample_of_node(SAMPLE_NODE, |_| true).replacen(
+        "\"destination_next_rate\":\"",
+        "\"destination_next_rate\":\"9",
         1,
     );
+    assert!(changed_rate.contains("\"destination_next_rate\":\"9"));
     agent.feed(&changed_rate);
     let after = scrape(&agent, "", &[("If-None-Match", &grown_etag)]);
     assert_eq!(after.status, 200);
@@ -254,7 +258,7 @@ fn the_etag_changes_exactly_when_the_answer_does() {
 #[test]
 fn a_database_made_anew_never_repeats_an_old_etag() {
     let mut agent = start();
-    agent.feed(&sample_of_node(1, |_| true));
+    agent.feed(&sample_of_node(SAMPLE_NODE, |_| true));
     let etag = scrape(&agent, "", &[]).header("etag").unwrap().to_owned();
     // The database goes (deleted, or rebuilt for a new schema); the switch sends other calls.
     agent.agent.take().unwrap().stop();
@@ -264,7 +268,7 @@ fn a_database_made_anew_never_repeats_an_old_etag() {
     }
     std::fs::remove_file(agent.snapshot_path()).unwrap();
     agent.restart();
-    agent.feed(&sample_of_node(1, |i| i < 5));
+    agent.feed(&sample_of_node(SAMPLE_NODE, |i| i < 5));
     let reply = scrape(&agent, "", &[("If-None-Match", &etag)]);
     assert_eq!(reply.status, 200);
     assert_eq!(each_row(&reply).len(), 5);
@@ -293,7 +297,7 @@ fn a_node_gone_stale_leaves_the_answer_and_changes_the_etag() {
 #[test]
 fn gzip_is_the_same_answer_compressed() {
     let agent = start();
-    agent.feed(&sample_of_node(1, |_| true));
+    agent.feed(&sample_of_node(SAMPLE_NODE, |_| true));
     post_snapshot(&agent, &sample_of_node(2, |_| true));
     for format in ["", "format=JSON"] {
         let plain = scrape(&agent, format, &[]);
@@ -467,7 +471,7 @@ fn scrapes_that_stop_reading_hold_up_neither_snapshots_nor_customers() {
     // Their readers wait on their clients, mid-transaction; snapshots still apply.
     let mut status = agent.agent().feed_status();
     let before = status.borrow_and_update().applied;
-    post_snapshot(&agent, &sample_of_node(1, |_| true));
+    post_snapshot(&agent, &sample_of_node(SAMPLE_NODE, |_| true));
     agent.wait_for(&mut status, |s| s.applied > before);
     assert_eq!(agent.get(&format!("account-id={ACCOUNT_101}")).status, 200);
 

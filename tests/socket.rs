@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::Write;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -117,6 +118,113 @@ fn a_posted_snapshot_replaces_only_the_nodes_it_contains() {
     assert_eq!(
         (report.nodes, report.written, report.removed),
         (vec![1], 0, 1)
+    );
+}
+
+/// Posts `body` on the kept-alive `stream` with the headers libcurl sends for
+/// `curl --data-binary @file` (the switch's `http_client` is the same library): a form
+/// content type, and with `expect`, `Expect: 100-continue` and the body only once the
+/// `100 Continue` came. Returns the final answer.
+fn post_as_libcurl(stream: &mut TcpStream, body: &[u8], expect: bool) -> Reply {
+    let host = stream.peer_addr().unwrap();
+    let mut head = format!(
+        "POST / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\
+         Content-Length: {}\r\nContent-Type: application/x-www-form-urlencoded\r\n",
+        body.len()
+    );
+    if expect {
+        head.push_str("Expect: 100-continue\r\n");
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    if expect {
+        let interim = read_reply(stream);
+        assert_eq!(interim.status, 100, "{:?}", interim.headers);
+    }
+    stream.write_all(body).unwrap();
+    read_reply(stream)
+}
+
+/// The (start_time, connect_time) of a snapshot's calls of `account`, newest first.
+fn calls_of(snapshot: &str, account: i64) -> Vec<(Value, Value)> {
+    let mut calls: Vec<(Value, Value)> = snapshot
+        .lines()
+        .skip(1)
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|row| row["customer_acc_id"] == account)
+        .map(|row| (row["start_time"].clone(), row["connect_time"].clone()))
+        .collect();
+    calls.sort_by(|a, b| b.0.as_str().cmp(&a.0.as_str()));
+    calls
+}
+
+/// What a switch does: two consecutive snapshots of its node, the real bytes, posted as
+/// libcurl posts them over one kept-alive connection. The second writes only what
+/// changed (the call that was answered, the new one) and removes the call that ended,
+/// though every row of it has a fresh id and timestamps.
+#[test]
+fn a_switch_posts_consecutive_snapshots_as_libcurl_does() {
+    let agent = start();
+    let mut stream = TcpStream::connect(agent.agent().feed_addr().unwrap()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // libcurl since 7.69 sends a body up to 1 MB (a snapshot of up to ~500 calls) at
+    // once, and asks first with Expect: 100-continue for a larger one (older libcurl,
+    // for one over 1 KB): the first snapshot goes the one way, the second the other.
+    for (snapshot, expect) in [(SAMPLE_SNAPSHOT, false), (SAMPLE_SNAPSHOT_2, true)] {
+        let reply = post_as_libcurl(&mut stream, snapshot.as_bytes(), expect);
+        assert_eq!(
+            (reply.status, reply.body.len()),
+            (200, 0),
+            "{}",
+            reply.text()
+        );
+    }
+    let report = applied_report(agent.agent().feed_status().borrow().clone(), 2);
+    assert_eq!(
+        (report.rows, report.skipped, report.nodes),
+        (20, 0, vec![SAMPLE_NODE])
+    );
+    assert_eq!((report.written, report.removed), (2, 1));
+
+    // The customers see the second snapshot: its calls, its time.
+    let shown = |uuid: &str, access: i64| -> Vec<(Value, Value)> {
+        let target = format!("{ENDPOINT}?account-id={uuid}");
+        let rows = agent
+            .request("GET", &target, &[("Authorization", &token_for(access))])
+            .rows();
+        for row in &rows {
+            assert_eq!(row["snapshot_timestamp"], "2025-11-25 14:30:05", "{row}");
+        }
+        rows.iter()
+            .map(|r| (r["start_time"].clone(), r["connect_time"].clone()))
+            .collect()
+    };
+    let accounts = [
+        (ACCOUNT_101, 101, 5001),
+        (ACCOUNT_102, 102, 5001),
+        (ACCOUNT_103, 103, 5002),
+        (ACCOUNT_104, 104, 5002),
+    ];
+    for (uuid, account, access) in accounts {
+        assert_eq!(
+            shown(uuid, access),
+            calls_of(SAMPLE_SNAPSHOT_2, account),
+            "account {account}"
+        );
+    }
+    // Call 922631C6 of account 101 was answered, NEW-EAFF1A09 of 102 began, A399F82A of
+    // 103 ended.
+    let answered = (json!("2025-11-25 14:06:37"), json!("2025-11-25 14:30:04"));
+    assert!(shown(ACCOUNT_101, 5001).contains(&answered));
+    let new = (json!("2025-11-25 13:48:41"), json!("2025-11-25 13:48:44"));
+    assert!(shown(ACCOUNT_102, 5001).contains(&new));
+    let ended = json!("2025-11-25 13:14:48");
+    assert!(
+        shown(ACCOUNT_103, 5002)
+            .iter()
+            .all(|(start, _)| *start != ended)
     );
 }
 

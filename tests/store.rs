@@ -37,7 +37,7 @@ fn query(filters: Vec<Filter>) -> CallQuery {
 
 #[test]
 fn every_string_filter_is_an_index_search_within_the_account() {
-    let (_dir, readers) = store_with(include_str!("fixtures/snapshot.jsonl"));
+    let (_dir, readers) = store_with(include_str!("fixtures/snapshot-1.jsonl"));
     for column in TextColumn::ALL {
         for (how, index, range) in [
             (
@@ -101,7 +101,7 @@ fn every_string_filter_is_an_index_search_within_the_account() {
 
 #[test]
 fn a_local_script_can_read_the_database() {
-    let (dir, _readers) = store_with(include_str!("fixtures/snapshot.jsonl"));
+    let (dir, _readers) = store_with(include_str!("fixtures/snapshot-1.jsonl"));
     let conn = rusqlite::Connection::open_with_flags(
         dir.path().join("calls.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -116,7 +116,16 @@ fn a_local_script_can_read_the_database() {
             Ok((r.get(0)?, r.get(1)?))
         })
         .unwrap();
-    assert_eq!((node, stamp.as_str()), (1, "2025-11-25 14:30:00"));
+    assert_eq!((node, stamp.as_str()), (7, "2025-11-25 14:30:00"));
+    // The switch sends non-ASCII as \uXXXX escapes; a script reads the text itself.
+    let name: String = conn
+        .query_row(
+            "SELECT src_name_in FROM calls WHERE local_tag = 'D096D679-6120-00000011'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(name, "Zo\u{eb}");
     let integrity: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();

@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use active_calls_agent::config::Config;
+use active_calls_agent::feed::ApplyReport;
 use active_calls_agent::{Agent, FeedStatus};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;
@@ -48,14 +49,28 @@ pub const OUTPUT_KEYS: [&str; 26] = [
     "auth_orig_port",
 ];
 
-pub const SAMPLE_SNAPSHOT: &str = include_str!("../fixtures/snapshot.jsonl");
+/// A snapshot of node 7 byte for byte as a yeti node posts it (`INSERT` line, then one
+/// compact line per call: keys in byte order, non-ASCII as `\uXXXX`): 20 calls, taken
+/// at `2025-11-25 14:30:00`. A copy of the project's `samples/snapshot-1.jsonl`.
+pub const SAMPLE_SNAPSHOT: &str = include_str!("../fixtures/snapshot-1.jsonl");
+/// The same node's next snapshot, five seconds later (`2025-11-25 14:30:05`): every call
+/// has a fresh `id`, `snapshot_timestamp` and `end_time`; besides that, call
+/// `A399F82A-DC6B-00000000` (account 103) ended, `NEW-EAFF1A09-4A14-00000000` (account
+/// 102) is new, and `922631C6-DCD0-00000005` (account 101) was answered.
+pub const SAMPLE_SNAPSHOT_2: &str = include_str!("../fixtures/snapshot-2.jsonl");
+/// The directory that owns those calls' accounts, as the samples give it (the tests need
+/// no entry it lacks): accounts 101, 102 of customer 1001 and 103, 104 of customer 1002;
+/// API accesses 5001 (1001, every account), 6001 (1001, account 101 only), 5002 (1002),
+/// 6002 (1002, account 103 only); portal access profiles 1 and 2.
 pub const SAMPLE_DIRECTORY: &str = include_str!("../fixtures/directory.json");
+/// The node the sample snapshots come from.
+pub const SAMPLE_NODE: i64 = 7;
 
 /// Accounts of the sample directory.
-pub const ACCOUNT_101: &str = "f38b2ffc-80a4-1f5a-91c9-bc701e7ea419"; // customer 1001
-pub const ACCOUNT_102: &str = "f3f49249-dc28-1f90-a5ae-c7978306d03b"; // customer 1001
-pub const ACCOUNT_103: &str = "e5121482-3929-1d22-a255-accb1a466884"; // customer 1002
-pub const ACCOUNT_104: &str = "6bad6be2-8e7a-16e9-9f19-950499dd251d"; // customer 1002
+pub const ACCOUNT_101: &str = "21636369-8b52-1b4a-97b7-50923ceb3ffd"; // customer 1001
+pub const ACCOUNT_102: &str = "795b929e-9a9a-10fd-aa7b-5bf55eb561a4"; // customer 1001
+pub const ACCOUNT_103: &str = "9b08923d-10c6-1fd9-94b2-b8fda02f34a6"; // customer 1002
+pub const ACCOUNT_104: &str = "781f9c58-d664-1fa9-a8a8-529f035efa25"; // customer 1002
 
 /// A running agent over its own temporary folder, on its own runtime, so that tests are
 /// plain blocking code like any client of the agent.
@@ -177,6 +192,18 @@ impl TestAgent {
     pub fn request(&self, method: &str, target: &str, headers: &[(&str, &str)]) -> Reply {
         request(self.addr(), method, target, headers)
     }
+}
+
+/// The report of the last snapshot, once the feed has applied `applied` snapshots and
+/// rejected none.
+pub fn applied_report(status: FeedStatus, applied: u64) -> ApplyReport {
+    assert_eq!(
+        (status.applied, status.rejected),
+        (applied, 0),
+        "{:?}",
+        status.last_error
+    );
+    status.last_report.expect("a report of the last snapshot")
 }
 
 /// Writes `dir/config.toml` for the real binary: both listeners on port 0, the store,
@@ -483,6 +510,24 @@ fn send(
     // A reset after a complete answer (the server would not read a refused body) is fine.
     let _ = stream.read_to_end(&mut raw);
     parse_reply(&raw, method == "HEAD")
+}
+
+/// Reads one answer off a kept-alive connection: its head, then as many body bytes as its
+/// Content-Length says (none for an interim `100 Continue`).
+pub fn read_reply(stream: &mut TcpStream) -> Reply {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("an answer head");
+        raw.push(byte[0]);
+    }
+    let mut reply = parse_reply(&raw, true);
+    let length = reply
+        .header("content-length")
+        .map_or(0, |v| v.parse().expect("a Content-Length"));
+    reply.body = vec![0; length];
+    stream.read_exact(&mut reply.body).expect("the whole body");
+    reply
 }
 
 /// A chunked body's content; panics when it was cut before its last chunk.

@@ -21,10 +21,10 @@ pub const DIRECTORY_JSON: &[u8] = include_bytes!("../../../tests/fixtures/direct
 
 /// Each account of the sample directory: (uuid, id, customer).
 pub const ACCOUNTS: [(&str, i64, i64); 4] = [
-    ("f38b2ffc-80a4-1f5a-91c9-bc701e7ea419", 101, 1001),
-    ("f3f49249-dc28-1f90-a5ae-c7978306d03b", 102, 1001),
-    ("e5121482-3929-1d22-a255-accb1a466884", 103, 1002),
-    ("6bad6be2-8e7a-16e9-9f19-950499dd251d", 104, 1002),
+    ("21636369-8b52-1b4a-97b7-50923ceb3ffd", 101, 1001),
+    ("795b929e-9a9a-10fd-aa7b-5bf55eb561a4", 102, 1001),
+    ("9b08923d-10c6-1fd9-94b2-b8fda02f34a6", 103, 1002),
+    ("781f9c58-d664-1fa9-a8a8-529f035efa25", 104, 1002),
 ];
 
 /// The session cookie refreshed for `context` authenticates, from the cookie, as the
