@@ -74,9 +74,9 @@ CREATE TABLE calls (
     -- only when an indexed value did.
     row_hash                        INTEGER NOT NULL,
     key_hash                        INTEGER NOT NULL,
-    -- A hash of the call's snapshot line without the values that change every snapshot
-    -- (snapshot_timestamp, snapshot_date, end_time): a line with the same key is the same
-    -- call, unchanged, and is recognised without being parsed. NULL: no such key.
+    -- A hash of the call's snapshot line without the values a switch writes anew in every
+    -- snapshot (id, snapshot_timestamp, snapshot_date, end_time): a line with the same key
+    -- is the same call, unchanged, and is recognised without being parsed. NULL: no such key.
     line_key                        INTEGER
 ) STRICT;
 

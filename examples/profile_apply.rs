@@ -1,17 +1,37 @@
 //! Where an apply and a query spend their time, without HTTP in the way: run it under
-//! `perf record` (BENCHMARKS.md, "Profile"). `cargo run --release --example profile_apply`.
+//! `perf record` (BENCHMARKS.md, "What bounds each figure").
+//! `cargo run --release --example profile_apply [calls]` (default 100,000).
+//!
+//! On SEMS's bytes (`sems::Switch`): the line scan alone, then a full snapshot into an
+//! empty store, the same calls resent, a 5-second period and a 10%-churn snapshot, each
+//! with its wall and CPU time (the process's, both threads of an apply).
 
 use std::io::Cursor;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use active_calls_agent::feed::{InsertLine, apply_snapshot};
+use active_calls_agent::feed::{InsertLine, apply_snapshot, line_key};
 use active_calls_agent::sems::Switch;
 use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
 };
 
-fn apply(writer: &mut Writer, snapshot: &[u8], label: &str) {
-    let started = Instant::now();
+/// CPU time of this process so far.
+fn cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the pointer it is given, which points to
+    // a zeroed rusage owned by this frame.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+fn apply(writer: &mut Writer, wal: &std::path::Path, snapshot: &[u8], label: &str) {
+    let (started, cpu_before) = (Instant::now(), cpu());
     let report = apply_snapshot(
         writer,
         Cursor::new(snapshot),
@@ -20,10 +40,14 @@ fn apply(writer: &mut Writer, snapshot: &[u8], label: &str) {
         SystemTime::now(),
     )
     .expect("applied");
-    let applied = started.elapsed();
+    let (applied, cpu_applied) = (started.elapsed(), cpu() - cpu_before);
+    let wal_mb = std::fs::metadata(wal).map_or(0.0, |m| m.len() as f64 / 1e6);
     writer.copy_back().expect("checkpoint");
+    // The next commit writes the WAL from its start again.
+    writer.checkpoint().expect("checkpoint");
     println!(
-        "{label}: {applied:?}, then {:?} to copy the WAL back (rows {}, written {}, removed {})",
+        "{label}: {applied:.2?} ({cpu_applied:.2?} CPU), {wal_mb:.1} MB of WAL, then {:.2?} \
+         to copy it back (rows {}, written {}, removed {})",
         started.elapsed() - applied,
         report.rows,
         report.written,
@@ -32,18 +56,56 @@ fn apply(writer: &mut Writer, snapshot: &[u8], label: &str) {
 }
 
 fn main() {
+    let calls: usize = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let t0 = 1_764_081_000;
     let mut switch = Switch::new(2);
-    switch.fill(100_000, 1_764_081_000);
-    let full = switch.render(1_764_081_000);
-    switch.churn(1_764_081_005);
-    let churn = switch.render(1_764_081_005);
+    switch.fill(calls, t0);
+    let full = switch.render(t0);
+    let resent = switch.render(t0 + 5);
+    switch.period(t0 + 10, 5);
+    let period = switch.render(t0 + 10);
+    switch.churn(t0 + 15);
+    let churn = switch.render(t0 + 15);
+    println!(
+        "{calls} calls, {:.1} MB a snapshot",
+        full.len() as f64 / 1e6
+    );
+
+    let started = Instant::now();
+    let keyed = full
+        .split(|&b| b == b'\n')
+        .filter(|line| line_key(line).is_some())
+        .count();
+    println!(
+        "line keys alone: {:.2?} ({keyed} lines keyed)",
+        started.elapsed()
+    );
+
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("calls.db");
     let mut writer = Writer::open(&path).expect("store");
-    apply(&mut writer, &full, "full 100k");
-    apply(&mut writer, &churn, "10% churn");
-    apply(&mut writer, &churn, "same again");
+    let wal = dir.path().join("calls.db-wal");
+    apply(&mut writer, &wal, &full, "full");
+    apply(&mut writer, &wal, &resent, "the same calls resent");
+    apply(&mut writer, &wal, &period, "a 5-second period");
+    apply(&mut writer, &wal, &churn, "10% churn");
+    // PROFILE_PERIODS=n: n more periods, back and forth (for `perf record`).
+    let periods: usize = std::env::var("PROFILE_PERIODS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    for i in 0..periods {
+        let body = if i % 2 == 0 { &period } else { &churn };
+        apply(&mut writer, &wal, body, "again");
+    }
 
+    println!(
+        "database: {:.1} MB",
+        std::fs::metadata(&path).map_or(0.0, |m| m.len() as f64 / 1e6)
+    );
     let readers = Readers::new(&path);
     let starts = Filter::Text {
         column: TextColumn::DstPrefixIn,

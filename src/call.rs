@@ -90,8 +90,16 @@ impl CallRow<'_> {
 /// a switch resends an unchanged call as the same bytes but for these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LineKey<'a> {
-    /// xxh3 of the line without the volatile key-value pairs.
+    /// xxh3 of the line with its per-snapshot values cut out (`feed::key`).
     pub hash: i64,
-    /// The row's `snapshot_timestamp` (`None`: absent or null).
+    /// The row's `snapshot_timestamp` as the scan read it (`None`: absent or null).
     pub snapshot_timestamp: Option<&'a str>,
+}
+
+impl LineKey<'_> {
+    /// Whether the scan that made this key read the line's one per-snapshot value the
+    /// agent uses as the full parse did: only then may the key stand for the row.
+    pub fn agrees_with(&self, row: &CallRow<'_>) -> bool {
+        self.snapshot_timestamp == row.snapshot_timestamp.as_deref()
+    }
 }

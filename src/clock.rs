@@ -10,34 +10,36 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Checks the exact `YYYY-MM-DD hh:mm:ss` form and a real calendar date.
 pub fn is_datetime(text: &str) -> bool {
     let b = text.as_bytes();
-    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' {
+    if b.len() != 19 || b[10] != b' ' || b[13] != b':' || b[16] != b':' {
         return false;
     }
-    if b[16] != b':' {
+    let (Some(hour), Some(minute), Some(second)) =
+        (number(&b[11..13]), number(&b[14..16]), number(&b[17..19]))
+    else {
+        return false;
+    };
+    is_date(&text[..10]) && hour < 24 && minute < 60 && second < 60
+}
+
+/// Checks the exact `YYYY-MM-DD` form of a real calendar date.
+pub fn is_date(text: &str) -> bool {
+    let b = text.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
         return false;
     }
-    let number = |range: std::ops::Range<usize>| -> Option<u32> {
-        b[range].iter().try_fold(0u32, |n, &d| {
-            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
-        })
-    };
-    let parts = (
-        number(0..4),
-        number(5..7),
-        number(8..10),
-        number(11..13),
-        number(14..16),
-        number(17..19),
-    );
-    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = parts else {
+    let (Some(year), Some(month), Some(day)) =
+        (number(&b[0..4]), number(&b[5..7]), number(&b[8..10]))
+    else {
         return false;
     };
-    (1..=12).contains(&month)
-        && day >= 1
-        && day <= days_in_month(year, month)
-        && hour < 24
-        && minute < 60
-        && second < 60
+    (1..=12).contains(&month) && day >= 1 && day <= days_in_month(year, month)
+}
+
+/// The value of a run of ASCII digits.
+fn number(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+    })
 }
 
 fn days_in_month(year: u32, month: u32) -> u32 {
@@ -93,5 +95,7 @@ mod tests {
         assert!(!is_datetime("2023-02-29 00:00:00"));
         assert!(!is_datetime("2023-01-01T00:00:00"));
         assert!(!is_datetime("2023-01-01 24:00:00"));
+        assert!(is_date("2024-02-29") && !is_date("2023-02-29") && !is_date("2023-1-01"));
+        assert!(!is_datetime("2023-01-01 00:00:0\u{e9}"));
     }
 }

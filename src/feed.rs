@@ -24,8 +24,11 @@ use crate::call::{CallRow, LineKey};
 use crate::clock::{format_datetime, is_datetime};
 use crate::store::{Origin, Writer};
 
+pub mod key;
 pub mod socket;
 pub mod writer;
+
+pub use key::line_key;
 
 /// A line longer than this is not a row of a switch (those are ~2.3 KB): it is skipped as
 /// a bad row rather than buffered without bound.
@@ -186,117 +189,6 @@ fn skipped_if_object(line: &[u8], reason: String) -> Result<Line<'_>, String> {
         }),
         Err(e) => Err(format!("not a JSON object: {e}")),
     }
-}
-
-/// The keys whose values change every snapshot while the call itself does not.
-const VOLATILE_KEYS: [&[u8]; 3] = [
-    b"\"snapshot_timestamp\":",
-    b"\"snapshot_date\":",
-    b"\"end_time\":",
-];
-
-/// The [`LineKey`] of a line, when it has a plain form: each volatile key at most once
-/// (a quote inside a JSON string is escaped, so a match is a real key), with a null or a
-/// date-time-like string value. The hash stands for the line only together with a stored
-/// call that was parsed in full from a line with the same key, so a line whose key matches
-/// is known to be a valid row, unchanged.
-pub fn line_key(line: &[u8]) -> Option<LineKey<'_>> {
-    let line = line.trim_ascii();
-    if !(line.starts_with(b"{") && line.ends_with(b"}")) {
-        return None;
-    }
-    // A volatile key written any other way (`"end_time" :`, an escape in the name) could
-    // hide its value in the hash: such a line is always parsed.
-    if memchr::memmem::find(line, b"\\u").is_some() {
-        return None;
-    }
-    // A volatile key inside a nested object is not the row's (fuzzing found a nested
-    // `snapshot_timestamp` taken for the row's): where the line may nest objects, each
-    // key found must be at the top level.
-    let nested = memchr::memchr(b'{', &line[1..]).is_some();
-    let mut spans = [(0usize, 0usize); 3];
-    let mut snapshot_timestamp = None;
-    for (i, key) in VOLATILE_KEYS.iter().enumerate() {
-        let name = &key[1..key.len() - 2];
-        if memchr::memmem::find_iter(line, name).count() > 1 {
-            return None;
-        }
-        let mut found = memchr::memmem::find_iter(line, key);
-        let Some(start) = found.next() else {
-            if memchr::memmem::find(line, name).is_some() {
-                return None; // the name, but not as a plain `"name":` key
-            }
-            continue;
-        };
-        if nested && !at_top_level(line, start) {
-            return None;
-        }
-        let value_at = start + key.len();
-        let value = &line[value_at..];
-        let (text, end) = if value.starts_with(b"null") {
-            (None, value_at + 4)
-        } else if value.first() == Some(&b'"') {
-            let close = value[1..].iter().position(|&b| b == b'"')? + 1;
-            let text = &value[1..close];
-            if !text
-                .iter()
-                .all(|b| b.is_ascii_digit() || matches!(b, b' ' | b':' | b'-'))
-            {
-                return None;
-            }
-            // Plain ASCII, checked just above.
-            (std::str::from_utf8(text).ok(), value_at + close + 1)
-        } else {
-            return None;
-        };
-        if i == 0 {
-            if text.is_some_and(|t| !is_datetime(t)) {
-                return None;
-            }
-            snapshot_timestamp = text;
-        }
-        spans[i] = (start, end);
-    }
-    spans.sort_unstable();
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-    let mut at = 0;
-    for (start, end) in spans.into_iter().filter(|(s, e)| s < e) {
-        if start < at {
-            return None;
-        }
-        hasher.update(&line[at..start]);
-        at = end;
-    }
-    hasher.update(&line[at..]);
-    Some(LineKey {
-        hash: hasher.digest() as i64,
-        snapshot_timestamp,
-    })
-}
-
-/// Whether position `at` of a JSON object's text is at its top level: outside every string
-/// and every nested object or array. Scans from the start, so it is used only for lines
-/// that nest, and for keys near their start.
-fn at_top_level(object: &[u8], at: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in &object[1..at] {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    depth == 0 && !in_string
 }
 
 /// Whether a snapshot must start with its `INSERT INTO <table> FORMAT JSONEachRow` query
@@ -529,13 +421,16 @@ pub fn apply_snapshot_teed(
 ) -> Result<ApplyReport, SnapshotError> {
     let started = Instant::now();
     let mut tx = writer.begin(origin, received_at)?;
-    let stored_keys = tx.stored_line_keys()?;
+    let stored_keys = tx.line_keys();
     let mut report = ApplyReport::default();
     std::thread::scope(|scope| -> Result<(), SnapshotError> {
         let (blocks_tx, blocks) = std::sync::mpsc::sync_channel(BLOCKS_IN_FLIGHT);
-        let reader =
-            scope.spawn(move || read_blocks(input, insert_line, &stored_keys, blocks_tx, tee));
-        let applied = apply_blocks(&mut tx, blocks, &mut report);
+        // Applied blocks go back to the reader to be filled again: a snapshot of hundreds
+        // of megabytes passes through the same few buffers, never through fresh pages.
+        let (spare_tx, spare) = std::sync::mpsc::channel();
+        let reader = scope
+            .spawn(move || read_blocks(input, insert_line, &stored_keys, blocks_tx, &spare, tee));
+        let applied = apply_blocks(&mut tx, blocks, &spare_tx, &mut report);
         let read = reader.join().unwrap_or_else(|_| {
             Err(SnapshotError::Io(std::io::Error::other(
                 "the snapshot reader failed",
@@ -556,10 +451,11 @@ pub fn apply_snapshot_teed(
 fn apply_blocks(
     tx: &mut crate::store::SnapshotTx<'_>,
     blocks: std::sync::mpsc::Receiver<Block>,
+    spare: &std::sync::mpsc::Sender<Block>,
     report: &mut ApplyReport,
 ) -> Result<(), SnapshotError> {
-    for block in blocks {
-        for item in block.items {
+    for mut block in blocks {
+        for item in block.items.drain(..) {
             match item {
                 Item::Keyed {
                     line,
@@ -584,7 +480,7 @@ fn apply_blocks(
                     match parse_line(&block.text[line]).map_err(malformed)? {
                         Line::Nothing => {}
                         Line::Row(row) => {
-                            tx.put(&row, Some(hash))?;
+                            tx.put(&row, key.agrees_with(&row).then_some(hash))?;
                             report.rows += 1;
                         }
                         Line::Skipped { node_id, .. } => {
@@ -607,6 +503,8 @@ fn apply_blocks(
                 }
             }
         }
+        block.text.clear();
+        let _ = spare.send(block);
     }
     Ok(())
 }
@@ -616,14 +514,17 @@ fn apply_blocks(
 fn read_blocks(
     mut input: impl BufRead,
     insert_line: InsertLine,
-    stored_keys: &std::collections::HashSet<i64>,
+    stored_keys: &crate::store::LineKeys,
     blocks: std::sync::mpsc::SyncSender<Block>,
+    spare: &std::sync::mpsc::Receiver<Block>,
     mut tee: Option<&mut dyn Tee>,
 ) -> Result<(), SnapshotError> {
     writer::lower_priority();
-    let new_block = || Block {
-        text: Vec::with_capacity(BLOCK_BYTES + 64 * 1024),
-        items: Vec::new(),
+    let new_block = || {
+        spare.try_recv().unwrap_or_else(|_| Block {
+            text: Vec::with_capacity(BLOCK_BYTES + 64 * 1024),
+            items: Vec::new(),
+        })
     };
     let mut block = new_block();
     let mut line_no = 0u64;
@@ -682,7 +583,7 @@ fn read_blocks(
         }
         let key = line_key(text);
         let item = match key {
-            Some(key) if stored_keys.contains(&key.hash) => {
+            Some(key) if stored_keys.contains(key.hash) => {
                 let base = text.as_ptr() as usize - line.start;
                 let timestamp = key.snapshot_timestamp.map(|t| {
                     let at = t.as_ptr() as usize - base;
@@ -703,7 +604,8 @@ fn read_blocks(
                 match parse_line(text).map_err(malformed)? {
                     Line::Nothing => None,
                     Line::Row(row) => {
-                        Some(Item::Row(Box::new(row.into_owned()), key.map(|k| k.hash)))
+                        let key = key.filter(|k| k.agrees_with(&row)).map(|k| k.hash);
+                        Some(Item::Row(Box::new(row.into_owned()), key))
                     }
                     Line::Skipped { node_id, reason } => {
                         tracing::debug!(line = line_no, %reason, "snapshot row skipped");
@@ -770,21 +672,6 @@ pub fn apply_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_top_level_volatile_keys_count() {
-        fn key(line: &str) -> Option<Option<&str>> {
-            line_key(line.as_bytes()).map(|k| k.snapshot_timestamp)
-        }
-        let top = r#"{"a":{"b":"}"},"snapshot_timestamp":"2025-11-25 14:30:00","c":[{"d":1}]}"#;
-        assert_eq!(key(top), Some(Some("2025-11-25 14:30:00")));
-        let nested = r#"{"a":1,"m":{"snapshot_timestamp":"2020-01-01 00:00:00"}}"#;
-        assert_eq!(key(nested), None);
-        let in_array = r#"{"m":[{"x":"\"{"}],"end_time":null}"#;
-        assert_eq!(key(in_array), Some(None));
-        let after_unclosed = r#"{"m":[{"end_time":null}]}"#;
-        assert_eq!(key(after_unclosed), None);
-    }
 
     fn row(line: &str) -> CallRow<'_> {
         match parse_line(line.as_bytes()) {
@@ -933,39 +820,6 @@ mod tests {
         assert_eq!(data(b"SELECT 1"), None);
         assert_eq!(data(b"INSERT INTO t FORMAT CSV"), None);
         assert_eq!(data(b"INSERT INTO t"), None);
-    }
-
-    #[test]
-    fn line_keys_ignore_only_the_volatile_values() {
-        let at = |t: &str| {
-            format!(
-                r#"{{"id":1,"snapshot_timestamp":"{t}","node_id":1,"snapshot_date":"{d}","end_time":"{t}","x":"a"}}"#,
-                d = &t[..10]
-            )
-        };
-        let (a, b) = (at("2025-11-25 14:30:00"), at("2025-11-25 14:30:05"));
-        let (ka, kb) = (
-            line_key(a.as_bytes()).unwrap(),
-            line_key(b.as_bytes()).unwrap(),
-        );
-        assert_eq!(ka.hash, kb.hash);
-        assert_eq!(kb.snapshot_timestamp, Some("2025-11-25 14:30:05"));
-        let changed = b.replace(r#""x":"a""#, r#""x":"b""#);
-        assert_ne!(line_key(changed.as_bytes()).unwrap().hash, ka.hash);
-        // No fast path for a repeated volatile key, an odd value, or a bad timestamp.
-        let twice = a.replace(r#""x":"a""#, r#""x":{"end_time":"1"}"#);
-        assert!(line_key(twice.as_bytes()).is_none());
-        let odd = a.replace(r#""end_time":"2025-11-25 14:30:00""#, r#""end_time":5"#);
-        assert!(line_key(odd.as_bytes()).is_none());
-        let spaced = a.replace(r#""snapshot_timestamp":"#, r#""snapshot_timestamp" :"#);
-        assert!(line_key(spaced.as_bytes()).is_none());
-        let escaped = a.replace(r#""snapshot_timestamp":"#, r#""snapshot\u005ftimestamp":"#);
-        assert!(line_key(escaped.as_bytes()).is_none());
-        let bad_time = at("2025-13-25 14:30:00");
-        assert!(line_key(bad_time.as_bytes()).is_none());
-        assert!(line_key(b"not json").is_none());
-        // Absent volatile keys are fine: the key is the whole line.
-        assert!(line_key(br#"{"node_id":1}"#).is_some());
     }
 
     #[test]

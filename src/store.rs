@@ -6,12 +6,15 @@
 //! is a public contract for local scripts, so it is applied verbatim from that file.
 //!
 //! Writes are the expensive part (ten secondary indexes), so the [`SnapshotTx`] writes only
-//! what changed: it loads each node's (call, hash) pairs once, compares the hash of every
-//! incoming row, and rewrites a call only when its hash differs (and its index entries only
-//! when an indexed value did); calls the snapshot no longer has are deleted at commit. Most
-//! lines of a snapshot repeat the previous one but for its timestamps: those are matched by
-//! a hash of the raw line ([`LineKey`]) and never parsed. A snapshot that rewrites a large
-//! share of the table drops the secondary indexes and sorts them anew at commit.
+//! what changed. The [`Writer`] keeps a picture of the stored calls in memory between
+//! snapshots (their hashes, line keys and ids: loaded once from a covering index), so an
+//! apply finds each incoming call, compares the hash of its row and rewrites it only when
+//! it differs (and its index entries only when an indexed value did), without a query;
+//! calls the snapshot no longer has are deleted at commit, in account order. Most lines of
+//! a snapshot repeat the previous one but for the values a switch writes anew each time:
+//! those are matched by a hash of the raw line ([`LineKey`], `feed::key`) and never parsed.
+//! A snapshot that rewrites a large share of the table drops the secondary indexes and
+//! sorts them anew at commit.
 //!
 //! Reads go through a small pool of read-only connections ([`Readers`]) whose prepared
 //! statements stay cached. A query is built from a handful of fixed SQL fragments (one per
@@ -21,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -65,13 +68,10 @@ fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
 // ---------------------------------------------------------------------------------------
 // Writing
 
-const LOAD_STORED_CALLS: &str = "SELECT call_id, node_id, customer_acc_id, line_key,
-    snapshot_timestamp IS NOT NULL FROM calls INDEXED BY calls_by_node";
-const FIND_CALL: &str = "SELECT node_id, local_tag, call_id, customer_acc_id, row_hash, key_hash,
-    line_key FROM calls WHERE node_id = ?1 AND local_tag = ?2";
-const FIND_CALL_BY_ID: &str = "SELECT node_id, local_tag, call_id, customer_acc_id, row_hash,
-    key_hash, line_key FROM calls WHERE call_id = ?1";
-const COUNT_CALLS: &str = "SELECT count(*) FROM calls";
+/// Every stored call, with what the writer compares and looks up, from the covering
+/// `calls_by_node` index.
+const LOAD_STORED_CALLS: &str = "SELECT call_id, node_id, local_tag, customer_acc_id, row_hash,
+    key_hash, line_key, snapshot_timestamp IS NOT NULL FROM calls INDEXED BY calls_by_node";
 const INSERT_CALL: &str = "INSERT INTO calls (
     call_id, node_id, local_tag, customer_id, customer_acc_id, snapshot_timestamp, start_time, connect_time,
     destination_prefix, destination_initial_interval, destination_initial_rate,
@@ -84,7 +84,6 @@ const INSERT_CALL: &str = "INSERT INTO calls (
     row_hash, key_hash, line_key
 ) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
     ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37, ?38, ?39)";
-const LAST_CALL_ID_IN: &str = "SELECT max(call_id) FROM calls WHERE call_id >= ?1 AND call_id < ?2";
 /// A changed call whose indexed values did not change: its index entries stay as they are.
 /// It takes the parameters of [`INSERT_CALL`], and uses those it needs.
 const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
@@ -96,6 +95,9 @@ const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
     auth_orig_transport_protocol_id = ?29, auth_orig_ip = ?30, auth_orig_port = ?31,
     row_hash = ?37, key_hash = ?38, line_key = ?39
   WHERE call_id = ?1";
+/// An unchanged call whose line did change (a key the agent ignores): the new line's key
+/// is kept, so that the call's next line takes the fast path.
+const UPDATE_LINE_KEY: &str = "UPDATE calls SET line_key = ?2 WHERE call_id = ?1";
 const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
 /// A node the snapshot contains: ?5 is the snapshot's generation, which the node takes
 /// when its calls changed (?6), or when their shared timestamp did and a call shows it
@@ -117,11 +119,10 @@ const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
 const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
 const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
 const STALE_NODES: &str = "SELECT node_id FROM nodes WHERE received_at_ms <= ?1";
-/// The indexes a bulk write drops: all of them into an empty table; else all but
-/// `calls_by_node` (?1 false), which finds the stored calls that rows update.
+/// The indexes a bulk write drops: all of them (the writer finds stored calls in its own
+/// memory, never through an index).
 const CALLS_INDEXES: &str = "SELECT name, sql FROM sqlite_schema
-    WHERE type = 'index' AND tbl_name = 'calls' AND sql IS NOT NULL
-      AND (?1 OR name != 'calls_by_node')";
+    WHERE type = 'index' AND tbl_name = 'calls' AND sql IS NOT NULL";
 const CALLS_STATS: &str = "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'calls'";
 const PUT_CALLS_STAT: &str = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('calls', ?1, ?2)";
 const CLEAR_CALLS_STATS: &str = "DELETE FROM sqlite_stat1 WHERE tbl = 'calls'";
@@ -134,15 +135,39 @@ const OVERFLOW_IDS: i64 = 1 << 62;
 /// The key of the overflow range in `next_ids` (no account in the ranges is negative).
 const OVERFLOW_KEY: i64 = -1;
 
+/// The range of call ids of `account`: its key in `next_ids`, first id and end.
+fn id_range(account: i64) -> (i64, i64, i64) {
+    if (0..1 << ACCOUNT_ID_BITS).contains(&account) {
+        let first = account << CALL_SERIAL_BITS;
+        (account, first, first + (1 << CALL_SERIAL_BITS))
+    } else {
+        (OVERFLOW_KEY, OVERFLOW_IDS, i64::MAX)
+    }
+}
+
+/// The range key of a stored call id.
+fn id_range_key(call_id: i64) -> i64 {
+    if call_id >= OVERFLOW_IDS {
+        OVERFLOW_KEY
+    } else {
+        call_id >> CALL_SERIAL_BITS
+    }
+}
+
 /// A snapshot that writes at least this many calls, and at least [`BULK_SHARE`] of the
 /// table, drops the secondary indexes and builds them again at commit: sorting once beats
 /// that many random index updates (see PERF-NOTES).
 const BULK_MIN_WRITES: u64 = 5_000;
 const BULK_SHARE: f64 = 0.3;
 
-/// The one connection that writes.
+/// The one connection that writes, and what it knows of the stored calls.
 pub struct Writer {
     conn: Connection,
+    /// The stored calls as the last committed snapshot left them, kept between snapshots
+    /// so that an apply reads nothing it already knows. `None` until the first snapshot,
+    /// after a failed one (its changes were rolled back, its picture is wrong), and after
+    /// [`release_memory`](Self::release_memory).
+    stored: Option<Stored>,
 }
 
 impl Writer {
@@ -182,7 +207,7 @@ impl Writer {
             ))
             .context("applying schema.sql")?;
         }
-        Ok(Writer { conn })
+        Ok(Writer { conn, stored: None })
     }
 
     /// Starts applying one snapshot received at `received_at`.
@@ -192,22 +217,25 @@ impl Writer {
         received_at: SystemTime,
     ) -> rusqlite::Result<SnapshotTx<'_>> {
         let received_at_ms = unix_millis(received_at);
-        let tx = self.conn.transaction()?;
-        let stored: i64 = tx
-            .prepare_cached(COUNT_CALLS)?
-            .query_row([], |r| r.get(0))?;
-        let bulk_after = BULK_MIN_WRITES.max((stored as f64 * BULK_SHARE) as u64);
+        let Writer { conn, stored } = self;
+        let tx = conn.transaction()?;
+        let mut calls = match stored.take() {
+            Some(calls) => calls,
+            None => Stored::load(&tx)?,
+        };
+        calls.epoch += 1;
+        let bulk_after = BULK_MIN_WRITES.max((calls.calls.len() as f64 * BULK_SHARE) as u64);
         Ok(SnapshotTx {
             tx,
+            keep: stored,
             origin,
             received_at_ms,
             received_timestamp: format_datetime(received_at_ms.div_euclid(1000)),
-            stored: None,
+            stored: calls,
             nodes: HashMap::new(),
-            seen: HashSet::new(),
+            retired_lines: HashSet::new(),
+            new_lines: Vec::new(),
             changed_nodes: HashSet::new(),
-            written_tags: HashMap::new(),
-            next_ids: HashMap::new(),
             written: 0,
             bulk_after,
             dropped_indexes: None,
@@ -222,6 +250,11 @@ impl Writer {
             .prepare_cached(STALE_NODES)?
             .query_map([unix_millis(cutoff)], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
+        if stale.is_empty() {
+            return Ok(stale);
+        }
+        // Rare: the writer reads the calls anew with the next snapshot.
+        self.stored = None;
         for node in &stale {
             tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])?;
             tx.prepare_cached(DELETE_NODE)?.execute([node])?;
@@ -241,9 +274,11 @@ impl Writer {
         self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
     }
 
-    /// Gives back the page cache an apply filled, to SQLite's allocator and from there to
-    /// the system: an idle agent beside a busy switch stays small.
-    pub fn release_memory(&self) -> rusqlite::Result<()> {
+    /// Gives back what an apply holds between snapshots, the writer's picture of the
+    /// stored calls and the page cache, to SQLite's allocator and from there to the
+    /// system: an idle agent beside a busy switch stays small.
+    pub fn release_memory(&mut self) -> rusqlite::Result<()> {
+        self.stored = None;
         self.conn.execute_batch("PRAGMA shrink_memory")?;
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim has no preconditions: it only returns free heap pages to the
@@ -255,31 +290,121 @@ impl Writer {
     }
 }
 
-/// A stored call, as the snapshot being applied sees it.
+/// A stored call, as the writer knows it.
 #[derive(Clone, Copy)]
 struct StoredCall {
-    call_id: i64,
     node_id: i64,
-    account: i64,
-    /// The call keeps a snapshot timestamp of its own (rare): not for the fast path.
-    own_timestamp: bool,
-}
-
-/// Every stored call, loaded once per snapshot from the covering `calls_by_node` index.
-#[derive(Default)]
-struct Stored {
-    calls: Vec<StoredCall>,
-    by_line: HashMap<i64, usize>,
-    per_node: HashMap<i64, usize>,
-}
-
-/// What a stored call's row compares with (looked up by node and tag).
-struct KnownCall {
-    call_id: i64,
+    tag: TagHash,
     account: i64,
     row_hash: i64,
     key_hash: i64,
     line_key: Option<i64>,
+    /// The call keeps a snapshot timestamp of its own (rare): not for the fast path.
+    own_timestamp: bool,
+    /// The last snapshot (an [`Stored::epoch`]) that had this call.
+    seen_in: u64,
+}
+
+/// A hash of a call's (node, local tag), keyed per process, so that no input can be made
+/// to collide: the writer's name for a call, without holding its tag.
+type TagHash = u64;
+
+/// The writer's picture of the stored calls: loaded once from the covering
+/// `calls_by_node` index, then kept up to date by each snapshot it applies, so that an
+/// apply finds a call, compares it and tells what ended without a query.
+struct Stored {
+    calls: HashMap<i64, StoredCall>,
+    by_tag: HashMap<TagHash, i64>,
+    /// Line keys of the stored calls: shared with the snapshot's reader thread (which
+    /// parses only the lines not found here) while a snapshot applies.
+    by_line: Arc<HashMap<i64, i64>>,
+    /// The next call id of each id range (see [`id_range`]).
+    next_ids: HashMap<i64, i64>,
+    /// Counts the snapshots applied: a call seen in this one has `seen_in == epoch`.
+    epoch: u64,
+    seed: u64,
+}
+
+impl Stored {
+    fn load(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Stored> {
+        let mut stored = Stored {
+            calls: HashMap::new(),
+            by_tag: HashMap::new(),
+            by_line: Arc::default(),
+            next_ids: HashMap::new(),
+            epoch: 0,
+            seed: fastrand::u64(..),
+        };
+        let mut by_line = HashMap::new();
+        let mut stmt = tx.prepare_cached(LOAD_STORED_CALLS)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let call_id: i64 = r.get(0)?;
+            let node_id = r.get(1)?;
+            let tag = stored.tag_hash(node_id, r.get_ref(2)?.as_bytes()?);
+            let call = StoredCall {
+                node_id,
+                tag,
+                account: r.get(3)?,
+                row_hash: r.get(4)?,
+                key_hash: r.get(5)?,
+                line_key: r.get(6)?,
+                own_timestamp: r.get(7)?,
+                seen_in: 0,
+            };
+            if let Some(line_key) = call.line_key {
+                by_line.insert(line_key, call_id);
+            }
+            stored.by_tag.insert(tag, call_id);
+            stored.calls.insert(call_id, call);
+            let next = stored.next_ids.entry(id_range_key(call_id)).or_default();
+            *next = (*next).max(call_id + 1);
+        }
+        stored.by_line = Arc::new(by_line);
+        Ok(stored)
+    }
+
+    fn tag_hash(&self, node_id: i64, tag: &[u8]) -> TagHash {
+        let mut h = xxhash_rust::xxh3::Xxh3::with_seed(self.seed);
+        h.update(&node_id.to_le_bytes());
+        h.update(tag);
+        h.digest()
+    }
+
+    /// A new call id for `account`: ids are handed out in one range per account, so an
+    /// account's calls lie together in the table and its answer is a few page reads. A
+    /// range used up starts again at its beginning (the calls there have long ended: ids
+    /// still in use are skipped); an account outside the ranges, or one holding a whole
+    /// range at once, takes its ids from the overflow range above all of them, so an id
+    /// is never handed out twice.
+    fn next_call_id(&mut self, account: i64) -> i64 {
+        let (key, first, end) = id_range(account);
+        let next = self.next_ids.entry(key).or_insert(first);
+        for _ in 0..(end - first).min(1 << CALL_SERIAL_BITS) {
+            if *next >= end {
+                *next = first;
+            }
+            let id = *next;
+            *next += 1;
+            if !self.calls.contains_key(&id) {
+                return id;
+            }
+        }
+        self.next_call_id(-1)
+    }
+
+    fn insert(&mut self, call_id: i64, call: StoredCall) {
+        self.by_tag.insert(call.tag, call_id);
+        self.calls.insert(call_id, call);
+    }
+
+    fn remove(&mut self, call_id: i64) -> Option<StoredCall> {
+        let call = self.calls.remove(&call_id)?;
+        if self.by_tag.get(&call.tag) == Some(&call_id) {
+            self.by_tag.remove(&call.tag);
+        }
+        Some(call)
+    }
 }
 
 /// What a committed snapshot changed.
@@ -300,86 +425,33 @@ struct DroppedIndexes {
 
 /// One snapshot being applied: lines go in with [`put_unchanged`](Self::put_unchanged) or
 /// [`put`](Self::put), and nothing is visible until [`commit`](Self::commit). Dropping it
-/// rolls everything back.
+/// rolls everything back (and the writer forgets its picture of the stored calls, which
+/// this snapshot changed).
 pub struct SnapshotTx<'w> {
     tx: rusqlite::Transaction<'w>,
+    /// Where the picture of the stored calls goes back once the snapshot committed.
+    keep: &'w mut Option<Stored>,
     origin: Origin,
     received_at_ms: i64,
     received_timestamp: String,
-    stored: Option<Stored>,
+    stored: Stored,
     /// The nodes this snapshot contains, with their snapshot timestamp (its first row's).
     nodes: HashMap<i64, Option<String>>,
-    /// The calls this snapshot has; the other calls of its nodes have ended.
-    seen: HashSet<i64>,
+    /// Line keys that no longer stand for their call (it was rewritten by this snapshot),
+    /// and the new keys: `by_line` is shared with the reader, so it changes at commit.
+    retired_lines: HashSet<i64>,
+    new_lines: Vec<(i64, i64)>,
     /// The nodes some of whose calls this snapshot wrote or removed.
     changed_nodes: HashSet<i64>,
-    /// Calls written by this snapshot, by a hash of (node, tag): a repeated call is found
-    /// again by its id.
-    written_tags: HashMap<u64, i64>,
-    /// The next free call id of each account written to.
-    next_ids: HashMap<i64, i64>,
     written: u64,
     bulk_after: u64,
     dropped_indexes: Option<DroppedIndexes>,
 }
 
 impl SnapshotTx<'_> {
-    fn stored(&mut self) -> rusqlite::Result<&Stored> {
-        if self.stored.is_none() {
-            let mut stored = Stored::default();
-            let mut stmt = self.tx.prepare_cached(LOAD_STORED_CALLS)?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let call = StoredCall {
-                    call_id: r.get(0)?,
-                    node_id: r.get(1)?,
-                    account: r.get(2)?,
-                    own_timestamp: r.get(4)?,
-                };
-                if let Some(line_key) = r.get::<_, Option<i64>>(3)? {
-                    stored.by_line.insert(line_key, stored.calls.len());
-                }
-                *stored.per_node.entry(call.node_id).or_default() += 1;
-                stored.calls.push(call);
-            }
-            self.stored = Some(stored);
-        }
-        Ok(self.stored.get_or_insert_with(Stored::default))
-    }
-
-    /// The id of a new call of `account`: ids are handed out in one range per account, so
-    /// an account's calls lie together in the table and its answer is a few page reads.
-    /// An account outside the ranges (or one with a million calls) takes its ids from the
-    /// overflow range above all of them, so an id is never handed out twice.
-    fn next_call_id(&mut self, account: i64) -> rusqlite::Result<i64> {
-        let in_ranges = (0..1 << ACCOUNT_ID_BITS).contains(&account);
-        let (key, first, end) = if in_ranges {
-            let first = account << CALL_SERIAL_BITS;
-            (account, first, first + (1 << CALL_SERIAL_BITS))
-        } else {
-            (OVERFLOW_KEY, OVERFLOW_IDS, i64::MAX)
-        };
-        let next = match self.next_ids.get(&key) {
-            Some(&next) => next,
-            None => {
-                let last: Option<i64> = self
-                    .tx
-                    .prepare_cached(LAST_CALL_ID_IN)?
-                    .query_row([first, end], |r| r.get(0))?;
-                last.map_or(first, |id| id + 1)
-            }
-        };
-        if next >= end {
-            // A million calls on one account: the overflow range takes the rest.
-            return self.next_call_id(-1);
-        }
-        self.next_ids.insert(key, next + 1);
-        Ok(next)
-    }
-
-    /// The line keys of every stored call (for a reader that decides what to parse).
-    pub fn stored_line_keys(&mut self) -> rusqlite::Result<HashSet<i64>> {
-        Ok(self.stored()?.by_line.keys().copied().collect())
+    /// The line keys of the stored calls, for the reader that decides what to parse.
+    pub fn line_keys(&self) -> LineKeys {
+        LineKeys(self.stored.by_line.clone())
     }
 
     /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
@@ -388,73 +460,62 @@ impl SnapshotTx<'_> {
         Ok(())
     }
 
-    /// The snapshot timestamp a row of `node_id` has when it names none or `row`: the
-    /// first row of a node sets the node's.
-    fn node_timestamp(&mut self, node_id: i64, row: Option<&str>) -> (String, bool) {
-        let row = row.unwrap_or(&self.received_timestamp).to_owned();
+    /// Whether a row of `node_id` with snapshot timestamp `row` (`None`: the receive time)
+    /// keeps a timestamp of its own: the first row of a node sets the node's.
+    fn own_timestamp(&mut self, node_id: i64, row: Option<&str>) -> bool {
+        let row = row.unwrap_or(&self.received_timestamp);
         let node = self.nodes.entry(node_id).or_default();
-        let node = node.get_or_insert_with(|| row.clone());
-        let own = *node != row;
-        (row, own)
+        match node {
+            Some(node) => node != row,
+            None => {
+                *node = Some(row.to_owned());
+                false
+            }
+        }
     }
 
     /// The fast path: a line whose key is that of a stored call, which would change
     /// nothing. Returns `false` when the line must be parsed and [`put`](Self::put) instead.
     pub fn put_unchanged(&mut self, key: &LineKey<'_>) -> rusqlite::Result<bool> {
-        let stored = self.stored()?;
-        let Some(call) = stored.by_line.get(&key.hash).map(|&i| stored.calls[i]) else {
+        if self.retired_lines.contains(&key.hash) {
+            return Ok(false);
+        }
+        let Some(&call_id) = self.stored.by_line.get(&key.hash) else {
             return Ok(false);
         };
-        if call.own_timestamp || self.seen.contains(&call.call_id) {
+        let epoch = self.stored.epoch;
+        let Some(call) = self.stored.calls.get(&call_id).copied() else {
+            return Ok(false);
+        };
+        if call.own_timestamp || call.seen_in == epoch {
             return Ok(false);
         }
-        let (_, own) = self.node_timestamp(call.node_id, key.snapshot_timestamp);
-        if own {
+        if self.own_timestamp(call.node_id, key.snapshot_timestamp) {
             return Ok(false);
         }
-        self.seen.insert(call.call_id);
+        if let Some(call) = self.stored.calls.get_mut(&call_id) {
+            call.seen_in = epoch;
+        }
         Ok(true)
     }
 
     /// Adds or updates one call; the last row of a repeated call wins. `line_key` is the
     /// key of the line it was read from, kept for the fast path of the next snapshot.
     pub fn put(&mut self, row: &CallRow<'_>, line_key: Option<i64>) -> rusqlite::Result<()> {
-        let has_stored = self
-            .stored()?
-            .per_node
-            .get(&row.node_id)
-            .is_some_and(|&n| n > 0);
-        let (row_timestamp, own) =
-            self.node_timestamp(row.node_id, row.snapshot_timestamp.as_deref());
-        let own_timestamp = own.then_some(row_timestamp.as_str());
+        let own = self.own_timestamp(row.node_id, row.snapshot_timestamp.as_deref());
+        let row_timestamp = row
+            .snapshot_timestamp
+            .as_deref()
+            .unwrap_or(&self.received_timestamp);
+        let own_timestamp = own.then_some(row_timestamp);
         let (key_hash, row_hash) = row_hashes(row, own_timestamp);
-        let tag_hash = {
-            let mut h = xxhash_rust::xxh3::Xxh3::new();
-            h.update(&row.node_id.to_le_bytes());
-            h.update(row.local_tag.as_bytes());
-            h.digest()
-        };
-        // A call written earlier in this snapshot is found by its id (the bulk path may
-        // have dropped calls_by_node); a stored one through calls_by_node.
-        let written_here = self.written_tags.get(&tag_hash).copied();
-        let mut known = match written_here {
-            Some(call_id) => find_call(&self.tx, FIND_CALL_BY_ID, params![call_id])?
-                .filter(|(node, tag, _)| *node == row.node_id && *tag == *row.local_tag)
-                .map(|(_, _, known)| known),
-            None => None,
-        };
-        if known.is_none() && (has_stored || written_here.is_some()) {
-            known = find_call(&self.tx, FIND_CALL, params![row.node_id, row.local_tag])?
-                .map(|(_, _, known)| known);
-        }
-        if let (Some(known), Some(stored)) = (&known, &mut self.stored)
-            && known.row_hash != row_hash
-            && let Some(old_line) = known.line_key
-        {
-            // The stored line no longer stands for this call: a repeat of it later in this
-            // snapshot must not pass as unchanged.
-            stored.by_line.remove(&old_line);
-        }
+        let tag = self.stored.tag_hash(row.node_id, row.local_tag.as_bytes());
+        let epoch = self.stored.epoch;
+        let known = self
+            .stored
+            .by_tag
+            .get(&tag)
+            .and_then(|id| Some((*id, *self.stored.calls.get(id)?)));
         let values = CallValues {
             row,
             own_timestamp,
@@ -462,36 +523,55 @@ impl SnapshotTx<'_> {
             key_hash,
             line_key,
         };
-        let replaced = match known {
-            Some(known) if known.row_hash == row_hash && known.account == row.customer_acc_id => {
-                self.seen.insert(known.call_id);
+        let updated = StoredCall {
+            node_id: row.node_id,
+            tag,
+            account: row.customer_acc_id,
+            row_hash,
+            key_hash,
+            line_key,
+            own_timestamp: own,
+            seen_in: epoch,
+        };
+        if let Some((call_id, call)) = known {
+            if let Some(old) = call.line_key.filter(|old| Some(*old) != line_key) {
+                // The stored line no longer stands for this call: a repeat of it later in
+                // this snapshot must not pass as unchanged.
+                self.retired_lines.insert(old);
+            }
+            let same_account = call.account == row.customer_acc_id;
+            if same_account && call.row_hash == row_hash {
+                if call.line_key != line_key {
+                    self.tx
+                        .prepare_cached(UPDATE_LINE_KEY)?
+                        .execute(params![call_id, line_key])?;
+                    self.new_lines.extend(line_key.map(|line| (line, call_id)));
+                }
+                self.stored.calls.insert(call_id, updated);
                 return Ok(());
             }
-            Some(known) if known.key_hash == key_hash && known.account == row.customer_acc_id => {
+            self.changed_nodes.insert(row.node_id);
+            self.written += 1;
+            if same_account && call.key_hash == key_hash {
                 // Only unindexed values changed (a call connecting, a rate): rewrite those.
-                values.write(&self.tx, UPDATE_CALL_VALUES, Some(known.call_id))?;
-                self.seen.insert(known.call_id);
-                self.changed_nodes.insert(row.node_id);
-                self.written += 1;
+                values.write(&self.tx, UPDATE_CALL_VALUES, Some(call_id))?;
+                self.new_lines.extend(line_key.map(|line| (line, call_id)));
+                self.stored.calls.insert(call_id, updated);
                 return Ok(());
             }
             // An indexed value changed: the row goes and comes back, its entries with it.
-            Some(known) => Some(known.call_id),
-            None => None,
-        };
-        if let Some(call_id) = replaced {
             self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
+            self.stored.remove(call_id);
+        } else {
+            self.changed_nodes.insert(row.node_id);
+            self.written += 1;
         }
-        let call_id = Some(self.next_call_id(row.customer_acc_id)?);
-        values.write(&self.tx, INSERT_CALL, call_id)?;
-        self.seen.insert(self.tx.last_insert_rowid());
-        self.written_tags
-            .insert(tag_hash, self.tx.last_insert_rowid());
-        self.changed_nodes.insert(row.node_id);
-        self.written += 1;
+        let call_id = self.stored.next_call_id(row.customer_acc_id);
+        values.write(&self.tx, INSERT_CALL, Some(call_id))?;
+        self.stored.insert(call_id, updated);
+        self.new_lines.extend(line_key.map(|line| (line, call_id)));
         if self.written >= self.bulk_after && self.dropped_indexes.is_none() {
-            let empty_store = self.stored.as_ref().is_none_or(|s| s.calls.is_empty());
-            self.dropped_indexes = Some(drop_secondary_indexes(&self.tx, empty_store)?);
+            self.dropped_indexes = Some(drop_secondary_indexes(&self.tx)?);
         }
         Ok(())
     }
@@ -506,22 +586,47 @@ impl SnapshotTx<'_> {
         };
         // Calls of its nodes that the snapshot no longer has, in account order:
         // consecutive deletes then touch neighbouring entries of every (account, …) index.
-        let stored = self.stored.take().unwrap_or_default();
-        let mut gone: Vec<(i64, i64)> = stored
+        let epoch = self.stored.epoch;
+        let mut gone: Vec<(i64, i64)> = self
+            .stored
             .calls
             .iter()
-            .filter(|c| self.nodes.contains_key(&c.node_id) && !self.seen.contains(&c.call_id))
-            .map(|c| {
-                self.changed_nodes.insert(c.node_id);
-                (c.account, c.call_id)
-            })
+            .filter(|(_, c)| c.seen_in != epoch && self.nodes.contains_key(&c.node_id))
+            .map(|(&id, c)| (c.account, id))
             .collect();
         gone.sort_unstable();
         let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
-        for (_, call_id) in gone {
+        for &(_, call_id) in &gone {
             changes.removed += delete.execute([call_id])? as u64;
+            if let Some(call) = self.stored.remove(call_id) {
+                self.changed_nodes.insert(call.node_id);
+                if let Some(line) = call.line_key {
+                    self.retired_lines.insert(line);
+                }
+            }
         }
         drop(delete);
+        let mut forget = false;
+        if self.origin == Origin::File {
+            // The file is the whole state of the nodes it feeds: a node it fed before and
+            // no longer names has no calls.
+            let fed_before: Vec<i64> = self
+                .tx
+                .prepare_cached(NODES_OF_SOURCE)?
+                .query_map([Origin::File.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
+                let removed = self.tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])?;
+                changes.removed += removed as u64;
+                self.tx.prepare_cached(DELETE_NODE)?.execute([node])?;
+                // Rare: the writer reads the calls anew with the next snapshot.
+                forget |= removed > 0;
+            }
+        }
+        // After the deletes, which then had no index entries to remove.
+        if let Some(dropped) = &self.dropped_indexes {
+            rebuild_secondary_indexes(&self.tx, dropped)?;
+        }
         let generation: i64 = self
             .tx
             .prepare_cached(NEXT_GENERATION)?
@@ -538,48 +643,40 @@ impl SnapshotTx<'_> {
             ])?;
             changes.nodes.push(*node_id);
         }
-        if self.origin == Origin::File {
-            // The file is the whole state of the nodes it feeds: a node it fed before and
-            // no longer names has no calls.
-            let fed_before: Vec<i64> = self
-                .tx
-                .prepare_cached(NODES_OF_SOURCE)?
-                .query_map([Origin::File.as_str()], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
-                changes.removed +=
-                    self.tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])? as u64;
-                self.tx.prepare_cached(DELETE_NODE)?.execute([node])?;
-            }
-        }
-        if let Some(dropped) = &self.dropped_indexes {
-            rebuild_secondary_indexes(&self.tx, dropped)?;
-        }
         self.tx.commit()?;
+        if !forget {
+            // The reader thread has ended: the line keys are the writer's alone again.
+            let by_line = Arc::make_mut(&mut self.stored.by_line);
+            for line in &self.retired_lines {
+                by_line.remove(line);
+            }
+            for &(line, call_id) in &self.new_lines {
+                // Only a line its call still has (a call rewritten twice in one snapshot
+                // left a line behind).
+                if self
+                    .stored
+                    .calls
+                    .get(&call_id)
+                    .is_some_and(|c| c.line_key == Some(line))
+                {
+                    by_line.insert(line, call_id);
+                }
+            }
+            *self.keep = Some(self.stored);
+        }
         changes.nodes.sort_unstable();
         Ok(changes)
     }
 }
 
-/// The stored call a [`FIND_CALL`]-shaped statement finds, with its node and tag.
-fn find_call(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> rusqlite::Result<Option<(i64, String, KnownCall)>> {
-    let mut stmt = tx.prepare_cached(sql)?;
-    let mut rows = stmt.query(params)?;
-    let Some(r) = rows.next()? else {
-        return Ok(None);
-    };
-    let known = KnownCall {
-        call_id: r.get(2)?,
-        account: r.get(3)?,
-        row_hash: r.get(4)?,
-        key_hash: r.get(5)?,
-        line_key: r.get(6)?,
-    };
-    Ok(Some((r.get(0)?, r.get(1)?, known)))
+/// The line keys of the stored calls as a snapshot began: what its reader needs not parse.
+#[derive(Clone)]
+pub struct LineKeys(Arc<HashMap<i64, i64>>);
+
+impl LineKeys {
+    pub fn contains(&self, hash: i64) -> bool {
+        self.0.contains_key(&hash)
+    }
 }
 
 /// What a call's row is written with, by [`INSERT_CALL`] and [`UPDATE_CALL_VALUES`] alike.
@@ -647,13 +744,10 @@ impl CallValues<'_, '_> {
 
 /// Drops the indexes of `calls` (their definitions and statistics kept, from the database
 /// itself: `schema.sql` stays their one source).
-fn drop_secondary_indexes(
-    tx: &rusqlite::Transaction<'_>,
-    with_calls_by_node: bool,
-) -> rusqlite::Result<DroppedIndexes> {
+fn drop_secondary_indexes(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<DroppedIndexes> {
     let indexes: Vec<(String, String)> = tx
         .prepare(CALLS_INDEXES)?
-        .query_map([with_calls_by_node], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
     let stats = tx
         .prepare(CALLS_STATS)?
