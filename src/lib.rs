@@ -2,7 +2,7 @@
 //! `GET /api/rest/customer/v1/outgoing-active-calls` from the switch node itself.
 //!
 //! ```text
-//! switch ──snapshot file (notify)───┐
+//! switch ──snapshot file (inotify)──┐
 //! switch ──HTTP POST (ClickHouse-ish)┴→ feed ──one write txn──→ store (SQLite, WAL)
 //!                                                                    │ read pool
 //! customer ──GET …/outgoing-active-calls──→ api ──auth, params─────┘ → JSON
@@ -27,7 +27,7 @@
 //! * [`metrics`]: the Prometheus metrics; [`api::ops`] serves them with `/healthz` and
 //!   `/readyz`.
 //! * [`logs`]: tracing to stderr (the journal), its level reloadable.
-//! * [`watch`]: following the snapshot and directory files with notify.
+//! * [`watch`]: following the snapshot and directory files with inotify.
 //! * [`http`]: the accept loop and small answers both HTTP listeners share.
 //! * [`relay`]: every applied snapshot forwarded to the central ClickHouse, through an
 //!   on-disk spool that outlives outages and restarts.

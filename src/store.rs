@@ -22,9 +22,10 @@
 //! account (SPEC 5).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::SystemTime;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -232,10 +233,10 @@ impl Writer {
             received_at_ms,
             received_timestamp: format_datetime(received_at_ms.div_euclid(1000)),
             stored: calls,
-            nodes: HashMap::new(),
-            retired_lines: HashSet::new(),
+            nodes: IntMap::default(),
+            retired_lines: IntSet::default(),
             new_lines: Vec::new(),
-            changed_nodes: HashSet::new(),
+            changed_nodes: IntSet::default(),
             written: 0,
             bulk_after,
             dropped_indexes: None,
@@ -290,6 +291,47 @@ impl Writer {
     }
 }
 
+/// The maps the writer touches for every line of every snapshot, keyed by integers (the
+/// agent's call ids and hashes, the switch's node ids): hashed by one multiplication
+/// rather than std's SipHash, which was the largest cost of an unchanged line. A per-run
+/// random seed keeps the bucket of a key unknown to whoever writes the snapshots.
+type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+type IntSet<K> = HashSet<K, BuildHasherDefault<IntHasher>>;
+
+static INT_HASH_SEED: LazyLock<u64> = LazyLock::new(|| fastrand::u64(..));
+
+struct IntHasher(u64);
+
+impl Default for IntHasher {
+    fn default() -> Self {
+        IntHasher(*INT_HASH_SEED)
+    }
+}
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        // Fold the well-mixed high bits down: hashbrown picks buckets by the low ones.
+        let h = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h ^ (h >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+}
+
 /// A stored call, as the writer knows it.
 #[derive(Clone, Copy)]
 struct StoredCall {
@@ -313,13 +355,13 @@ type TagHash = u64;
 /// `calls_by_node` index, then kept up to date by each snapshot it applies, so that an
 /// apply finds a call, compares it and tells what ended without a query.
 struct Stored {
-    calls: HashMap<i64, StoredCall>,
-    by_tag: HashMap<TagHash, i64>,
+    calls: IntMap<i64, StoredCall>,
+    by_tag: IntMap<TagHash, i64>,
     /// Line keys of the stored calls: shared with the snapshot's reader thread (which
     /// parses only the lines not found here) while a snapshot applies.
-    by_line: Arc<HashMap<i64, i64>>,
+    by_line: Arc<IntMap<i64, i64>>,
     /// The next call id of each id range (see [`id_range`]).
-    next_ids: HashMap<i64, i64>,
+    next_ids: IntMap<i64, i64>,
     /// Counts the snapshots applied: a call seen in this one has `seen_in == epoch`.
     epoch: u64,
     seed: u64,
@@ -328,14 +370,14 @@ struct Stored {
 impl Stored {
     fn load(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<Stored> {
         let mut stored = Stored {
-            calls: HashMap::new(),
-            by_tag: HashMap::new(),
+            calls: IntMap::default(),
+            by_tag: IntMap::default(),
             by_line: Arc::default(),
-            next_ids: HashMap::new(),
+            next_ids: IntMap::default(),
             epoch: 0,
             seed: fastrand::u64(..),
         };
-        let mut by_line = HashMap::new();
+        let mut by_line = IntMap::default();
         let mut stmt = tx.prepare_cached(LOAD_STORED_CALLS)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
@@ -436,13 +478,13 @@ pub struct SnapshotTx<'w> {
     received_timestamp: String,
     stored: Stored,
     /// The nodes this snapshot contains, with their snapshot timestamp (its first row's).
-    nodes: HashMap<i64, Option<String>>,
+    nodes: IntMap<i64, Option<String>>,
     /// Line keys that no longer stand for their call (it was rewritten by this snapshot),
     /// and the new keys: `by_line` is shared with the reader, so it changes at commit.
-    retired_lines: HashSet<i64>,
+    retired_lines: IntSet<i64>,
     new_lines: Vec<(i64, i64)>,
     /// The nodes some of whose calls this snapshot wrote or removed.
-    changed_nodes: HashSet<i64>,
+    changed_nodes: IntSet<i64>,
     written: u64,
     bulk_after: u64,
     dropped_indexes: Option<DroppedIndexes>,
@@ -484,13 +526,14 @@ impl SnapshotTx<'_> {
             return Ok(false);
         };
         let epoch = self.stored.epoch;
-        let Some(call) = self.stored.calls.get(&call_id).copied() else {
+        let Some(call) = self.stored.calls.get(&call_id) else {
             return Ok(false);
         };
         if call.own_timestamp || call.seen_in == epoch {
             return Ok(false);
         }
-        if self.own_timestamp(call.node_id, key.snapshot_timestamp) {
+        let node_id = call.node_id;
+        if self.own_timestamp(node_id, key.snapshot_timestamp) {
             return Ok(false);
         }
         if let Some(call) = self.stored.calls.get_mut(&call_id) {
@@ -671,7 +714,7 @@ impl SnapshotTx<'_> {
 
 /// The line keys of the stored calls as a snapshot began: what its reader needs not parse.
 #[derive(Clone)]
-pub struct LineKeys(Arc<HashMap<i64, i64>>);
+pub struct LineKeys(Arc<IntMap<i64, i64>>);
 
 impl LineKeys {
     pub fn contains(&self, hash: i64) -> bool {

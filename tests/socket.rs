@@ -266,6 +266,36 @@ fn a_malformed_body_is_a_400_and_changes_nothing() {
     assert_eq!(reply.status, 400);
 }
 
+/// The fast path that recognises an unchanged call never takes a line that is not JSON:
+/// the issue's case is a valid call line beginning `{"end_time":null,"node_id":9,…`, then
+/// the same line with `"end_time":null` cut out, which begins `{,"node_id":9,…` and must
+/// reject its snapshot whole (SPEC 2.1), where it was once applied as the unchanged call.
+#[test]
+fn a_line_cut_around_a_per_snapshot_value_is_not_the_call_again() {
+    let agent = start();
+    let line = |id: u64, ts: &str| {
+        format!(
+            r#"{{"end_time":null,"node_id":9,"id":{id},"local_tag":"a","customer_id":1001,"customer_acc_id":101,"snapshot_timestamp":"{ts}","src_name_in":"kept","start_time":"2025-11-25 10:00:00"}}"#
+        )
+    };
+    let body = |line: &str| format!("INSERT INTO active_calls FORMAT JSONEachRow\n{line}\n");
+    let first = line(1, "2025-11-25 14:30:00");
+    assert_eq!(agent.post("/", &[], body(&first).as_bytes()).status, 200);
+    // The call resent with a new id and time, as a switch resends it: recognised.
+    let resent = line(2, "2025-11-25 14:30:05");
+    assert_eq!(agent.post("/", &[], body(&resent).as_bytes()).status, 200);
+    let report = applied_report(agent.agent().feed_status().borrow().clone(), 2);
+    assert_eq!((report.rows, report.written), (1, 0), "{report:?}");
+    let cut = resent.replacen(r#""end_time":null"#, "", 1);
+    assert!(cut.starts_with(r#"{,"node_id":9,"#), "{cut}");
+    let reply = agent.post("/", &[], body(&cut).as_bytes());
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("line 2"), "{}", reply.text());
+    let rows = agent.get(&format!("account-id={ACCOUNT_101}")).rows();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["snapshot_timestamp"], "2025-11-25 14:30:05");
+}
+
 #[test]
 fn bodies_past_the_limit_are_413_also_when_they_inflate() {
     let agent = start_with(|c| c.feed.max_body_bytes = 10_000);

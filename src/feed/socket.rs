@@ -36,8 +36,10 @@ use crate::http::{self, Body, empty, form_pairs, text};
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Nor may a body take longer than this in all (a trickle must not hold the writer).
 const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
-/// Body chunks in flight between the connection and the writer: the memory a post holds.
+/// Body chunks in flight between the connection and the writer: the memory a post holds
+/// is at most this many chunks of about [`CHUNK_BYTES`].
 const CHANNEL_CHUNKS: usize = 16;
+const CHUNK_BYTES: usize = 256 * 1024;
 
 /// The paths the socket source answers, each counted under its own name in the request
 /// metrics (see [`http::ListenerSettings::routes`]).
@@ -212,11 +214,15 @@ async fn insert(
 /// limit is hit.
 async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, max: u64) {
     let mut total = 0u64;
+    let mut pending = Vec::new();
     let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
     loop {
         let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
         let frame = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
             Ok(None) => {
+                if !pending.is_empty() && chunks.send(Ok(Bytes::from(pending))).await.is_err() {
+                    return;
+                }
                 let _ = chunks.send(Ok(Bytes::new())).await;
                 return;
             }
@@ -245,8 +251,20 @@ async fn pump(mut body: Incoming, chunks: mpsc::Sender<std::io::Result<Bytes>>, 
                 .await;
             return;
         }
-        if chunks.send(Ok(data)).await.is_err() {
-            return;
+        // Hyper yields the body as it reads it, often in pieces of a few kilobytes: each
+        // piece sent alone costs the writer a wake-up, so small ones go on together.
+        if pending.is_empty() && data.len() >= CHUNK_BYTES {
+            if chunks.send(Ok(data)).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        pending.extend_from_slice(&data);
+        if pending.len() >= CHUNK_BYTES {
+            let full = std::mem::replace(&mut pending, Vec::with_capacity(CHUNK_BYTES));
+            if chunks.send(Ok(Bytes::from(full))).await.is_err() {
+                return;
+            }
         }
     }
 }
