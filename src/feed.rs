@@ -519,7 +519,6 @@ fn read_blocks(
     spare: &std::sync::mpsc::Receiver<Block>,
     mut tee: Option<&mut dyn Tee>,
 ) -> Result<(), SnapshotError> {
-    writer::lower_priority();
     let new_block = || {
         spare.try_recv().unwrap_or_else(|_| Block {
             text: Vec::with_capacity(BLOCK_BYTES + 64 * 1024),
