@@ -169,6 +169,8 @@ pub struct Writer {
     /// after a failed one (its changes were rolled back, its picture is wrong), and after
     /// [`release_memory`](Self::release_memory).
     stored: Option<Stored>,
+    /// Whether unchanged lines are recognised by their key (see [`set_fast_path`](Self::set_fast_path)).
+    fast_path: bool,
 }
 
 impl Writer {
@@ -208,7 +210,11 @@ impl Writer {
             ))
             .context("applying schema.sql")?;
         }
-        Ok(Writer { conn, stored: None })
+        Ok(Writer {
+            conn,
+            stored: None,
+            fast_path: true,
+        })
     }
 
     /// Starts applying one snapshot received at `received_at`.
@@ -218,7 +224,11 @@ impl Writer {
         received_at: SystemTime,
     ) -> rusqlite::Result<SnapshotTx<'_>> {
         let received_at_ms = unix_millis(received_at);
-        let Writer { conn, stored } = self;
+        let Writer {
+            conn,
+            stored,
+            fast_path,
+        } = self;
         let tx = conn.transaction()?;
         let mut calls = match stored.take() {
             Some(calls) => calls,
@@ -240,7 +250,14 @@ impl Writer {
             written: 0,
             bulk_after,
             dropped_indexes: None,
+            fast_path: *fast_path,
         })
+    }
+
+    /// With `false`, every line of a snapshot is parsed in full and no line key is kept:
+    /// the reference the fast path is checked against (tests and fuzzing). On by default.
+    pub fn set_fast_path(&mut self, on: bool) {
+        self.fast_path = on;
     }
 
     /// Removes the calls of every node whose latest snapshot was received at or before
@@ -488,12 +505,17 @@ pub struct SnapshotTx<'w> {
     written: u64,
     bulk_after: u64,
     dropped_indexes: Option<DroppedIndexes>,
+    fast_path: bool,
 }
 
 impl SnapshotTx<'_> {
     /// The line keys of the stored calls, for the reader that decides what to parse.
     pub fn line_keys(&self) -> LineKeys {
-        LineKeys(self.stored.by_line.clone())
+        if self.fast_path {
+            LineKeys(self.stored.by_line.clone())
+        } else {
+            LineKeys(Arc::default())
+        }
     }
 
     /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
@@ -545,6 +567,7 @@ impl SnapshotTx<'_> {
     /// Adds or updates one call; the last row of a repeated call wins. `line_key` is the
     /// key of the line it was read from, kept for the fast path of the next snapshot.
     pub fn put(&mut self, row: &CallRow<'_>, line_key: Option<i64>) -> rusqlite::Result<()> {
+        let line_key = line_key.filter(|_| self.fast_path);
         let own = self.own_timestamp(row.node_id, row.snapshot_timestamp.as_deref());
         let row_timestamp = row
             .snapshot_timestamp

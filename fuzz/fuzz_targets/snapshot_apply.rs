@@ -11,7 +11,11 @@
 //!   `feed::parse_line` on each line; a refused snapshot leaves the store as it was;
 //! - applying the same snapshot again (the fast path that recognises unchanged lines by
 //!   `feed::line_key`) gives the same counts and exactly the same answers to every
-//!   customer's query as the first apply, which parsed every line in full.
+//!   customer's query as the first apply, which parsed every line in full;
+//! - the snapshot resent as a switch resends it (every value after `"id":`,
+//!   `"snapshot_timestamp":`, `"snapshot_date":` or `"end_time":` rewritten, wherever that
+//!   text is) gives the same report, refusal and answers with the fast path as a second
+//!   store that parses every line (`Writer::set_fast_path(false)`) after the same history.
 
 #![no_main]
 
@@ -29,6 +33,9 @@ use libfuzzer_sys::fuzz_target;
 struct Store {
     writer: Writer,
     readers: Readers,
+    /// The same history without the fast path: the reference for the resent snapshot.
+    parsed: Writer,
+    parsed_readers: Readers,
 }
 
 /// The folder of this process's database, removed at exit.
@@ -68,7 +75,16 @@ fn store() -> &'static Mutex<Store> {
         let path = store_dir().join("calls.db");
         let writer = Writer::open(&path).expect("opening the store");
         let readers = Readers::new(&path);
-        Mutex::new(Store { writer, readers })
+        let parsed_path = store_dir().join("parsed.db");
+        let mut parsed = Writer::open(&parsed_path).expect("opening the reference store");
+        parsed.set_fast_path(false);
+        let parsed_readers = Readers::new(&parsed_path);
+        Mutex::new(Store {
+            writer,
+            readers,
+            parsed,
+            parsed_readers,
+        })
     })
 }
 
@@ -118,30 +134,40 @@ fuzz_target!(|input: &[u8]| {
     }
     let expected = expected(input);
     let mut store = store().lock().unwrap_or_else(|e| e.into_inner());
-    let Store { writer, readers } = &mut *store;
+    let Store {
+        writer,
+        readers,
+        parsed,
+        parsed_readers,
+    } = &mut *store;
     let received_at = UNIX_EPOCH + Duration::from_secs(1_764_081_000);
     // Empty the store: every node was received at or before the cutoff.
-    writer
-        .expire(SystemTime::now() + Duration::from_secs(86_400))
-        .expect("emptying the store");
+    for writer in [&mut *writer, &mut *parsed] {
+        writer
+            .expire(SystemTime::now() + Duration::from_secs(86_400))
+            .expect("emptying the store");
+    }
     // The agent copies the WAL back between snapshots; here it would otherwise grow
     // without bound (every 256 inputs: a checkpoint costs more than an input).
     static INPUTS: AtomicU64 = AtomicU64::new(0);
     if INPUTS.fetch_add(1, Ordering::Relaxed) % 256 == 255 {
         writer.checkpoint().expect("checkpointing the store");
+        parsed.checkpoint().expect("checkpointing the reference store");
     }
     assert!(readers.node_stats().expect("node stats").is_empty());
 
-    let apply = |writer: &mut Writer| {
+    let apply_at = |writer: &mut Writer, input: &[u8], received_at: SystemTime| {
         feed::apply_snapshot(
             writer,
-            Cursor::new(input),
+            Cursor::new(input.to_vec()),
             InsertLine::Optional,
             Origin::File,
             received_at,
         )
     };
+    let apply = |writer: &mut Writer| apply_at(writer, input, received_at);
     let first = apply(writer);
+    let _ = apply(parsed);
     let (rows, skipped, accounts) = match (expected, first) {
         (Err(()), Err(SnapshotError::Malformed { .. })) => {
             // Refused: nothing applied.
@@ -174,4 +200,67 @@ fuzz_target!(|input: &[u8]| {
             String::from_utf8_lossy(&second_answers)
         );
     }
+
+    // The next snapshot of the same calls, against the store that parses every line.
+    let _ = apply(parsed);
+    let next = resend(input);
+    let later = received_at + Duration::from_secs(5);
+    let outcome = |result: Result<feed::ApplyReport, SnapshotError>| match result {
+        Ok(r) => Ok((r.rows, r.skipped, r.nodes, r.written, r.removed)),
+        Err(SnapshotError::Malformed { line, .. }) => Err(line),
+        Err(e) => panic!("applying the resent snapshot: {e}"),
+    };
+    let fast = outcome(apply_at(writer, &next, later));
+    let reference = outcome(apply_at(parsed, &next, later));
+    assert_eq!(fast, reference, "the resent snapshot, fast path against full parse");
+    let (fast, reference) = (answers(readers, &accounts), answers(parsed_readers, &accounts));
+    if fast != reference {
+        panic!(
+            "the resent snapshot answered differently:\nfast path:  {}\nfull parse: {}",
+            String::from_utf8_lossy(&fast),
+            String::from_utf8_lossy(&reference)
+        );
+    }
 });
+
+/// `input` as the switch's next snapshot carries it: after each `"id":`, an integer is
+/// replaced by another; after the three time keys, a quoted date-time or date by another
+/// and `null` by a date-time. Wherever the text is: in a nested object, in a string.
+fn resend(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len() + 64);
+    let mut at = 0;
+    while at < input.len() {
+        let rest = &input[at..];
+        let key = [
+            &b"\"id\":"[..],
+            b"\"snapshot_timestamp\":",
+            b"\"snapshot_date\":",
+            b"\"end_time\":",
+        ]
+        .into_iter()
+        .find(|k| rest.starts_with(k));
+        let Some(key) = key else {
+            out.push(input[at]);
+            at += 1;
+            continue;
+        };
+        out.extend_from_slice(key);
+        at += key.len();
+        let value = &input[at..];
+        let digits = value.iter().take_while(|b| b.is_ascii_digit()).count();
+        if key == b"\"id\":" && digits > 0 {
+            out.extend_from_slice(b"266999763163938837");
+            at += digits;
+        } else if value.starts_with(b"null") {
+            out.extend_from_slice(b"\"2025-11-25 14:30:05\"");
+            at += 4;
+        } else if value.len() >= 21 && value[0] == b'"' && value[20] == b'"' {
+            out.extend_from_slice(b"\"2025-11-25 14:30:05\"");
+            at += 21;
+        } else if value.len() >= 12 && value[0] == b'"' && value[11] == b'"' {
+            out.extend_from_slice(b"\"2025-11-26\"");
+            at += 12;
+        }
+    }
+    out
+}
