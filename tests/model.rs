@@ -14,6 +14,9 @@
 //!   answer holds a call the token may not see, and an account it may not see is the
 //!   SPEC's 400.
 //!
+//! Rows are written compact with their keys in byte order and a fresh `id` in every
+//! snapshot, as SEMS writes them, or spaced in no order; `\u` escapes or raw UTF-8.
+//!
 //! One agent per test; each proptest case writes a whole new snapshot (and directory).
 //! Cases: 128 and 96 by default; `PROPTEST_CASES=5000 cargo test --test model` for a long
 //! run. A failure is shrunk and its seed saved in `tests/model.proptest-regressions`, which
@@ -329,6 +332,8 @@ struct Row {
     /// Non-ASCII characters written as `\uXXXX`.
     escape: bool,
     end_time: Option<&'static str>,
+    /// The row's `id`: SEMS writes a fresh one in every snapshot, for every call.
+    id: u64,
 }
 
 impl Row {
@@ -360,6 +365,7 @@ impl Row {
             compact: true,
             escape: false,
             end_time: None,
+            id: 266_999_763_121_995_777,
         }
     }
 
@@ -396,6 +402,7 @@ impl Row {
         if let Some(t) = self.end_time {
             kv.push(("end_time", format!("\"{t}\"")));
         }
+        kv.push(("id", self.id.to_string()));
         kv.push(("legA_remote_ip", "\"192.168.0.1\"".into()));
         let texts: [(&str, &Text); 9] = [
             ("destination_prefix", &self.destination_prefix),
@@ -479,6 +486,10 @@ impl Row {
         } else {
             (": ", ", ")
         };
+        if self.compact {
+            // As SEMS writes it: keys in byte order (a std::map).
+            kv.sort_by(|a, b| a.0.cmp(b.0));
+        }
         let body: Vec<String> = kv
             .iter()
             .map(|(k, v)| format!("\"{k}\"{colon}{v}"))
@@ -1220,6 +1231,7 @@ fn row_strategy() -> impl Strategy<Value = Row> {
             compact,
             escape,
             end_time,
+            id: 266_999_763_121_995_777,
         },
     )
 }
@@ -1263,6 +1275,8 @@ fn apply_changes(rows: &[Row], changes: &[Change], added: &[Row]) -> Vec<Row> {
     let mut next = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let mut row = row.clone();
+        // Every call of the next snapshot has a new id, changed or not.
+        row.id += 41_943_060;
         match changes.get(i).cloned().unwrap_or(Change::Same) {
             Change::Same => {}
             Change::Drop => continue,
