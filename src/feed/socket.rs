@@ -167,7 +167,7 @@ async fn insert(
             },
         ))
     } else {
-        Box::new(BufReader::with_capacity(64 * 1024, wire))
+        Box::new(wire)
     };
     let (reply_tx, reply_rx) = oneshot::channel();
     let job = Job::ApplyStream {
@@ -278,12 +278,10 @@ struct ChannelReader {
     ended: bool,
 }
 
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            if self.ended {
-                return Ok(0);
-            }
+impl ChannelReader {
+    /// The next piece of the body, unless the current one still has bytes.
+    fn next_piece(&mut self) -> std::io::Result<()> {
+        while self.current.is_empty() && !self.ended {
             match self.chunks.blocking_recv() {
                 Some(Ok(chunk)) if chunk.is_empty() => self.ended = true,
                 Some(chunk) => self.current = chunk?,
@@ -295,9 +293,28 @@ impl Read for ChannelReader {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.next_piece()?;
         let n = buf.len().min(self.current.len());
         buf[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
+    }
+}
+
+/// The pieces are the buffer: an identity body is read without another copy.
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.next_piece()?;
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, amount: usize) {
+        let _ = self.current.split_to(amount.min(self.current.len()));
     }
 }
 
