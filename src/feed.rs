@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::call::{CallRow, LineKey};
+use crate::call::{CallRow, LineKey, PackedRow};
 use crate::clock::{format_datetime, is_datetime};
 use crate::store::{Origin, Writer};
 
@@ -349,9 +349,14 @@ fn time(value: &RawValue) -> Result<Cow<'_, str>, ()> {
 struct Block {
     text: Vec<u8>,
     items: Vec<Item>,
+    /// The text of the block's parsed rows ([`PackedRow`]).
+    rows: String,
 }
 
-/// One line, as the reader thread hands it to the writer.
+/// One line, as the reader thread hands it to the writer. A parsed row is held inline:
+/// a block's items live in one vector, reused from block to block, where a box would be an
+/// allocation per row made on one thread and freed on the other.
+#[allow(clippy::large_enum_variant)]
 enum Item {
     /// A line whose key is a stored call's: the writer confirms it is unchanged, or parses
     /// it (`line` and `timestamp` are ranges of the block's text).
@@ -361,8 +366,8 @@ enum Item {
         hash: i64,
         timestamp: Option<std::ops::Range<usize>>,
     },
-    /// A parsed row, and the key of its line.
-    Row(Box<CallRow<'static>>, Option<i64>),
+    /// A parsed row (its text in the block's `rows`), and the key of its line.
+    Row(PackedRow, Option<i64>),
     Skipped {
         node_id: Option<i64>,
     },
@@ -492,7 +497,7 @@ fn apply_blocks(
                     }
                 }
                 Item::Row(row, key) => {
-                    tx.put(&row, key)?;
+                    tx.put(&row.unpack(&block.rows), key)?;
                     report.rows += 1;
                 }
                 Item::Skipped { node_id } => {
@@ -504,6 +509,7 @@ fn apply_blocks(
             }
         }
         block.text.clear();
+        block.rows.clear();
         let _ = spare.send(block);
     }
     Ok(())
@@ -523,6 +529,7 @@ fn read_blocks(
         spare.try_recv().unwrap_or_else(|_| Block {
             text: Vec::with_capacity(BLOCK_BYTES + 64 * 1024),
             items: Vec::new(),
+            rows: String::new(),
         })
     };
     let mut block = new_block();
@@ -604,7 +611,7 @@ fn read_blocks(
                     Line::Nothing => None,
                     Line::Row(row) => {
                         let key = key.filter(|k| k.agrees_with(&row)).map(|k| k.hash);
-                        Some(Item::Row(Box::new(row.into_owned()), key))
+                        Some(Item::Row(row.pack(&mut block.rows), key))
                     }
                     Line::Skipped { node_id, reason } => {
                         tracing::debug!(line = line_no, %reason, "snapshot row skipped");

@@ -235,7 +235,13 @@ impl Writer {
             None => Stored::load(&tx)?,
         };
         calls.epoch += 1;
-        let bulk_after = BULK_MIN_WRITES.max((calls.calls.len() as f64 * BULK_SHARE) as u64);
+        // Into an empty store every row is new: the indexes are built once, at commit, from
+        // the first row on.
+        let bulk_after = if calls.calls.is_empty() {
+            1
+        } else {
+            BULK_MIN_WRITES.max((calls.calls.len() as f64 * BULK_SHARE) as u64)
+        };
         Ok(SnapshotTx {
             tx,
             keep: stored,
