@@ -38,7 +38,7 @@ const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Body chunks in flight between the connection and the writer: the memory a post holds
 /// is at most this many chunks of about [`CHUNK_BYTES`].
-const CHANNEL_CHUNKS: usize = 16;
+const CHANNEL_CHUNKS: usize = 8;
 const CHUNK_BYTES: usize = 256 * 1024;
 
 /// The paths the socket source answers, each counted under its own name in the request
