@@ -94,6 +94,8 @@ struct Call {
     account: i64,
     dst_prefix_in: String,
     answered: bool,
+    /// When it began (unix seconds).
+    start: i64,
     /// The stable `id` of the legacy layout.
     serial: u64,
     /// When it ended (a buffered row), or `None` while in progress.
@@ -214,7 +216,7 @@ impl Switch {
         self.truncate(total, now);
         while self.calls.len() < total {
             let start = now - self.rng.i64(0..7200);
-            let call = self.new_call(start);
+            let call = self.new_call(start, now);
             self.calls.push(call);
         }
     }
@@ -253,8 +255,12 @@ impl Switch {
             .collect();
         let to_answer = (waiting.len() as f64 * answered).round() as usize;
         for &i in waiting.iter().take(to_answer) {
-            let at = now - self.rng.i64(0..period.max(1));
             let style = self.style;
+            let start = self.calls[i].start;
+            // Answered within the period, and never before it began.
+            let at = (now - self.rng.i64(0..period.max(1)))
+                .max(start + 1)
+                .min(now);
             let call = &mut self.calls[i];
             call.answered = true;
             call.set("connect_time", json_string(style, &format_datetime(at)));
@@ -262,7 +268,7 @@ impl Switch {
         }
         while self.calls.len() < total {
             let start = now - self.rng.i64(0..period.max(1));
-            let call = self.new_call(start);
+            let call = self.new_call(start, now);
             self.calls.push(call);
         }
     }
@@ -327,7 +333,8 @@ impl Switch {
         self.calls.iter().filter(|c| c.account == account).count()
     }
 
-    fn new_call(&mut self, start: i64) -> Call {
+    /// A call that began at `start`, seen at `now`: answered (or not) by then.
+    fn new_call(&mut self, start: i64, now: i64) -> Call {
         self.serial += 1;
         let style = self.style;
         let serial = self.serial;
@@ -338,8 +345,8 @@ impl Switch {
         } else {
             rng.i64(2..=ACCOUNTS)
         };
-        let answered = rng.bool();
-        let connect = answered.then(|| start + rng.i64(1..30));
+        let answered = start < now && rng.bool();
+        let connect = answered.then(|| start + rng.i64(1..=(now - start).min(30)));
         let number = |rng: &mut fastrand::Rng| {
             const PREFIXES: [&str; 8] = ["380", "44", "49", "1", "7", "971", "123", "4930"];
             format!(
@@ -498,6 +505,7 @@ impl Switch {
             account,
             dst_prefix_in,
             answered,
+            start,
             serial,
             ended_at: None,
             fields,
@@ -750,6 +758,16 @@ mod tests {
             answered.abs_diff(waiting * 3 / 100) <= 1,
             "{answered} of {waiting}"
         );
+        for row in new.values() {
+            // A call is answered after it began, and by the snapshot that shows it.
+            if let Some(connect) = row["connect_time"].as_str() {
+                let start = row["start_time"].as_str().unwrap();
+                assert!(
+                    start < connect && connect <= "2025-11-25 14:30:05",
+                    "{start} {connect}"
+                );
+            }
+        }
         for (tag, row) in &new {
             if !old.contains_key(tag) {
                 let start = row["start_time"].as_str().unwrap();
