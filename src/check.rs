@@ -178,6 +178,11 @@ fn listeners(config: &Config, report: &mut Report) {
                 false
             }
         };
+        if key == "feed.listen"
+            && let Some(why) = config.feed_exposed()
+        {
+            report.error(why);
+        }
         // Port 0 picks a free port for each listener: no clash.
         if !any_port && let Some(other) = seen.insert(address, key) {
             report.error(format!("{key} and {other} are the same address {address}"));

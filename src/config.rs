@@ -396,6 +396,31 @@ impl Config {
     pub fn stale_after(&self) -> Option<Duration> {
         (self.feed.stale_after > 0).then(|| Duration::from_secs(self.feed.stale_after))
     }
+
+    /// Why the socket source is open to other hosts without credentials, when it is: then
+    /// anyone who reaches its port can replace a node's calls. `check` calls it an error,
+    /// `serve` warns at every start (a switch on another host is a real layout: the
+    /// operator decides, but never without being told).
+    pub fn feed_exposed(&self) -> Option<String> {
+        use std::net::ToSocketAddrs;
+        let feed = &self.feed;
+        if feed.listen.is_empty() || !(feed.user.is_empty() && feed.password.is_empty()) {
+            return None;
+        }
+        let beyond = feed
+            .listen
+            .to_socket_addrs()
+            .ok()?
+            .any(|addr| !addr.ip().is_loopback());
+        beyond.then(|| {
+            format!(
+                "feed.listen = {} takes snapshots from other hosts without credentials: anyone \
+                 who reaches it can replace a node's calls. Set feed.user and feed.password \
+                 (the switch sends them as HTTP Basic), or listen on 127.0.0.1",
+                feed.listen
+            )
+        })
+    }
 }
 
 /// A parse error as its message and position, without the line of the file that toml

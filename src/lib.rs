@@ -231,6 +231,9 @@ impl Agent {
 
         let (shutdown, shutdown_rx) = signal::channel(false);
         let mut servers = Vec::new();
+        if let Some(why) = config.feed_exposed() {
+            tracing::warn!("{why}");
+        }
         let feed_addr = if config.feed.listen.is_empty() {
             None
         } else {

@@ -322,9 +322,49 @@ fn check_says_exactly_what_is_wrong() {
         "{text}"
     );
 
-    // A typo in a key is an error naming the key; nothing else is looked at.
+    // The feed open to other hosts without credentials is an error; with them, or on
+    // loopback, it is fine.
     let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&secret_file, "a-long-enough-secret\n").unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::write(dir.path().join("directory.json"), SAMPLE_DIRECTORY).unwrap();
+    let open = original.replace(
+        "listen = \"127.0.0.1:0\"\nstale_after",
+        "listen = \"0.0.0.0:0\"\nstale_after",
+    );
+    assert_ne!(open, original, "the feed's listen line");
+    std::fs::write(&config, &open).unwrap();
+    let (ok, text) = check(&config);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(
+            "error: feed.listen = 0.0.0.0:0 takes snapshots from other hosts without credentials"
+        ),
+        "{text}"
+    );
+    // serve still starts (a switch on another host is a real layout), and says why not.
+    let agent = Process::start(&config);
+    assert!(
+        agent
+            .start_log
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("without credentials")),
+        "{:?}",
+        agent.start_log
+    );
+    agent.kill();
+    let with_credentials = open.replace(
+        "[directory]",
+        "user = \"switch\"\npassword = \"s3cret\"\n[directory]",
+    );
+    std::fs::write(&config, &with_credentials).unwrap();
+    let (ok, text) = check(&config);
+    assert!(ok, "{text}");
+    std::fs::write(&config, &original).unwrap();
+
+    // A typo in a key is an error naming the key; nothing else is looked at.
     std::fs::write(&config, original.replace("stale_after", "stale_afer")).unwrap();
+    std::fs::remove_file(&secret_file).unwrap();
     let (ok, text) = check(&config);
     assert!(!ok);
     assert!(text.contains("stale_afer"), "{text}");
