@@ -80,6 +80,13 @@ pub struct RelayMetrics {
     /// Snapshots dropped without reaching ClickHouse: the spool's bound, or a spool error.
     pub dropped: Counter,
     pub spool_bytes: Gauge,
+    /// ClickHouse's exception code while the URL refuses every snapshot for a cause of its
+    /// own (an unknown table, authentication, read-only, …; -1: an HTTP refusal without a
+    /// code); 0 while it takes them.
+    pub blocked: Gauge,
+    /// 1 while the relay sends `insert_deduplication_token` to the URL, 0 where the server
+    /// does not know that setting.
+    pub dedup_token: Gauge,
     /// When the oldest spooled snapshot was spooled (unix ms; 0: the spool is empty).
     oldest_ms: Arc<AtomicI64>,
 }
@@ -122,6 +129,8 @@ pub struct Metrics {
     relay_retried: Family<UrlLabels, Counter>,
     relay_dropped: Family<UrlLabels, Counter>,
     relay_spool_bytes: Family<UrlLabels, Gauge>,
+    relay_blocked: Family<UrlLabels, Gauge>,
+    relay_dedup_token: Family<UrlLabels, Gauge>,
     relay_spool_oldest_age: Family<UrlLabels, Gauge<f64, AtomicU64>>,
     relay_pending_bytes: Gauge,
     relay_running: Gauge,
@@ -164,6 +173,8 @@ impl Metrics {
             relay_retried: Family::default(),
             relay_dropped: Family::default(),
             relay_spool_bytes: Family::default(),
+            relay_blocked: Family::default(),
+            relay_dedup_token: Family::default(),
             relay_spool_oldest_age: Family::default(),
             relay_pending_bytes: Gauge::default(),
             relay_running: Gauge::default(),
@@ -252,6 +263,21 @@ impl Metrics {
             "Size of the snapshots spooled for a URL",
             Unit::Bytes,
             metrics.relay_spool_bytes.clone(),
+        );
+        registry.register(
+            "relay_blocked",
+            "ClickHouse's exception code while a URL refuses every snapshot for a cause of \
+             its own (unknown table or database, authentication, read-only, too many parts, \
+             memory; -1: an HTTP refusal without a code): they stay spooled and are retried; \
+             0 while it takes them",
+            metrics.relay_blocked.clone(),
+        );
+        registry.register(
+            "relay_dedup_token",
+            "1 while snapshots go to a URL with insert_deduplication_token, 0 where the server \
+             does not know that setting (older ClickHouse: a snapshot resent after a crash may \
+             be stored twice)",
+            metrics.relay_dedup_token.clone(),
         );
         registry.register_with_unit(
             "relay_spool_oldest_age",
@@ -366,6 +392,12 @@ impl Metrics {
             retried: self.relay_retried.get_or_create(&labels).clone(),
             dropped: self.relay_dropped.get_or_create(&labels).clone(),
             spool_bytes: self.relay_spool_bytes.get_or_create(&labels).clone(),
+            blocked: self.relay_blocked.get_or_create(&labels).clone(),
+            dedup_token: {
+                let gauge = self.relay_dedup_token.get_or_create(&labels).clone();
+                gauge.set(1);
+                gauge
+            },
             oldest_ms,
         }
     }

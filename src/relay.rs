@@ -312,6 +312,9 @@ impl Sender {
     async fn run(mut self) {
         let mut backoff = Backoff::new(self.retry_max);
         let mut failing: Option<Failing> = None;
+        // Whether the server knows insert_deduplication_token: assumed until it says it
+        // does not, and assumed again once it has failed (it may come back upgraded).
+        let mut dedup_token = true;
         loop {
             while let Ok(news) = self.news.try_recv() {
                 self.add(news);
@@ -342,15 +345,21 @@ impl Sender {
             let outcome = client::attempt(
                 &self.endpoint,
                 &self.table,
-                &name.token,
+                dedup_token.then_some(name.token.as_str()),
                 file,
                 bytes,
                 client::IDLE_TIMEOUT,
             )
             .await;
             let attempts = failing.as_ref().map_or(0, |f| f.attempts) + 1;
+            if !matches!(outcome, Outcome::Blocked { .. }) {
+                self.metrics.blocked.set(0);
+            }
             // An answer that is not to be retried means the URL works again.
-            if !matches!(outcome, Outcome::Retry(_)) {
+            if matches!(
+                outcome,
+                Outcome::Sent | Outcome::Refused { .. } | Outcome::NoDedupToken
+            ) {
                 backoff = Backoff::new(self.retry_max);
                 if let Some(failing) = failing.take() {
                     tracing::info!(
@@ -384,7 +393,17 @@ impl Sender {
                     );
                     self.remove_front().await;
                 }
-                Outcome::Retry(error) => {
+                Outcome::NoDedupToken => {
+                    dedup_token = false;
+                    self.metrics.dedup_token.set(0);
+                    tracing::warn!(
+                        url = %self.endpoint.label,
+                        "relay: this ClickHouse does not know insert_deduplication_token \
+                         (older than 22.2): snapshots go without it, so one resent after a \
+                         crash may be stored twice"
+                    );
+                }
+                Outcome::Retry(_) | Outcome::Blocked { .. } => {
                     self.metrics.retried.inc();
                     let delay = backoff.next();
                     let state = failing.get_or_insert_with(|| Failing {
@@ -393,15 +412,42 @@ impl Sender {
                         logged: Throttled::default(),
                     });
                     state.attempts += 1;
+                    let blocked = match &outcome {
+                        Outcome::Blocked { code, message } => {
+                            self.metrics.blocked.set(code.map_or(-1, i64::from));
+                            Some((*code, message.as_str()))
+                        }
+                        _ => {
+                            // Down: the server that answers next may be another version.
+                            if !dedup_token {
+                                dedup_token = true;
+                                self.metrics.dedup_token.set(1);
+                            }
+                            None
+                        }
+                    };
                     if state.logged.due() {
-                        tracing::warn!(
-                            url = %self.endpoint.label,
-                            %error,
-                            attempts = state.attempts,
-                            spooled = self.queue.len(),
-                            retry_in_ms = delay.as_millis() as u64,
-                            "relay: sending failed; snapshots stay spooled and are retried"
-                        );
+                        match (blocked, &outcome) {
+                            (Some((code, message)), _) => tracing::error!(
+                                url = %self.endpoint.label,
+                                code = code.map_or(-1, i64::from),
+                                %message,
+                                attempts = state.attempts,
+                                spooled = self.queue.len(),
+                                retry_in_ms = delay.as_millis() as u64,
+                                "relay blocked: ClickHouse refuses every snapshot for a cause of \
+                                 its own; they stay spooled and are retried until it is fixed"
+                            ),
+                            (None, Outcome::Retry(error)) => tracing::warn!(
+                                url = %self.endpoint.label,
+                                %error,
+                                attempts = state.attempts,
+                                spooled = self.queue.len(),
+                                retry_in_ms = delay.as_millis() as u64,
+                                "relay: sending failed; snapshots stay spooled and are retried"
+                            ),
+                            (None, _) => {}
+                        }
                     }
                     self.wait(delay).await;
                 }

@@ -35,6 +35,11 @@ enum Mode {
     Fail(u16),
     /// Read the insert and never answer.
     Hang,
+    /// An older ClickHouse (before 22.2): refuses `insert_deduplication_token` as it does,
+    /// stores what comes without it.
+    Old,
+    /// Answer every insert with this status and text (a ClickHouse exception).
+    Refuse(u16, &'static str),
 }
 
 /// One insert as the fake received it.
@@ -246,6 +251,15 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
             status,
             "Code: 242. DB::Exception: Table is in readonly mode",
         ),
+        Mode::Refuse(status, text) => (status, text),
+        Mode::Old if insert.param("insert_deduplication_token").is_some() => (
+            404,
+            "Code: 115, e.displayText() = DB::Exception: Unknown setting insert_deduplication_token, e.what() = DB::Exception",
+        ),
+        Mode::Old => {
+            state.stored.push(insert.clone());
+            (200, "")
+        }
         Mode::Accept if insert.rows.contains(POISON) => (
             400,
             "Code: 27. DB::Exception: Cannot parse input: expected '\"' before: 'POISON'",
@@ -920,4 +934,86 @@ fn a_spool_that_cannot_be_made_leaves_the_agent_serving() {
     let metrics = metrics_of(agent.api);
     assert_eq!(plain_metric(&metrics, "relay_running"), 0.0, "{metrics}");
     agent.kill();
+}
+
+/// ClickHouse before 22.2 (Debian's 18.16 among them) refuses the deduplication setting:
+/// every snapshot still arrives, once, without it, and the relay says so.
+#[test]
+fn an_older_clickhouse_gets_every_snapshot_without_the_token() {
+    let fake = FakeClickHouse::start(Mode::Old);
+    let url = fake.label();
+    let agent = start_relaying(&fake, |_| {});
+    let feed = agent.agent().feed_addr().unwrap();
+    let sent: Vec<String> = (1..=3).map(|i| rows(&format!("O{i}"), 2)).collect();
+    for rows in &sent {
+        post_snapshot(feed, rows);
+    }
+    let stored = fake.wait_stored(3);
+    assert_eq!(
+        stored.iter().map(|s| s.rows.clone()).collect::<Vec<_>>(),
+        sent
+    );
+    assert!(
+        stored
+            .iter()
+            .all(|s| s.param("insert_deduplication_token").is_none())
+    );
+    let text = metrics_of(agent.addr());
+    assert_eq!(
+        relay_metric(&text, "relay_dedup_token", &url),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        relay_metric(&text, "relay_failed_total", &url),
+        0.0,
+        "{text}"
+    );
+    // Refused with the token once, not once a snapshot.
+    let refusals = fake.answers().iter().filter(|(s, _)| *s == 404).count();
+    assert_eq!(refusals, 1);
+}
+
+/// A refusal whose cause is the destination (here the table is missing) is not the
+/// snapshots' fault: they stay spooled, the relay says it is blocked and why, and they all
+/// arrive once it is fixed.
+#[test]
+fn a_destination_that_refuses_every_snapshot_keeps_them_until_fixed() {
+    let fake = FakeClickHouse::start(Mode::Refuse(
+        404,
+        "Code: 60. DB::Exception: Table yeti.active_calls doesn't exist.",
+    ));
+    let url = fake.label();
+    let agent = start_relaying(&fake, |_| {});
+    let feed = agent.agent().feed_addr().unwrap();
+    let sent: Vec<String> = (1..=3).map(|i| rows(&format!("B{i}"), 2)).collect();
+    for rows in &sent {
+        post_snapshot(feed, rows);
+    }
+    eventually("the refusals retried", || {
+        let text = metrics_of(agent.addr());
+        (relay_metric(&text, "relay_retried_total", &url) >= 3.0).then_some(())
+    });
+    let text = metrics_of(agent.addr());
+    assert_eq!(relay_metric(&text, "relay_blocked", &url), 60.0, "{text}");
+    assert_eq!(
+        relay_metric(&text, "relay_failed_total", &url),
+        0.0,
+        "{text}"
+    );
+    assert!(fake.stored().is_empty());
+
+    fake.set_mode(Mode::Accept);
+    let stored = fake.wait_stored(3);
+    assert_eq!(
+        tokens(&stored),
+        sent.iter().map(|r| token_of(r)).collect::<Vec<_>>()
+    );
+    let text = metrics_of(agent.addr());
+    assert_eq!(relay_metric(&text, "relay_blocked", &url), 0.0, "{text}");
+    assert_eq!(
+        relay_metric(&text, "relay_failed_total", &url),
+        0.0,
+        "{text}"
+    );
 }

@@ -39,9 +39,6 @@ const PARAM_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
-/// ClickHouse's error code for a failed authentication (also its HTTP status in some
-/// versions): the credentials may be fixed, so it is retried, like 401 and 403.
-const AUTHENTICATION_FAILED: u16 = 516;
 
 /// A configured ClickHouse URL, ready to send to.
 #[derive(Clone, PartialEq, Eq)]
@@ -146,19 +143,21 @@ impl Endpoint {
         })
     }
 
-    /// The request target for inserting into `table` with `token`: the URL's parameters,
-    /// then `query` and `insert_deduplication_token`.
-    fn target(&self, table: &str, token: &str) -> String {
+    /// The request target for inserting into `table` with `token` (where the server knows
+    /// the setting): the URL's parameters, then `query` and `insert_deduplication_token`.
+    fn target(&self, table: &str, token: Option<&str>) -> String {
         let query = format!("INSERT INTO {table} FORMAT JSONEachRow");
         let mut params = self.params.clone();
         params.push(format!(
             "query={}",
             utf8_percent_encode(&query, PARAM_VALUE)
         ));
-        params.push(format!(
-            "insert_deduplication_token={}",
-            utf8_percent_encode(token, PARAM_VALUE)
-        ));
+        if let Some(token) = token {
+            params.push(format!(
+                "insert_deduplication_token={}",
+                utf8_percent_encode(token, PARAM_VALUE)
+            ));
+        }
         format!("{}?{}", self.path, params.join("&"))
     }
 }
@@ -168,38 +167,84 @@ impl Endpoint {
 pub enum Outcome {
     /// ClickHouse took the snapshot (2xx).
     Sent,
-    /// Try again later: the network, a timeout, 5xx, 401/403/408/429/516, a redirect.
+    /// Try again later: the network, a timeout, a 5xx or 408/429 without a cause named.
     Retry(String),
-    /// ClickHouse refused this snapshot for good (any other 4xx): it will never take it.
+    /// The destination cannot take any snapshot as it is (an unknown table, database or
+    /// setting, authentication, read-only, too many parts, memory, a proxy's 404: told
+    /// by ClickHouse's exception code, `code`, or by an HTTP refusal without one, `None`).
+    /// The snapshots stay spooled and are retried; the relay says it is blocked, and why.
+    Blocked { code: Option<u16>, message: String },
+    /// The server does not know `insert_deduplication_token` (ClickHouse before 22.2):
+    /// the same snapshot goes again at once, without it.
+    NoDedupToken,
+    /// This snapshot's content is what ClickHouse refused (it cannot be parsed, a type
+    /// mismatch): it will never take it, and it is dropped alone.
     Refused { status: u16, message: String },
 }
 
-/// What an answer with `status` (and ClickHouse's `X-ClickHouse-Exception-Code`) means.
-pub fn classify(status: StatusCode, exception_code: Option<u16>, message: String) -> Outcome {
-    let code = status.as_u16();
+/// ClickHouse's exception codes for a snapshot it cannot take whatever the destination
+/// does (ErrorCodes.cpp): CANNOT_PARSE_TEXT, CANNOT_PARSE_QUOTED_STRING,
+/// CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_READ_ALL_DATA, CANNOT_PARSE_DATE,
+/// CANNOT_PARSE_DATETIME, TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE,
+/// CANNOT_PARSE_NUMBER, INCORRECT_DATA, TOO_LARGE_STRING_SIZE,
+/// VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN,
+/// CANNOT_PARSE_BOOL. Every other code names a cause of the destination's.
+pub const SNAPSHOT_ERRORS: [u16; 15] = [
+    6, 26, 27, 33, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 467,
+];
+/// UNKNOWN_SETTING: with `insert_deduplication_token` in its message, an older server.
+const UNKNOWN_SETTING: u16 = 115;
+
+/// The exception code of a ClickHouse answer: its `X-ClickHouse-Exception-Code` header,
+/// or the `Code: N` its text starts with (older servers send no header).
+pub fn exception_code(header: Option<u16>, message: &str) -> Option<u16> {
+    header.or_else(|| {
+        let rest = &message[message.find("Code: ")? + 6..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
+}
+
+/// What an answer with `status`, ClickHouse's exception `code` and its `message` means.
+pub fn classify(status: StatusCode, code: Option<u16>, message: String) -> Outcome {
+    let http = status.as_u16();
     if status.is_success() {
         return Outcome::Sent;
     }
-    let retryable = matches!(code, 401 | 403 | 408 | 429 | AUTHENTICATION_FAILED)
-        || exception_code == Some(AUTHENTICATION_FAILED);
-    if status.is_client_error() && !retryable {
-        Outcome::Refused {
-            status: code,
+    let code = exception_code(code, &message);
+    if code == Some(UNKNOWN_SETTING) && message.contains("insert_deduplication_token") {
+        return Outcome::NoDedupToken;
+    }
+    // INCORRECT_DATA is also what a table missing a key says to every snapshot (no
+    // `input_format_skip_unknown_fields`): the destination's, not the snapshot's.
+    let snapshot_error =
+        code.is_some_and(|c| SNAPSHOT_ERRORS.contains(&c)) && !message.contains("Unknown field");
+    match code {
+        _ if snapshot_error || (code.is_none() && http == 413) => Outcome::Refused {
+            status: http,
             message,
-        }
-    } else {
-        // 5xx, the retryable 4xx, and anything odd (a redirect: the URL is wrong, which
-        // the operator can fix; the spool keeps the snapshots meanwhile).
-        Outcome::Retry(format!("HTTP {code}: {message}"))
+        },
+        Some(code) => Outcome::Blocked {
+            code: Some(code),
+            message,
+        },
+        // A refusal without a code (a proxy's, a URL that is not ClickHouse's): the
+        // operator fixes it, and the snapshots wait.
+        None if status.is_client_error() && !matches!(http, 408 | 429) => Outcome::Blocked {
+            code: None,
+            message: format!("HTTP {http}: {message}"),
+        },
+        None => Outcome::Retry(format!("HTTP {http}: {message}")),
     }
 }
 
-/// One attempt to insert the gzip file `body` (`len` bytes) with `token`; abandoned after
-/// `idle` without a byte either way (see [`IDLE_TIMEOUT`]).
+/// One attempt to insert the gzip file `body` (`len` bytes) with `token` (`None`: the server
+/// does not know the setting); abandoned after `idle` without a byte either way (see
+/// [`IDLE_TIMEOUT`]).
 pub async fn attempt(
     endpoint: &Endpoint,
     table: &str,
-    token: &str,
+    token: Option<&str>,
     body: std::fs::File,
     len: u64,
     idle: Duration,
@@ -222,7 +267,7 @@ pub async fn attempt(
 async fn send(
     endpoint: &Endpoint,
     table: &str,
-    token: &str,
+    token: Option<&str>,
     body: std::fs::File,
     len: u64,
     progress: Arc<Progress>,
@@ -474,7 +519,7 @@ mod tests {
         let outcome = runtime.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(60),
-                attempt(&endpoint, "t", "x", file, bytes as u64, idle),
+                attempt(&endpoint, "t", Some("x"), file, bytes as u64, idle),
             )
             .await
             .expect("the attempt ended")
@@ -518,7 +563,7 @@ mod tests {
         assert_eq!(e.label, "http://ch.example:8123/");
         assert_eq!((e.user.as_str(), e.password.as_str()), ("relay", "p@ss"));
         assert_eq!(
-            e.target("db.active_calls", "n1-ab"),
+            e.target("db.active_calls", Some("n1-ab")),
             "/?database=calls&async_insert=0\
              &query=INSERT%20INTO%20db.active_calls%20FORMAT%20JSONEachRow\
              &insert_deduplication_token=n1-ab"
@@ -528,8 +573,13 @@ mod tests {
         assert_eq!(plain.label, "http://10.0.0.5:80/");
         assert_eq!((plain.user.as_str(), plain.password.as_str()), ("u", "k"));
         assert_eq!(
-            plain.target("t", "x"),
+            plain.target("t", Some("x")),
             "/?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow&insert_deduplication_token=x"
+        );
+        // A server without the setting gets the insert alone.
+        assert_eq!(
+            plain.target("t", None),
+            "/?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow"
         );
         let ipv6 = Endpoint::parse("http://[::1]:8123/ch", "", "").unwrap();
         assert_eq!(ipv6.label, "http://[::1]:8123/ch");
@@ -559,17 +609,90 @@ mod tests {
     }
 
     #[test]
-    fn what_is_retried_and_what_is_refused() {
-        let of = |code: u16, exception| {
-            classify(StatusCode::from_u16(code).unwrap(), exception, "m".into())
+    fn what_is_retried_what_blocks_and_what_is_refused() {
+        let of = |status: u16, header, message: &str| {
+            classify(
+                StatusCode::from_u16(status).unwrap(),
+                header,
+                message.into(),
+            )
         };
-        assert_eq!(of(200, None), Outcome::Sent);
-        for code in [500, 502, 503, 504, 401, 403, 408, 429, 516, 301] {
-            assert!(matches!(of(code, None), Outcome::Retry(_)), "{code}");
+        assert_eq!(of(200, None, ""), Outcome::Sent);
+        for status in [500, 502, 503, 504, 408, 429, 301] {
+            assert!(
+                matches!(of(status, None, "m"), Outcome::Retry(_)),
+                "{status}"
+            );
         }
-        for code in [400, 404, 413, 415] {
-            assert!(matches!(of(code, None), Outcome::Refused { .. }), "{code}");
+        // The destination's causes, by code (in the header or only in the text, as older
+        // servers send it), whatever the HTTP status: kept and retried.
+        for (status, header, message) in [
+            (
+                404,
+                None,
+                "Code: 60. DB::Exception: Table yeti.active_calls doesn't exist.",
+            ),
+            (404, Some(81), "Database yeti doesn't exist"),
+            (
+                403,
+                None,
+                "Code: 516. DB::Exception: default: Authentication failed",
+            ),
+            (500, Some(164), "Cannot execute query in readonly mode"),
+            (500, None, "Code: 252. DB::Exception: Too many parts (300)."),
+            (
+                500,
+                None,
+                "Code: 241. DB::Exception: Memory limit (total) exceeded",
+            ),
+            (
+                400,
+                None,
+                "Code: 117. DB::Exception: Unknown field found while parsing JSONEachRow format: pop_id",
+            ),
+            (400, None, "Code: 62. DB::Exception: Syntax error"),
+        ] {
+            assert!(
+                matches!(
+                    of(status, header, message),
+                    Outcome::Blocked { code: Some(_), .. }
+                ),
+                "{status} {message}"
+            );
         }
-        assert!(matches!(of(400, Some(516)), Outcome::Retry(_)));
+        for status in [400, 401, 403, 404, 415] {
+            assert!(
+                matches!(of(status, None, "m"), Outcome::Blocked { code: None, .. }),
+                "{status}"
+            );
+        }
+        // The snapshot's own fault: dropped alone.
+        for (header, message) in [
+            (
+                None,
+                "Code: 27. DB::Exception: Cannot parse input: expected '\"'",
+            ),
+            (Some(53), "Type mismatch"),
+            (None, "Code: 117. DB::Exception: Cannot parse JSON string"),
+        ] {
+            assert!(
+                matches!(of(400, header, message), Outcome::Refused { .. }),
+                "{message}"
+            );
+        }
+        assert!(matches!(
+            of(413, None, "too large"),
+            Outcome::Refused { .. }
+        ));
+        // An older server: the token goes.
+        let old = "Code: 115, e.displayText() = DB::Exception: Unknown setting insert_deduplication_token";
+        assert_eq!(of(404, None, old), Outcome::NoDedupToken);
+        assert!(matches!(
+            of(404, None, "Code: 115. Unknown setting max_bogus"),
+            Outcome::Blocked { .. }
+        ));
+        assert_eq!(exception_code(None, "Code: 60. x"), Some(60));
+        assert_eq!(exception_code(Some(7), "Code: 60. x"), Some(7));
+        assert_eq!(exception_code(None, "no code"), None);
     }
 }
