@@ -146,7 +146,6 @@ impl Call {
 pub struct Switch {
     rng: fastrand::Rng,
     style: Style,
-    node_id: u64,
     calls: Vec<Call>,
     /// Calls that ended since the last render: sent once more, buffered, when buffering.
     ended: Vec<Call>,
@@ -166,19 +165,12 @@ impl Switch {
         Switch {
             rng: fastrand::Rng::with_seed(seed),
             style,
-            node_id: 1,
             calls: Vec::new(),
             ended: Vec::new(),
             buffering: false,
             serial: 0,
             counter: 0,
         }
-    }
-
-    /// The node's id (`node_id` of every row). Set it before the first call is made.
-    pub fn node(mut self, node_id: u8) -> Switch {
-        self.node_id = u64::from(node_id);
-        self
     }
 
     /// With buffering on (yeti's `buffering`), every row carries `buffered`, and calls
@@ -199,15 +191,6 @@ impl Switch {
             call.fields.retain(|(k, _)| *k != "buffered");
         }
         call.prepare(style);
-    }
-
-    /// Calls in progress.
-    pub fn len(&self) -> usize {
-        self.calls.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
     }
 
     /// Starts calls (or ends the newest) until there are `total`; new calls began up to two
@@ -297,7 +280,7 @@ impl Switch {
             let id = match self.style {
                 // The node, the second, the counter: sems-yeti's snapshot row id.
                 Style::Sems => {
-                    (self.node_id << 55) | ((now as u64 & ((1 << 32) - 1)) << 23) | self.counter
+                    (NODE_ID << 55) | ((now as u64 & ((1 << 32) - 1)) << 23) | self.counter
                 }
                 Style::Legacy => call.serial,
             };
@@ -338,7 +321,6 @@ impl Switch {
         self.serial += 1;
         let style = self.style;
         let serial = self.serial;
-        let node_id = self.node_id;
         let rng = &mut self.rng;
         let account = if rng.f64() < 0.3 {
             BIG_ACCOUNT
@@ -389,7 +371,7 @@ impl Switch {
             ("id", String::new()),
             ("snapshot_timestamp", String::new()),
             ("snapshot_date", String::new()),
-            ("node_id", node_id.to_string()),
+            ("node_id", NODE_ID.to_string()),
             ("pop_id", int(4)),
             ("cdr_born_time", s(&start_text)),
             ("start_time", s(&start_text)),
@@ -519,6 +501,8 @@ impl Switch {
     }
 }
 
+/// The node every simulated row is of.
+const NODE_ID: u64 = 1;
 /// The low bits of a SEMS row `id` that count rows.
 const ID_COUNTER_MASK: u64 = (1 << 23) - 1;
 
