@@ -352,14 +352,12 @@ impl Sender {
             )
             .await;
             let attempts = failing.as_ref().map_or(0, |f| f.attempts) + 1;
-            if !matches!(outcome, Outcome::Blocked { .. }) {
-                self.metrics.blocked.set(0);
-            }
             // An answer that is not to be retried means the URL works again.
             if matches!(
                 outcome,
                 Outcome::Sent | Outcome::Refused { .. } | Outcome::NoDedupToken
             ) {
+                self.metrics.blocked.set(0);
                 backoff = Backoff::new(self.retry_max);
                 if let Some(failing) = failing.take() {
                     tracing::info!(
