@@ -28,8 +28,10 @@
 //! `upstream.spool_max_bytes`, the oldest are dropped and counted.
 //!
 //! The sender is the only one that deletes from its folder: it alone enforces the bound,
-//! between attempts, so the snapshot being sent is never dropped under it and "oldest
-//! first" holds for drops too.
+//! as each snapshot arrives, during an attempt as between them, so "oldest first" holds
+//! for drops too. An attempt has a total time sized to its body besides its idle time
+//! ([`client::Limits`]), and when the bound drops the snapshot being sent the attempt is
+//! cut: a slow or trickling peer can delay the relay, never fill the disk.
 
 pub mod client;
 pub mod spool;
@@ -342,15 +344,17 @@ impl Sender {
                     continue;
                 }
             };
-            let outcome = client::attempt(
-                &self.endpoint,
-                &self.table,
-                dedup_token.then_some(name.token.as_str()),
-                file,
-                bytes,
-                client::IDLE_TIMEOUT,
-            )
-            .await;
+            let Some(outcome) = self
+                .attempt(
+                    &name,
+                    dedup_token.then_some(name.token.as_str()),
+                    file,
+                    bytes,
+                )
+                .await
+            else {
+                continue; // dropped under the bound while it was being sent
+            };
             let attempts = failing.as_ref().map_or(0, |f| f.attempts) + 1;
             // An answer that is not to be retried means the URL works again.
             if matches!(
@@ -449,6 +453,40 @@ impl Sender {
                     }
                     self.wait(delay).await;
                 }
+            }
+        }
+    }
+
+    /// One attempt to send the front snapshot, `name`, taking new snapshots meanwhile: the
+    /// bound holds while an attempt lasts (up to minutes). `None` when the bound dropped
+    /// the snapshot being sent (it was the oldest): the attempt is cut, and nothing
+    /// counted as dropped is ever sent.
+    async fn attempt(
+        &mut self,
+        name: &spool::SpoolName,
+        token: Option<&str>,
+        file: std::fs::File,
+        bytes: u64,
+    ) -> Option<Outcome> {
+        let endpoint = self.endpoint.clone();
+        let table = self.table.clone();
+        let limits = client::Limits::for_body(bytes);
+        let attempt = client::attempt(&endpoint, &table, token, file, bytes, limits);
+        tokio::pin!(attempt);
+        let mut news_open = true;
+        loop {
+            tokio::select! {
+                outcome = &mut attempt => return Some(outcome),
+                news = self.news.recv(), if news_open => match news {
+                    Some(news) => {
+                        self.add(news);
+                        if self.queue.front().is_none_or(|front| &front.name != name) {
+                            return None;
+                        }
+                    }
+                    // The spooler is gone (stopping): the attempt may still finish.
+                    None => news_open = false,
+                },
             }
         }
     }

@@ -1017,3 +1017,36 @@ fn a_destination_that_refuses_every_snapshot_keeps_them_until_fixed() {
         "{text}"
     );
 }
+
+#[test]
+fn the_bound_holds_while_an_attempt_hangs() {
+    // The case: a peer that takes the body and keeps the attempt open (here it
+    // never answers; a trickled answer is the same to the spool, and the attempt's total
+    // time has its own unit test). Before, nothing was dropped until the attempt ended.
+    const SNAPSHOTS: usize = 8;
+    const MAX_BYTES: u64 = 16_000;
+    let fake = FakeClickHouse::start(Mode::Hang);
+    let url = fake.label();
+    let agent = start_relaying(&fake, |c| c.upstream.spool_max_bytes = MAX_BYTES);
+    let feed = agent.agent().feed_addr().unwrap();
+    let spool = spool_dir(&agent.config);
+    for i in 0..SNAPSHOTS {
+        post_snapshot(feed, &rows(&format!("B{i}"), 200));
+        eventually("the snapshot spooled", || {
+            let text = metrics_of(agent.addr());
+            (plain_metric(&text, "relay_pending_bytes") == 0.0).then_some(())
+        });
+    }
+    let dropped = eventually("every snapshot spooled or dropped", || {
+        let text = metrics_of(agent.addr());
+        let dropped = relay_metric(&text, "relay_dropped_total", &url) as usize;
+        let (files, _) = spooled(&spool);
+        (files + dropped == SNAPSHOTS).then_some(dropped)
+    });
+    // ~6.4 KB each: at most two fit, so six or more went, the first (being sent) among them.
+    assert!(dropped >= SNAPSHOTS - 2, "dropped {dropped}");
+    let (_, bytes) = spooled(&spool);
+    assert!(bytes <= MAX_BYTES, "{bytes} bytes spooled");
+    assert_eq!(fake.stored().len(), 0);
+    assert!(!fake.state.lock().unwrap().hung.is_empty());
+}

@@ -25,10 +25,35 @@ use tokio::sync::mpsc;
 
 /// Connecting may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// An attempt that neither sends nor receives a byte for this long is abandoned and
-/// retried. Not a limit on the whole attempt: a 15 MB snapshot on a slow link takes the
-/// time it needs, while a peer that stopped reading or answering frees the URL.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one attempt may take, and how long it may go without a byte either way.
+///
+/// Both bounds matter. The idle one frees the URL from a peer that stopped reading or
+/// answering. The total one, sized to the body, ends a peer that keeps the attempt alive
+/// with a byte now and then (a slow proxy trickling its answer): without it, one attempt
+/// could last for ever while the spool fills.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub idle: Duration,
+    pub total: Duration,
+}
+
+impl Limits {
+    /// Silence for this long ends an attempt.
+    const IDLE: Duration = Duration::from_secs(30);
+    /// Every attempt may take this long, plus [`Self::PER_SECOND`] of body per second
+    /// beyond it: about 1 Mbit/s, slower than any link a relay should use, so that a
+    /// 15 MB snapshot on a slow but honest link still gets the three minutes it needs.
+    const BASE: Duration = Duration::from_secs(60);
+    const PER_SECOND: u64 = 128 * 1024;
+
+    /// The limits of an attempt that sends `len` bytes.
+    pub fn for_body(len: u64) -> Limits {
+        Limits {
+            idle: Self::IDLE,
+            total: Self::BASE + Duration::from_secs(len / Self::PER_SECOND),
+        }
+    }
+}
 /// How much of an error answer is read, and how much of it a log line quotes.
 const ANSWER_BYTES: usize = 4096;
 const MESSAGE_CHARS: usize = 300;
@@ -239,22 +264,28 @@ pub fn classify(status: StatusCode, code: Option<u16>, message: String) -> Outco
 }
 
 /// One attempt to insert the gzip file `body` (`len` bytes) with `token` (`None`: the server
-/// does not know the setting); abandoned after `idle` without a byte either way (see
-/// [`IDLE_TIMEOUT`]).
+/// does not know the setting), within `limits`.
 pub async fn attempt(
     endpoint: &Endpoint,
     table: &str,
     token: Option<&str>,
     body: std::fs::File,
     len: u64,
-    idle: Duration,
+    limits: Limits,
 ) -> Outcome {
     let progress = Arc::new(Progress::new());
     let send = send(endpoint, table, token, body, len, progress.clone());
     tokio::pin!(send);
+    let Limits { idle, total } = limits;
+    let give_up = tokio::time::Instant::now() + total;
     loop {
         tokio::select! {
             sent = &mut send => return sent.unwrap_or_else(Outcome::Retry),
+            _ = tokio::time::sleep_until(give_up) => {
+                return Outcome::Retry(format!(
+                    "the attempt took longer than {total:?}, the most a {len}-byte snapshot is given"
+                ));
+            }
             _ = tokio::time::sleep_until(progress.last() + idle) => {
                 if progress.last() + idle <= tokio::time::Instant::now() {
                     return Outcome::Retry(format!("nothing sent or received for {idle:?}"));
@@ -486,8 +517,13 @@ mod tests {
 
     /// Posts `bytes` of body to a peer that takes the connection and then reads slowly
     /// (a pause of `pause` between 64 KB reads) or, with no pause, never reads at all;
-    /// once it has read everything it answers 200.
-    fn attempt_against(bytes: usize, pause: Option<Duration>, idle: Duration) -> Outcome {
+    /// once it has read everything it answers 200, one byte every `trickle`.
+    fn attempt_against(
+        bytes: usize,
+        pause: Option<Duration>,
+        trickle: Duration,
+        limits: Limits,
+    ) -> Outcome {
         use std::io::{Read as _, Seek as _, Write as _};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
@@ -506,7 +542,12 @@ mod tests {
                     Ok(n) => total += n,
                 }
             }
-            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+            for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n" {
+                if conn.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(trickle);
+            }
         });
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&vec![b'x'; bytes]).unwrap();
@@ -519,7 +560,7 @@ mod tests {
         let outcome = runtime.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(60),
-                attempt(&endpoint, "t", Some("x"), file, bytes as u64, idle),
+                attempt(&endpoint, "t", Some("x"), file, bytes as u64, limits),
             )
             .await
             .expect("the attempt ended")
@@ -532,7 +573,11 @@ mod tests {
     #[test]
     fn a_peer_that_stops_reading_is_given_up_after_the_idle_time() {
         // 64 MB: more than any socket buffers hold, so the writes stall.
-        let outcome = attempt_against(64 << 20, None, Duration::from_millis(300));
+        let limits = Limits {
+            idle: Duration::from_millis(300),
+            total: Duration::from_secs(60),
+        };
+        let outcome = attempt_against(64 << 20, None, Duration::ZERO, limits);
         match outcome {
             Outcome::Retry(why) => assert!(why.contains("nothing sent or received"), "{why}"),
             other => panic!("{other:?}"),
@@ -543,13 +588,48 @@ mod tests {
     fn a_slow_peer_that_keeps_reading_is_not_cut_off() {
         // The whole upload takes longer than the idle time, each pause much less.
         let started = std::time::Instant::now();
+        let limits = Limits {
+            idle: Duration::from_secs(1),
+            total: Duration::from_secs(60),
+        };
         let outcome = attempt_against(
             16 << 20,
             Some(Duration::from_millis(5)),
-            Duration::from_secs(1),
+            Duration::ZERO,
+            limits,
         );
         assert!(matches!(outcome, Outcome::Sent), "{outcome:?}");
         assert!(started.elapsed() > Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_peer_that_trickles_its_answer_is_given_up_after_the_total_time() {
+        // A byte every 100 ms is never idle for the 1 s allowed, and the answer's 38 bytes
+        // would take 3.8 s: the total bound, 1.5 s, ends it.
+        let limits = Limits {
+            idle: Duration::from_secs(1),
+            total: Duration::from_millis(1500),
+        };
+        let started = std::time::Instant::now();
+        let outcome = attempt_against(
+            1000,
+            Some(Duration::ZERO),
+            Duration::from_millis(100),
+            limits,
+        );
+        match outcome {
+            Outcome::Retry(why) => assert!(why.contains("took longer than"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_total_time_grows_with_the_body() {
+        let small = Limits::for_body(10_000).total;
+        let large = Limits::for_body(15 << 20).total;
+        assert_eq!(small, Duration::from_secs(60));
+        assert_eq!(large, Duration::from_secs(60 + 120));
     }
 
     #[test]
