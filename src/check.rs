@@ -279,10 +279,27 @@ fn relay(config: &Config, report: &mut Report) {
             return;
         }
     };
+    let ca_file = &config.upstream.ca_file;
+    let roots = if ca_file.as_os_str().is_empty() {
+        "the system's CA certificates".to_owned()
+    } else {
+        format!("the CA certificates of {}", ca_file.display())
+    };
     for endpoint in &settings.endpoints {
+        let verified = if endpoint.is_https() {
+            format!(", its certificate verified against {roots}")
+        } else {
+            String::new()
+        };
         report.ok(format!(
-            "relay to {} (table {})",
+            "relay to {} (table {}{verified})",
             endpoint.label, settings.table
+        ));
+    }
+    if !ca_file.as_os_str().is_empty() && !settings.endpoints.iter().any(|e| e.is_https()) {
+        report.warning(format!(
+            "upstream.ca_file {} is set, but no URL is https://: it is not used",
+            ca_file.display()
         ));
     }
     let spool = &settings.spool_dir;

@@ -104,6 +104,9 @@ pub struct UpstreamConfig {
     pub scrape_tokens_file: PathBuf,
     /// ClickHouse HTTP endpoints every applied snapshot is relayed to; empty: no relay.
     pub clickhouse_urls: Vec<String>,
+    /// CA certificates (PEM) that `https://` URLs are verified against, instead of the
+    /// system's; empty: the system's.
+    pub ca_file: PathBuf,
     /// The table the relay inserts into.
     pub table: String,
     /// Credentials the relay sends (`X-ClickHouse-User`/`X-ClickHouse-Key`); empty: none.
@@ -162,6 +165,7 @@ impl std::fmt::Debug for UpstreamConfig {
         f.debug_struct("UpstreamConfig")
             .field("scrape_tokens_file", &self.scrape_tokens_file)
             .field("clickhouse_urls", &urls)
+            .field("ca_file", &self.ca_file)
             .field("table", &self.table)
             .field("user", &self.user)
             .field("password", &password)
@@ -214,6 +218,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             scrape_tokens_file: PathBuf::new(),
             clickhouse_urls: Vec::new(),
+            ca_file: PathBuf::new(),
             table: "active_calls".into(),
             user: String::new(),
             password: String::new(),
@@ -355,6 +360,7 @@ impl Config {
                 "upstream.clickhouse_urls",
                 old.clickhouse_urls != up.clickhouse_urls,
             ),
+            ("upstream.ca_file", old.ca_file != up.ca_file),
             ("upstream.table", old.table != up.table),
             (
                 "upstream.user/password",

@@ -83,9 +83,17 @@ impl Settings {
             return Ok(None);
         }
         let mut endpoints: Vec<Endpoint> = Vec::new();
+        let mut tls: Option<client::Tls> = None;
         for (i, url) in config.clickhouse_urls.iter().enumerate() {
-            let endpoint = Endpoint::parse(url, &config.user, &config.password)
+            let mut endpoint = Endpoint::parse(url, &config.user, &config.password)
                 .with_context(|| format!("upstream.clickhouse_urls[{i}]"))?;
+            if endpoint.is_https() {
+                let tls = match &mut tls {
+                    Some(tls) => tls,
+                    None => tls.insert(client::Tls::load(&config.ca_file)?),
+                };
+                endpoint.use_tls(tls);
+            }
             if endpoints.iter().any(|e| e.label == endpoint.label) {
                 anyhow::bail!(
                     "upstream.clickhouse_urls[{i}]: {} is listed twice (URLs must differ \
@@ -677,10 +685,10 @@ mod tests {
         assert!(settings(&[]).unwrap().is_none());
         let err = format!(
             "{:#}",
-            settings(&["http://u:secret@ch:8123/", "https://u:secret@ch2/"]).unwrap_err()
+            settings(&["http://u:secret@ch:8123/", "ftp://u:secret@ch2/"]).unwrap_err()
         );
         assert!(
-            err.contains("clickhouse_urls[1]") && err.contains("https"),
+            err.contains("clickhouse_urls[1]") && err.contains("https://"),
             "{err}"
         );
         assert!(!err.contains("secret"), "{err}");
@@ -708,12 +716,30 @@ mod tests {
     fn relay_urls_are_checked_as_the_relay_reads_them() {
         let ok = upstream("[upstream]\nclickhouse_urls = [\"http://ch:8123/?database=yeti\"]\n");
         assert!(ok.is_ok(), "{ok:?}");
-        let err = upstream("[upstream]\nclickhouse_urls = [\"https://u:pw@ch:8443/\"]\n");
+        // An https:// URL's CA certificates are read with the configuration.
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = upstream(&format!(
+            "[upstream]\nca_file = {missing:?}\nclickhouse_urls = [\"https://u:pw@ch:8443/\"]\n"
+        ));
         let text = format!("{:#}", err.unwrap_err());
         assert!(
-            text.contains("https is not supported") && !text.contains("pw"),
+            text.contains("upstream.ca_file")
+                && text.contains("missing.pem")
+                && !text.contains("pw"),
             "{text}"
         );
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let err = upstream(&format!(
+            "[upstream]\nca_file = {junk:?}\nclickhouse_urls = [\"https://ch/\"]\n"
+        ));
+        assert!(format!("{:#}", err.unwrap_err()).contains("holds no PEM certificate"),);
+        // The system's, on a machine that has them (Debian's ca-certificates).
+        if std::path::Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+            let ok = upstream("[upstream]\nclickhouse_urls = [\"https://ch/\"]\n");
+            assert!(ok.is_ok_and(|s| s.is_some_and(|s| s.endpoints[0].is_https())));
+        }
         assert!(
             upstream("[upstream]\ntable = \"x;y\"\nclickhouse_urls = [\"http://ch/\"]\n").is_err()
         );

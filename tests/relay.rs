@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use active_calls_agent::config::Config;
 use common::*;
 use serde_json::json;
+use tokio_rustls::rustls;
 
 /// Generous: the machine has two cores, shared.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -81,12 +82,13 @@ struct State {
     /// Every answer given, in order: (status, token).
     answers: Vec<(u16, String)>,
     /// Connections of [`Mode::Hang`], held open.
-    hung: Vec<TcpStream>,
+    hung: Vec<Box<dyn Send>>,
 }
 
 /// An HTTP server that plays ClickHouse's insert interface, on a std listener.
 struct FakeClickHouse {
     port: u16,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -101,30 +103,52 @@ impl FakeClickHouse {
             answers: Vec::new(),
             hung: Vec::new(),
         }));
-        Self::listen(0, state)
+        Self::listen(0, state, None)
     }
 
-    fn listen(port: u16, state: Arc<Mutex<State>>) -> FakeClickHouse {
+    /// The same over TLS, with this server configuration (certificate and key).
+    fn start_tls(mode: Mode, tls: Arc<rustls::ServerConfig>) -> FakeClickHouse {
+        let fake = Self::start(mode);
+        let (port, state) = (fake.port, fake.state.clone());
+        drop(fake);
+        Self::listen(port, state, Some(tls))
+    }
+
+    fn listen(
+        port: u16,
+        state: Arc<Mutex<State>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> FakeClickHouse {
         // The port of a fake that went down is free again at once (std sets SO_REUSEADDR).
         let listener = TcpListener::bind(("127.0.0.1", port)).expect("the fake binds");
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
-            let (state, stop) = (state.clone(), stop.clone());
+            let (state, stop, server_tls) = (state.clone(), stop.clone(), tls.clone());
             move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         return;
                     }
                     if let Ok(stream) = stream {
-                        let state = state.clone();
-                        std::thread::spawn(move || serve(stream, &state));
+                        let (state, tls) = (state.clone(), server_tls.clone());
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                        std::thread::spawn(move || match tls {
+                            None => serve(stream, &state),
+                            Some(tls) => {
+                                let Ok(session) = rustls::ServerConnection::new(tls) else {
+                                    return;
+                                };
+                                serve(rustls::StreamOwned::new(session, stream), &state)
+                            }
+                        });
                     }
                 }
             }
         });
         FakeClickHouse {
             port,
+            tls,
             state,
             stop,
             thread: Some(thread),
@@ -160,7 +184,7 @@ impl FakeClickHouse {
     /// Listens again on the same port, with the same record.
     fn up(&mut self) {
         self.down();
-        *self = Self::listen(self.port, self.state.clone());
+        *self = Self::listen(self.port, self.state.clone(), self.tls.clone());
     }
 
     fn stored(&self) -> Vec<Insert> {
@@ -187,9 +211,8 @@ impl Drop for FakeClickHouse {
 }
 
 /// Reads one request, answers it as the mode says, and closes.
-fn serve(stream: TcpStream, state: &Mutex<State>) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut reader = BufReader::new(&stream);
+fn serve<S: Read + Write + Send + 'static>(stream: S, state: &Mutex<State>) {
+    let mut reader = BufReader::new(stream);
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
         return; // the wake-up connection of down(), or a client that gave up
@@ -244,7 +267,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
     let mut state = state.lock().unwrap();
     let (status, text) = match state.mode {
         Mode::Hang => {
-            state.hung.push(stream);
+            state.hung.push(Box::new(reader.into_inner()));
             return;
         }
         Mode::Fail(status) => (
@@ -275,12 +298,13 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
     };
     state.answers.push((status, insert.token().to_owned()));
     drop(state);
-    let mut stream = stream;
+    let mut stream = reader.into_inner();
     let _ = write!(
         stream,
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     );
+    let _ = stream.flush();
 }
 
 fn decode_pair(pair: &str) -> (String, String) {
@@ -749,12 +773,29 @@ fn check_names_what_keeps_the_relay_from_working() {
     );
     assert!(!text.contains("Hunter2-relay-secret"), "{text}");
 
-    let (ok, text) = check_upstream("clickhouse_urls = [\"https://ch.example:8443/\"]");
+    // An https:// URL: its CA file is read by check, as by the start.
+    let ca = dir.path().join("ca.pem");
+    let (ok, text) = check_upstream(&format!(
+        "clickhouse_urls = [\"https://ch.example:8443/\"]\nca_file = {ca:?}"
+    ));
     assert!(!ok, "{text}");
     assert!(
-        text.contains("error: ") && text.contains("https is not supported"),
+        text.contains("error: upstream.ca_file") && text.contains("ca.pem"),
         "{text}"
     );
+    test_ca(&ca);
+    let (ok, text) = check_upstream(&format!(
+        "clickhouse_urls = [\"https://ch.example:8443/\"]\nca_file = {ca:?}"
+    ));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("ok: relay to https://ch.example:8443/") && text.contains("ca.pem"),
+        "{text}"
+    );
+    let (_, text) = check_upstream(&format!(
+        "clickhouse_urls = [\"http://ch.example:8123/\"]\nca_file = {ca:?}"
+    ));
+    assert!(text.contains("warning: upstream.ca_file"), "{text}");
 
     let file = dir.path().join("a-file");
     std::fs::write(&file, "").unwrap();
@@ -1049,4 +1090,72 @@ fn the_bound_holds_while_an_attempt_hangs() {
     assert!(bytes <= MAX_BYTES, "{bytes} bytes spooled");
     assert_eq!(fake.stored().len(), 0);
     assert!(!fake.state.lock().unwrap().hung.is_empty());
+}
+
+/// A CA made for the test, and a server configuration whose certificate (for 127.0.0.1
+/// and localhost) it signed; the CA's certificate is written to `ca_file` as PEM.
+fn test_ca(ca_file: &Path) -> Arc<rustls::ServerConfig> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(ca_file, ca_cert.pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    Arc::new(config)
+}
+
+#[test]
+fn https_urls_are_verified_against_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    let fake = FakeClickHouse::start_tls(Mode::Accept, test_ca(&ca_file));
+    let https = format!("https://127.0.0.1:{}/?database=yeti", fake.port);
+    let label = format!("https://127.0.0.1:{}/", fake.port);
+
+    // With the CA given, the snapshot arrives as over plain HTTP.
+    let agent = start_relaying(&fake, |c| {
+        c.upstream.clickhouse_urls = vec![https.clone()];
+        c.upstream.ca_file = ca_file.clone();
+    });
+    let sent = rows("TLS", 20);
+    post_snapshot(agent.agent().feed_addr().unwrap(), &sent);
+    let stored = fake.wait_stored(1);
+    assert_eq!(stored[0].rows, sent);
+    assert_eq!(stored[0].token(), token_of(&sent));
+    assert_eq!(stored[0].param("database"), Some("yeti"));
+    let text = metrics_of(agent.addr());
+    assert_eq!(relay_metric(&text, "relay_sent_total", &label), 1.0);
+    drop(agent);
+
+    // With another CA, which never signed the server's certificate: refused in the
+    // handshake, retried, kept, and the agent goes on applying.
+    let other_ca = dir.path().join("other-ca.pem");
+    test_ca(&other_ca);
+    let agent = start_relaying(&fake, |c| {
+        c.upstream.clickhouse_urls = vec![https.clone()];
+        c.upstream.ca_file = other_ca.clone();
+    });
+    let feed = agent.agent().feed_addr().unwrap();
+    post_snapshot(feed, &rows("TLS2", 20));
+    eventually("the handshake refused and retried", || {
+        let text = metrics_of(agent.addr());
+        (relay_metric(&text, "relay_retried_total", &label) >= 2.0).then_some(())
+    });
+    assert_eq!(served_names(&agent), vec!["TLS2".to_owned(); 20]);
+    assert_eq!(fake.stored().len(), 1);
+    assert_eq!(spooled(&spool_dir(&agent.config)).0, 1);
 }

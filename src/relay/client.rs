@@ -1,12 +1,15 @@
 //! One attempt to insert one spooled snapshot into one ClickHouse URL, and what its
 //! answer means (SPEC 6).
 //!
-//! Plain HTTP/1.1 over a fresh connection per attempt, with hyper's client connection:
-//! one snapshot every few seconds does not need a pool, and a fresh connection never
-//! meets one that ClickHouse (or a proxy) closed while it sat idle. The body streams from
-//! the spooled file, so a large snapshot is never held in memory whole.
+//! HTTP/1.1 over a fresh connection per attempt, with hyper's client connection: one
+//! snapshot every few seconds does not need a pool, and a fresh connection never meets
+//! one that ClickHouse (or a proxy) closed while it sat idle. `https://` URLs go through
+//! rustls ([`Tls`]), verified against the system's CA certificates or the operator's own
+//! (`upstream.ca_file`). The body streams from the spooled file, so a large snapshot is
+//! never held in memory whole.
 
 use std::io::Read;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +25,9 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
 /// Connecting may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,12 +72,15 @@ const PARAM_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// A configured ClickHouse URL, ready to send to.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Endpoint {
     /// The URL without credentials and query: the metrics' `url` label and the logs' name.
     pub label: String,
     /// `host:port`, to connect to and for the `Host` header.
     authority: String,
+    /// For an `https://` URL, the name its certificate must carry (the URL's host), and
+    /// the TLS configuration, given by [`Endpoint::use_tls`].
+    https: Option<(ServerName<'static>, Option<Tls>)>,
     path: String,
     /// The URL's own parameters, raw, without `query` and `insert_deduplication_token`.
     params: Vec<String>,
@@ -90,12 +99,7 @@ impl std::fmt::Debug for Endpoint {
 /// a password.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error(
-        "https is not supported: the relay speaks plain HTTP (use an http:// URL on a trusted \
-         network, or a local TLS proxy such as stunnel or haproxy)"
-    )]
-    Https,
-    #[error("not an http:// URL")]
+    #[error("not an http:// or https:// URL")]
     NotHttp,
     #[error("no host, or an invalid host or port")]
     BadHost,
@@ -110,13 +114,14 @@ pub enum UrlError {
 }
 
 impl Endpoint {
-    /// Parses `http://[user[:password]@]host[:port][/path][?params]`. Credentials in the
-    /// URL win over `user`/`password` (the `[upstream]` ones).
+    /// Parses `http[s]://[user[:password]@]host[:port][/path][?params]`. Credentials in
+    /// the URL win over `user`/`password` (the `[upstream]` ones). An `https://` one needs
+    /// [`use_tls`](Self::use_tls) before it can send.
     pub fn parse(url: &str, user: &str, password: &str) -> Result<Endpoint, UrlError> {
         let scheme_end = url.find("://").ok_or(UrlError::NotHttp)?;
-        let rest = match &url[..scheme_end] {
-            s if s.eq_ignore_ascii_case("http") => &url[scheme_end + 3..],
-            s if s.eq_ignore_ascii_case("https") => return Err(UrlError::Https),
+        let (https, rest) = match &url[..scheme_end] {
+            s if s.eq_ignore_ascii_case("http") => (false, &url[scheme_end + 3..]),
+            s if s.eq_ignore_ascii_case("https") => (true, &url[scheme_end + 3..]),
             _ => return Err(UrlError::NotHttp),
         };
         let rest = rest.split('#').next().unwrap_or_default();
@@ -134,7 +139,17 @@ impl Endpoint {
         if parsed.host().is_empty() || (port_given && parsed.port_u16().is_none()) {
             return Err(UrlError::BadHost);
         }
-        let authority = format!("{}:{}", parsed.host(), parsed.port_u16().unwrap_or(80));
+        let default_port = if https { 443 } else { 80 };
+        let port = parsed.port_u16().unwrap_or(default_port);
+        let authority = format!("{}:{port}", parsed.host());
+        let https = if https {
+            let host = parsed.host().trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(host.to_owned()).map_err(|_| UrlError::BadHost)?;
+            Some((name, None))
+        } else {
+            None
+        };
+        let scheme = if https.is_some() { "https" } else { "http" };
         let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
         let (user, password) = match userinfo {
             Some(info) => {
@@ -159,13 +174,27 @@ impl Endpoint {
             .map(str::to_owned)
             .collect();
         Ok(Endpoint {
-            label: format!("http://{authority}{path}"),
+            label: format!("{scheme}://{authority}{path}"),
             authority,
+            https,
             path: path.to_owned(),
             params,
             user,
             password,
         })
+    }
+
+    /// Whether this is an `https://` URL.
+    pub fn is_https(&self) -> bool {
+        self.https.is_some()
+    }
+
+    /// Gives an `https://` URL the TLS configuration it connects with (nothing for an
+    /// `http://` one).
+    pub fn use_tls(&mut self, tls: &Tls) {
+        if let Some((_, config)) = &mut self.https {
+            *config = Some(tls.clone());
+        }
     }
 
     /// The request target for inserting into `table` with `token` (where the server knows
@@ -295,6 +324,61 @@ pub async fn attempt(
     }
 }
 
+/// The TLS configuration of the `https://` URLs: rustls with ring, and the CA
+/// certificates a server's certificate must lead to. Loaded once, when the configuration
+/// is read, so that `check` and the start say what is wrong with them.
+#[derive(Clone)]
+pub struct Tls {
+    connector: TlsConnector,
+}
+
+impl Tls {
+    /// The CA certificates of `ca_file` (PEM, one or more), or with an empty path those
+    /// the system trusts (Debian's `ca-certificates`, or `SSL_CERT_FILE`/`SSL_CERT_DIR`).
+    /// A private CA file replaces the system's, as curl's `--cacert` does.
+    pub fn load(ca_file: &Path) -> anyhow::Result<Tls> {
+        use anyhow::Context as _;
+        let mut roots = rustls::RootCertStore::empty();
+        if ca_file.as_os_str().is_empty() {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map_or_else(|| "none installed".to_owned(), ToString::to_string);
+                anyhow::bail!(
+                    "https:// URLs need CA certificates and the system has none ({why}): \
+                     install ca-certificates, or set upstream.ca_file"
+                );
+            }
+        } else {
+            let shown = ca_file.display();
+            let certs = CertificateDer::pem_file_iter(ca_file)
+                .with_context(|| format!("upstream.ca_file {shown}"))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("upstream.ca_file {shown}: not PEM certificates"))?;
+            if certs.is_empty() {
+                anyhow::bail!("upstream.ca_file {shown} holds no PEM certificate");
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("upstream.ca_file {shown}: a certificate"))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Tls {
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
+}
+
 async fn send(
     endpoint: &Endpoint,
     table: &str,
@@ -308,10 +392,35 @@ async fn send(
         .map_err(|_| format!("connecting: no answer within {CONNECT_TIMEOUT:?}"))?
         .map_err(|e| format!("connecting: {e}"))?;
     let _ = stream.set_nodelay(true);
+    // Progress is counted below TLS: bytes on the wire, the handshake's too.
     let stream = Tracked {
         inner: stream,
         progress,
     };
+    let request = (endpoint, table, token, body, len);
+    match &endpoint.https {
+        None => exchange(stream, request).await,
+        Some((name, Some(tls))) => {
+            let stream = tls
+                .connector
+                .connect(name.clone(), stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            exchange(stream, request).await
+        }
+        // Settings::from_config gives every https:// URL its configuration.
+        Some((_, None)) => Err("no TLS configuration for this https:// URL".to_owned()),
+    }
+}
+
+/// The request and its answer, over a connection made (and secured) by [`send`].
+async fn exchange<S>(
+    stream: S,
+    (endpoint, table, token, body, len): (&Endpoint, &str, Option<&str>, std::fs::File, u64),
+) -> Result<Outcome, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("connecting: {e}"))?;
@@ -404,12 +513,12 @@ impl Progress {
 }
 
 /// A connection that records its [`Progress`]: every byte read or written.
-struct Tracked {
-    inner: TcpStream,
+struct Tracked<S> {
+    inner: S,
     progress: Arc<Progress>,
 }
 
-impl AsyncRead for Tracked {
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -424,7 +533,7 @@ impl AsyncRead for Tracked {
     }
 }
 
-impl AsyncWrite for Tracked {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -666,9 +775,14 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_http_urls_are_taken() {
+    fn http_and_https_urls_are_taken_and_nothing_else() {
         let parse = |url| Endpoint::parse(url, "", "").map(|_| ());
-        assert_eq!(parse("https://ch:8443/"), Err(UrlError::Https));
+        let https = Endpoint::parse("HTTPS://ch.example/?database=yeti", "", "").unwrap();
+        assert!(https.is_https());
+        assert_eq!(https.label, "https://ch.example:443/");
+        let ip = Endpoint::parse("https://[::1]:8443/", "", "").unwrap();
+        assert_eq!(ip.label, "https://[::1]:8443/");
+        assert!(!Endpoint::parse("http://ch/", "", "").unwrap().is_https());
         assert_eq!(parse("ch.example:8123"), Err(UrlError::NotHttp));
         assert_eq!(parse("ftp://ch/"), Err(UrlError::NotHttp));
         assert_eq!(parse("http:///x"), Err(UrlError::BadHost));
