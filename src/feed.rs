@@ -66,6 +66,8 @@ pub struct ApplyReport {
     pub nodes: Vec<i64>,
     pub written: u64,
     pub removed: u64,
+    /// The store held this snapshot already (`store::Changes::repeat`): not relayed.
+    pub repeat: bool,
     pub duration: Duration,
 }
 
@@ -448,6 +450,7 @@ pub fn apply_snapshot_teed(
     report.nodes = changes.nodes;
     report.written = changes.written;
     report.removed = changes.removed;
+    report.repeat = changes.repeat;
     report.duration = started.elapsed();
     Ok(report)
 }

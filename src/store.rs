@@ -29,7 +29,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::SystemTime;
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
-use rusqlite::{Connection, OpenFlags, ToSql, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, ToSql, params};
 
 use crate::call::{CallRow, LineKey};
 use crate::clock::{format_datetime, unix_millis};
@@ -115,6 +115,7 @@ const PUT_NODE: &str =
                                                WHERE calls.node_id = ?1
                                                  AND calls.snapshot_timestamp IS NULL))
                         THEN excluded.changed_in ELSE changed_in END";
+const NODE_TIMESTAMP: &str = "SELECT snapshot_timestamp FROM nodes WHERE node_id = ?1";
 const NEXT_GENERATION: &str = "UPDATE generation SET last = last + 1 RETURNING last";
 const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
 const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
@@ -480,6 +481,10 @@ pub struct Changes {
     pub removed: u64,
     /// Whether the secondary indexes were rebuilt instead of updated.
     pub rebuilt_indexes: bool,
+    /// Whether the store held this very snapshot already: every node of it had its
+    /// snapshot timestamp, and no call changed (the snapshot file applied again at a
+    /// start, a switch's resend of a POST). Its rows went to the relay the first time.
+    pub repeat: bool,
 }
 
 /// The secondary indexes dropped for a bulk write, with their planner statistics.
@@ -703,8 +708,17 @@ impl SnapshotTx<'_> {
             .tx
             .prepare_cached(NEXT_GENERATION)?
             .query_row([], |r| r.get(0))?;
+        changes.repeat = changes.written == 0 && changes.removed == 0 && !self.nodes.is_empty();
         for (node_id, timestamp) in &self.nodes {
             let timestamp = timestamp.as_deref().unwrap_or(&self.received_timestamp);
+            if changes.repeat {
+                let before: Option<String> = self
+                    .tx
+                    .prepare_cached(NODE_TIMESTAMP)?
+                    .query_row([node_id], |r| r.get(0))
+                    .optional()?;
+                changes.repeat = before.as_deref() == Some(timestamp);
+            }
             self.tx.prepare_cached(PUT_NODE)?.execute(params![
                 node_id,
                 self.received_at_ms,

@@ -54,9 +54,11 @@ fn apply(store: &mut Store, snapshot: &[u8], at: u64) -> String {
             nodes,
             written,
             removed,
+            repeat,
             ..
         }) => format!(
-            "rows {rows} skipped {skipped} nodes {nodes:?} written {written} removed {removed}"
+            "rows {rows} skipped {skipped} nodes {nodes:?} written {written} removed {removed} \
+             repeat {repeat}"
         ),
         Err(SnapshotError::Malformed { line, .. }) => format!("refused at line {line}"),
         Err(e) => panic!("{e}"),

@@ -243,6 +243,25 @@ fn unchanged_lines_are_recognised_without_being_rewritten() {
     assert_eq!(stored_names(&readers), [format!("A3 {t3}")]);
 }
 
+#[test]
+fn a_snapshot_the_store_holds_already_is_a_repeat() {
+    let (_dir, _path, mut writer, _readers) = fresh_store();
+    let snapshot = std::fs::read_to_string("tests/fixtures/snapshot-1.jsonl").unwrap();
+    let next = std::fs::read_to_string("tests/fixtures/snapshot-2.jsonl").unwrap();
+    let first = apply_text(&mut writer, &snapshot);
+    assert!(!first.repeat, "a node's first snapshot");
+    // The same bytes again (the file at a start, a resend): a repeat, nothing written.
+    let again = apply_text(&mut writer, &snapshot);
+    assert!(again.repeat && again.written == 0, "{again:?}");
+    // The next period: new timestamps (and calls), not a repeat; nor the old one after it.
+    assert!(!apply_text(&mut writer, &next).repeat);
+    assert!(!apply_text(&mut writer, &snapshot).repeat);
+    // The same timestamp with a call changed is not a repeat either.
+    apply_text(&mut writer, &snapshot);
+    let edited = snapshot.replacen("\"dst_prefix_in\":\"", "\"dst_prefix_in\":\"9", 1);
+    assert!(!apply_text(&mut writer, &edited).repeat);
+}
+
 /// A call that connects changes no indexed value: it is updated in place, and the answer
 /// (and every filter) sees the new values.
 #[test]
