@@ -266,7 +266,7 @@ impl Default for FeedConfig {
             user: String::new(),
             password: String::new(),
             max_body_bytes: 1 << 30,
-            max_connections: 16,
+            max_connections: 64,
         }
     }
 }

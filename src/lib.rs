@@ -242,6 +242,11 @@ impl Agent {
                 user: config.feed.user.clone(),
                 password: config.feed.password.clone(),
                 max_body_bytes: config.feed.max_body_bytes,
+                // Beside the store: a folder the agent may write, under systemd too.
+                spill_dir: match config.store.path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+                    _ => ".".into(),
+                },
             });
             let counted = ListenerSettings {
                 name: "feed",
