@@ -5,12 +5,14 @@
 //! query on a pooled read connection, and answer with the headers a Rails application sends.
 //! The SQLite work runs in place on the worker (tokio's `block_in_place`), so a fast query
 //! costs no thread hand-off and a slow scan still never stalls the listener.
-//! The body is built in memory and hashed for the `ETag`; a matching `If-None-Match` gets a
-//! 304, and `HEAD` the same headers without a body.
+//! The body is built in memory and hashed for the `ETag` ([`answers`]: once per state of
+//! the store for all who ask the same, within a byte budget); a matching `If-None-Match`
+//! gets a 304, and `HEAD` the same headers without a body.
 //!
 //! The same listener (or a listener of its own, per `metrics.listen`) answers the
 //! operator's endpoints of [`ops`].
 
+pub mod answers;
 pub mod ops;
 pub mod params;
 pub mod scrape;
@@ -24,6 +26,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::answers::{Answers, Failed};
 use crate::api::ops::Health;
 use crate::auth::{AuthContext, Authenticator, ScrapeTokens};
 use crate::clock::unix_millis;
@@ -63,6 +66,8 @@ pub struct ApiState {
     pub scrape_tokens: SwapCell<ScrapeTokens>,
     /// Turns for scrapes, [`scrape::MAX_SCRAPES`] at a time.
     pub scrapes: Arc<tokio::sync::Semaphore>,
+    /// The customer answers in flight, shared and within their budget.
+    pub answers: Answers,
 }
 
 /// What a listener answers besides the health endpoints.
@@ -172,30 +177,30 @@ async fn authorized(
         filters,
         stale_cutoff_ms: stale_cutoff_ms(state.stale_after, now),
     };
-    // Most answers take a few tens of microseconds: handing them to another thread would
-    // cost more than the query. block_in_place lets the runtime move this worker's other
-    // tasks away, so a long scan of a big account still never stalls the listener.
-    let answered = tokio::task::block_in_place(|| {
-        let mut body = Vec::with_capacity(4096);
-        state
-            .readers
-            .outgoing_calls(&call_query, &mut body)
-            .map(|_| body)
-    });
-    let body = match answered {
-        Ok(body) => body,
-        Err(e) => {
+    let answer = match state
+        .answers
+        .get(&state.readers, &call_query, etag_of)
+        .await
+    {
+        Ok(answer) => answer,
+        Err(Failed::Busy) => {
+            let mut r = empty(StatusCode::SERVICE_UNAVAILABLE);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        Err(Failed::Store(e)) => {
             tracing::error!(request_id, error = %e, "outgoing-active-calls query failed");
             return empty(StatusCode::INTERNAL_SERVER_ERROR);
         }
     };
-    let etag = etag_of(&body);
+    let etag = answer.etag().to_owned();
     let mut response = if if_none_match(req.headers(), &etag) {
         let mut r = Response::new(Body::default());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         r
     } else {
-        json(StatusCode::OK, body)
+        json(StatusCode::OK, answer.into_bytes())
     };
     let headers = response.headers_mut();
     headers.insert(header::ETAG, header_value(&etag));
@@ -216,7 +221,7 @@ fn stale_cutoff_ms(stale_after: Option<Duration>, now: SystemTime) -> i64 {
 }
 
 /// A JSON answer; an error is never cached.
-fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+fn json(status: StatusCode, body: impl Into<hyper::body::Bytes>) -> Response<Body> {
     let mut response = with_body(status, "application/json; charset=utf-8", body);
     if status != StatusCode::OK {
         let headers = response.headers_mut();

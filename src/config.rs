@@ -37,6 +37,9 @@ pub struct ApiConfig {
     pub token_lifetime: u64,
     /// Connections the API listener holds at most; past it, a new one gets 503.
     pub max_connections: usize,
+    /// Bytes the customer answers being built or sent may hold together (beyond 64 KB
+    /// each); past it, a new large answer gets 503 with `Retry-After`.
+    pub max_answer_bytes: usize,
 }
 
 /// `[store]`: where the SQLite database lives.
@@ -140,6 +143,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("jwt_secret_file", &self.jwt_secret_file)
             .field("token_lifetime", &self.token_lifetime)
             .field("max_connections", &self.max_connections)
+            .field("max_answer_bytes", &self.max_answer_bytes)
             .finish()
     }
 }
@@ -245,6 +249,7 @@ impl Default for ApiConfig {
             jwt_secret_file: None,
             token_lifetime: 0,
             max_connections: 1024,
+            max_answer_bytes: crate::api::answers::BUDGET_BYTES,
         }
     }
 }
@@ -341,6 +346,9 @@ impl Config {
         }
         if self.api.max_connections != new.api.max_connections {
             changed.push("api.max_connections");
+        }
+        if self.api.max_answer_bytes != new.api.max_answer_bytes {
+            changed.push("api.max_answer_bytes");
         }
         if self.store != new.store {
             changed.push("[store]");

@@ -405,7 +405,9 @@ pub fn apply_snapshot(
 pub trait Tee: Send {
     fn copy(&mut self, bytes: &[u8]);
     /// Hands the copy of a committed snapshot of `nodes` on, without waiting for anything.
-    fn commit(self: Box<Self>, nodes: &[i64]);
+    /// `repeat`: the store held this snapshot already (`store::Changes::repeat`): the
+    /// copy may be dropped if this very copy was handed on before.
+    fn commit(self: Box<Self>, nodes: &[i64], repeat: bool);
 }
 
 /// Where each applied snapshot's rows go on: the relay, when it is on.

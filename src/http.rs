@@ -521,7 +521,12 @@ pub fn text(status: StatusCode, text: &str) -> Response<Body> {
 }
 
 /// An answer with a body of the given content type.
-pub fn with_body(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Body> {
+pub fn with_body(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let body: Bytes = body.into();
     let length = body.len();
     let mut response = Response::new(full(body));
     *response.status_mut() = status;

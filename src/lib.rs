@@ -274,6 +274,7 @@ impl Agent {
             health,
             scrape_tokens: SwapCell::new(scrape_tokens(config)),
             scrapes: Arc::new(tokio::sync::Semaphore::new(api::scrape::MAX_SCRAPES)),
+            answers: api::answers::Answers::new(config.api.max_answer_bytes),
         });
         let separate_metrics = !config.metrics.listen.is_empty();
         let metrics_addr = if separate_metrics {

@@ -467,8 +467,8 @@ impl Sender {
 
     /// One attempt to send the front snapshot, `name`, taking new snapshots meanwhile: the
     /// bound holds while an attempt lasts (up to minutes). `None` when the bound dropped
-    /// the snapshot being sent (it was the oldest): the attempt is cut, and nothing
-    /// counted as dropped is ever sent.
+    /// the snapshot being sent (it was the oldest): the attempt is cut and not made again
+    /// (though a server that had its whole body may have stored it).
     async fn attempt(
         &mut self,
         name: &spool::SpoolName,

@@ -1250,6 +1250,18 @@ impl Readers {
     /// Runs a customer query and writes the SPEC 1.3 body into `out`.
     /// Returns the number of rows.
     pub fn outgoing_calls(&self, query: &CallQuery, out: &mut Vec<u8>) -> rusqlite::Result<usize> {
+        self.outgoing_calls_within(query, out, |_| true)
+            .map(|rows| rows.unwrap_or_default())
+    }
+
+    /// [`outgoing_calls`](Self::outgoing_calls), asking `admit` after each row whether the
+    /// body may be as long as it now is; `None` (and a body cut short) when it said no.
+    pub fn outgoing_calls_within(
+        &self,
+        query: &CallQuery,
+        out: &mut Vec<u8>,
+        mut admit: impl FnMut(usize) -> bool,
+    ) -> rusqlite::Result<Option<usize>> {
         let (sql, values) = build(query);
         self.with_connection(|conn| {
             let mut stmt = conn.prepare_cached(&sql)?;
@@ -1263,11 +1275,14 @@ impl Readers {
                 write_row(out, row, &ROW_KEYS, 0)?;
                 out.push(b'}');
                 count += 1;
+                if !admit(out.len() + 32) {
+                    return Ok(None);
+                }
             }
             out.extend_from_slice(b"],\"rows\":");
             let _ = write!(out, "{count}");
             out.push(b'}');
-            Ok(count)
+            Ok(Some(count))
         })
     }
 

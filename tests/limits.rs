@@ -267,3 +267,117 @@ fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
     assert_answers(&agent);
     drop(stream);
 }
+
+/// A connection whose receive buffer is 4 KB, so that the agent cannot push a large
+/// answer into the kernel and forget it: it holds the answer for as long as the client
+/// does not read.
+fn slow_reader(addr: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a fresh socket is made, configured and connected through libc with values
+    // that live across each call; its descriptor is then owned by the TcpStream alone.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let SocketAddr::V4(v4) = addr else {
+            panic!("the test agent listens on IPv4")
+        };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let connected = libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(connected, 0);
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// Sends a GET for `query` and reads its status line only.
+fn begin_get(addr: SocketAddr, query: &str) -> (TcpStream, String) {
+    let mut stream = slow_reader(addr);
+    let request = format!(
+        "GET {ENDPOINT}?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
+        token_for(5001)
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut status = [0u8; 12];
+    stream.read_exact(&mut status).unwrap();
+    (stream, String::from_utf8_lossy(&status).into_owned())
+}
+
+/// Issue 13: slow readers of the largest answer share one copy of it, and the bytes held
+/// for answers stay within `api.max_answer_bytes`: a different large answer waits its
+/// turn (503, Retry-After), small ones are answered all along.
+#[test]
+fn slow_readers_share_one_answer_within_the_budget() {
+    let agent = TestAgent::start_with(|c| {
+        c.feed.listen = "127.0.0.1:0".into();
+        c.api.max_answer_bytes = 16 << 20;
+    });
+    let feed = agent.agent().feed_addr().unwrap();
+    // ~9 MB answered for the account: more than the kernel buffers of a slow reader.
+    assert_eq!(
+        post(feed, "/", &[], &named_snapshot("big", 16_000)).status,
+        200
+    );
+    let all = format!("account-id={ACCOUNT_101}");
+    let readers: Vec<(TcpStream, String)> = (0..5).map(|_| begin_get(agent.addr(), &all)).collect();
+    for (_, status) in &readers {
+        assert_eq!(
+            status, "HTTP/1.1 200",
+            "identical requests share the answer"
+        );
+    }
+    // Another large answer (the calls whose src_prefix_in starts with 1: ~3,000) does not
+    // fit beside the one being read.
+    let other = format!("{all}&src-prefix-in-starts-with=1");
+    let busy = agent.get(&other);
+    assert_eq!(busy.status, 503, "{}", busy.text());
+    assert_eq!(busy.header("retry-after"), Some("1"));
+    // A small answer is served meanwhile, and its ETag revalidates.
+    let small = agent.get(&format!("{all}&dst-prefix-in-eq=4412345"));
+    assert_eq!(small.status, 200);
+    assert_eq!(small.rows().len(), 1);
+    let etag = small.header("etag").unwrap().to_owned();
+    let token = token_for(5001);
+    let again = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?{all}&dst-prefix-in-eq=4412345"),
+        &[
+            ("Authorization", token.as_str()),
+            ("if-none-match", etag.as_str()),
+        ],
+    );
+    assert_eq!(again.status, 304);
+    // Once the readers are gone, the other answer goes out.
+    drop(readers);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = agent.get(&other);
+        if reply.status == 200 {
+            assert!(reply.rows().len() > 1000);
+            break;
+        }
+        assert_eq!(reply.status, 503);
+        assert!(Instant::now() < deadline, "the budget was never given back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

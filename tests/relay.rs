@@ -1160,3 +1160,50 @@ fn https_urls_are_verified_against_the_configured_ca() {
     assert_eq!(fake.stored().len(), 1);
     assert_eq!(spooled(&spool_dir(&agent.config)).0, 1);
 }
+
+#[test]
+fn a_repeat_is_relayed_again_only_if_its_copy_never_went() {
+    let fake = FakeClickHouse::start(Mode::Accept);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_process_config(dir.path(), "");
+    let base = std::fs::read_to_string(&config).unwrap();
+    // Applied by an agent without the relay: its copy never went anywhere.
+    let f1 = rows("F1", 2);
+    write_file(&dir.path().join("snapshot.jsonl"), f1.as_bytes());
+    let agent = Process::start(&config);
+    agent.wait_log("snapshot applied source=\"file\"");
+    agent.kill();
+    // The relay turned on: the file, applied again at the start, is a repeat for the
+    // store but was never relayed, so it goes.
+    std::fs::write(
+        &config,
+        format!(
+            "{base}[upstream]\nclickhouse_urls = [{:?}]\nspool_dir = {:?}\nretry_max_ms = 100\n",
+            fake.url(),
+            dir.path().join("spool")
+        ),
+    )
+    .unwrap();
+    let agent = Process::start(&config);
+    assert_eq!(tokens(&fake.wait_stored(1)), [token_of(&f1)]);
+    // The same bytes posted again: a repeat of what was relayed last, not sent again.
+    // The same calls with other bytes (a key the agent does not read): sent.
+    let s1 = rows("S1", 2);
+    post_snapshot(agent.feed, &s1);
+    post_snapshot(agent.feed, &s1);
+    let s1_other = rows("S1", 2);
+    assert_ne!(s1, s1_other);
+    post_snapshot(agent.feed, &s1_other);
+    let stored = fake.wait_stored(3);
+    assert_eq!(
+        tokens(&stored),
+        [token_of(&f1), token_of(&s1), token_of(&s1_other)]
+    );
+    // Nothing else on the way: every applied snapshot was handed to the spool or dropped.
+    eventually("the spool emptied", || {
+        (spooled(&dir.path().join("spool")) == (0, 0)).then_some(())
+    });
+    assert_eq!(fake.stored().len(), 3);
+    assert!(fake.state.lock().unwrap().duplicates.is_empty());
+    agent.kill();
+}

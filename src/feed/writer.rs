@@ -260,12 +260,8 @@ impl Worker {
             &mut self.writer,
             copy.as_deref_mut().map(|c| c as &mut dyn Tee),
         );
-        // A snapshot the store held already went to the relay when it first applied:
-        // sent again, a ClickHouse without insert_deduplication_token would store it twice.
-        if let (Ok(report), Some(copy)) = (&result, copy)
-            && !report.repeat
-        {
-            copy.commit(&report.nodes);
+        if let (Ok(report), Some(copy)) = (&result, copy) {
+            copy.commit(&report.nodes, report.repeat);
         }
         result
     }

@@ -134,7 +134,17 @@ struct Shared {
     max_backlog: u64,
     /// A spool that cannot take snapshots says so once a minute, not once a snapshot.
     lost_log: std::sync::Mutex<Throttled>,
+    /// The token of the last snapshot handed to the spooler, kept in [`LAST_TOKEN`] across
+    /// restarts: a repeat of it (the snapshot file applied again at a start, a resent POST)
+    /// is not relayed again, for a ClickHouse without `insert_deduplication_token` would
+    /// store it twice. Only of it: a repeat whose copy never reached `pending` (a crash
+    /// between the store's commit and the rename, a relay turned on since) still goes.
+    last_token: std::sync::Mutex<String>,
+    last_token_path: PathBuf,
 }
+
+/// The file in the spool's root holding the token of the last snapshot handed over.
+pub const LAST_TOKEN: &str = "last-token";
 
 /// The raw bytes committed to `pending` and not yet spooled, shared by the writer (which
 /// adds each snapshot it hands over) and the spooler (which subtracts each it finishes, and
@@ -213,6 +223,12 @@ impl SpoolHandle {
                 backlog,
                 max_backlog,
                 lost_log: std::sync::Mutex::new(Throttled::default()),
+                last_token: std::sync::Mutex::new(
+                    std::fs::read_to_string(root.join(LAST_TOKEN))
+                        .map(|t| t.trim().to_owned())
+                        .unwrap_or_default(),
+                ),
+                last_token_path: root.join(LAST_TOKEN),
             }),
         }
     }
@@ -312,7 +328,7 @@ impl Tee for Incoming {
     /// Hands the copy of a committed snapshot of `nodes` to the spooler: a rename and a
     /// message, nothing that waits. A snapshot without a single row is not relayed (there
     /// is nothing to insert).
-    fn commit(mut self: Box<Self>, nodes: &[i64]) {
+    fn commit(mut self: Box<Self>, nodes: &[i64], repeat: bool) {
         let hash = match self.finish() {
             Ok(Some(hash)) => hash,
             Ok(None) => return, // dropping it deletes the file
@@ -326,6 +342,15 @@ impl Tee for Incoming {
             seq: self.seq,
             token: token(nodes, hash),
         };
+        let mut last = self
+            .shared
+            .last_token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if repeat && *last == name.token {
+            tracing::debug!(token = %name.token, "a repeat of the last snapshot relayed: not relayed again");
+            return; // dropping it deletes the file
+        }
         let pending = self.shared.pending.join(name.file_name(RAW));
         match in_dir(&self.shared.pending, || {
             std::fs::rename(&self.path, &pending)
@@ -334,6 +359,9 @@ impl Tee for Incoming {
                 self.handed_over = true;
                 self.shared.backlog.add(self.written);
                 let _ = self.shared.wake.send(Wake::Pending);
+                // Not synced: lost, it only lets a repeat go once more.
+                let _ = std::fs::write(&self.shared.last_token_path, &name.token);
+                *last = name.token;
             }
             Err(e) => self
                 .shared
