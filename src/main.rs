@@ -67,6 +67,10 @@ enum Command {
         /// Also write the large snapshot, directory and queries here.
         #[arg(long)]
         dump: Option<PathBuf>,
+        /// Only the hostile clients' figures: trickling feed senders, and slow readers
+        /// of the largest answer, of the scrape and of the metrics.
+        #[arg(long)]
+        hostile: bool,
     },
     /// A bounded soak: mixed queries while snapshots arrive every second; fails on any
     /// 5xx, torn answer or memory growth (see RELIABILITY.md).
@@ -160,6 +164,7 @@ fn main() -> anyhow::Result<ExitCode> {
             connections,
             dir,
             dump,
+            hostile,
         } => active_calls_agent::bench::run(active_calls_agent::bench::BenchOptions {
             calls,
             small_calls,
@@ -167,6 +172,7 @@ fn main() -> anyhow::Result<ExitCode> {
             connections: connections.max(1),
             dir,
             dump,
+            hostile,
         })?,
         Command::Soak {
             seconds,

@@ -1210,11 +1210,22 @@ pub struct NodeGeneration {
     pub changed_in: i64,
 }
 
-/// A pool of read-only connections.
+/// A pool of read-only connections, at most [`MAX_OPEN_READERS`] of them at once.
+///
+/// Each connection has a page cache of its own (up to 8 MB): fifty requests at once (a
+/// burst of slow clients) would otherwise open fifty, and the agent's memory would follow
+/// the number of clients. Past the cap a request waits for a connection; reads take
+/// microseconds to milliseconds, a scrape (two at most) longer.
 pub struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Connections open (idle or in use), and a wake-up when one is given back.
+    open: Mutex<usize>,
+    returned: std::sync::Condvar,
 }
+
+/// Read connections open at most.
+pub const MAX_OPEN_READERS: usize = 8;
 
 impl Readers {
     /// Readers of the database a [`Writer`] has opened (and so created) at `path`.
@@ -1222,6 +1233,8 @@ impl Readers {
         Readers {
             path: path.to_path_buf(),
             idle: Mutex::new(Vec::new()),
+            open: Mutex::new(0),
+            returned: std::sync::Condvar::new(),
         }
     }
 
@@ -1229,22 +1242,47 @@ impl Readers {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let conn = match idle {
-            Some(conn) => conn,
-            None => {
-                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-                let conn = open(&self.path, flags)?;
-                conn.pragma_update(None, "cache_size", -8 * 1024)?;
-                conn
-            }
-        };
+        let conn = self.take()?;
         let result = f(&conn);
+        // Given back under the count's lock, which a waiter holds from its look at the
+        // idle ones until it waits: the wake-up cannot fall between the two.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_READERS {
             idle.push(conn);
+        } else {
+            drop(conn);
+            *open -= 1;
         }
+        drop(idle);
+        drop(open);
+        self.returned.notify_one();
         result
+    }
+
+    /// An idle connection, a new one below the cap, or (at the cap) the next given back.
+    fn take(&self) -> rusqlite::Result<Connection> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                return Ok(conn);
+            }
+            if *open < MAX_OPEN_READERS {
+                *open += 1;
+                break;
+            }
+            open = self.returned.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(open);
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let opened = open_reader(&self.path, flags);
+        if opened.is_err() {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            *open -= 1;
+            drop(open);
+            self.returned.notify_one();
+        }
+        opened
     }
 
     /// Runs a customer query and writes the SPEC 1.3 body into `out`.
@@ -1442,9 +1480,46 @@ pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
     out.push(b'"');
 }
 
+/// A read connection, with its page cache bounded.
+fn open_reader(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = open(path, flags)?;
+    conn.pragma_update(None, "cache_size", -8 * 1024)?;
+    Ok(conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_open_at_most_their_cap_whatever_the_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calls.db");
+        let _writer = Writer::open(&path).unwrap();
+        let readers = Readers::new(&path);
+        let (busy, most) = (
+            std::sync::atomic::AtomicUsize::new(0),
+            std::sync::atomic::AtomicUsize::new(0),
+        );
+        std::thread::scope(|scope| {
+            for _ in 0..(MAX_OPEN_READERS * 3) {
+                scope.spawn(|| {
+                    readers
+                        .with_connection(|conn| {
+                            let now = busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                            most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(30));
+                            busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                        })
+                        .unwrap();
+                });
+            }
+        });
+        let most = most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most <= MAX_OPEN_READERS && most > 1, "{most} at once");
+        assert!(*readers.open.lock().unwrap() <= MAX_IDLE_READERS);
+    }
 
     #[test]
     fn schema_sets_the_version_the_code_expects() {

@@ -268,48 +268,9 @@ fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
     drop(stream);
 }
 
-/// A connection whose receive buffer is 4 KB, so that the agent cannot push a large
-/// answer into the kernel and forget it: it holds the answer for as long as the client
-/// does not read.
-fn slow_reader(addr: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    // SAFETY: a fresh socket is made, configured and connected through libc with values
-    // that live across each call; its descriptor is then owned by the TcpStream alone.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        assert!(fd >= 0);
-        let size: libc::c_int = 4096;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let SocketAddr::V4(v4) = addr else {
-            panic!("the test agent listens on IPv4")
-        };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*v4.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let connected = libc::connect(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(connected, 0);
-        TcpStream::from_raw_fd(fd)
-    }
-}
-
 /// Sends a GET for `query` and reads its status line only.
 fn begin_get(addr: SocketAddr, query: &str) -> (TcpStream, String) {
-    let mut stream = slow_reader(addr);
+    let mut stream = active_calls_agent::bench::small_buffer_connection(addr).unwrap();
     let request = format!(
         "GET {ENDPOINT}?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
         token_for(5001)
