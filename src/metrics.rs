@@ -111,6 +111,14 @@ impl Drop for OpenConnection {
 /// Every metric of one agent.
 pub struct Metrics {
     registry: Registry,
+    /// The process metrics every Prometheus exporter has, under their standard names
+    /// (no prefix), read from `/proc/self` at each scrape.
+    process: Registry,
+    process_rss: Gauge,
+    process_cpu: Counter<f64, AtomicU64>,
+    process_fds: Gauge,
+    process_start: Gauge<f64, AtomicU64>,
+    store_bytes: Gauge,
     /// Scrapes refill the per-node gauges; two at once must not interleave.
     scrape: Mutex<()>,
     node_calls: Family<NodeLabels, Gauge>,
@@ -149,6 +157,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("active_calls_agent");
         let metrics = Metrics {
             registry: Registry::default(),
+            process: Registry::default(),
+            process_rss: Gauge::default(),
+            process_cpu: Counter::default(),
+            process_fds: Gauge::default(),
+            process_start: Gauge::default(),
+            store_bytes: Gauge::default(),
             scrape: Mutex::new(()),
             node_calls: Family::default(),
             snapshot_age: Family::default(),
@@ -297,10 +311,58 @@ impl Metrics {
             "1 while the relay runs; 0 when it is off, or configured but could not start (the log says why)",
             metrics.relay_running.clone(),
         );
+        registry.register_with_unit(
+            "store",
+            "Size of the store's database file and its WAL",
+            Unit::Bytes,
+            metrics.store_bytes.clone(),
+        );
+        let mut process = Registry::default();
+        process.register_with_unit(
+            "process_resident_memory",
+            "Resident memory size in bytes",
+            Unit::Bytes,
+            metrics.process_rss.clone(),
+        );
+        process.register_with_unit(
+            "process_cpu",
+            "Total user and system CPU time spent in seconds",
+            Unit::Seconds,
+            metrics.process_cpu.clone(),
+        );
+        process.register(
+            "process_open_fds",
+            "Number of open file descriptors",
+            metrics.process_fds.clone(),
+        );
+        process.register_with_unit(
+            "process_start_time",
+            "Start time of the process since unix epoch in seconds",
+            Unit::Seconds,
+            metrics.process_start.clone(),
+        );
         Metrics {
             registry,
+            process,
             ..metrics
         }
+    }
+
+    /// Reads this process's figures from `/proc/self` (Linux), and the store's size.
+    fn sample_process(&self, store_bytes: u64) {
+        self.store_bytes
+            .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));
+        let Some(sample) = ProcessSample::read() else {
+            return;
+        };
+        self.process_rss.set(sample.rss_bytes);
+        // A counter only goes up: it is moved to the kernel's figure.
+        let delta = sample.cpu_seconds - self.process_cpu.get();
+        if delta > 0.0 {
+            self.process_cpu.inc_by(delta);
+        }
+        self.process_fds.set(sample.open_fds);
+        self.process_start.set(sample.start_time_seconds);
     }
 
     /// A snapshot applied (`Ok`: its skipped rows and duration) or rejected.
@@ -413,8 +475,10 @@ impl Metrics {
     }
 
     /// The text exposition, with the per-node gauges set from `nodes` as of `now_ms`.
-    pub fn render(&self, nodes: &[NodeStats], now_ms: i64) -> String {
+    /// `store_bytes` is the store's size on disk.
+    pub fn render(&self, nodes: &[NodeStats], now_ms: i64, store_bytes: u64) -> String {
         let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        self.sample_process(store_bytes);
         self.node_calls.clear();
         self.snapshot_age.clear();
         for node in nodes {
@@ -441,8 +505,57 @@ impl Metrics {
         }
         let mut text = String::with_capacity(8192);
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let _ = encode_registry(&mut text, &self.registry);
+        let _ = encode_registry(&mut text, &self.process);
+        let _ = encode_eof(&mut text);
         text
+    }
+}
+
+/// What `/proc/self` says of this process.
+#[derive(Debug, Clone, Copy)]
+struct ProcessSample {
+    rss_bytes: i64,
+    cpu_seconds: f64,
+    open_fds: i64,
+    start_time_seconds: f64,
+}
+
+impl ProcessSample {
+    fn read() -> Option<ProcessSample> {
+        // SAFETY: sysconf only reads a system constant; it takes no pointers.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if ticks <= 0 || page <= 0 {
+            return None;
+        }
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name is in parentheses and may hold anything: fields count from
+        // after the last ')', where the third field (state) comes first.
+        let fields: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+        let cpu_seconds = (field(14)? + field(15)?) / ticks as f64;
+        let rss_pages: i64 = field(24)? as i64;
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
+        let start_time_seconds = boot + field(22)? / ticks as f64;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as i64;
+        Some(ProcessSample {
+            rss_bytes: rss_pages * page,
+            cpu_seconds,
+            open_fds,
+            start_time_seconds,
+        })
     }
 }
 
@@ -456,7 +569,7 @@ mod tests {
         for (route, status) in [("other", 404), ("other", 404), ("/healthz", 200)] {
             metrics.request("api", route, status, Duration::from_micros(5));
         }
-        let text = metrics.render(&[], 0);
+        let text = metrics.render(&[], 0, 0);
         assert!(
             text.contains(
                 r#"active_calls_agent_http_requests_total{listener="api",route="other",status="404"} 2"#
@@ -476,12 +589,12 @@ mod tests {
         let series = r#"active_calls_agent_relay_spool_oldest_age_seconds{url="http://ch:8123/"}"#;
         assert!(
             metrics
-                .render(&[], 5_000)
+                .render(&[], 5_000, 0)
                 .contains(&format!("{series} 0.0"))
         );
         url.set_oldest(Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_000)));
         url.spool_bytes.set(42);
-        let text = metrics.render(&[], 3_500);
+        let text = metrics.render(&[], 3_500, 0);
         assert!(text.contains(&format!("{series} 2.5")), "{text}");
         assert!(
             text.contains(r#"active_calls_agent_relay_spool_bytes{url="http://ch:8123/"} 42"#),
@@ -494,7 +607,7 @@ mod tests {
         url.set_oldest(None);
         assert!(
             metrics
-                .render(&[], 9_000)
+                .render(&[], 9_000, 0)
                 .contains(&format!("{series} 0.0"))
         );
     }
@@ -507,7 +620,7 @@ mod tests {
             received_at_ms: 1_000,
             calls,
         };
-        let text = metrics.render(&[node(1, 20), node(2, 3)], 3_500);
+        let text = metrics.render(&[node(1, 20), node(2, 3)], 3_500, 0);
         assert!(
             text.contains(r#"active_calls_agent_calls{node_id="2"} 3"#),
             "{text}"
@@ -517,7 +630,7 @@ mod tests {
             "{text}"
         );
         // Node 2 expired: its series go.
-        let text = metrics.render(&[node(1, 20)], 3_500);
+        let text = metrics.render(&[node(1, 20)], 3_500, 0);
         assert!(!text.contains(r#"node_id="2""#), "{text}");
     }
 }

@@ -1260,6 +1260,17 @@ impl Readers {
         result
     }
 
+    /// The store's size on disk: its database file and its WAL.
+    pub fn file_bytes(&self) -> u64 {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        [self.path.as_os_str(), wal.as_os_str()]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// An idle connection, a new one below the cap, or (at the cap) the next given back.
     fn take(&self) -> rusqlite::Result<Connection> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());

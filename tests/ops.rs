@@ -259,3 +259,36 @@ fn a_stop_answers_the_request_already_begun() {
         .expect("the stop ends once the request is answered")
         .unwrap();
 }
+
+/// The process metrics every exporter has, under their standard names, and the store's
+/// size: what the operator's dashboards expect to find.
+#[test]
+fn standard_process_metrics_and_the_store_size() {
+    let agent = TestAgent::start();
+    agent.feed(SAMPLE_SNAPSHOT);
+    let text = scrape(&agent);
+    let value =
+        |series: &str| metric(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    // The test process is the agent's process here.
+    let rss = value("process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 1e10, "{rss}");
+    assert!(value("process_cpu_seconds_total") > 0.0);
+    assert!(value("process_open_fds") >= 3.0);
+    let started = value("process_start_time_seconds");
+    let now = unix_now() as f64;
+    assert!(
+        started <= now && started > now - 3600.0,
+        "{started} vs {now}"
+    );
+    assert!(value("active_calls_agent_store_bytes") > 4096.0);
+    for family in [
+        "# TYPE process_resident_memory_bytes gauge",
+        "# TYPE process_cpu_seconds counter",
+        "# TYPE process_open_fds gauge",
+        "# TYPE process_start_time_seconds gauge",
+    ] {
+        assert!(text.contains(family), "{family}");
+    }
+    assert!(text.trim_end().ends_with("# EOF"), "one EOF, at the end");
+    assert_eq!(text.matches("# EOF").count(), 1);
+}

@@ -36,7 +36,10 @@ pub struct Health {
 pub fn metrics(state: &ApiState) -> hyper::Response<Body> {
     match tokio::task::block_in_place(|| state.readers.node_stats()) {
         Ok(nodes) => {
-            let text = state.metrics.render(&nodes, unix_millis(SystemTime::now()));
+            let now = unix_millis(SystemTime::now());
+            let text = state
+                .metrics
+                .render(&nodes, now, state.readers.file_bytes());
             with_body(StatusCode::OK, CONTENT_TYPE, text.into_bytes())
         }
         Err(e) => {
