@@ -141,8 +141,12 @@ async fn outgoing_active_calls(
 ) -> Response<Body> {
     let directory = state.directory.load();
     let authenticator = state.auth.load();
-    let Ok(auth) = authenticator.authenticate(req.headers(), &directory) else {
-        return empty(StatusCode::UNAUTHORIZED);
+    let auth = match authenticator.authenticate(req.headers(), &directory) {
+        Ok(auth) => auth,
+        Err(why) => {
+            state.metrics.auth_refused(why, request_id);
+            return empty(StatusCode::UNAUTHORIZED);
+        }
     };
     let now = SystemTime::now();
     let mut response = authorized(state, req, &auth.context, &directory, now, request_id).await;

@@ -5,7 +5,8 @@
 //! signature. The claims that carry yeti's own rules (`aud`, `exp`, `sub`, `cfg`) are checked
 //! here, by hand, because each has a precise meaning the generic validator does not share
 //! (an absent `aud` must fail; `exp` must be strictly in the future, with no leeway).
-//! Every failure is the same [`Unauthorized`]: a client learns nothing about why.
+//! Every failure is the same 401 to the client, which learns nothing about why; the
+//! reason ([`Unauthorized`]) is logged (rate-limited) and counted for the operator.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,9 +36,54 @@ const DYNAMIC_CFG_KEYS: [&str; 6] = [
 /// The portal access profile of a dynamic token that names none.
 const DEFAULT_PORTAL_PROFILE: i64 = 1;
 
-/// Any authentication failure: answered 401 with an empty body.
+/// Why a request is answered 401 (with an empty body, whatever the reason). The reason
+/// is for the operator (a log line and a metric), never for the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unauthorized;
+pub enum Unauthorized {
+    /// No `Authorization` header and no session cookie.
+    NoToken,
+    /// Not a JWT, or one whose claims are of the wrong shape.
+    Malformed,
+    /// Signed with another secret (or another algorithm).
+    BadSignature,
+    /// An `aud` without `customer-v1`.
+    WrongAudience,
+    Expired,
+    /// A `sub` that is no API access of the directory.
+    UnknownAccess,
+    /// A dynamic token whose customer or portal profile the directory does not know.
+    UnknownCustomer,
+    /// The agent has no secret configured: every token is refused.
+    NoSecret,
+}
+
+impl Unauthorized {
+    /// Every reason, for the metric's series.
+    pub const ALL: [Unauthorized; 8] = [
+        Unauthorized::NoToken,
+        Unauthorized::Malformed,
+        Unauthorized::BadSignature,
+        Unauthorized::WrongAudience,
+        Unauthorized::Expired,
+        Unauthorized::UnknownAccess,
+        Unauthorized::UnknownCustomer,
+        Unauthorized::NoSecret,
+    ];
+
+    /// The reason's name in logs and in the metric's `reason` label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unauthorized::NoToken => "no_token",
+            Unauthorized::Malformed => "malformed",
+            Unauthorized::BadSignature => "bad_signature",
+            Unauthorized::WrongAudience => "wrong_audience",
+            Unauthorized::Expired => "expired",
+            Unauthorized::UnknownAccess => "unknown_access",
+            Unauthorized::UnknownCustomer => "unknown_customer",
+            Unauthorized::NoSecret => "no_secret",
+        }
+    }
+}
 
 /// Who is asking: a customer, and the accounts its token may see (empty: all of them).
 #[derive(Debug, Clone, PartialEq)]
@@ -108,12 +154,12 @@ impl Authenticator {
                     .as_bytes()
                     .split(u8::is_ascii_whitespace)
                     .rfind(|word| !word.is_empty())
-                    .ok_or(Unauthorized)?;
-                let token = std::str::from_utf8(last_word).map_err(|_| Unauthorized)?;
+                    .ok_or(Unauthorized::NoToken)?;
+                let token = std::str::from_utf8(last_word).map_err(|_| Unauthorized::Malformed)?;
                 (token.to_owned(), false)
             }
             // Absent or blank: the session cookie, if any.
-            _ => (session_cookie(headers).ok_or(Unauthorized)?, true),
+            _ => (session_cookie(headers).ok_or(Unauthorized::NoToken)?, true),
         };
         let context = self.verify(&token, directory, SystemTime::now())?;
         Ok(Authenticated {
@@ -129,9 +175,14 @@ impl Authenticator {
         directory: &Directory,
         now: SystemTime,
     ) -> Result<AuthContext, Unauthorized> {
-        let (decoding, _) = self.keys.as_ref().ok_or(Unauthorized)?;
+        let (decoding, _) = self.keys.as_ref().ok_or(Unauthorized::NoSecret)?;
         let claims = jsonwebtoken::decode::<Map<String, Value>>(token, decoding, &self.validation)
-            .map_err(|_| Unauthorized)?
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature
+                | jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => Unauthorized::BadSignature,
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Unauthorized::Expired,
+                _ => Unauthorized::Malformed,
+            })?
             .claims;
         let audience_ok = match claims.get("aud") {
             Some(Value::String(aud)) => aud == AUDIENCE,
@@ -139,22 +190,26 @@ impl Authenticator {
             _ => false,
         };
         if !audience_ok {
-            return Err(Unauthorized);
+            return Err(Unauthorized::WrongAudience);
         }
         if let Some(exp) = claims.get("exp") {
-            let now = now.duration_since(UNIX_EPOCH).map_err(|_| Unauthorized)?;
-            let exp = exp.as_f64().ok_or(Unauthorized)?;
+            let now = now
+                .duration_since(UNIX_EPOCH)
+                .map_err(|_| Unauthorized::Expired)?;
+            let exp = exp.as_f64().ok_or(Unauthorized::Malformed)?;
             if exp <= now.as_secs_f64() {
-                return Err(Unauthorized);
+                return Err(Unauthorized::Expired);
             }
         }
-        let sub = claims.get("sub").ok_or(Unauthorized)?;
+        let sub = claims.get("sub").ok_or(Unauthorized::Malformed)?;
         if sub.as_str() == Some(DYNAMIC_SUBJECT) {
-            let cfg = claims.get("cfg").ok_or(Unauthorized)?;
+            let cfg = claims.get("cfg").ok_or(Unauthorized::Malformed)?;
             return dynamic_context(sub, cfg, directory);
         }
-        let access_id = integer(sub).ok_or(Unauthorized)?;
-        let access = directory.api_access(access_id).ok_or(Unauthorized)?;
+        let access_id = integer(sub).ok_or(Unauthorized::Malformed)?;
+        let access = directory
+            .api_access(access_id)
+            .ok_or(Unauthorized::UnknownAccess)?;
         Ok(AuthContext {
             customer_id: access.customer_id,
             account_ids: access.account_ids.clone(),
@@ -224,32 +279,32 @@ fn dynamic_context(
     cfg: &Value,
     directory: &Directory,
 ) -> Result<AuthContext, Unauthorized> {
-    let fields = cfg.as_object().ok_or(Unauthorized)?;
+    let fields = cfg.as_object().ok_or(Unauthorized::Malformed)?;
     if fields
         .keys()
         .any(|k| !DYNAMIC_CFG_KEYS.contains(&k.as_str()))
     {
-        return Err(Unauthorized);
+        return Err(Unauthorized::Malformed);
     }
     let present = |key: &str| fields.get(key).filter(|v| !v.is_null());
     let customer_id = present("customer_id")
         .and_then(integer)
-        .ok_or(Unauthorized)?;
+        .ok_or(Unauthorized::Malformed)?;
     let account_ids = match present("account_ids") {
         None => Vec::new(),
         Some(Value::Array(ids)) => ids
             .iter()
             .map(integer)
             .collect::<Option<_>>()
-            .ok_or(Unauthorized)?,
-        Some(_) => return Err(Unauthorized),
+            .ok_or(Unauthorized::Malformed)?,
+        Some(_) => return Err(Unauthorized::Malformed),
     };
     let profile = match present("customer_portal_access_profile_id") {
         None => DEFAULT_PORTAL_PROFILE,
-        Some(id) => integer(id).ok_or(Unauthorized)?,
+        Some(id) => integer(id).ok_or(Unauthorized::Malformed)?,
     };
     if !directory.has_customer(customer_id) || !directory.has_portal_profile(profile) {
-        return Err(Unauthorized);
+        return Err(Unauthorized::UnknownCustomer);
     }
     Ok(AuthContext {
         customer_id,
@@ -434,19 +489,26 @@ mod tests {
     #[test]
     fn claims_that_fail() {
         let past = 1_000_000;
-        for claims in [
-            json!({"sub": 40}),
-            json!({"aud": "admin", "sub": 40}),
-            json!({"aud": ["admin"], "sub": 40}),
-            json!({"aud": 1, "sub": 40}),
-            json!({"aud": ["customer-v1"], "sub": 41}),
-            json!({"aud": ["customer-v1"], "sub": 40.5}),
-            json!({"aud": ["customer-v1"], "sub": "forty"}),
-            json!({"aud": ["customer-v1"]}),
-            json!({"aud": ["customer-v1"], "sub": 40, "exp": past}),
-            json!({"aud": ["customer-v1"], "sub": 40, "exp": "never"}),
+        use Unauthorized::*;
+        for (claims, why) in [
+            (json!({"sub": 40}), WrongAudience),
+            (json!({"aud": "admin", "sub": 40}), WrongAudience),
+            (json!({"aud": ["admin"], "sub": 40}), WrongAudience),
+            (json!({"aud": 1, "sub": 40}), WrongAudience),
+            (json!({"aud": ["customer-v1"], "sub": 41}), UnknownAccess),
+            (json!({"aud": ["customer-v1"], "sub": 40.5}), Malformed),
+            (json!({"aud": ["customer-v1"], "sub": "forty"}), Malformed),
+            (json!({"aud": ["customer-v1"]}), Malformed),
+            (
+                json!({"aud": ["customer-v1"], "sub": 40, "exp": past}),
+                Expired,
+            ),
+            (
+                json!({"aud": ["customer-v1"], "sub": 40, "exp": "never"}),
+                Malformed,
+            ),
         ] {
-            assert_eq!(verify(claims.clone()), Err(Unauthorized), "{claims}");
+            assert_eq!(verify(claims.clone()), Err(why), "{claims}");
         }
     }
 
@@ -460,16 +522,20 @@ mod tests {
         let minimal =
             verify(json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 5}})).unwrap();
         assert!(minimal.account_ids.is_empty());
-        for cfg in [
-            json!({}),
-            json!({"customer_id": 6}),
-            json!({"customer_id": 5, "customer_portal_access_profile_id": 2}),
-            json!({"customer_id": 5, "admin": true}),
-            json!({"customer_id": 5, "account_ids": "1"}),
-            json!([5]),
+        use Unauthorized::*;
+        for (cfg, why) in [
+            (json!({}), Malformed),
+            (json!({"customer_id": 6}), UnknownCustomer),
+            (
+                json!({"customer_id": 5, "customer_portal_access_profile_id": 2}),
+                UnknownCustomer,
+            ),
+            (json!({"customer_id": 5, "admin": true}), Malformed),
+            (json!({"customer_id": 5, "account_ids": "1"}), Malformed),
+            (json!([5]), Malformed),
         ] {
             let claims = json!({"aud": ["customer-v1"], "sub": "D", "cfg": cfg});
-            assert_eq!(verify(claims.clone()), Err(Unauthorized), "{claims}");
+            assert_eq!(verify(claims.clone()), Err(why), "{claims}");
         }
     }
 
@@ -479,7 +545,7 @@ mod tests {
         let t = token(json!({"aud": ["customer-v1"], "sub": 40}));
         assert_eq!(
             auth.verify(&t, &directory(), SystemTime::now()),
-            Err(Unauthorized)
+            Err(Unauthorized::NoSecret)
         );
     }
 

@@ -64,6 +64,11 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UrlLabels {
     url: String,
 }
@@ -132,6 +137,9 @@ pub struct Metrics {
     connections_refused: Family<ListenerLabels, Counter>,
     connections_evicted: Family<ListenerLabels, Counter>,
     directory_loads: Family<ResultLabels, Counter>,
+    auth_refusals: Family<ReasonLabels, Counter>,
+    /// Refusals are logged at most once a second, with how many went unlogged.
+    refusals_logged: Mutex<(Option<std::time::Instant>, u64)>,
     relay_sent: Family<UrlLabels, Counter>,
     relay_failed: Family<UrlLabels, Counter>,
     relay_retried: Family<UrlLabels, Counter>,
@@ -182,6 +190,8 @@ impl Metrics {
             connections_refused: Family::default(),
             connections_evicted: Family::default(),
             directory_loads: Family::default(),
+            auth_refusals: Family::default(),
+            refusals_logged: Mutex::new((None, 0)),
             relay_sent: Family::default(),
             relay_failed: Family::default(),
             relay_retried: Family::default(),
@@ -247,6 +257,18 @@ impl Metrics {
             "Idle connections closed to make room for a new one at max_connections",
             metrics.connections_evicted.clone(),
         );
+        registry.register(
+            "auth_refusals",
+            "Requests answered 401, by reason",
+            metrics.auth_refusals.clone(),
+        );
+        for reason in crate::auth::Unauthorized::ALL {
+            // Every reason from the start: a rate over a series that appears only with its
+            // first refusal misses that one.
+            let _ = metrics.auth_refusals.get_or_create(&ReasonLabels {
+                reason: reason.reason(),
+            });
+        }
         registry.register(
             "directory_loads",
             "Reads of the directory file, per result (ok, failed)",
@@ -462,6 +484,38 @@ impl Metrics {
             },
             oldest_ms,
         }
+    }
+
+    /// A request answered 401: counted by reason, and logged at most once a second (the
+    /// reason and the request id, never the token), so that an operator can tell a
+    /// customer why, and a flood of bad tokens cannot flood the log.
+    pub fn auth_refused(&self, why: crate::auth::Unauthorized, request_id: &str) {
+        self.auth_refusals
+            .get_or_create(&ReasonLabels {
+                reason: why.reason(),
+            })
+            .inc();
+        let mut logged = self
+            .refusals_logged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if logged
+            .0
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            logged.1 += 1;
+            return;
+        }
+        let unlogged = std::mem::take(&mut logged.1);
+        logged.0 = Some(now);
+        drop(logged);
+        tracing::info!(
+            reason = why.reason(),
+            request_id,
+            unlogged_since_last = unlogged,
+            "request refused: 401"
+        );
     }
 
     /// The gauge of the raw bytes waiting for the relay's spooler.

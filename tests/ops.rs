@@ -292,3 +292,124 @@ fn standard_process_metrics_and_the_store_size() {
     assert!(text.trim_end().ends_with("# EOF"), "one EOF, at the end");
     assert_eq!(text.matches("# EOF").count(), 1);
 }
+
+/// Issue 14: a 401 says nothing to the client, but the operator can tell why: each reason
+/// is counted, and logged (rate-limited) without the token.
+#[test]
+fn refusals_are_counted_and_logged_by_reason_never_with_the_token() {
+    let agent = TestAgent::start();
+    let refusals = |text: &str, reason: &str| {
+        metric(
+            text,
+            &format!("active_calls_agent_auth_refusals_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no series for {reason}"))
+    };
+    let before = scrape(&agent);
+    let future = unix_now() + 3600;
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("no_token", None),
+        ("malformed", Some("not-a-jwt".into())),
+        (
+            "bad_signature",
+            Some(sign_with(
+                &json!({"aud": ["customer-v1"], "sub": 5001}),
+                b"another secret",
+            )),
+        ),
+        (
+            "wrong_audience",
+            Some(sign(&json!({"aud": ["admin"], "sub": 5001}))),
+        ),
+        (
+            "expired",
+            Some(sign(
+                &json!({"aud": ["customer-v1"], "sub": 5001, "exp": 1_000_000}),
+            )),
+        ),
+        (
+            "unknown_access",
+            Some(sign(&json!({"aud": ["customer-v1"], "sub": 999_999}))),
+        ),
+        (
+            "unknown_customer",
+            Some(sign(
+                &json!({"aud": ["customer-v1"], "sub": "D", "cfg": {"customer_id": 424_242}, "exp": future}),
+            )),
+        ),
+    ];
+    for (reason, token) in &cases {
+        let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+        let headers: Vec<(&str, &str)> = token
+            .as_deref()
+            .map(|t| vec![("Authorization", t)])
+            .unwrap_or_default();
+        let reply = agent.request("GET", &target, &headers);
+        assert_eq!(reply.status, 401, "{reason}");
+        assert!(reply.body.is_empty(), "{reason}: the client learns nothing");
+    }
+    let after = scrape(&agent);
+    for (reason, _) in &cases {
+        assert_eq!(
+            refusals(&after, reason) - refusals(&before, reason),
+            1.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(refusals(&after, "no_secret"), 0.0);
+
+    // The real binary's log: the reason, never the token.
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::start(&write_process_config(dir.path(), ""));
+    let forged = sign_with(&json!({"aud": ["customer-v1"], "sub": 5001}), b"forged");
+    let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+    let reply = request(process.api, "GET", &target, &[("Authorization", &forged)]);
+    assert_eq!(reply.status, 401);
+    let line = process.wait_log("request refused: 401");
+    assert!(line.contains("reason=\"bad_signature\""), "{line}");
+    assert!(
+        !line.contains(&forged) && !line.contains(forged.split('.').nth(1).unwrap()),
+        "{line}"
+    );
+    process.kill();
+}
+
+/// `token --access-id N` for an N the directory does not have: the token is printed, and
+/// a warning says the agent would refuse it.
+#[test]
+fn a_token_for_an_unknown_access_is_printed_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_process_config(dir.path(), "");
+    let token = |id: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_active-calls-agent"))
+            .args([
+                "token",
+                "--config",
+                config.to_str().unwrap(),
+                "--access-id",
+                id,
+            ])
+            .output()
+            .unwrap()
+    };
+    let known = token("5001");
+    assert!(known.status.success());
+    assert!(
+        known.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&known.stderr)
+    );
+    let unknown = token("999999");
+    assert!(unknown.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&unknown.stdout)
+            .matches('.')
+            .count(),
+        2
+    );
+    let warning = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        warning.contains("warning: API access 999999 is not in the directory"),
+        "{warning}"
+    );
+}
