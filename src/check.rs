@@ -169,9 +169,20 @@ fn listeners(config: &Config, report: &mut Report) {
             continue;
         }
         let any_port = match address.to_socket_addrs() {
-            Ok(mut addrs) => {
-                report.ok(format!("{key} = {address}"));
-                addrs.any(|a| a.port() == 0)
+            Ok(addrs) => {
+                let addrs: Vec<_> = addrs.collect();
+                // Bound and let go at once, as serve would bind it: an address in use,
+                // or one this host does not have, is said now rather than at the start.
+                match std::net::TcpListener::bind(&addrs[..]) {
+                    Ok(_) => report.ok(format!("{key} = {address}")),
+                    // A warning: on a node whose agent runs, check comes before a restart.
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => report.warning(format!(
+                        "{key} = {address} is in use now: fine if it is this agent, running; \
+                             if another program holds it, serve would exit on it"
+                    )),
+                    Err(e) => report.error(format!("{key} = {address}: cannot listen: {e}")),
+                }
+                addrs.iter().any(|a| a.port() == 0)
             }
             Err(e) => {
                 report.error(format!("{key} = {address:?} is not an address: {e}"));

@@ -20,7 +20,8 @@ use active_calls_agent::demo::{self, DemoOptions};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// The configuration file (for `serve` when no command is given).
+    /// The configuration file, for serve (the default command), check and token; demo,
+    /// bench and soak make their own.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
 }
@@ -115,9 +116,32 @@ fn limit_malloc_arenas() {
     }
 }
 
-fn main() -> anyhow::Result<ExitCode> {
+/// An error is one line on stderr (its causes after colons), exit status 1: no
+/// backtrace, which `RUST_BACKTRACE` would add to an `anyhow` error returned from main.
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
     limit_malloc_arenas();
     let cli = Cli::parse();
+    if cli.config.is_some()
+        && matches!(
+            cli.command,
+            Some(Command::Demo { .. } | Command::Bench { .. } | Command::Soak { .. })
+        )
+    {
+        anyhow::bail!(
+            "demo, bench and soak make their own configuration: --config is not used \
+             (the demo's files go where --dir says)"
+        );
+    }
     let command = cli.command.unwrap_or(Command::Serve);
     // The configuration is read before logging starts, so that its level applies from
     // the first line.
@@ -193,7 +217,7 @@ fn main() -> anyhow::Result<ExitCode> {
         } => {
             let secret = config
                 .jwt_secret()?
-                .context("no api.jwt_secret configured")?;
+                .context("no JWT secret (api.jwt_secret or api.jwt_secret_file, not empty)")?;
             let auth = Authenticator::new(Some(&secret), Duration::from_secs(lifetime));
             let token = auth
                 .issue_for_access(access_id, SystemTime::now())

@@ -414,3 +414,37 @@ fn a_token_for_an_unknown_access_is_printed_with_a_warning() {
         "{warning}"
     );
 }
+
+/// `check` binds each listen address as serve would: one held by another program is
+/// said (a warning, since on a live node it is the agent's own), one this host does not
+/// have is an error.
+#[test]
+fn check_tries_the_listen_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let config = write_process_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"\njwt",
+        &format!("listen = \"127.0.0.1:{port}\"\njwt"),
+    );
+    std::fs::write(&config, &text).unwrap();
+    let (_, report) = check(&config);
+    assert!(
+        report.contains(&format!(
+            "warning: api.listen = 127.0.0.1:{port} is in use now"
+        )),
+        "{report}"
+    );
+    std::fs::write(
+        &config,
+        text.replace(&format!("127.0.0.1:{port}"), "192.0.2.1:8080"),
+    )
+    .unwrap();
+    let (ok, report) = check(&config);
+    assert!(
+        !ok && report.contains("error: api.listen = 192.0.2.1:8080: cannot listen"),
+        "{report}"
+    );
+    drop(held);
+}
