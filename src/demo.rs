@@ -47,12 +47,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let dir = &options.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut switch = Switch::new(unix_now() as u64);
-    let secret = format!("demo-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let scrape_token = format!(
-        "scrape-{:016x}{:016x}",
-        fastrand::u64(..),
-        fastrand::u64(..)
-    );
+    // Kept across runs, so that an earlier run's curl line still works.
+    let secret = kept_or_new(&dir.join("jwt_secret"), "demo")?;
+    let scrape_token = kept_or_new(&dir.join("scrape-tokens"), "scrape")?;
 
     let mut config = Config::default();
     config.api.listen = options.listen.clone();
@@ -74,10 +71,6 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     std::fs::write(&config.directory.path, directory_json())?;
     // An aggregator's token too, for the node-wide scrape.
     config.upstream.scrape_tokens_file = dir.join("scrape-tokens");
-    std::fs::write(
-        &config.upstream.scrape_tokens_file,
-        format!("{scrape_token}\n"),
-    )?;
     std::fs::write(
         dir.join("config.toml"),
         format!(
@@ -147,7 +140,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         crate::api::scrape::ACTIVE_CALLS
     );
     println!();
-    println!("Ctrl-C stops.");
+    println!("Ctrl-C stops. Only warnings are logged here; `active-calls-agent serve --config");
+    println!(
+        "{}` runs the same agent with every log line.",
+        dir.join("config.toml").display()
+    );
 
     let period = options.period;
     let snapshot_path = config.feed.watch.clone();
@@ -168,5 +165,27 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     let _ = tokio::signal::ctrl_c().await;
     tokio::task::spawn_blocking(move || agent.stop()).await?;
+    println!();
+    println!(
+        "demo stopped. Its files stay in {} (the next run keeps the same tokens).",
+        dir.display()
+    );
     Ok(())
+}
+
+/// The first line of `path`, or a new random `<prefix>-…` value written there.
+fn kept_or_new(path: &Path, prefix: &str) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path)
+        && let Some(kept) = text.lines().next().map(str::trim).filter(|l| !l.is_empty())
+    {
+        return Ok(kept.to_owned());
+    }
+    let value = format!(
+        "{prefix}-{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    );
+    std::fs::write(path, format!("{value}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(value)
 }

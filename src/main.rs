@@ -151,7 +151,13 @@ fn run() -> anyhow::Result<ExitCode> {
             Config::default()
         }
     };
-    let logs = active_calls_agent::logs::init(&config.log.level);
+    // The demo keeps its terminal for its curl lines: warnings only.
+    let level = if matches!(command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        config.log.level.as_str()
+    };
+    let logs = active_calls_agent::logs::init(level);
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
