@@ -90,7 +90,62 @@ pub fn check(path: &Path) -> Report {
     feed(&config, &mut report);
     relay(&config, &mut report);
     scrape_tokens(&config, &mut report);
+    paths(path, &config, &mut report);
     report
+}
+
+/// Where the packaged unit's sandbox lets the agent write, and what it hides.
+const STATE_DIR: &str = "/var/lib/active-calls-agent";
+const HIDDEN_BY_SANDBOX: [&str; 5] = ["/tmp", "/var/tmp", "/home", "/root", "/run/user"];
+
+/// Relative paths, and (for the packaged configuration, which the systemd unit runs) the
+/// paths its sandbox would keep the agent from: said before a start fails on them.
+fn paths(config_path: &Path, config: &Config, report: &mut Report) {
+    let written = [
+        ("store.path", &config.store.path),
+        ("upstream.spool_dir", &config.upstream.spool_dir),
+    ];
+    let read = [
+        ("feed.watch", &config.feed.watch),
+        ("directory.path", &config.directory.path),
+    ];
+    let relay_on = !config.upstream.clickhouse_urls.is_empty();
+    let in_use = |key: &str| key != "upstream.spool_dir" || relay_on;
+    let relative: Vec<&str> = written
+        .iter()
+        .chain(&read)
+        .filter(|(key, p)| in_use(key) && !p.as_os_str().is_empty() && p.is_relative())
+        .map(|(key, _)| *key)
+        .collect();
+    if !relative.is_empty() {
+        let here = std::env::current_dir().map_or_else(|_| "?".into(), |d| d.display().to_string());
+        report.warning(format!(
+            "{} relative: resolved against the working directory ({here} for this check; \
+             / under systemd), not the configuration file's folder",
+            relative.join(", ")
+        ));
+    }
+    if !config_path.starts_with("/etc/active-calls-agent") {
+        return;
+    }
+    for (key, path) in written {
+        if in_use(key) && !path.starts_with(STATE_DIR) {
+            report.warning(format!(
+                "{key} {}: under the packaged systemd unit only {STATE_DIR} is writable \
+                 (ProtectSystem=strict): the agent would fail to write there",
+                path.display()
+            ));
+        }
+    }
+    for (key, path) in read {
+        if let Some(hidden) = HIDDEN_BY_SANDBOX.iter().find(|h| path.starts_with(h)) {
+            report.warning(format!(
+                "{key} {}: the packaged systemd unit hides {hidden} from the agent \
+                 (PrivateTmp/ProtectHome): it would not see the file",
+                path.display()
+            ));
+        }
+    }
 }
 
 fn scrape_tokens(config: &Config, report: &mut Report) {
@@ -258,8 +313,10 @@ fn feed(config: &Config, report: &mut Report) {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         if !parent.is_dir() {
-            report.error(format!(
-                "feed.watch {}: its folder does not exist, so it cannot be watched",
+            // The verdict serve gives: it starts, and watches the folder once it appears.
+            report.warning(format!(
+                "feed.watch {}: its folder does not exist yet; the agent starts, and watches \
+                 and applies the file once the folder appears",
                 watch.display()
             ));
         } else if watch.exists() {
@@ -335,10 +392,24 @@ fn relay(config: &Config, report: &mut Report) {
     } else if existing == spool {
         report.ok(format!("upstream.spool_dir {}", spool.display()));
     } else {
-        report.ok(format!(
-            "upstream.spool_dir {}: does not exist yet; the agent will create it",
-            spool.display()
-        ));
+        // Made and taken away again: access(2) says yes to root for /proc and friends,
+        // where nothing can be made.
+        match std::fs::create_dir_all(spool) {
+            Ok(()) => {
+                for made in spool.ancestors().take_while(|p| *p != existing) {
+                    let _ = std::fs::remove_dir(made);
+                }
+                report.ok(format!(
+                    "upstream.spool_dir {}: does not exist yet; the agent will create it",
+                    spool.display()
+                ));
+            }
+            Err(e) => report.error(format!(
+                "upstream.spool_dir {}: cannot be created ({e}): the agent would start \
+                 without its relay",
+                spool.display()
+            )),
+        }
     }
 }
 
@@ -350,4 +421,61 @@ fn writable(dir: &Path) -> bool {
     };
     // SAFETY: access() reads the NUL-terminated path it is given and nothing else.
     unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report_of(config_path: &str, text: &str) -> String {
+        let config = Config::parse(text).unwrap();
+        let mut report = Report::default();
+        paths(Path::new(config_path), &config, &mut report);
+        report.to_string()
+    }
+
+    #[test]
+    fn paths_the_packaged_sandbox_cannot_reach_are_said() {
+        let packaged = "/etc/active-calls-agent/config.toml";
+        let text = report_of(
+            packaged,
+            "[store]\npath = \"/opt/calls.db\"\n[feed]\nwatch = \"/tmp/snapshot.jsonl\"\n\
+             [directory]\npath = \"/var/lib/active-calls-agent/directory.json\"\n",
+        );
+        assert!(text.contains("warning: store.path /opt/calls.db: under the packaged systemd unit only /var/lib/active-calls-agent is writable"), "{text}");
+        assert!(
+            text.contains(
+                "warning: feed.watch /tmp/snapshot.jsonl: the packaged systemd unit hides /tmp"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("directory.path /var"), "{text}");
+        // The relay's spool counts only with the relay on.
+        assert!(!text.contains("spool_dir"), "{text}");
+        // Not the packaged configuration: no sandbox to speak of.
+        let own = report_of(
+            "/srv/agent/config.toml",
+            "[store]\npath = \"/opt/calls.db\"\n",
+        );
+        assert!(
+            !own.contains("sandbox") && !own.contains("systemd unit"),
+            "{own}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_say_what_they_are_relative_to() {
+        let text = report_of("/srv/agent/config.toml", "[store]\npath = \"calls.db\"\n");
+        assert!(
+            text.contains("store.path")
+                && text.contains("relative: resolved against the working directory"),
+            "{text}"
+        );
+        let absolute = report_of(
+            "/srv/a/config.toml",
+            "[store]\npath = \"/srv/a/calls.db\"\n[feed]\nwatch = \"/srv/a/s.jsonl\"\n\
+             [directory]\npath = \"/srv/a/d.json\"\n[upstream]\nspool_dir = \"/srv/a/spool\"\n",
+        );
+        assert!(!absolute.contains("relative"), "{absolute}");
+    }
 }

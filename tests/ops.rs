@@ -7,6 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
 use common::*;
 use serde_json::json;
 
@@ -447,4 +449,34 @@ fn check_tries_the_listen_addresses() {
         "{report}"
     );
     drop(held);
+}
+
+/// `check` gives serve's verdicts: a watched file whose folder is missing is a warning
+/// (serve starts and watches it once it appears); a spool folder that cannot be made is
+/// an error (the relay would not start), even where access(2) says a root user could.
+#[test]
+fn check_says_what_serve_would_do_with_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_process_config(dir.path(), "");
+    let base = std::fs::read_to_string(&config).unwrap();
+    let missing = dir.path().join("not-yet").join("snapshot.jsonl");
+    std::fs::write(
+        &config,
+        base.replace(
+            &format!("watch = {:?}", dir.path().join("snapshot.jsonl")),
+            &format!("watch = {missing:?}"),
+        ) + "[upstream]\nclickhouse_urls = [\"http://ch:8123/\"]\nspool_dir = \"/proc/nope\"\n",
+    )
+    .unwrap();
+    let (ok, report) = check(&config);
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains("warning: feed.watch") && report.contains("does not exist yet"),
+        "{report}"
+    );
+    assert!(
+        report.contains("error: upstream.spool_dir /proc/nope: cannot be created"),
+        "{report}"
+    );
+    assert!(!Path::new("/proc/nope").exists());
 }
