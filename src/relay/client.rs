@@ -397,30 +397,17 @@ async fn send(
         inner: stream,
         progress,
     };
-    let request = (endpoint, table, token, body, len);
-    match &endpoint.https {
-        None => exchange(stream, request).await,
-        Some((name, Some(tls))) => {
-            let stream = tls
-                .connector
+    let stream: Box<dyn Connection> = match &endpoint.https {
+        None => Box::new(stream),
+        Some((name, Some(tls))) => Box::new(
+            tls.connector
                 .connect(name.clone(), stream)
                 .await
-                .map_err(|e| format!("TLS: {e}"))?;
-            exchange(stream, request).await
-        }
+                .map_err(|e| format!("TLS: {e}"))?,
+        ),
         // Settings::from_config gives every https:// URL its configuration.
-        Some((_, None)) => Err("no TLS configuration for this https:// URL".to_owned()),
-    }
-}
-
-/// The request and its answer, over a connection made (and secured) by [`send`].
-async fn exchange<S>(
-    stream: S,
-    (endpoint, table, token, body, len): (&Endpoint, &str, Option<&str>, std::fs::File, u64),
-) -> Result<Outcome, String>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+        Some((_, None)) => return Err("no TLS configuration for this https:// URL".to_owned()),
+    };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("connecting: {e}"))?;
@@ -486,6 +473,10 @@ async fn read_message(mut body: hyper::body::Incoming) -> String {
         .trim()
         .to_owned()
 }
+
+/// A connection to ClickHouse, plain or TLS: one type for the exchange over either.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection for S {}
 
 /// When an attempt last sent or received a byte.
 struct Progress {
