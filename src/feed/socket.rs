@@ -255,40 +255,43 @@ async fn receive(
         }
         held.extend_from_slice(&data);
         if held.len() >= IN_MEMORY_BYTES {
-            // Written on the blocking pool, a piece at a time: page cache, but a write.
-            let dir = spill_dir.to_owned();
             let piece = std::mem::take(&mut held);
-            let current = file.take();
-            let written = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                let mut file = match current {
-                    Some(file) => file,
-                    None => tempfile::tempfile_in(&dir)?,
-                };
-                file.write_all(&piece)?;
-                Ok(file)
-            })
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            file = Some(written.map_err(BodyError::Spill)?);
+            file = Some(spill(file.take(), spill_dir, piece, false).await?);
         }
     }
     Ok(match file {
         None => Box::new(std::io::Cursor::new(held)),
-        Some(file) => {
-            let finished = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-                let mut file = file;
-                file.write_all(&held)?;
-                file.seek(std::io::SeekFrom::Start(0))?;
-                Ok(file)
-            })
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-            Box::new(BufReader::with_capacity(
-                256 * 1024,
-                finished.map_err(BodyError::Spill)?,
-            ))
-        }
+        Some(file) => Box::new(BufReader::with_capacity(
+            256 * 1024,
+            spill(Some(file), spill_dir, held, true).await?,
+        )),
     })
+}
+
+/// Appends `piece` to a body's file (made unlinked in `dir` the first time), on the
+/// blocking pool: page cache, but a write. `rewind`: the body is whole, and its file goes
+/// back to its start for the writer to read.
+async fn spill(
+    file: Option<std::fs::File>,
+    dir: &std::path::Path,
+    piece: Vec<u8>,
+    rewind: bool,
+) -> Result<std::fs::File, BodyError> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let mut file = match file {
+            Some(file) => file,
+            None => tempfile::tempfile_in(&dir)?,
+        };
+        file.write_all(&piece)?;
+        if rewind {
+            file.seek(std::io::SeekFrom::Start(0))?;
+        }
+        Ok(file)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    .map_err(BodyError::Spill)
 }
 
 /// Refuses to unpack more than `left` bytes: a small gzip body may inflate without bound.
