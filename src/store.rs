@@ -1304,7 +1304,8 @@ impl Readers {
     }
 
     /// [`outgoing_calls`](Self::outgoing_calls), asking `admit` after each row whether the
-    /// body may be as long as it now is; `None` (and a body cut short) when it said no.
+    /// body may hold the memory it now holds (its capacity); `None` (and a body cut
+    /// short) when it said no.
     pub fn outgoing_calls_within(
         &self,
         query: &CallQuery,
@@ -1324,7 +1325,7 @@ impl Readers {
                 write_row(out, row, &ROW_KEYS, 0)?;
                 out.push(b'}');
                 count += 1;
-                if !admit(out.len() + 32) {
+                if !admit(out.capacity()) {
                     return Ok(None);
                 }
             }

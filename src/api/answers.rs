@@ -71,14 +71,6 @@ impl Answer {
         self.built().map_or("", |b| b.etag.as_str())
     }
 
-    pub fn len(&self) -> usize {
-        self.as_ref().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The body, sharing the bytes (and keeping the answer alive until it is sent).
     pub fn into_bytes(self) -> Bytes {
         Bytes::from_owner(self)
@@ -154,16 +146,17 @@ impl Answers {
         etag_of: fn(&[u8]) -> String,
     ) -> Result<Built, Failed> {
         let mut held: Option<OwnedSemaphorePermit> = None;
-        let mut units = 0usize;
         let mut body = Vec::with_capacity(4096);
         // Most answers take a few tens of microseconds: handing them to another thread
         // would cost more than the query. block_in_place lets the runtime move this
         // worker's other tasks away, so a long scan of a big account never stalls it.
         let answered = tokio::task::block_in_place(|| {
-            readers.outgoing_calls_within(query, &mut body, |len| {
-                // The Vec's capacity is what it holds: doubling may take twice the length.
-                let wanted = len.max(body_capacity_hint(len)).saturating_sub(FREE_BYTES);
-                let need = wanted.div_ceil(UNIT).min(self.units);
+            readers.outgoing_calls_within(query, &mut body, |capacity| {
+                let need = capacity
+                    .saturating_sub(FREE_BYTES)
+                    .div_ceil(UNIT)
+                    .min(self.units);
+                let units = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
                 if need <= units {
                     return true;
                 }
@@ -174,7 +167,6 @@ impl Answers {
                             Some(permit) => permit.merge(more),
                             None => held = Some(more),
                         }
-                        units = need;
                         true
                     }
                     Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => false,
@@ -193,9 +185,4 @@ impl Answers {
             _held: held,
         })
     }
-}
-
-/// The capacity a Vec growing by doubling has reached at `len`: what it really holds.
-fn body_capacity_hint(len: usize) -> usize {
-    len.next_power_of_two()
 }
