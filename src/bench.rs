@@ -279,23 +279,9 @@ impl Applied {
 
 /// The CPU seconds process `pid` has used (user and system, all threads).
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name (in parentheses, which may hold spaces): fields 3 on.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // SAFETY: sysconf only reads a system constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // utime and stime are fields 14 and 15, the 12th and 13th after the name.
-    (ticks(11) + ticks(12)) / per_second
+    crate::metrics::ProcStat::read(&pid.to_string())
+        .and_then(|stat| stat.cpu_seconds())
+        .unwrap_or(0.0)
 }
 
 /// A `/proc/<pid>/status` figure, in kB.
