@@ -268,13 +268,34 @@ fn a_stop_answers_the_request_already_begun() {
 fn standard_process_metrics_and_the_store_size() {
     let agent = TestAgent::start();
     agent.feed(SAMPLE_SNAPSHOT);
+    // The test process is the agent's process here. It may not have used one clock tick
+    // of CPU yet (a counter of 0 is then right): it works until it has, and the counter
+    // must then lie between the kernel's figures before and after the scrape.
+    let own_cpu = || {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .collect();
+        // SAFETY: sysconf only reads a system constant.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
+    };
+    let mut spin = 0u64;
+    while own_cpu() == 0.0 {
+        spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(1));
+    }
+    let cpu_before = own_cpu();
     let text = scrape(&agent);
+    let cpu_after = own_cpu();
     let value =
         |series: &str| metric(&text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
-    // The test process is the agent's process here.
     let rss = value("process_resident_memory_bytes");
     assert!(rss > 1e6 && rss < 1e10, "{rss}");
-    assert!(value("process_cpu_seconds_total") > 0.0);
+    let cpu = value("process_cpu_seconds_total");
+    assert!(
+        cpu > 0.0 && (cpu_before..=cpu_after).contains(&cpu),
+        "{cpu_before} <= {cpu} <= {cpu_after}"
+    );
     assert!(value("process_open_fds") >= 3.0);
     let started = value("process_start_time_seconds");
     let now = unix_now() as f64;
