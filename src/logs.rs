@@ -6,6 +6,7 @@
 //! timestamp of their own, the journal has one, and no colours.
 
 use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -75,5 +76,32 @@ pub fn init(level: &str) -> LogControl {
     LogControl {
         filter: handle,
         from_env,
+    }
+}
+
+/// Says "now" at most once per its interval, and counts in `pending` what happened in
+/// between (for the line that then says it): a repeated failure is logged, not flooded.
+pub struct Throttled {
+    every: Duration,
+    last: Option<Instant>,
+    pub pending: u64,
+}
+
+impl Throttled {
+    pub fn every(every: Duration) -> Throttled {
+        Throttled {
+            every,
+            last: None,
+            pending: 0,
+        }
+    }
+
+    /// Whether a line is due now; if so, the interval starts again.
+    pub fn due(&mut self) -> bool {
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.every);
+        if due {
+            self.last = Some(Instant::now());
+        }
+        due
     }
 }

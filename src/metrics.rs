@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::logs::Throttled;
 use crate::store::NodeStats;
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
@@ -139,7 +140,7 @@ pub struct Metrics {
     directory_loads: Family<ResultLabels, Counter>,
     auth_refusals: Family<ReasonLabels, Counter>,
     /// Refusals are logged at most once a second, with how many went unlogged.
-    refusals_logged: Mutex<(Option<std::time::Instant>, u64)>,
+    refusals_logged: Mutex<Throttled>,
     relay_sent: Family<UrlLabels, Counter>,
     relay_failed: Family<UrlLabels, Counter>,
     relay_retried: Family<UrlLabels, Counter>,
@@ -191,7 +192,7 @@ impl Metrics {
             connections_evicted: Family::default(),
             directory_loads: Family::default(),
             auth_refusals: Family::default(),
-            refusals_logged: Mutex::new((None, 0)),
+            refusals_logged: Mutex::new(Throttled::every(Duration::from_secs(1))),
             relay_sent: Family::default(),
             relay_failed: Family::default(),
             relay_retried: Family::default(),
@@ -499,16 +500,11 @@ impl Metrics {
             .refusals_logged
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        if logged
-            .0
-            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
-        {
-            logged.1 += 1;
+        if !logged.due() {
+            logged.pending += 1;
             return;
         }
-        let unlogged = std::mem::take(&mut logged.1);
-        logged.0 = Some(now);
+        let unlogged = std::mem::take(&mut logged.pending);
         drop(logged);
         tracing::info!(
             reason = why.reason(),

@@ -47,14 +47,16 @@ use anyhow::Context;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::config::UpstreamConfig;
+use crate::logs::Throttled;
 use crate::metrics::{Metrics, RelayMetrics};
 use client::{Endpoint, Outcome};
 use spool::{Backlog, COMPRESSED, SpoolHandle, Spooled, Spooler, URL_FILE, UrlFolder, Wake};
 
 /// The first wait after a failed attempt; it doubles up to `upstream.retry_max_ms`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// A URL that keeps failing is logged at most this often (and when it recovers).
-const LOG_EVERY: Duration = Duration::from_secs(60);
+/// A URL that keeps failing is logged at most this often (and when it recovers); so is a
+/// spool that cannot take snapshots.
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The running relay: the spooler thread and one sender task per URL.
 pub struct Relay {
@@ -175,7 +177,7 @@ impl Relay {
                 bytes: 0,
                 news,
                 metrics: url.clone(),
-                drops: Throttled::default(),
+                drops: Throttled::every(LOG_EVERY),
             };
             for entry in queue {
                 sender.add(entry);
@@ -207,7 +209,7 @@ impl Relay {
             stopping: stopping.clone(),
             backlog: backlog.clone(),
             retry_max: settings.retry_max,
-            errors: Throttled::default(),
+            errors: Throttled::every(LOG_EVERY),
         };
         let spooler = std::thread::Builder::new()
             .name("relay-spooler".into())
@@ -419,7 +421,7 @@ impl Sender {
                     let state = failing.get_or_insert_with(|| Failing {
                         since: Instant::now(),
                         attempts: 0,
-                        logged: Throttled::default(),
+                        logged: Throttled::every(LOG_EVERY),
                     });
                     state.attempts += 1;
                     let blocked = match &outcome {
@@ -596,23 +598,6 @@ struct Failing {
     since: Instant,
     attempts: u64,
     logged: Throttled,
-}
-
-/// Says "now" at most once per [`LOG_EVERY`], with what happened in between.
-#[derive(Default)]
-pub struct Throttled {
-    last: Option<Instant>,
-    pending: u64,
-}
-
-impl Throttled {
-    fn due(&mut self) -> bool {
-        let due = self.last.is_none_or(|t| t.elapsed() >= LOG_EVERY);
-        if due {
-            self.last = Some(Instant::now());
-        }
-        due
-    }
 }
 
 /// Capped exponential backoff with ±20% jitter, never above its cap.

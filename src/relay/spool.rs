@@ -48,8 +48,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc::UnboundedSender;
 use xxhash_rust::xxh3::Xxh3Default;
 
-use super::{Backoff, Throttled};
+use super::{Backoff, LOG_EVERY};
 use crate::feed::{Forward, Tee};
+use crate::logs::Throttled;
 use crate::metrics::RelayMetrics;
 
 pub const INCOMING: &str = "incoming";
@@ -222,7 +223,7 @@ impl SpoolHandle {
                 urls,
                 backlog,
                 max_backlog,
-                lost_log: std::sync::Mutex::new(Throttled::default()),
+                lost_log: std::sync::Mutex::new(Throttled::every(LOG_EVERY)),
                 last_token: std::sync::Mutex::new(
                     std::fs::read_to_string(root.join(LAST_TOKEN))
                         .map(|t| t.trim().to_owned())
@@ -830,7 +831,7 @@ mod tests {
             stopping: Arc::new(AtomicBool::new(false)),
             backlog: Arc::new(Backlog::new(0, Gauge::default())),
             retry_max: std::time::Duration::from_millis(100),
-            errors: Throttled::default(),
+            errors: Throttled::every(LOG_EVERY),
         };
         (root, spooler, news_rx, first_seq)
     }
