@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::api::answers::{Answers, Failed};
 use crate::api::ops::Health;
 use crate::auth::{AuthContext, Authenticator, ScrapeTokens};
-use crate::clock::unix_millis;
+use crate::clock::stale_cutoff_ms;
 use crate::directory::{Directory, SwapCell};
 use crate::http::{self, Body, ListenerSettings, empty, with_body};
 use crate::metrics::Metrics;
@@ -214,14 +214,6 @@ async fn authorized(
     );
     headers.insert(header::VARY, HeaderValue::from_static("Accept"));
     response
-}
-
-/// Calls of nodes whose latest snapshot was received at or before this (ms) are stale.
-fn stale_cutoff_ms(stale_after: Option<Duration>, now: SystemTime) -> i64 {
-    match stale_after {
-        Some(stale) => unix_millis(now) - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
-        None => i64::MIN,
-    }
 }
 
 /// A JSON answer; an error is never cached.

@@ -83,6 +83,15 @@ pub fn unix_millis(time: SystemTime) -> i64 {
     }
 }
 
+/// Calls of nodes whose latest snapshot was received at or before this instant (ms) are
+/// stale, for `stale_after` (`None`: never).
+pub fn stale_cutoff_ms(stale_after: Option<std::time::Duration>, now: SystemTime) -> i64 {
+    match stale_after {
+        Some(stale) => unix_millis(now) - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
+        None => i64::MIN,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -140,6 +140,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         crate::api::scrape::ACTIVE_CALLS
     );
     println!();
+    println!("The same calls from a shell, no token (the store read-only):");
+    println!();
+    println!(
+        "  active-calls-agent calls --config {} --account {account_uuid} --connect-time-null false",
+        dir.join("config.toml").display()
+    );
+    println!();
     println!("Ctrl-C stops. Only warnings are logged here; `active-calls-agent serve --config");
     println!(
         "{}` runs the same agent with every log line.",

@@ -24,6 +24,8 @@
 //! * [`auth`]: customer JWTs (header or session cookie) resolved into a customer context.
 //! * [`directory`]: the accounts and API accesses file, reloaded when it changes.
 //! * [`config`]: the TOML configuration, and [`check`], which validates it for an operator.
+//! * [`calls`]: the node's calls from a shell, read-only from the store through the
+//!   endpoint's own filters and statements.
 //! * [`metrics`]: the Prometheus metrics; [`api::ops`] serves them with `/healthz` and
 //!   `/readyz`.
 //! * [`logs`]: tracing to stderr (the journal), its level reloadable.
@@ -48,6 +50,7 @@ pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod call;
+pub mod calls;
 pub mod check;
 pub mod clock;
 pub mod config;

@@ -1,5 +1,5 @@
-//! The `active-calls-agent` command: `serve` (the default), `check`, `demo`, `bench` and
-//! `token`.
+//! The `active-calls-agent` command: `serve` (the default), `check`, `calls`, `demo`,
+//! `bench`, `soak` and `token`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,8 +20,8 @@ use active_calls_agent::demo::{self, DemoOptions};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// The configuration file, for serve (the default command), check and token; demo,
-    /// bench and soak make their own.
+    /// The configuration file, for serve (the default command), check, calls and token;
+    /// demo, bench and soak make their own.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
 }
@@ -33,6 +33,9 @@ enum Command {
     /// Validate the configuration, the secret, the directory and the store, and say what
     /// is wrong (exit status 1 if anything would keep the agent from serving).
     Check,
+    /// Print the node's current calls from the store (read-only; no token needed), with
+    /// the endpoint's filters as flags, or counts per node, customer or account.
+    Calls(active_calls_agent::calls::CallsOptions),
     /// A first run: a simulated switch, a sample directory, and a curl line to try.
     Demo {
         /// Where the demo writes its configuration, directory, snapshot and database.
@@ -146,7 +149,9 @@ fn run() -> anyhow::Result<ExitCode> {
     // The configuration is read before logging starts, so that its level applies from
     // the first line.
     let config = match command {
-        Command::Serve | Command::Token { .. } => Config::load(cli.config.as_deref())?,
+        Command::Serve | Command::Token { .. } | Command::Calls(_) => {
+            Config::load(cli.config.as_deref())?
+        }
         Command::Check | Command::Demo { .. } | Command::Bench { .. } | Command::Soak { .. } => {
             Config::default()
         }
@@ -175,6 +180,9 @@ fn run() -> anyhow::Result<ExitCode> {
             if report.has_errors() {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Calls(options) => {
+            active_calls_agent::calls::run(&config, &options, &mut std::io::stdout().lock())?
         }
         Command::Demo {
             dir,

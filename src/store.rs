@@ -1082,6 +1082,68 @@ const SCRAPE_KEYS: [&str; 5] = [
     ",\"snapshot_timestamp\":",
 ];
 
+/// Which calls a local listing (`active-calls-agent calls`) shows: every node, customer
+/// and account unless one is given, and a customer query's filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallListing {
+    pub node_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub account_id: Option<i64>,
+    pub filters: Vec<Filter>,
+    /// As in [`CallQuery`]; `i64::MIN` shows stale nodes' calls too.
+    pub stale_cutoff_ms: i64,
+}
+
+/// What a listing's counts are per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountBy {
+    Node,
+    Customer,
+    Account,
+}
+
+impl CountBy {
+    /// The identity column counted per, as a scrape row names it.
+    pub fn column(self) -> &'static str {
+        match self {
+            CountBy::Node => "node_id",
+            CountBy::Customer => "customer_id",
+            CountBy::Account => "customer_acc_id",
+        }
+    }
+
+    fn select(self) -> &'static str {
+        match self {
+            CountBy::Node => COUNT_BY_NODE,
+            CountBy::Customer => COUNT_BY_CUSTOMER,
+            CountBy::Account => COUNT_BY_ACCOUNT,
+        }
+    }
+}
+
+/// A listing's calls: a scrape's row (identity columns, then [`answer_columns`]) of every
+/// call not stale at ?1; [`build_listing`] adds its conditions and [`ORDER_CALLS`].
+const LISTED_CALLS: &str = concat!(
+    "SELECT c.node_id, c.local_tag, c.customer_id, c.customer_acc_id, ",
+    answer_columns!(),
+    " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE n.received_at_ms > ?"
+);
+/// A listing's counts, per identity column.
+macro_rules! count_calls_by {
+    ($column:literal) => {
+        concat!(
+            "SELECT c.",
+            $column,
+            ", count(*) FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE n.received_at_ms > ?"
+        )
+    };
+}
+const COUNT_BY_NODE: &str = count_calls_by!("node_id");
+const COUNT_BY_CUSTOMER: &str = count_calls_by!("customer_id");
+const COUNT_BY_ACCOUNT: &str = count_calls_by!("customer_acc_id");
+
 /// A value bound to a statement: bytes as TEXT (which may be invalid UTF-8, as a
 /// `%FF` in a query string is) or as BLOB, or an integer.
 enum Bound {
@@ -1129,7 +1191,41 @@ fn build(query: &CallQuery) -> (String, Vec<Bound>) {
         Bound::Int(query.customer_id),
         Bound::Int(query.stale_cutoff_ms),
     ];
-    for filter in &query.filters {
+    add_filters(&query.filters, &mut sql, &mut values);
+    sql += ORDER_CALLS;
+    (sql, values)
+}
+
+/// The statement of a [`CallListing`]: [`LISTED_CALLS`] (or its counts, with `by`) with
+/// the same conditions, in the same words, as a customer query's.
+fn build_listing(listing: &CallListing, by: Option<CountBy>) -> (String, Vec<Bound>) {
+    let mut sql = String::from(match by {
+        None => LISTED_CALLS,
+        Some(by) => by.select(),
+    });
+    let mut values = vec![Bound::Int(listing.stale_cutoff_ms)];
+    for (condition, value) in [
+        (" AND c.node_id = ?", listing.node_id),
+        (" AND c.customer_id = ?", listing.customer_id),
+        (" AND c.customer_acc_id = ?", listing.account_id),
+    ] {
+        if let Some(value) = value {
+            sql += condition;
+            values.push(Bound::Int(value));
+        }
+    }
+    add_filters(&listing.filters, &mut sql, &mut values);
+    sql += match by {
+        None => ORDER_CALLS,
+        // The busiest first.
+        Some(_) => " GROUP BY 1 ORDER BY 2 DESC, 1",
+    };
+    (sql, values)
+}
+
+/// Appends the conditions of `filters` (SPEC 1.2), each value bound.
+fn add_filters(filters: &[Filter], sql: &mut String, values: &mut Vec<Bound>) {
+    for filter in filters {
         match filter {
             Filter::Text {
                 column,
@@ -1139,22 +1235,22 @@ fn build(query: &CallQuery) -> (String, Vec<Bound>) {
                 let name = column.name();
                 match how {
                     TextMatch::Equals => {
-                        sql += &format!(" AND c.{name} = ?");
+                        *sql += &format!(" AND c.{name} = ?");
                         values.push(Bound::Text(needle.clone()));
                     }
                     TextMatch::StartsWith => {
-                        sql += &format!(" AND c.{name} >= ?");
+                        *sql += &format!(" AND c.{name} >= ?");
                         values.push(Bound::Text(needle.clone()));
                         if let Some(upper) = prefix_upper_bound(needle) {
-                            sql += &format!(" AND c.{name} < ?");
+                            *sql += &format!(" AND c.{name} < ?");
                             values.push(Bound::Text(upper));
                         }
                     }
                     TextMatch::EndsWith => {
                         let reversed: Vec<u8> = needle.iter().rev().copied().collect();
-                        sql += &format!(" AND c.{name}_rev >= ?");
+                        *sql += &format!(" AND c.{name}_rev >= ?");
                         if let Some(upper) = prefix_upper_bound(&reversed) {
-                            sql += &format!(" AND c.{name}_rev < ?");
+                            *sql += &format!(" AND c.{name}_rev < ?");
                             values.push(Bound::Blob(reversed));
                             values.push(Bound::Blob(upper));
                         } else {
@@ -1164,29 +1260,27 @@ fn build(query: &CallQuery) -> (String, Vec<Bound>) {
                     TextMatch::Contains => {
                         // SQLite's own lower() folds ASCII only, exactly the rule wanted;
                         // as BLOBs, instr() compares bytes, not characters.
-                        sql += &format!(" AND instr(CAST(lower(c.{name}) AS BLOB), ?) > 0");
+                        *sql += &format!(" AND instr(CAST(lower(c.{name}) AS BLOB), ?) > 0");
                         values.push(Bound::Blob(needle.to_ascii_lowercase()));
                     }
                 }
             }
             Filter::AuthOrigIp(ip) => {
-                sql += " AND c.auth_orig_ip = ?";
+                *sql += " AND c.auth_orig_ip = ?";
                 values.push(Bound::Text(ip.clone()));
             }
             Filter::AuthOrigPort(port) => {
-                sql += " AND c.auth_orig_port = ?";
+                *sql += " AND c.auth_orig_port = ?";
                 values.push(Bound::Int(i64::from(*port)));
             }
             Filter::AuthOrigTransportProtocolId(id) => {
-                sql += " AND c.auth_orig_transport_protocol_id = ?";
+                *sql += " AND c.auth_orig_transport_protocol_id = ?";
                 values.push(Bound::Int(i64::from(*id)));
             }
-            Filter::ConnectTimeNull(true) => sql += " AND c.connect_time IS NULL",
-            Filter::ConnectTimeNull(false) => sql += " AND c.connect_time IS NOT NULL",
+            Filter::ConnectTimeNull(true) => *sql += " AND c.connect_time IS NULL",
+            Filter::ConnectTimeNull(false) => *sql += " AND c.connect_time IS NOT NULL",
         }
     }
-    sql += ORDER_CALLS;
-    (sql, values)
 }
 
 /// Each node's calls and when its last snapshot came: what `/metrics` and `/readyz` show.
@@ -1218,6 +1312,10 @@ pub struct NodeGeneration {
 /// microseconds to milliseconds, a scrape (two at most) longer.
 pub struct Readers {
     path: PathBuf,
+    /// What a connection opens: `path`, or (for [`at_rest`](Self::at_rest)) its
+    /// `immutable` URI.
+    target: PathBuf,
+    flags: OpenFlags,
     idle: Mutex<Vec<Connection>>,
     /// Connections open (idle or in use), and a wake-up when one is given back.
     open: Mutex<usize>,
@@ -1232,10 +1330,43 @@ impl Readers {
     pub fn new(path: &Path) -> Readers {
         Readers {
             path: path.to_path_buf(),
+            target: path.to_path_buf(),
+            flags: OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             idle: Mutex::new(Vec::new()),
             open: Mutex::new(0),
             returned: std::sync::Condvar::new(),
         }
+    }
+
+    /// Readers of a store that no agent is writing, which a reader opens even where it
+    /// may not create the `-shm` file beside it (a group member, in the packaged state
+    /// folder, while the agent is stopped): opened `immutable`, which SQLite allows only
+    /// while nobody writes. The agent keeps its WAL file while it runs, so a store
+    /// without one is at rest.
+    pub fn at_rest(path: &Path) -> Readers {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let mut uri = b"file:".to_vec();
+        for &b in path.as_os_str().as_bytes() {
+            match b {
+                b'%' | b'?' | b'#' => uri.extend_from_slice(format!("%{b:02X}").as_bytes()),
+                _ => uri.push(b),
+            }
+        }
+        uri.extend_from_slice(b"?immutable=1");
+        Readers {
+            target: PathBuf::from(std::ffi::OsString::from_vec(uri)),
+            flags: OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+            ..Readers::new(path)
+        }
+    }
+
+    /// Whether an agent may be writing the store at `path`: its WAL file is there.
+    pub fn may_be_written(path: &Path) -> bool {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        Path::new(&wal).exists()
     }
 
     fn with_connection<T>(
@@ -1262,7 +1393,7 @@ impl Readers {
 
     /// The store's size on disk: its database file and its WAL.
     pub fn file_bytes(&self) -> u64 {
-        let mut wal = self.path.clone().into_os_string();
+        let mut wal = self.path.as_os_str().to_owned();
         wal.push("-wal");
         [self.path.as_os_str(), wal.as_os_str()]
             .iter()
@@ -1285,8 +1416,7 @@ impl Readers {
             open = self.returned.wait(open).unwrap_or_else(|e| e.into_inner());
         }
         drop(open);
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let opened = open_reader(&self.path, flags);
+        let opened = open_reader(&self.target, self.flags);
         if opened.is_err() {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             *open -= 1;
@@ -1356,14 +1486,51 @@ impl Readers {
             let mut out = Vec::with_capacity(2048);
             while let Some(r) = rows.next()? {
                 out.clear();
-                write_row(&mut out, r, &SCRAPE_KEYS, 0)?;
-                write_row(&mut out, r, &ROW_KEYS[1..], SCRAPE_KEYS.len())?;
-                out.push(b'}');
+                write_scrape_row(&mut out, r)?;
                 if !row(&out) {
                     break;
                 }
             }
             Ok(())
+        })
+    }
+
+    /// The calls of `listing`, in a customer answer's order, each given to `row` as a
+    /// scrape's JSON object (SPEC 6). Returns how many.
+    pub fn list_calls(
+        &self,
+        listing: &CallListing,
+        mut row: impl FnMut(&[u8]),
+    ) -> rusqlite::Result<usize> {
+        let (sql, values) = build_listing(listing, None);
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;
+            let (mut out, mut count) = (Vec::with_capacity(2048), 0);
+            while let Some(r) = rows.next()? {
+                out.clear();
+                write_scrape_row(&mut out, r)?;
+                row(&out);
+                count += 1;
+            }
+            Ok(count)
+        })
+    }
+
+    /// How many calls of `listing` each node, customer or account has: (its id, calls),
+    /// the most calls first.
+    pub fn count_calls(
+        &self,
+        listing: &CallListing,
+        by: CountBy,
+    ) -> rusqlite::Result<Vec<(i64, i64)>> {
+        let (sql, values) = build_listing(listing, Some(by));
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(values.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect()
         })
     }
 
@@ -1411,6 +1578,14 @@ fn current_nodes(conn: &Connection, stale_cutoff_ms: i64) -> rusqlite::Result<Ve
             })
         })?
         .collect()
+}
+
+/// Writes a row of [`SCRAPE_CALLS`] or [`LISTED_CALLS`] as a JSON object.
+fn write_scrape_row(out: &mut Vec<u8>, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+    write_row(out, row, &SCRAPE_KEYS, 0)?;
+    write_row(out, row, &ROW_KEYS[1..], SCRAPE_KEYS.len())?;
+    out.push(b'}');
+    Ok(())
 }
 
 /// Writes columns `first..` of `row`, each after its key from `keys`.

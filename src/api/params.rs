@@ -21,14 +21,18 @@ pub enum ParamError {
 }
 
 impl ParamError {
-    /// The JSON body of the 400 answer.
-    pub fn body(&self) -> String {
-        let message = match self {
+    /// The SPEC's text.
+    pub fn message(&self) -> String {
+        match self {
             ParamError::MissingAccountId => "missing required param(s) account-id".to_string(),
             ParamError::Array(name) => format!("param {name} can't be an array"),
             ParamError::Invalid(name) => format!("invalid value {name}"),
-        };
-        serde_json::json!({ "error": message }).to_string()
+        }
+    }
+
+    /// The JSON body of the 400 answer.
+    pub fn body(&self) -> String {
+        serde_json::json!({ "error": self.message() }).to_string()
     }
 }
 
@@ -216,6 +220,38 @@ fn means_false(value: &[u8]) -> bool {
     )
 }
 
+/// What a filter parameter (any but `account-id`) means, given its one value.
+fn to_filter(name: &'static str, param: Param, value: Vec<u8>) -> Result<Filter, ParamError> {
+    let invalid = ParamError::Invalid(name);
+    Ok(match param {
+        Param::AccountId => return Err(invalid),
+        Param::AuthOrigIp => Filter::AuthOrigIp(value),
+        Param::AuthOrigPort => Filter::AuthOrigPort(integer(&value).ok_or(invalid)?),
+        Param::AuthOrigTransportProtocolId => {
+            Filter::AuthOrigTransportProtocolId(integer(&value).ok_or(invalid)?)
+        }
+        Param::ConnectTimeNull => Filter::ConnectTimeNull(!means_false(&value)),
+        Param::Text(column, how) => Filter::Text {
+            column,
+            how,
+            needle: value,
+        },
+    })
+}
+
+/// The names of the endpoint's filter parameters: all but `account-id`.
+pub fn filter_names() -> impl Iterator<Item = &'static str> {
+    names().filter(|n| *n != "account-id")
+}
+
+/// The filter parameter `name` with `value`, read as the endpoint reads it (so the local
+/// `calls` command's flags mean what the query string's parameters mean); `None` when
+/// `name` is not one of [`filter_names`].
+pub fn filter(name: &str, value: Vec<u8>) -> Option<Result<Filter, ParamError>> {
+    let (name, param) = known(name.as_bytes()).filter(|(_, p)| *p != Param::AccountId)?;
+    Some(to_filter(name, param, value))
+}
+
 /// The account and filters of a query string, checked for `context` (SPEC 1.2, in its
 /// order: missing `account-id` first, then each parameter in order of first appearance).
 pub fn parse(
@@ -233,32 +269,14 @@ pub fn parse(
         let Given::Scalar(value) = value else {
             return Err(ParamError::Array(name));
         };
-        let invalid = ParamError::Invalid(name);
-        match param {
-            Param::AccountId => {
-                let found = directory
-                    .account_by_uuid(&value)
-                    .filter(|a| a.contractor_id == context.customer_id)
-                    .filter(|a| {
-                        context.account_ids.is_empty() || context.account_ids.contains(&a.id)
-                    });
-                account = Some(found.ok_or(invalid)?.id);
-            }
-            Param::AuthOrigIp => filters.push(Filter::AuthOrigIp(value)),
-            Param::AuthOrigPort => {
-                filters.push(Filter::AuthOrigPort(integer(&value).ok_or(invalid)?))
-            }
-            Param::AuthOrigTransportProtocolId => {
-                filters.push(Filter::AuthOrigTransportProtocolId(
-                    integer(&value).ok_or(invalid)?,
-                ));
-            }
-            Param::ConnectTimeNull => filters.push(Filter::ConnectTimeNull(!means_false(&value))),
-            Param::Text(column, how) => filters.push(Filter::Text {
-                column,
-                how,
-                needle: value,
-            }),
+        if param == Param::AccountId {
+            let found = directory
+                .account_by_uuid(&value)
+                .filter(|a| a.contractor_id == context.customer_id)
+                .filter(|a| context.account_ids.is_empty() || context.account_ids.contains(&a.id));
+            account = Some(found.ok_or(ParamError::Invalid(name))?.id);
+        } else {
+            filters.push(to_filter(name, param, value)?);
         }
     }
     // The loop above saw account-id (checked before it) and returned on any failure.

@@ -26,7 +26,8 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ApiState, header_value, if_none_match, json, stale_cutoff_ms};
+use super::{ApiState, header_value, if_none_match, json};
+use crate::clock::stale_cutoff_ms;
 use crate::http::{self, Body, empty, form_pairs};
 use crate::store::NodeGeneration;
 

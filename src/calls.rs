@@ -1,0 +1,414 @@
+//! `active-calls-agent calls`: the node's current calls, from a shell on the node.
+//!
+//! It opens the store read-only, as the local admin scripts do, so it needs no token and
+//! no running agent: the database file's permissions decide who may read it. It asks
+//! the store through the same statements and the same filters as the customer endpoint
+//! ([`Readers::list_calls`] shares their conditions and row writer), and each filter flag
+//! is read by the endpoint's own parameter code ([`params::filter`]): a flag means what
+//! its query-string parameter means, and no second query engine can drift from the first.
+
+use std::ffi::OsString;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::SystemTime;
+
+use anyhow::{Context, bail};
+use clap::{Arg, ArgMatches, FromArgMatches};
+
+use crate::api::params;
+use crate::clock::{stale_cutoff_ms, unix_millis};
+use crate::config::Config;
+use crate::directory::Directory;
+use crate::store::{CallListing, CountBy, Filter, Readers};
+
+/// What `calls` was asked.
+#[derive(Debug, clap::Args)]
+pub struct CallsOptions {
+    /// Only this node's calls.
+    #[arg(long, value_name = "NODE_ID")]
+    node: Option<i64>,
+    /// Only this customer's calls (its contractor id).
+    #[arg(long, value_name = "CUSTOMER_ID")]
+    customer: Option<i64>,
+    /// Only this account's calls: its id, or its uuid (looked up in the directory).
+    #[arg(long, value_name = "ID|UUID")]
+    account: Option<String>,
+    /// Print JSON for scripts: `{"data":[calls],"rows":N}`, each call as the node-wide
+    /// scrape writes it (its node, local tag, customer and account, then the endpoint's
+    /// columns).
+    #[arg(long)]
+    json: bool,
+    /// Print how many calls each node, customer or account has instead.
+    #[arg(long, value_name = "WHAT")]
+    by: Option<By>,
+    /// Also the calls of stale nodes (silent past feed.stale_after), which the endpoint
+    /// leaves out.
+    #[arg(long)]
+    include_stale: bool,
+    #[command(flatten)]
+    filters: FilterFlags,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum By {
+    Node,
+    Customer,
+    Account,
+}
+
+impl From<By> for CountBy {
+    fn from(by: By) -> CountBy {
+        match by {
+            By::Node => CountBy::Node,
+            By::Customer => CountBy::Customer,
+            By::Account => CountBy::Account,
+        }
+    }
+}
+
+/// The endpoint's filter parameters as flags (`--dst-prefix-in-starts-with 380`), made
+/// from its list of parameters rather than written out a second time.
+#[derive(Debug, Clone, Default)]
+struct FilterFlags(Vec<(&'static str, OsString)>);
+
+const FILTERS_HEADING: &str = "Filters (the endpoint's parameters, with the same meaning)";
+
+impl FromArgMatches for FilterFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(FilterFlags(
+            params::filter_names()
+                .filter_map(|name| Some((name, matches.get_one::<OsString>(name)?.clone())))
+                .collect(),
+        ))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = FilterFlags::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for FilterFlags {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        params::filter_names().fold(command, |command, name| {
+            command.arg(
+                Arg::new(name)
+                    .long(name)
+                    .value_name("VALUE")
+                    .value_parser(clap::value_parser!(OsString))
+                    // A needle or a port may start with '-'.
+                    .allow_hyphen_values(true)
+                    .help(filter_help(name))
+                    .help_heading(FILTERS_HEADING),
+            )
+        })
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        FilterFlags::augment_args(command)
+    }
+}
+
+/// One line of help for a filter flag, from its name.
+fn filter_help(name: &'static str) -> String {
+    for (suffix, how) in [
+        ("-eq", "is"),
+        ("-starts-with", "starts with"),
+        ("-ends-with", "ends with"),
+        ("-contains", "contains"),
+    ] {
+        if let Some(column) = name.strip_suffix(suffix) {
+            let case = if suffix == "-contains" {
+                " (ASCII case ignored)"
+            } else {
+                ""
+            };
+            return format!("{} {how} VALUE{case}", column.replace('-', "_"));
+        }
+    }
+    match name {
+        "connect-time-null" => "true: only calls not yet answered; false: only answered".into(),
+        _ => format!("{} is VALUE", name.replace('-', "_")),
+    }
+}
+
+/// Runs `calls` with `config`'s store (and directory, for an account's uuid), printing
+/// to `out`. A reader that stops reading (`calls | head`) is no error.
+pub fn run(config: &Config, options: &CallsOptions, out: &mut dyn Write) -> anyhow::Result<()> {
+    match list(config, options, out) {
+        Err(e)
+            if e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(())
+        }
+        done => done,
+    }
+}
+
+fn list(config: &Config, options: &CallsOptions, out: &mut dyn Write) -> anyhow::Result<()> {
+    let path = &config.store.path;
+    readable(path)?;
+    let now = SystemTime::now();
+    let listing = CallListing {
+        node_id: options.node,
+        customer_id: options.customer,
+        account_id: options
+            .account
+            .as_deref()
+            .map(|account| account_id(account, &config.directory.path))
+            .transpose()?,
+        filters: filters(&options.filters)?,
+        stale_cutoff_ms: if options.include_stale {
+            i64::MIN
+        } else {
+            stale_cutoff_ms(config.stale_after(), now)
+        },
+    };
+    let readers = if Readers::may_be_written(path) {
+        Readers::new(path)
+    } else {
+        Readers::at_rest(path)
+    };
+    let reading = || format!("reading the store {}", path.display());
+    let mut out = io::BufWriter::new(out);
+    match options.by {
+        Some(by) => {
+            let counts = readers
+                .count_calls(&listing, by.into())
+                .with_context(reading)?;
+            print_counts(&mut out, by.into(), &counts, options.json)?;
+        }
+        None if options.json => {
+            print_json(&mut out, &readers, &listing).with_context(reading)?;
+        }
+        None => {
+            print_table(&mut out, &readers, &listing).with_context(reading)?;
+        }
+    }
+    out.flush()?;
+    if !options.include_stale {
+        note_stale(&readers, listing.stale_cutoff_ms, now);
+    }
+    Ok(())
+}
+
+/// Fails with what to do when the store is missing or this user may not read it.
+fn readable(path: &Path) -> anyhow::Result<()> {
+    match std::fs::File::open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "no store at {} (store.path; on a packaged node: --config \
+             /etc/active-calls-agent/config.toml)",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => bail!(
+            "may not read the store {}: its permissions decide who may (on a packaged node: \
+             root, or a member of the active-calls-agent group)",
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("opening the store {}", path.display())),
+    }
+}
+
+/// An account given as its id, or as its uuid (found in the directory).
+fn account_id(account: &str, directory: &Path) -> anyhow::Result<i64> {
+    if let Ok(id) = account.parse::<i64>() {
+        return Ok(id);
+    }
+    if crate::directory::parse_uuid(account.as_bytes()).is_none() {
+        bail!("--account {account:?} is neither an account id nor a uuid");
+    }
+    let directory = Directory::load(directory)
+        .with_context(|| format!("looking up account {account} in the directory"))?;
+    match directory.account_by_uuid(account.as_bytes()) {
+        Some(found) => Ok(found.id),
+        None => bail!("account {account} is not in the directory"),
+    }
+}
+
+/// The flags' filters, or the endpoint's 400 message for the first bad one.
+fn filters(flags: &FilterFlags) -> anyhow::Result<Vec<Filter>> {
+    flags
+        .0
+        .iter()
+        .map(
+            |(name, value)| match params::filter(name, value.as_bytes().to_vec()) {
+                Some(Ok(filter)) => Ok(filter),
+                Some(Err(e)) => bail!(
+                    "--{name} {value:?} is not valid (the endpoint would answer 400: {})",
+                    e.message()
+                ),
+                None => bail!("--{name} is not a filter"),
+            },
+        )
+        .collect()
+}
+
+/// `{"data":[calls],"rows":N}`, written as the store reads it.
+fn print_json(
+    out: &mut dyn Write,
+    readers: &Readers,
+    listing: &CallListing,
+) -> anyhow::Result<usize> {
+    let mut failed = None;
+    let mut written = 0usize;
+    out.write_all(b"{\"data\":[")?;
+    let rows = readers.list_calls(listing, |row| {
+        if failed.is_none() {
+            let comma: &[u8] = if written > 0 { b"," } else { b"" };
+            failed = out.write_all(comma).and_then(|()| out.write_all(row)).err();
+            written += 1;
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    writeln!(out, "],\"rows\":{rows}}}")?;
+    Ok(rows)
+}
+
+/// A row of the table: which call, and what an operator looks at first.
+const TABLE_COLUMNS: [(&str, &str); 10] = [
+    ("NODE", "node_id"),
+    ("CUSTOMER", "customer_id"),
+    ("ACCOUNT", "customer_acc_id"),
+    ("START_TIME", "start_time"),
+    ("CONNECT_TIME", "connect_time"),
+    ("SRC_PREFIX_IN", "src_prefix_in"),
+    ("DST_PREFIX_IN", "dst_prefix_in"),
+    ("DST_PREFIX_ROUTING", "dst_prefix_routing"),
+    ("AUTH_ORIG", "auth_orig_ip"),
+    ("LOCAL_TAG", "local_tag"),
+];
+
+fn print_table(
+    out: &mut dyn Write,
+    readers: &Readers,
+    listing: &CallListing,
+) -> anyhow::Result<usize> {
+    let mut cells: Vec<[String; TABLE_COLUMNS.len()]> = Vec::new();
+    let mut bad = None;
+    readers.list_calls(listing, |row| match serde_json::from_slice(row) {
+        Ok(call) => cells.push(table_row(&call)),
+        Err(e) => bad = Some(e),
+    })?;
+    if let Some(e) = bad {
+        bail!("a stored call is not JSON ({e}): a bug");
+    }
+    let header = TABLE_COLUMNS.map(|(title, _)| title.to_string());
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in &cells {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&cells) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end())?;
+    }
+    writeln!(out, "{} call(s)", cells.len())?;
+    Ok(cells.len())
+}
+
+/// The table's cells of one call (a scrape's JSON object).
+fn table_row(call: &serde_json::Value) -> [String; TABLE_COLUMNS.len()] {
+    TABLE_COLUMNS.map(|(_, key)| match (key, &call[key]) {
+        ("auth_orig_ip", ip) => format!("{}:{}", text(ip), text(&call["auth_orig_port"])),
+        (_, value) => text(value),
+    })
+}
+
+/// A value as a cell: `-` for null, and a string's control characters escaped, so that
+/// what a switch sent can neither break the table nor drive the terminal.
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::String(s) if s.is_empty() => "\"\"".into(),
+        serde_json::Value::String(s) => s
+            .chars()
+            .flat_map(|c| {
+                let escaped: String = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    c.to_string()
+                };
+                escaped.chars().collect::<Vec<_>>()
+            })
+            .collect(),
+        other => other.to_string(),
+    }
+}
+
+fn print_counts(
+    out: &mut dyn Write,
+    by: CountBy,
+    counts: &[(i64, i64)],
+    json: bool,
+) -> anyhow::Result<()> {
+    let column = by.column();
+    if json {
+        let data: Vec<String> = counts
+            .iter()
+            .map(|(id, calls)| format!("{{\"{column}\":{id},\"calls\":{calls}}}"))
+            .collect();
+        writeln!(
+            out,
+            "{{\"data\":[{}],\"rows\":{}}}",
+            data.join(","),
+            counts.len()
+        )?;
+        return Ok(());
+    }
+    let title = match by {
+        CountBy::Node => "NODE",
+        CountBy::Customer => "CUSTOMER",
+        CountBy::Account => "ACCOUNT",
+    };
+    let width = counts
+        .iter()
+        .map(|(id, _)| id.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max(title.len());
+    writeln!(out, "{title:width$}  CALLS")?;
+    for (id, calls) in counts {
+        writeln!(out, "{id:<width$}  {calls}")?;
+    }
+    let total: i64 = counts.iter().map(|(_, calls)| calls).sum();
+    writeln!(out, "{total} call(s)")?;
+    Ok(())
+}
+
+/// Says on stderr which nodes were left out as stale: an empty table is then explained.
+fn note_stale(readers: &Readers, cutoff_ms: i64, now: SystemTime) {
+    let Ok(nodes) = readers.node_stats() else {
+        return;
+    };
+    let stale: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.received_at_ms <= cutoff_ms && n.calls > 0)
+        .map(|n| {
+            format!(
+                "node {} ({} call(s), last snapshot {} s ago)",
+                n.node_id,
+                n.calls,
+                (unix_millis(now) - n.received_at_ms) / 1000
+            )
+        })
+        .collect();
+    if !stale.is_empty() {
+        eprintln!(
+            "left out as stale: {}; --include-stale shows their calls",
+            stale.join(", ")
+        );
+    }
+}
