@@ -188,10 +188,10 @@ fn world_readable(file: &Path, report: &mut Report) {
 fn secret(config: &Config, report: &mut Report) {
     match config.jwt_secret() {
         Err(e) => report.error(format!("{e:#}")),
-        Ok(None) => report.error(
-            "no JWT secret (api.jwt_secret or api.jwt_secret_file, not empty): every token \
-             would get 401",
-        ),
+        Ok(None) => report.error(format!(
+            "{}: every token would get 401",
+            config.missing_secret()
+        )),
         Ok(Some(secret)) => {
             report.ok(format!("JWT secret: {} bytes", secret.len()));
             if secret.len() < 16 {

@@ -336,6 +336,18 @@ impl Config {
         Ok((!secret.is_empty()).then_some(secret))
     }
 
+    /// Why [`jwt_secret`](Self::jwt_secret) found no secret, in the configuration's own
+    /// words: an empty file is not a missing key.
+    pub fn missing_secret(&self) -> String {
+        match (&self.api.jwt_secret, &self.api.jwt_secret_file) {
+            (Some(_), _) => "api.jwt_secret is empty".into(),
+            (None, Some(file)) => format!("api.jwt_secret_file {} is empty", file.display()),
+            (None, None) => {
+                "no JWT secret: neither api.jwt_secret nor api.jwt_secret_file is set".into()
+            }
+        }
+    }
+
     /// What differs between `self` and `new` that only a restart applies (SIGHUP applies
     /// the secret, the token lifetime, the log level and the scrape tokens file, and
     /// re-reads the directory).

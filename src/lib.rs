@@ -149,7 +149,7 @@ impl Agent {
             Authenticator::new(None, Duration::ZERO)
         });
         if !auth.has_secret() {
-            tracing::warn!("no api.jwt_secret configured: every request will get 401");
+            tracing::warn!("{}: every request will get 401", config.missing_secret());
         }
 
         let metrics = Arc::new(Metrics::new());
@@ -369,7 +369,7 @@ impl Agent {
         match authenticator(config) {
             Ok(auth) => {
                 if !auth.has_secret() {
-                    tracing::warn!("no api.jwt_secret configured: every request will get 401");
+                    tracing::warn!("{}: every request will get 401", config.missing_secret());
                 }
                 self.state.auth.store(auth);
             }

@@ -231,7 +231,7 @@ fn run() -> anyhow::Result<ExitCode> {
         } => {
             let secret = config
                 .jwt_secret()?
-                .context("no JWT secret (api.jwt_secret or api.jwt_secret_file, not empty)")?;
+                .with_context(|| config.missing_secret())?;
             let auth = Authenticator::new(Some(&secret), Duration::from_secs(lifetime));
             let token = auth
                 .issue_for_access(access_id, SystemTime::now())

@@ -322,6 +322,32 @@ fn check_says_exactly_what_is_wrong() {
         "{text}"
     );
 
+    // The packaged secret file as installed, empty: said as such by check, by token and
+    // in the agent's log, not as a missing setting.
+    std::fs::write(&secret_file, "").unwrap();
+    let (ok, text) = check(&config);
+    assert!(!ok, "{text}");
+    let empty = format!("api.jwt_secret_file {} is empty", secret_file.display());
+    assert!(text.contains(&format!("error: {empty}")), "{text}");
+    let token = std::process::Command::new(env!("CARGO_BIN_EXE_active-calls-agent"))
+        .args(["token", "--access-id", "5001", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!token.status.success());
+    assert!(
+        String::from_utf8_lossy(&token.stderr).contains(&empty),
+        "{token:?}"
+    );
+    let agent = Process::start(&config);
+    let warned = format!("{empty}: every request will get 401");
+    assert!(
+        agent.start_log.iter().any(|line| line.contains(&warned)),
+        "{:?}",
+        agent.start_log
+    );
+    agent.kill();
+
     // The feed open to other hosts without credentials is an error; with them, or on
     // loopback, it is fine.
     let original = std::fs::read_to_string(&config).unwrap();

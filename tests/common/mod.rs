@@ -259,6 +259,14 @@ pub struct Process {
     pub start_log: Vec<String>,
 }
 
+/// A test that fails leaves no agent behind.
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Process {
     pub fn start(config: &Path) -> Process {
         Self::start_with_env(config, &[])
