@@ -45,6 +45,17 @@ class Failure(Exception):
     pass
 
 
+def stop_process(proc):
+    """SIGTERM, and SIGKILL if it has not exited within 30 s."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def build():
     """The release agent and the switch example, built when missing or stale."""
     agent = os.environ.get("AGENT") or os.path.join(ROOT, "target/release/active-calls-agent")
@@ -110,12 +121,7 @@ scrape_tokens_file = "{folder}/scrape-tokens"
         self.proc.wait()
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
 
     def get(self, path, token):
         if self.proc.poll() is not None:

@@ -97,8 +97,9 @@ impl clap::Args for FilterFlags {
                     .long(name)
                     .value_name("VALUE")
                     .value_parser(clap::value_parser!(OsString))
-                    // A needle or a port may start with '-'.
-                    .allow_hyphen_values(true)
+                    // `--auth-orig-port -1` is a value; a needle that starts with '-'
+                    // is written `--src-name-in-eq=-x`, and a flag is never a value.
+                    .allow_negative_numbers(true)
                     .help(filter_help(name))
                     .help_heading(FILTERS_HEADING),
             )
@@ -128,7 +129,10 @@ fn filter_help(name: &'static str) -> String {
         }
     }
     match name {
-        "connect-time-null" => "true: only calls not yet answered; false: only answered".into(),
+        "connect-time-null" => "VALUE empty, 0, f, F, false, FALSE, off or OFF: only answered \
+                                calls; anything else: only calls not yet answered (as at the \
+                                endpoint)"
+            .into(),
         _ => format!("{} is VALUE", name.replace('-', "_")),
     }
 }
@@ -154,14 +158,17 @@ fn list(config: &Config, options: &CallsOptions, out: &mut dyn Write) -> anyhow:
     let path = &config.store.path;
     readable(path)?;
     let now = SystemTime::now();
+    let (account_id, customer_id) = match options.account.as_deref() {
+        None => (None, options.customer),
+        Some(account) => {
+            let (id, owner) = account_id(account, &config.directory.path)?;
+            (Some(id), scope(account, owner, options.customer)?)
+        }
+    };
     let listing = CallListing {
         node_id: options.node,
-        customer_id: options.customer,
-        account_id: options
-            .account
-            .as_deref()
-            .map(|account| account_id(account, &config.directory.path))
-            .transpose()?,
+        customer_id,
+        account_id,
         filters: filters(&options.filters)?,
         stale_cutoff_ms: if options.include_stale {
             i64::MIN
@@ -169,32 +176,65 @@ fn list(config: &Config, options: &CallsOptions, out: &mut dyn Write) -> anyhow:
             stale_cutoff_ms(config.stale_after(), now)
         },
     };
-    let readers = if Readers::may_be_written(path) {
-        Readers::new(path)
-    } else {
-        Readers::at_rest(path)
-    };
+    let by = options.by.map(CountBy::from);
     let reading = || format!("reading the store {}", path.display());
+    let at_rest = !Readers::may_be_written(path);
+    let mut readers = if at_rest {
+        Readers::at_rest(path)
+    } else {
+        Readers::new(path)
+    };
+    let mut listed = read(&readers, &listing, by).with_context(reading)?;
+    if at_rest && Readers::may_be_written(path) {
+        // An agent started during that read, and may have changed the file under it,
+        // which an immutable reader does not see: read again, as an ordinary reader.
+        readers = Readers::new(path);
+        listed = read(&readers, &listing, by).with_context(reading)?;
+    }
     let mut out = io::BufWriter::new(out);
-    match options.by {
-        Some(by) => {
-            let counts = readers
-                .count_calls(&listing, by.into())
-                .with_context(reading)?;
-            print_counts(&mut out, by.into(), &counts, options.json)?;
-        }
-        None if options.json => {
-            print_json(&mut out, &readers, &listing).with_context(reading)?;
-        }
-        None => {
-            print_table(&mut out, &readers, &listing).with_context(reading)?;
-        }
+    match listed {
+        Listed::Counts(by, counts) => print_counts(&mut out, by, &counts, options.json)?,
+        Listed::Calls(calls) if options.json => print_json(&mut out, &calls)?,
+        Listed::Calls(calls) => print_table(&mut out, &calls)?,
     }
     out.flush()?;
     if !options.include_stale {
         note_stale(&readers, listing.stale_cutoff_ms, now);
     }
     Ok(())
+}
+
+/// What a listing read: each call as a scrape's JSON object, or the counts.
+enum Listed {
+    Calls(Vec<Vec<u8>>),
+    Counts(CountBy, Vec<(i64, i64)>),
+}
+
+/// Reads the whole listing before anything is printed: a read transaction held open
+/// while a paused terminal or pipe (`calls --json | less`) takes its time would keep the
+/// agent's checkpoints from recycling its WAL, which would grow with every snapshot.
+fn read(readers: &Readers, listing: &CallListing, by: Option<CountBy>) -> rusqlite::Result<Listed> {
+    Ok(match by {
+        Some(by) => Listed::Counts(by, readers.count_calls(listing, by)?),
+        None => {
+            let mut calls = Vec::new();
+            readers.list_calls(listing, |row| calls.push(row.to_vec()))?;
+            Listed::Calls(calls)
+        }
+    })
+}
+
+/// The customer a listing of `account` is scoped to. As the endpoint does, an account
+/// given by uuid is taken with its directory customer, so that calls the switch filed
+/// under another customer are not listed for it; `--customer` must then agree.
+fn scope(account: &str, owner: Option<i64>, customer: Option<i64>) -> anyhow::Result<Option<i64>> {
+    match (owner, customer) {
+        (Some(owner), Some(customer)) if owner != customer => bail!(
+            "account {account} is customer {owner}'s in the directory, not --customer {customer}'s"
+        ),
+        (Some(owner), _) => Ok(Some(owner)),
+        (None, customer) => Ok(customer),
+    }
 }
 
 /// Fails with what to do when the store is missing or this user may not read it.
@@ -215,10 +255,11 @@ fn readable(path: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// An account given as its id, or as its uuid (found in the directory).
-fn account_id(account: &str, directory: &Path) -> anyhow::Result<i64> {
+/// An account given as its id, or as its uuid (found in the directory, with the
+/// customer it belongs to).
+fn account_id(account: &str, directory: &Path) -> anyhow::Result<(i64, Option<i64>)> {
     if let Ok(id) = account.parse::<i64>() {
-        return Ok(id);
+        return Ok((id, None));
     }
     if crate::directory::parse_uuid(account.as_bytes()).is_none() {
         bail!("--account {account:?} is neither an account id nor a uuid");
@@ -226,7 +267,7 @@ fn account_id(account: &str, directory: &Path) -> anyhow::Result<i64> {
     let directory = Directory::load(directory)
         .with_context(|| format!("looking up account {account} in the directory"))?;
     match directory.account_by_uuid(account.as_bytes()) {
-        Some(found) => Ok(found.id),
+        Some(found) => Ok((found.id, Some(found.contractor_id))),
         None => bail!("account {account} is not in the directory"),
     }
 }
@@ -249,27 +290,16 @@ fn filters(flags: &FilterFlags) -> anyhow::Result<Vec<Filter>> {
         .collect()
 }
 
-/// `{"data":[calls],"rows":N}`, written as the store reads it.
-fn print_json(
-    out: &mut dyn Write,
-    readers: &Readers,
-    listing: &CallListing,
-) -> anyhow::Result<usize> {
-    let mut failed = None;
-    let mut written = 0usize;
+/// `{"data":[calls],"rows":N}`.
+fn print_json(out: &mut dyn Write, calls: &[Vec<u8>]) -> io::Result<()> {
     out.write_all(b"{\"data\":[")?;
-    let rows = readers.list_calls(listing, |row| {
-        if failed.is_none() {
-            let comma: &[u8] = if written > 0 { b"," } else { b"" };
-            failed = out.write_all(comma).and_then(|()| out.write_all(row)).err();
-            written += 1;
+    for (i, call) in calls.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
         }
-    })?;
-    if let Some(e) = failed {
-        return Err(e.into());
+        out.write_all(call)?;
     }
-    writeln!(out, "],\"rows\":{rows}}}")?;
-    Ok(rows)
+    writeln!(out, "],\"rows\":{}}}", calls.len())
 }
 
 /// A row of the table: which call, and what an operator looks at first.
@@ -286,20 +316,12 @@ const TABLE_COLUMNS: [(&str, &str); 10] = [
     ("LOCAL_TAG", "local_tag"),
 ];
 
-fn print_table(
-    out: &mut dyn Write,
-    readers: &Readers,
-    listing: &CallListing,
-) -> anyhow::Result<usize> {
-    let mut cells: Vec<[String; TABLE_COLUMNS.len()]> = Vec::new();
-    let mut bad = None;
-    readers.list_calls(listing, |row| match serde_json::from_slice(row) {
-        Ok(call) => cells.push(table_row(&call)),
-        Err(e) => bad = Some(e),
-    })?;
-    if let Some(e) = bad {
-        bail!("a stored call is not JSON ({e}): a bug");
-    }
+fn print_table(out: &mut dyn Write, calls: &[Vec<u8>]) -> anyhow::Result<()> {
+    let cells = calls
+        .iter()
+        .map(|call| serde_json::from_slice(call).map(|call| table_row(&call)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("a stored call is not JSON: a bug")?;
     let header = TABLE_COLUMNS.map(|(title, _)| title.to_string());
     let mut widths = header.clone().map(|h| h.chars().count());
     for row in &cells {
@@ -316,7 +338,7 @@ fn print_table(
         writeln!(out, "{}", line.join("  ").trim_end())?;
     }
     writeln!(out, "{} call(s)", cells.len())?;
-    Ok(cells.len())
+    Ok(())
 }
 
 /// The table's cells of one call (a scrape's JSON object).

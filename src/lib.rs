@@ -144,13 +144,21 @@ impl Agent {
         let relay_settings = relay::Settings::from_config(&config.upstream)?;
         // Without a secret the agent still serves (every token gets 401, /readyz says why),
         // so that the operator sees it running and its logs say why.
-        let auth = authenticator(config).unwrap_or_else(|e| {
-            tracing::error!(error = format!("{e:#}"), "no usable JWT secret");
-            Authenticator::new(None, Duration::ZERO)
-        });
-        if !auth.has_secret() {
-            tracing::warn!("{}: every request will get 401", config.missing_secret());
-        }
+        let auth = match authenticator(config) {
+            Ok(auth) => {
+                if !auth.has_secret() {
+                    tracing::warn!("{}: every request will get 401", config.missing_secret());
+                }
+                auth
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "no usable JWT secret: every request will get 401"
+                );
+                Authenticator::new(None, Duration::ZERO)
+            }
+        };
 
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());

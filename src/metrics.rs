@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::logs::Throttled;
-use crate::store::NodeStats;
+use crate::store::{NodeStats, Origin};
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -269,6 +269,18 @@ impl Metrics {
             let _ = metrics.auth_refusals.get_or_create(&ReasonLabels {
                 reason: reason.reason(),
             });
+        }
+        // Both sources' counts too, from the start: `increase()` over a counter that
+        // appears at 1 with the first rejected snapshot would not see that one, and the
+        // alert on it would stay silent.
+        for origin in [Origin::File, Origin::Socket] {
+            let source = origin.as_str();
+            for result in ["applied", "rejected"] {
+                let _ = metrics
+                    .snapshots
+                    .get_or_create(&SnapshotLabels { source, result });
+            }
+            let _ = metrics.rows_skipped.get_or_create(&SourceLabels { source });
         }
         registry.register(
             "directory_loads",

@@ -1345,7 +1345,13 @@ impl Readers {
     /// without one is at rest.
     pub fn at_rest(path: &Path) -> Readers {
         use std::os::unix::ffi::{OsStrExt, OsStringExt};
-        let mut uri = b"file:".to_vec();
+        // `file://` and an empty authority before an absolute path: else a path that
+        // starts with `//` would be read as an authority.
+        let mut uri = if path.is_absolute() {
+            b"file://".to_vec()
+        } else {
+            b"file:".to_vec()
+        };
         for &b in path.as_os_str().as_bytes() {
             match b {
                 b'%' | b'?' | b'#' => uri.extend_from_slice(format!("%{b:02X}").as_bytes()),
@@ -1364,9 +1370,7 @@ impl Readers {
 
     /// Whether an agent may be writing the store at `path`: its WAL file is there.
     pub fn may_be_written(path: &Path) -> bool {
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        Path::new(&wal).exists()
+        wal_of(path).exists()
     }
 
     fn with_connection<T>(
@@ -1393,9 +1397,7 @@ impl Readers {
 
     /// The store's size on disk: its database file and its WAL.
     pub fn file_bytes(&self) -> u64 {
-        let mut wal = self.path.as_os_str().to_owned();
-        wal.push("-wal");
-        [self.path.as_os_str(), wal.as_os_str()]
+        [self.path.clone(), wal_of(&self.path)]
             .iter()
             .filter_map(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
@@ -1568,6 +1570,13 @@ impl Readers {
     }
 }
 
+/// The WAL file beside the database at `path`.
+fn wal_of(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
 /// The nodes not stale at `stale_cutoff_ms`, by node id.
 fn current_nodes(conn: &Connection, stale_cutoff_ms: i64) -> rusqlite::Result<Vec<NodeGeneration>> {
     conn.prepare_cached(SCRAPE_NODES)?
@@ -1677,6 +1686,31 @@ fn open_reader(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_at_rest_is_read_whatever_its_path_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("a b?c%41#d;e");
+        std::fs::create_dir(&folder).unwrap();
+        let relative_dir = tempfile::tempdir_in(".").unwrap();
+        let relative = relative_dir
+            .path()
+            .strip_prefix(std::env::current_dir().unwrap())
+            .unwrap()
+            .join("calls?.db");
+        let doubled = PathBuf::from(format!("/{}", folder.join("calls.db").display()));
+        for path in [folder.join("calls#1.db"), doubled, relative] {
+            drop(Writer::open(&path).unwrap());
+            assert!(
+                !Readers::may_be_written(&path),
+                "{}: a WAL left",
+                path.display()
+            );
+            let readers = Readers::at_rest(&path);
+            assert_eq!(readers.node_stats().unwrap(), [], "{}", path.display());
+            assert!(!Readers::may_be_written(&path), "{}", path.display());
+        }
+    }
 
     #[test]
     fn readers_open_at_most_their_cap_whatever_the_demand() {

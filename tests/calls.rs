@@ -308,3 +308,67 @@ fn a_stopped_agents_store_is_read_without_a_file_written_beside_it() {
         "nothing written beside the store"
     );
 }
+
+#[test]
+fn an_account_by_uuid_is_scoped_to_its_directory_customer_as_the_endpoint_scopes_it() {
+    let agent = TestAgent::start();
+    // The switch files one of account 103's calls under customer 1001, where the
+    // directory says 1002 (an account moved to another customer, say).
+    let mut moved = None;
+    let snapshot: Vec<String> = SAMPLE_SNAPSHOT
+        .lines()
+        .map(|line| {
+            if moved.is_none() && line.contains("\"customer_acc_id\":103,") {
+                moved = Some(line.to_string());
+                line.replace("\"customer_id\":1002,", "\"customer_id\":1001,")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    assert!(moved.is_some_and(|line| line.contains("\"customer_id\":1002,")));
+    applied_report(agent.feed(&(snapshot.join("\n") + "\n")), 1);
+    let config = cli_config(&agent);
+    let answered = request(
+        agent.addr(),
+        "GET",
+        &format!("{ENDPOINT}?account-id={ACCOUNT_103}"),
+        &[("Authorization", &token_for(5002))],
+    )
+    .rows();
+    let listed: Vec<Value> = json_calls(&config, &["--account", ACCOUNT_103])
+        .into_iter()
+        .map(as_answered)
+        .collect();
+    assert_eq!(listed, answered);
+    // By its id, the account is not looked up: every call filed under it.
+    let by_id = json_calls(&config, &["--account", "103"]);
+    assert_eq!(by_id.len(), answered.len() + 1);
+    // A --customer that is not the account's is said to be wrong, not answered empty.
+    let output = calls(&config, &["--account", ACCOUNT_103, "--customer", "1001"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("is customer 1002's in the directory, not --customer 1001's"),
+        "{output:?}"
+    );
+}
+
+#[test]
+fn a_filter_flag_without_its_value_is_refused_not_fed_the_next_flag() {
+    let agent = TestAgent::start();
+    agent.feed(SAMPLE_SNAPSHOT);
+    let output = calls(&cli_config(&agent), &["--dst-prefix-in-eq", "--json"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(output.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("a value is required"),
+        "{output:?}"
+    );
+    // A needle that starts with '-' is given with '='.
+    let first = json_calls(&cli_config(&agent), &[]).remove(0);
+    let tag = first["src_name_in"].as_str().unwrap().to_string();
+    let flag = format!("--src-name-in-eq={tag}");
+    assert!(!json_calls(&cli_config(&agent), &[&flag]).is_empty());
+    assert!(json_calls(&cli_config(&agent), &["--src-name-in-eq=-x"]).is_empty());
+}

@@ -52,6 +52,18 @@ fn metrics_follow_snapshots_requests_and_reloads() {
         ),
         Some(1.0)
     );
+    // Counters an alert takes `increase()` of are there at 0 before their first event,
+    // which the alert would otherwise miss.
+    for source in ["file", "socket"] {
+        for result in ["applied", "rejected"] {
+            let series = format!(
+                "active_calls_agent_snapshots_total{{source=\"{source}\",result=\"{result}\"}}"
+            );
+            assert_eq!(metric(&text, &series), Some(0.0), "{series}");
+        }
+        let series = format!("active_calls_agent_rows_skipped_total{{source=\"{source}\"}}");
+        assert_eq!(metric(&text, &series), Some(0.0), "{series}");
+    }
 
     // The file: the sample snapshot of node 7.
     agent.feed(SAMPLE_SNAPSHOT);

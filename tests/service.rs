@@ -322,6 +322,13 @@ fn check_says_exactly_what_is_wrong() {
         "{text}"
     );
 
+    // A missing file is no "empty" one in the agent's log either.
+    let agent = Process::start(&config);
+    let log = agent.start_log.join("\n");
+    assert!(log.contains("no usable JWT secret"), "{log}");
+    assert!(!log.contains("is empty"), "{log}");
+    agent.kill();
+
     // The packaged secret file as installed, empty: said as such by check, by token and
     // in the agent's log, not as a missing setting.
     std::fs::write(&secret_file, "").unwrap();
