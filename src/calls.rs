@@ -216,11 +216,7 @@ enum Listed {
 fn read(readers: &Readers, listing: &CallListing, by: Option<CountBy>) -> rusqlite::Result<Listed> {
     Ok(match by {
         Some(by) => Listed::Counts(by, readers.count_calls(listing, by)?),
-        None => {
-            let mut calls = Vec::new();
-            readers.list_calls(listing, |row| calls.push(row.to_vec()))?;
-            Listed::Calls(calls)
-        }
+        None => Listed::Calls(readers.list_calls(listing)?),
     })
 }
 
@@ -322,14 +318,25 @@ fn print_table(out: &mut dyn Write, calls: &[Vec<u8>]) -> anyhow::Result<()> {
         .map(|call| serde_json::from_slice(call).map(|call| table_row(&call)))
         .collect::<Result<Vec<_>, _>>()
         .context("a stored call is not JSON: a bug")?;
-    let header = TABLE_COLUMNS.map(|(title, _)| title.to_string());
+    aligned(out, &TABLE_COLUMNS.map(|(title, _)| title), &cells)?;
+    writeln!(out, "{} call(s)", cells.len())?;
+    Ok(())
+}
+
+/// `header` and `rows` in columns two spaces apart, each as wide as its widest cell.
+fn aligned<const N: usize>(
+    out: &mut dyn Write,
+    header: &[&str; N],
+    rows: &[[String; N]],
+) -> io::Result<()> {
+    let header = header.map(str::to_string);
     let mut widths = header.clone().map(|h| h.chars().count());
-    for row in &cells {
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
     }
-    for row in std::iter::once(&header).chain(&cells) {
+    for row in std::iter::once(&header).chain(rows) {
         let line: Vec<String> = row
             .iter()
             .zip(widths)
@@ -337,7 +344,6 @@ fn print_table(out: &mut dyn Write, calls: &[Vec<u8>]) -> anyhow::Result<()> {
             .collect();
         writeln!(out, "{}", line.join("  ").trim_end())?;
     }
-    writeln!(out, "{} call(s)", cells.len())?;
     Ok(())
 }
 
@@ -355,17 +361,17 @@ fn text(value: &serde_json::Value) -> String {
     match value {
         serde_json::Value::Null => "-".into(),
         serde_json::Value::String(s) if s.is_empty() => "\"\"".into(),
-        serde_json::Value::String(s) => s
-            .chars()
-            .flat_map(|c| {
-                let escaped: String = if c.is_control() {
-                    c.escape_default().collect()
+        serde_json::Value::String(s) => {
+            let mut cell = String::with_capacity(s.len());
+            for c in s.chars() {
+                if c.is_control() {
+                    cell.extend(c.escape_default());
                 } else {
-                    c.to_string()
-                };
-                escaped.chars().collect::<Vec<_>>()
-            })
-            .collect(),
+                    cell.push(c);
+                }
+            }
+            cell
+        }
         other => other.to_string(),
     }
 }
@@ -390,21 +396,16 @@ fn print_counts(
         )?;
         return Ok(());
     }
-    let title = match by {
-        CountBy::Node => "NODE",
-        CountBy::Customer => "CUSTOMER",
-        CountBy::Account => "ACCOUNT",
-    };
-    let width = counts
+    // The call table's title of the column counted per.
+    let title = TABLE_COLUMNS
         .iter()
-        .map(|(id, _)| id.to_string().len())
-        .max()
-        .unwrap_or(0)
-        .max(title.len());
-    writeln!(out, "{title:width$}  CALLS")?;
-    for (id, calls) in counts {
-        writeln!(out, "{id:<width$}  {calls}")?;
-    }
+        .find(|(_, key)| *key == column)
+        .map_or(column, |(title, _)| title);
+    let rows: Vec<[String; 2]> = counts
+        .iter()
+        .map(|(id, calls)| [id.to_string(), calls.to_string()])
+        .collect();
+    aligned(out, &[title, "CALLS"], &rows)?;
     let total: i64 = counts.iter().map(|(_, calls)| calls).sum();
     writeln!(out, "{total} call(s)")?;
     Ok(())

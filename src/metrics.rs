@@ -273,7 +273,7 @@ impl Metrics {
         // Both sources' counts too, from the start: `increase()` over a counter that
         // appears at 1 with the first rejected snapshot would not see that one, and the
         // alert on it would stay silent.
-        for origin in [Origin::File, Origin::Socket] {
+        for origin in Origin::ALL {
             let source = origin.as_str();
             for result in ["applied", "rejected"] {
                 let _ = metrics

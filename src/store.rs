@@ -50,6 +50,8 @@ pub enum Origin {
 }
 
 impl Origin {
+    pub const ALL: [Origin; 2] = [Origin::File, Origin::Socket];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::File => "file",
@@ -1121,28 +1123,24 @@ impl CountBy {
     }
 }
 
-/// A listing's calls: a scrape's row (identity columns, then [`answer_columns`]) of every
-/// call not stale at ?1; [`build_listing`] adds its conditions and [`ORDER_CALLS`].
+/// What a listing reads: every call of a node not stale at ?1; [`build_listing`] adds
+/// its conditions, and [`ORDER_CALLS`] or its grouping.
+macro_rules! listed_from {
+    () => {
+        " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE n.received_at_ms > ?"
+    };
+}
+/// A listing's calls: a scrape's row (identity columns, then [`answer_columns`]).
 const LISTED_CALLS: &str = concat!(
     "SELECT c.node_id, c.local_tag, c.customer_id, c.customer_acc_id, ",
     answer_columns!(),
-    " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
-  WHERE n.received_at_ms > ?"
+    listed_from!()
 );
 /// A listing's counts, per identity column.
-macro_rules! count_calls_by {
-    ($column:literal) => {
-        concat!(
-            "SELECT c.",
-            $column,
-            ", count(*) FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
-  WHERE n.received_at_ms > ?"
-        )
-    };
-}
-const COUNT_BY_NODE: &str = count_calls_by!("node_id");
-const COUNT_BY_CUSTOMER: &str = count_calls_by!("customer_id");
-const COUNT_BY_ACCOUNT: &str = count_calls_by!("customer_acc_id");
+const COUNT_BY_NODE: &str = concat!("SELECT c.node_id, count(*)", listed_from!());
+const COUNT_BY_CUSTOMER: &str = concat!("SELECT c.customer_id, count(*)", listed_from!());
+const COUNT_BY_ACCOUNT: &str = concat!("SELECT c.customer_acc_id, count(*)", listed_from!());
 
 /// A value bound to a statement: bytes as TEXT (which may be invalid UTF-8, as a
 /// `%FF` in a query string is) or as BLOB, or an integer.
@@ -1497,25 +1495,21 @@ impl Readers {
         })
     }
 
-    /// The calls of `listing`, in a customer answer's order, each given to `row` as a
-    /// scrape's JSON object (SPEC 6). Returns how many.
-    pub fn list_calls(
-        &self,
-        listing: &CallListing,
-        mut row: impl FnMut(&[u8]),
-    ) -> rusqlite::Result<usize> {
+    /// The calls of `listing`, in a customer answer's order, each as a scrape's JSON
+    /// object (SPEC 6). All are read before any is returned, so that no read of the
+    /// store waits on whoever prints them.
+    pub fn list_calls(&self, listing: &CallListing) -> rusqlite::Result<Vec<Vec<u8>>> {
         let (sql, values) = build_listing(listing, None);
         self.with_connection(|conn| {
             let mut stmt = conn.prepare(&sql)?;
             let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;
-            let (mut out, mut count) = (Vec::with_capacity(2048), 0);
+            let mut calls = Vec::new();
             while let Some(r) = rows.next()? {
-                out.clear();
-                write_scrape_row(&mut out, r)?;
-                row(&out);
-                count += 1;
+                let mut call = Vec::with_capacity(1024);
+                write_scrape_row(&mut call, r)?;
+                calls.push(call);
             }
-            Ok(count)
+            Ok(calls)
         })
     }
 
