@@ -5,17 +5,21 @@
 -- every period; so a schema change bumps `user_version` below and the agent rebuilds the
 -- tables from scratch instead of migrating them.
 
--- One row per node that fed a snapshot: when it was received decides whether the node's
--- calls are still current (`feed.stale_after`), also across a restart.
+-- One row per node the agent has heard from (a snapshot or a call event): when it was last
+-- heard decides whether its calls are still current (`feed.stale_after`, SPEC 2.5), also
+-- across a restart.
 CREATE TABLE nodes (
     node_id             INTEGER PRIMARY KEY,
-    received_at_ms      INTEGER NOT NULL, -- unix ms the latest snapshot was received (file: its mtime)
-    snapshot_timestamp  TEXT    NOT NULL, -- 'YYYY-MM-DD hh:mm:ss' UTC, shared by the node's rows
-    source              TEXT    NOT NULL, -- 'file' or 'socket': which feed sent it
+    received_at_ms      INTEGER,          -- unix ms its latest snapshot was received (file: its mtime); NULL: none yet
+    heard_at_ms         INTEGER NOT NULL, -- unix ms its latest snapshot or call event was received
+    expires_at_ms       INTEGER NOT NULL, -- unix ms from which its calls are stale: heard_at_ms + the node's silence limit
+    snapshot_timestamp  TEXT,             -- 'YYYY-MM-DD hh:mm:ss' UTC of its latest snapshot, shared by its rows; NULL: none yet
+    period_ms           INTEGER,          -- its snapshot period, learned from consecutive snapshot_timestamps; NULL: not yet known
+    source              TEXT    NOT NULL, -- 'file' or 'socket': which feed sent its latest snapshot; 'events' before any
     changed_in          INTEGER NOT NULL  -- generation.last when what the node's calls show last changed
 ) STRICT;
 
--- A counter that grows with every snapshot applied. A node keeps the value of the last
+-- A counter that grows with every snapshot (and batch of call events) applied. A node keeps the value of the last
 -- snapshot that changed what its calls show, so the scrape's ETag (SPEC 6), a hash of the
 -- current nodes' (node_id, changed_in), changes when the scrape's answer does, and a resend
 -- of the same calls keeps it. It starts at the database's creation time in microseconds:
@@ -35,7 +39,8 @@ CREATE TABLE calls (
     customer_id                     INTEGER NOT NULL,
     customer_acc_id                 INTEGER NOT NULL,
     -- NULL: the row's snapshot_timestamp is its node's (nodes.snapshot_timestamp); kept per
-    -- row only when it differs, so an unchanged call costs no write from one snapshot to the next.
+    -- row only when it differs (a call an event started or answered: the time the agent
+    -- received that event), so an unchanged call costs no write from one snapshot to the next.
     snapshot_timestamp              TEXT,
     start_time                      TEXT    NOT NULL,
     connect_time                    TEXT,
@@ -77,12 +82,28 @@ CREATE TABLE calls (
     -- A hash of the call's snapshot line without the values a switch writes anew in every
     -- snapshot (id, snapshot_timestamp, snapshot_date, end_time): a line with the same key
     -- is the same call, unchanged, and is recognised without being parsed. NULL: no such key.
-    line_key                        INTEGER
+    line_key                        INTEGER,
+    -- NULL: the row is as a snapshot left it. Else the switch's time (unix ms) of the newest
+    -- call event that made or changed it (its start, or its answer): a snapshot dated before
+    -- this neither overrules the row nor, by leaving the call out, removes it (SPEC 2.4).
+    event_ms                        INTEGER
 ) STRICT;
 
 -- A call's identity is (node, local_tag), whatever account it is on. The index also holds
 -- what a snapshot compares, so the writer reads a node's calls from it alone.
-CREATE INDEX calls_by_node ON calls (node_id, local_tag, customer_acc_id, row_hash, key_hash, line_key, snapshot_timestamp);
+CREATE INDEX calls_by_node ON calls (node_id, local_tag, customer_acc_id, row_hash, key_hash, line_key, snapshot_timestamp, event_ms);
+
+-- Calls a "disconnected" event ended, remembered so that a snapshot dated before the end, or
+-- a buffered row of the call, does not bring it back (SPEC 2.4). Bounded: an entry goes
+-- after ten minutes, and the oldest go first past 100,000.
+CREATE TABLE ended_calls (
+    node_id      INTEGER NOT NULL,
+    local_tag    TEXT    NOT NULL,
+    ended_at_ms  INTEGER NOT NULL, -- the end the event carried (the switch's clock)
+    heard_at_ms  INTEGER NOT NULL, -- when the agent received the event (its clock): what the bound counts from
+    PRIMARY KEY (node_id, local_tag)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX ended_calls_by_age ON ended_calls (heard_at_ms);
 
 -- `-eq` and `-starts-with` are ranges over the column within one account (BINARY collation:
 -- plain byte order, so `%`, `_` and case mean nothing special); `-ends-with` is a range over
@@ -105,7 +126,7 @@ CREATE INDEX calls_dst_prefix_routing_rev ON calls (customer_acc_id, dst_prefix_
 ANALYZE sqlite_schema;
 INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', NULL, '100000'),
-    ('calls', 'calls_by_node', '100000 20000 1 1 1 1 1'),
+    ('calls', 'calls_by_node', '100000 20000 1 1 1 1 1 1'),
     ('calls', 'calls_src_name_in', '100000 1000 2'),
     ('calls', 'calls_src_prefix_in', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_in', '100000 1000 2'),
@@ -117,4 +138,4 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', 'calls_src_prefix_routing_rev', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_routing_rev', '100000 1000 2');
 
-PRAGMA user_version = 4;
+PRAGMA user_version = 5;

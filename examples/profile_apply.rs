@@ -124,7 +124,7 @@ fn main() {
                 customer_id: 1 + (account - 1) % 50,
                 account_id: account,
                 filters: filters.clone(),
-                stale_cutoff_ms: 0,
+                now_ms: 0,
             };
             let mut body = Vec::new();
             rows += readers.outgoing_calls(&query, &mut body).expect("query");

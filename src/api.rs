@@ -18,7 +18,7 @@ pub mod params;
 pub mod scrape;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::api::answers::{Answers, Failed};
 use crate::api::ops::Health;
 use crate::auth::{AuthContext, Authenticator, ScrapeTokens};
-use crate::clock::stale_cutoff_ms;
+use crate::clock::unix_millis;
 use crate::directory::{Directory, SwapCell};
 use crate::http::{self, Body, ListenerSettings, empty, with_body};
 use crate::metrics::Metrics;
@@ -58,8 +58,6 @@ pub struct ApiState {
     pub directory: Arc<SwapCell<Directory>>,
     /// Replaced whole when SIGHUP brings a new secret or token lifetime.
     pub auth: SwapCell<Authenticator>,
-    /// Calls of a node silent this long are not shown; `None`: never stale.
-    pub stale_after: Option<Duration>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// Who may scrape every call (SPEC 6); replaced whole on SIGHUP.
@@ -179,7 +177,7 @@ async fn authorized(
         customer_id: context.customer_id,
         account_id,
         filters,
-        stale_cutoff_ms: stale_cutoff_ms(state.stale_after, now),
+        now_ms: unix_millis(now),
     };
     let answer = match state
         .answers

@@ -1,5 +1,6 @@
 //! What one call is: a row as the feed reads it from a snapshot line and as the store
-//! keeps it, and the key of its line.
+//! keeps it, the key of its line, and a call event (what the switch says of one call
+//! between snapshots).
 //!
 //! Both the feed and the store work with these types; they live below both, so that the
 //! feed imports the store and the store never imports the feed.
@@ -41,6 +42,9 @@ pub struct Row<T> {
     pub auth_orig_transport_protocol_id: i64,
     pub auth_orig_ip: T,
     pub auth_orig_port: i64,
+    /// A row of a call that ended during the period (the switch's `buffering`): shown like
+    /// the others, but never the one that brings back a call an event ended.
+    pub buffered: bool,
 }
 
 /// A call borrowing its text from the line it was read from (or owning what had to be
@@ -87,6 +91,7 @@ impl<T> Row<T> {
             auth_orig_transport_protocol_id: self.auth_orig_transport_protocol_id,
             auth_orig_ip: f(self.auth_orig_ip),
             auth_orig_port: self.auth_orig_port,
+            buffered: self.buffered,
         }
     }
 }
@@ -135,5 +140,76 @@ impl LineKey<'_> {
     /// agent uses as the full parse did: only then may the key stand for the row.
     pub fn agrees_with(&self, row: &CallRow<'_>) -> bool {
         self.snapshot_timestamp == row.snapshot_timestamp.as_deref()
+    }
+}
+
+/// What a call event says happened (SPEC 2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Routed: the call is current from now on.
+    Started,
+    /// Answered: the call's `connect_time` is set.
+    Connected,
+    /// Ended: the call is gone.
+    Disconnected,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 3] = [
+        EventKind::Started,
+        EventKind::Connected,
+        EventKind::Disconnected,
+    ];
+
+    /// The event's `type`, as the switch writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Started => "started",
+            EventKind::Connected => "connected",
+            EventKind::Disconnected => "disconnected",
+        }
+    }
+
+    pub fn of(text: &str) -> Option<EventKind> {
+        EventKind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+/// One call event, checked and converted: how it crosses from the feed's listener to the
+/// writer. Its call is packed (one buffer, not thirty strings), since thousands may wait
+/// in the writer's queue while a large snapshot applies.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventKind,
+    pub node_id: i64,
+    pub local_tag: String,
+    /// The switch's time of what happened (unix ms): the start, the answer or the end.
+    pub at_ms: i64,
+    /// When the agent received it: the node was heard then, and a call it makes shows this
+    /// as its `snapshot_timestamp`.
+    pub received_at: std::time::SystemTime,
+    /// The same instant on the monotonic clock, for the event-to-visible latency.
+    pub received: std::time::Instant,
+    /// The call as the event describes it (`started` and `connected`; `None` for
+    /// `disconnected`, which needs only the key).
+    pub call: Option<PackedCall>,
+}
+
+/// A call row that owns its text in one buffer.
+#[derive(Debug, Clone)]
+pub struct PackedCall {
+    text: String,
+    row: PackedRow,
+}
+
+impl PackedCall {
+    pub fn new(row: CallRow<'_>) -> PackedCall {
+        let mut text = String::new();
+        let row = row.pack(&mut text);
+        PackedCall { text, row }
+    }
+
+    pub fn row(&self) -> CallRow<'_> {
+        self.row.unpack(&self.text)
     }
 }

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use clap::{Arg, ArgMatches, FromArgMatches};
 
 use crate::api::params;
-use crate::clock::{stale_cutoff_ms, unix_millis};
+use crate::clock::unix_millis;
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::store::{CallListing, CountBy, Filter, Readers};
@@ -170,10 +170,10 @@ fn list(config: &Config, options: &CallsOptions, out: &mut dyn Write) -> anyhow:
         customer_id,
         account_id,
         filters: filters(&options.filters)?,
-        stale_cutoff_ms: if options.include_stale {
+        now_ms: if options.include_stale {
             i64::MIN
         } else {
-            stale_cutoff_ms(config.stale_after(), now)
+            unix_millis(now)
         },
     };
     let by = options.by.map(CountBy::from);
@@ -193,13 +193,15 @@ fn list(config: &Config, options: &CallsOptions, out: &mut dyn Write) -> anyhow:
     }
     let mut out = io::BufWriter::new(out);
     match listed {
-        Listed::Counts(by, counts) => print_counts(&mut out, by, &counts, options.json)?,
+        Listed::Counts(by, counts, periods) => {
+            print_counts(&mut out, by, &counts, &periods, options.json)?
+        }
         Listed::Calls(calls) if options.json => print_json(&mut out, &calls)?,
         Listed::Calls(calls) => print_table(&mut out, &calls)?,
     }
     out.flush()?;
     if !options.include_stale {
-        note_stale(&readers, listing.stale_cutoff_ms, now);
+        note_stale(&readers, unix_millis(now));
     }
     Ok(())
 }
@@ -207,7 +209,8 @@ fn list(config: &Config, options: &CallsOptions, out: &mut dyn Write) -> anyhow:
 /// What a listing read: each call as a scrape's JSON object, or the counts.
 enum Listed {
     Calls(Vec<Vec<u8>>),
-    Counts(CountBy, Vec<(i64, i64)>),
+    /// The counts, and with them per node each node's learned period (`None`: unknown).
+    Counts(CountBy, Vec<(i64, i64)>, Vec<(i64, Option<i64>)>),
 }
 
 /// Reads the whole listing before anything is printed: a read transaction held open
@@ -215,7 +218,17 @@ enum Listed {
 /// agent's checkpoints from recycling its WAL, which would grow with every snapshot.
 fn read(readers: &Readers, listing: &CallListing, by: Option<CountBy>) -> rusqlite::Result<Listed> {
     Ok(match by {
-        Some(by) => Listed::Counts(by, readers.count_calls(listing, by)?),
+        Some(by) => {
+            let periods = match by {
+                CountBy::Node => readers
+                    .node_stats()?
+                    .into_iter()
+                    .map(|n| (n.node_id, n.period_ms))
+                    .collect(),
+                CountBy::Customer | CountBy::Account => Vec::new(),
+            };
+            Listed::Counts(by, readers.count_calls(listing, by)?, periods)
+        }
         None => Listed::Calls(readers.list_calls(listing)?),
     })
 }
@@ -380,13 +393,30 @@ fn print_counts(
     out: &mut dyn Write,
     by: CountBy,
     counts: &[(i64, i64)],
+    periods: &[(i64, Option<i64>)],
     json: bool,
 ) -> anyhow::Result<()> {
     let column = by.column();
+    // Per node, its learned snapshot period (SPEC 2.5), in seconds.
+    let period = |id: &i64| {
+        (by == CountBy::Node).then(|| {
+            periods
+                .iter()
+                .find(|(node, _)| node == id)
+                .and_then(|(_, ms)| *ms)
+                .map(|ms| ms as f64 / 1000.0)
+        })
+    };
     if json {
         let data: Vec<String> = counts
             .iter()
-            .map(|(id, calls)| format!("{{\"{column}\":{id},\"calls\":{calls}}}"))
+            .map(|(id, calls)| match period(id) {
+                None => format!("{{\"{column}\":{id},\"calls\":{calls}}}"),
+                Some(seconds) => format!(
+                    "{{\"{column}\":{id},\"calls\":{calls},\"period\":{}}}",
+                    seconds.map_or("null".into(), |s| s.to_string())
+                ),
+            })
             .collect();
         writeln!(
             out,
@@ -401,30 +431,42 @@ fn print_counts(
         .iter()
         .find(|(_, key)| *key == column)
         .map_or(column, |(title, _)| title);
-    let rows: Vec<[String; 2]> = counts
-        .iter()
-        .map(|(id, calls)| [id.to_string(), calls.to_string()])
-        .collect();
-    aligned(out, &[title, "CALLS"], &rows)?;
+    if by == CountBy::Node {
+        let rows: Vec<[String; 3]> = counts
+            .iter()
+            .map(|(id, calls)| {
+                let seconds = period(id).flatten();
+                let period = seconds.map_or("-".into(), |s| format!("{s} s"));
+                [id.to_string(), calls.to_string(), period]
+            })
+            .collect();
+        aligned(out, &[title, "CALLS", "PERIOD"], &rows)?;
+    } else {
+        let rows: Vec<[String; 2]> = counts
+            .iter()
+            .map(|(id, calls)| [id.to_string(), calls.to_string()])
+            .collect();
+        aligned(out, &[title, "CALLS"], &rows)?;
+    }
     let total: i64 = counts.iter().map(|(_, calls)| calls).sum();
     writeln!(out, "{total} call(s)")?;
     Ok(())
 }
 
 /// Says on stderr which nodes were left out as stale: an empty table is then explained.
-fn note_stale(readers: &Readers, cutoff_ms: i64, now: SystemTime) {
+fn note_stale(readers: &Readers, now_ms: i64) {
     let Ok(nodes) = readers.node_stats() else {
         return;
     };
     let stale: Vec<String> = nodes
         .iter()
-        .filter(|n| n.received_at_ms <= cutoff_ms && n.calls > 0)
+        .filter(|n| n.expires_at_ms <= now_ms && n.calls > 0)
         .map(|n| {
             format!(
-                "node {} ({} call(s), last snapshot {} s ago)",
+                "node {} ({} call(s), last heard {} s ago)",
                 n.node_id,
                 n.calls,
-                (unix_millis(now) - n.received_at_ms) / 1000
+                (now_ms - n.heard_at_ms) / 1000
             )
         })
         .collect();

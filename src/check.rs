@@ -18,7 +18,7 @@ use rusqlite::OpenFlags;
 
 use crate::config::Config;
 use crate::directory::Directory;
-use crate::store::SCHEMA_VERSION;
+use crate::store::{AUTO_MARGIN, AUTO_UNKNOWN, SCHEMA_VERSION, Staleness};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Level {
@@ -331,8 +331,23 @@ fn feed(config: &Config, report: &mut Report) {
     if watch.as_os_str().is_empty() && config.feed.listen.is_empty() {
         report.warning("feed.watch and feed.listen are both off: no snapshot can arrive");
     }
-    if config.feed.stale_after == 0 {
-        report.warning("feed.stale_after = 0: calls of a silent node never expire");
+    let stale_after = config.feed.stale_after;
+    match config.staleness() {
+        Staleness::Never => report.warning(format!(
+            "feed.stale_after = {stale_after}: calls of a silent node never expire"
+        )),
+        Staleness::After(silence) => report.ok(format!(
+            "feed.stale_after = {stale_after}: a node silent for {} s has no calls, whatever its \
+             period (\"auto\" follows each node's own)",
+            silence.as_secs()
+        )),
+        Staleness::Auto => report.ok(format!(
+            "feed.stale_after = {stale_after}: a node silent for more than two of its snapshot \
+             periods plus {} s has no calls (the switch sends nothing when it has none); {} s \
+             until its period is learned from two snapshots",
+            AUTO_MARGIN.as_secs(),
+            AUTO_UNKNOWN.as_secs()
+        )),
     }
 }
 

@@ -83,13 +83,24 @@ pub fn unix_millis(time: SystemTime) -> i64 {
     }
 }
 
-/// Calls of nodes whose latest snapshot was received at or before this instant (ms) are
-/// stale, for `stale_after` (`None`: never).
-pub fn stale_cutoff_ms(stale_after: Option<std::time::Duration>, now: SystemTime) -> i64 {
-    match stale_after {
-        Some(stale) => unix_millis(now) - i64::try_from(stale.as_millis()).unwrap_or(i64::MAX),
-        None => i64::MIN,
+/// The unix seconds of a `YYYY-MM-DD hh:mm:ss` UTC text ([`is_datetime`] form), the inverse
+/// of [`format_datetime`]: how a snapshot's date is compared with an event's instant.
+pub fn parse_datetime(text: &str) -> Option<i64> {
+    if !is_datetime(text) {
+        return None;
     }
+    let b = text.as_bytes();
+    let field = |range: std::ops::Range<usize>| number(&b[range]).map(i64::from);
+    let (year, month, day) = (field(0..4)?, field(5..7)?, field(8..10)?);
+    let (hour, minute, second) = (field(11..13)?, field(14..16)?, field(17..19)?);
+    // Days from civil (H. Hinnant), with March as the first month of a year.
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let doy = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
 #[cfg(test)]
@@ -106,5 +117,10 @@ mod tests {
         assert!(!is_datetime("2023-01-01 24:00:00"));
         assert!(is_date("2024-02-29") && !is_date("2023-02-29") && !is_date("2023-1-01"));
         assert!(!is_datetime("2023-01-01 00:00:0\u{e9}"));
+        for seconds in [0, 951_782_400, 1_764_081_005, 4_102_444_799, -86_401] {
+            assert_eq!(parse_datetime(&format_datetime(seconds)), Some(seconds));
+        }
+        assert_eq!(parse_datetime("2025-11-25 14:30:05"), Some(1_764_081_005));
+        assert_eq!(parse_datetime("2025-02-30 00:00:00"), None);
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::store::Staleness;
+
 /// The longest `api.token_lifetime` (100 years): a cookie's `expires` must stay a date.
 pub const MAX_TOKEN_LIFETIME: u64 = 100 * 365 * 24 * 3600;
 
@@ -57,8 +59,8 @@ pub struct FeedConfig {
     pub watch: PathBuf,
     /// The ClickHouse-compatible socket source; empty turns it off.
     pub listen: String,
-    /// Seconds of silence after which a node has no calls; 0 = never expire.
-    pub stale_after: u64,
+    /// When a silent node has no calls: "auto" (its learned period) or seconds.
+    pub stale_after: StaleAfter,
     /// Credentials the socket source requires (both empty: none), as ClickHouse clients
     /// send them.
     pub user: String,
@@ -67,6 +69,55 @@ pub struct FeedConfig {
     pub max_body_bytes: u64,
     /// Connections the socket source holds at most (a switch needs one or two).
     pub max_connections: usize,
+    /// Call events that may wait for the writer; past it, `POST /events` answers 503.
+    pub max_queued_events: usize,
+}
+
+/// `feed.stale_after` (SPEC 2.5): `"auto"`, or seconds of silence (0: never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StaleAfter {
+    /// More than two of the node's learned periods plus 5 s (180 s until it is known).
+    #[default]
+    Auto,
+    Seconds(u64),
+}
+
+impl std::fmt::Display for StaleAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StaleAfter::Auto => f.write_str("\"auto\""),
+            StaleAfter::Seconds(seconds) => write!(f, "{seconds}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StaleAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StaleAfter, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = StaleAfter;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"auto\" or a number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<StaleAfter, E> {
+                Ok(StaleAfter::Seconds(seconds))
+            }
+            fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<StaleAfter, E> {
+                u64::try_from(seconds)
+                    .map(StaleAfter::Seconds)
+                    .map_err(|_| E::custom("feed.stale_after: seconds cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<StaleAfter, E> {
+                match text {
+                    "auto" => Ok(StaleAfter::Auto),
+                    _ => Err(E::custom(
+                        "feed.stale_after: \"auto\" or a number of seconds",
+                    )),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `[directory]`: the accounts and API accesses file (SPEC 3).
@@ -158,6 +209,7 @@ impl std::fmt::Debug for FeedConfig {
             .field("password", &hidden(&self.password))
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_connections", &self.max_connections)
+            .field("max_queued_events", &self.max_queued_events)
             .finish()
     }
 }
@@ -267,11 +319,12 @@ impl Default for FeedConfig {
         FeedConfig {
             watch: "data/snapshot.jsonl".into(),
             listen: "127.0.0.1:8124".into(),
-            stale_after: 180,
+            stale_after: StaleAfter::Auto,
             user: String::new(),
             password: String::new(),
             max_body_bytes: 1 << 30,
             max_connections: 64,
+            max_queued_events: crate::feed::writer::MAX_QUEUED_EVENTS,
         }
     }
 }
@@ -310,6 +363,9 @@ impl Config {
         crate::logs::parse_filter(&config.log.level).context("in log.level")?;
         if config.api.max_connections == 0 || config.feed.max_connections == 0 {
             bail!("api.max_connections and feed.max_connections must be at least 1");
+        }
+        if config.feed.max_queued_events == 0 {
+            bail!("feed.max_queued_events must be at least 1");
         }
         Ok(config)
     }
@@ -418,9 +474,13 @@ impl Config {
         (!path.as_os_str().is_empty()).then_some(path.as_path())
     }
 
-    /// `feed.stale_after` as a duration, `None` when silence never expires.
-    pub fn stale_after(&self) -> Option<Duration> {
-        (self.feed.stale_after > 0).then(|| Duration::from_secs(self.feed.stale_after))
+    /// `feed.stale_after` as the store applies it.
+    pub fn staleness(&self) -> Staleness {
+        match self.feed.stale_after {
+            StaleAfter::Auto => Staleness::Auto,
+            StaleAfter::Seconds(0) => Staleness::Never,
+            StaleAfter::Seconds(seconds) => Staleness::After(Duration::from_secs(seconds)),
+        }
     }
 
     /// Why the socket source is open to other hosts without credentials, when it is: then
@@ -478,7 +538,8 @@ mod tests {
     fn every_key_has_a_default() {
         let config = Config::parse("").unwrap();
         assert_eq!(config.api.listen, "127.0.0.1:8080");
-        assert_eq!(config.feed.stale_after, 180);
+        assert_eq!(config.feed.stale_after, StaleAfter::Auto);
+        assert_eq!(config.staleness(), Staleness::Auto);
         assert_eq!(config.store.path, Path::new("data/active-calls.db"));
         assert!(config.jwt_secret().unwrap().is_none());
     }
@@ -487,6 +548,24 @@ mod tests {
     fn a_typo_is_an_error_not_a_default() {
         let err = Config::parse("[feed]\nstale_afer = 5\n").unwrap_err();
         assert!(format!("{err:#}").contains("stale_afer"), "{err:#}");
+    }
+
+    #[test]
+    fn stale_after_is_auto_or_seconds() {
+        let staleness = |text: &str| Config::parse(&format!("[feed]\nstale_after = {text}\n"));
+        assert_eq!(staleness("\"auto\"").unwrap().staleness(), Staleness::Auto);
+        assert_eq!(
+            staleness("60").unwrap().staleness(),
+            Staleness::After(Duration::from_secs(60))
+        );
+        assert_eq!(staleness("0").unwrap().staleness(), Staleness::Never);
+        for bad in ["-1", "\"soon\"", "1.5", "\"60\""] {
+            let err = format!("{:#}", staleness(bad).unwrap_err());
+            assert!(
+                err.contains("stale_after") || err.contains("auto"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -535,7 +614,7 @@ mod tests {
         new.api.jwt_secret = Some("s".into());
         new.log.level = "debug".into();
         assert!(old.needs_restart(&new).is_empty());
-        new.feed.stale_after = 5;
+        new.feed.stale_after = StaleAfter::Seconds(5);
         new.metrics.listen = "127.0.0.1:0".into();
         new.api.max_connections = 10;
         assert_eq!(

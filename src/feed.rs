@@ -24,6 +24,7 @@ use crate::call::{CallRow, LineKey, PackedRow};
 use crate::clock::{format_datetime, is_datetime};
 use crate::store::{Origin, Writer};
 
+pub mod event;
 pub mod key;
 pub mod socket;
 pub mod writer;
@@ -72,8 +73,9 @@ pub struct ApplyReport {
 }
 
 /// The raw values of the keys the agent reads; every other key is skipped unparsed.
-/// A JSON `null` and an absent key are both `None`.
-#[derive(Deserialize)]
+/// A JSON `null` and an absent key are both `None`. A call event's `data.routing` has the
+/// same keys, so [`event`] reads it as one too.
+#[derive(Deserialize, Default)]
 struct RawRow<'a> {
     #[serde(borrow)]
     node_id: Option<&'a RawValue>,
@@ -140,9 +142,12 @@ struct RawRow<'a> {
     auth_orig_ip: Option<&'a RawValue>,
     #[serde(borrow)]
     auth_orig_port: Option<&'a RawValue>,
+    #[serde(borrow)]
+    buffered: Option<&'a RawValue>,
 }
 
 /// A value that did not convert: the key, for the skip reason.
+#[derive(Debug)]
 struct BadValue(&'static str);
 
 /// Reads one line of a snapshot. `Err` means the line is not a JSON object, which makes
@@ -296,6 +301,10 @@ fn convert<'a>(raw: &RawRow<'a>) -> Result<CallRow<'a>, BadValue> {
         )?,
         auth_orig_ip: string(raw.auth_orig_ip, "auth_orig_ip")?,
         auth_orig_port: int(raw.auth_orig_port, "auth_orig_port")?,
+        // Lenient: a flag the agent only uses to keep an ended call ended.
+        buffered: raw
+            .buffered
+            .is_some_and(|v| matches!(v.get(), "true" | "1" | "\"true\"" | "\"1\"")),
     })
 }
 

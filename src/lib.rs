@@ -2,10 +2,10 @@
 //! `GET /api/rest/customer/v1/outgoing-active-calls` from the switch node itself.
 //!
 //! ```text
-//! switch ──snapshot file (inotify)──┐
-//! switch ──HTTP POST (ClickHouse-ish)┴→ feed ──one write txn──→ store (SQLite, WAL)
-//!                                                                    │ read pool
-//! customer ──GET …/outgoing-active-calls──→ api ──auth, params─────┘ → JSON
+//! switch ──snapshot file (inotify)──────┐
+//! switch ──HTTP POST (ClickHouse-ish)────┤→ feed ──one write txn──→ store (SQLite, WAL)
+//! switch ──HTTP POST /events (per call)──┘                              │ read pool
+//! customer ──GET …/outgoing-active-calls──→ api ──auth, params──────────┘ → JSON
 //!                            feed ──each committed snapshot──→ relay ──spool──→ ClickHouse
 //! ```
 //!
@@ -13,11 +13,13 @@
 //!
 //! * [`feed`]: reads a snapshot (newline-delimited JSON rows, as the switch writes them)
 //!   as a stream and applies it through the store's writer; [`feed::writer`] is the one
-//!   thread that writes, [`feed::socket`] the ClickHouse-compatible HTTP receiver.
+//!   thread that writes, [`feed::socket`] the ClickHouse-compatible HTTP receiver, which
+//!   also takes the switch's call events ([`feed::event`]) between snapshots.
 //! * [`store`]: the SQLite database of `schema.sql`; one [`store::Writer`] that applies a
-//!   snapshot as one transaction writing only what changed, and [`store::Readers`] that
-//!   answer customer queries through prefix indexes.
-//! * [`call`]: one call, as the feed reads it and the store keeps it.
+//!   snapshot (or a run of call events) as one transaction writing only what changed,
+//!   reconciling the two call by call, and [`store::Readers`] that answer customer
+//!   queries through prefix indexes.
+//! * [`call`]: one call, as the feed reads it and the store keeps it, and a call event.
 //! * [`clock`]: the UTC date-time text and the unix milliseconds the others share.
 //! * [`api`]: the HTTP endpoint on hyper, with the exact answers of the central API, and
 //!   [`api::scrape`], every call of the node streamed to an aggregator.
@@ -39,7 +41,7 @@
 //!   [`soak`], a bounded run under load that checks every answer.
 //!
 //! [`Agent`] wires them together: one writer thread owns the write connection and applies
-//! snapshot files, posted snapshots and expiry in turn; the file watcher and the socket
+//! snapshot files, posted snapshots, call events and expiry in turn; the file watcher and the socket
 //! source feed it, and the API serves from the read pool. Readers never wait for the
 //! writer (WAL), and never see half a snapshot. [`serve`] runs an [`Agent`] as a systemd
 //! service: readiness and watchdog notifications, SIGHUP reloads, a graceful SIGTERM.
@@ -162,11 +164,13 @@ impl Agent {
 
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
-        let store = Writer::open(&config.store.path)?;
+        let mut store = Writer::open(&config.store.path)?;
+        store
+            .set_staleness(config.staleness())
+            .context("setting the nodes' expiry from feed.stale_after")?;
         let readers = Arc::new(Readers::new(&config.store.path));
         let watch_path =
             (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
-        let stale_after = config.stale_after();
         // Before the writer: the snapshot file it applies first is relayed too. A relay
         // that cannot start (its spool cannot be made: a full disk, permissions) must not
         // keep the customer API down: the agent runs without it, and says so (an error
@@ -188,7 +192,7 @@ impl Agent {
         let writer = WriterThread::spawn(
             store,
             watch_path.clone(),
-            stale_after,
+            config.feed.max_queued_events,
             metrics.clone(),
             health.writer_running.clone(),
             relay
@@ -280,7 +284,6 @@ impl Agent {
             readers,
             directory,
             auth: SwapCell::new(auth),
-            stale_after,
             metrics,
             health,
             scrape_tokens: SwapCell::new(scrape_tokens(config)),

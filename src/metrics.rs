@@ -19,8 +19,42 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::call::EventKind;
 use crate::logs::Throttled;
 use crate::store::{NodeStats, Origin};
+
+/// What came of a posted call event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// Checked and queued for the writer (200).
+    Queued,
+    /// A type the agent does not know (200).
+    Ignored,
+    /// Not an event (400).
+    Invalid,
+    /// The queue was full (503).
+    Overloaded,
+}
+
+impl EventOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventOutcome::Queued => "queued",
+            EventOutcome::Ignored => "ignored",
+            EventOutcome::Invalid => "invalid",
+            EventOutcome::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// The event series that exist from the start, at 0: every known type with each outcome
+/// it can have, and the unknown ones (`other`).
+const EVENT_SERIES: [(&str, &[&str]); 4] = [
+    ("started", &["queued", "invalid", "overloaded"]),
+    ("connected", &["queued", "invalid", "overloaded"]),
+    ("disconnected", &["queued", "invalid", "overloaded"]),
+    ("other", &["ignored", "invalid"]),
+];
 
 /// The `Content-Type` of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -34,6 +68,12 @@ struct NodeLabels {
 struct SnapshotLabels {
     source: &'static str,
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    r#type: &'static str,
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -129,6 +169,9 @@ pub struct Metrics {
     scrape: Mutex<()>,
     node_calls: Family<NodeLabels, Gauge>,
     snapshot_age: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    node_period: Family<NodeLabels, Gauge<f64, AtomicU64>>,
+    events: Family<EventLabels, Counter>,
+    event_visible: Histogram,
     snapshots: Family<SnapshotLabels, Counter>,
     rows_skipped: Family<SourceLabels, Counter>,
     apply_duration: Family<SourceLabels, Histogram>,
@@ -175,6 +218,11 @@ impl Metrics {
             scrape: Mutex::new(()),
             node_calls: Family::default(),
             snapshot_age: Family::default(),
+            node_period: Family::default(),
+            events: Family::default(),
+            // 100 µs to ~13 s: a batch committed at once, to events queued behind the apply
+            // of a large snapshot on a loaded host.
+            event_visible: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
             snapshots: Family::default(),
             rows_skipped: Family::default(),
             // 1 ms to ~65 s: a small node's apply to a huge snapshot on a loaded host.
@@ -216,10 +264,37 @@ impl Metrics {
             Unit::Seconds,
             metrics.snapshot_age.clone(),
         );
+        registry.register_with_unit(
+            "node_period",
+            "Each node's snapshot period, learned from its consecutive snapshot_timestamps \
+             (feed.stale_after = \"auto\" empties a node silent for two of them plus 5 s)",
+            Unit::Seconds,
+            metrics.node_period.clone(),
+        );
         registry.register(
             "snapshots",
             "Snapshots applied or rejected, per source",
             metrics.snapshots.clone(),
+        );
+        registry.register(
+            "events",
+            "Call events posted to /events, per type and outcome (queued, ignored: a type the \
+             agent does not know, invalid: answered 400, overloaded: answered 503)",
+            metrics.events.clone(),
+        );
+        for (kind, outcomes) in EVENT_SERIES {
+            for outcome in outcomes {
+                let _ = metrics.events.get_or_create(&EventLabels {
+                    r#type: kind,
+                    outcome,
+                });
+            }
+        }
+        registry.register_with_unit(
+            "event_visible",
+            "Time from a call event's arrival to its commit, after which every answer shows it",
+            Unit::Seconds,
+            metrics.event_visible.clone(),
         );
         registry.register(
             "rows_skipped",
@@ -419,6 +494,22 @@ impl Metrics {
         }
     }
 
+    /// A posted call event of type `kind` (`None`: unreadable or unknown), and what came
+    /// of it.
+    pub fn event(&self, kind: Option<EventKind>, outcome: EventOutcome) {
+        self.events
+            .get_or_create(&EventLabels {
+                r#type: kind.map_or("other", EventKind::as_str),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// A call event committed `after` its arrival.
+    pub fn event_visible(&self, after: Duration) {
+        self.event_visible.observe(after.as_secs_f64());
+    }
+
     /// One answered request; `route` is its path when the listener counts that path under
     /// its own name (its `routes`), else `other`.
     pub fn request(
@@ -543,13 +634,22 @@ impl Metrics {
         self.sample_process(store_bytes);
         self.node_calls.clear();
         self.snapshot_age.clear();
+        self.node_period.clear();
+        let seconds = |ms: i64| ms.max(0) as f64 / 1000.0;
         for node in nodes {
             let labels = NodeLabels {
                 node_id: node.node_id,
             };
             self.node_calls.get_or_create(&labels).set(node.calls);
-            let age = (now_ms - node.received_at_ms).max(0) as f64 / 1000.0;
-            self.snapshot_age.get_or_create(&labels).set(age);
+            // A node heard from only by its call events has no snapshot to be old.
+            if let Some(received) = node.received_at_ms {
+                self.snapshot_age
+                    .get_or_create(&labels)
+                    .set(seconds(now_ms - received));
+            }
+            if let Some(period) = node.period_ms {
+                self.node_period.get_or_create(&labels).set(seconds(period));
+            }
         }
         for (labels, oldest_ms) in self
             .relay_oldest
@@ -699,7 +799,10 @@ mod tests {
         let metrics = Metrics::new();
         let node = |node_id, calls| NodeStats {
             node_id,
-            received_at_ms: 1_000,
+            received_at_ms: Some(1_000),
+            heard_at_ms: 1_000,
+            expires_at_ms: 10_000,
+            period_ms: Some(2_000),
             calls,
         };
         let text = metrics.render(&[node(1, 20), node(2, 3)], 3_500, 0);
@@ -709,6 +812,10 @@ mod tests {
         );
         assert!(
             text.contains(r#"active_calls_agent_snapshot_age_seconds{node_id="1"} 2.5"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"active_calls_agent_node_period_seconds{node_id="1"} 2.0"#),
             "{text}"
         );
         // Node 2 expired: its series go.

@@ -6,20 +6,18 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use active_calls_agent::config::StaleAfter;
 use common::*;
 use serde_json::Value;
 
-/// The configuration `calls` reads: the agent's store and directory, nodes never stale.
+/// The configuration `calls` reads: the agent's store and directory. (When a node is
+/// stale is the store's to say: the agent writes each node's expiry.)
 fn cli_config(agent: &TestAgent) -> PathBuf {
-    cli_config_stale_after(agent, 0)
-}
-
-fn cli_config_stale_after(agent: &TestAgent, seconds: u64) -> PathBuf {
-    let path = agent.dir.path().join(format!("cli-{seconds}.toml"));
+    let path = agent.dir.path().join("cli.toml");
     std::fs::write(
         &path,
         format!(
-            "[store]\npath = {:?}\n[directory]\npath = {:?}\n[feed]\nstale_after = {seconds}\n",
+            "[store]\npath = {:?}\n[directory]\npath = {:?}\n",
             agent.config.store.path, agent.config.directory.path
         ),
     )
@@ -183,9 +181,19 @@ fn counts_per_account_add_up_to_the_endpoints_rows() {
     let total: u64 = counts.iter().map(|c| c["calls"].as_u64().unwrap()).sum();
     assert_eq!(total, 20);
 
+    // The node's period is not known from one snapshot; the next one tells it.
     let table = calls(&config, &["--by", "node"]);
     let text = String::from_utf8(table.stdout).unwrap();
-    assert_eq!(text, "NODE  CALLS\n7     20\n20 call(s)\n");
+    assert_eq!(text, "NODE  CALLS  PERIOD\n7     20     -\n20 call(s)\n");
+    applied_report(agent.feed(SAMPLE_SNAPSHOT_2), 2);
+    let table = calls(&config, &["--by", "node"]);
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert_eq!(text, "NODE  CALLS  PERIOD\n7     20     5 s\n20 call(s)\n");
+    let counts = json_calls(&config, &["--by", "node"]);
+    assert_eq!(
+        counts,
+        [serde_json::json!({"node_id": 7, "calls": 20, "period": 5})]
+    );
 }
 
 #[test]
@@ -251,10 +259,11 @@ fn bad_flags_and_missing_things_are_clear_errors() {
 
 #[test]
 fn a_stale_node_is_left_out_as_the_endpoint_leaves_it_and_said_so() {
-    let agent = TestAgent::start();
+    let mut agent = TestAgent::start_with(|c| c.feed.stale_after = StaleAfter::Seconds(3));
     agent.feed(SAMPLE_SNAPSHOT);
-    // One second, the smallest stale_after: the snapshot is stale once it is older.
-    let config = cli_config_stale_after(&agent, 1);
+    // Stopped before its expiry removes the node: the store then holds a stale node.
+    agent.agent.take().expect("running").stop();
+    let config = cli_config(&agent);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let output = loop {
         let output = calls(&config, &["--json"]);

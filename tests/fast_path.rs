@@ -69,7 +69,7 @@ fn apply(store: &mut Store, snapshot: &[u8], at: u64) -> String {
             customer_id,
             account_id,
             filters: Vec::new(),
-            stale_cutoff_ms: 0,
+            now_ms: 0,
         };
         let mut body = Vec::new();
         store.readers.outgoing_calls(&query, &mut body).unwrap();

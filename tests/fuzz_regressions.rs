@@ -15,7 +15,7 @@ fn answer(readers: &Readers) -> serde_json::Value {
         customer_id: 1001,
         account_id: 101,
         filters: Vec::new(),
-        stale_cutoff_ms: 0,
+        now_ms: 0,
     };
     let mut out = Vec::new();
     readers.outgoing_calls(&query, &mut out).unwrap();

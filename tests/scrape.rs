@@ -3,6 +3,7 @@
 
 mod common;
 
+use active_calls_agent::config::StaleAfter;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -276,7 +277,7 @@ fn a_database_made_anew_never_repeats_an_old_etag() {
 
 #[test]
 fn a_node_gone_stale_leaves_the_answer_and_changes_the_etag() {
-    let agent = start_with(|c| c.feed.stale_after = 5);
+    let agent = start_with(|c| c.feed.stale_after = StaleAfter::Seconds(5));
     post_snapshot(&agent, &sample_of_node(2, |_| true));
     let fresh = scrape(&agent, "", &[]);
     assert_eq!(each_row(&fresh).len(), 20);

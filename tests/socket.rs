@@ -3,6 +3,7 @@
 
 mod common;
 
+use active_calls_agent::config::StaleAfter;
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -505,7 +506,7 @@ fn readers_never_see_a_torn_snapshot() {
 
 #[test]
 fn silence_expires_a_node_and_a_restart_does_not_revive_it() {
-    let mut agent = start_with(|c| c.feed.stale_after = 1);
+    let mut agent = start_with(|c| c.feed.stale_after = StaleAfter::Seconds(1));
     let started = Instant::now();
     agent.post("/", &[], &insert_body(&[call(1, "a", 101, "a")]));
     assert_eq!(names(&agent, ACCOUNT_101), ["a"]);

@@ -31,7 +31,7 @@ fn query(filters: Vec<Filter>) -> CallQuery {
         customer_id: 1001,
         account_id: 101,
         filters,
-        stale_cutoff_ms: 0,
+        now_ms: 0,
     }
 }
 

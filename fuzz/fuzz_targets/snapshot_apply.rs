@@ -117,7 +117,7 @@ fn answers(readers: &Readers, accounts: &BTreeSet<(i64, i64)>) -> Vec<u8> {
             customer_id,
             account_id,
             filters: Vec::new(),
-            stale_cutoff_ms: 0,
+            now_ms: 0,
         };
         readers
             .outgoing_calls(&query, &mut out)

@@ -106,7 +106,7 @@ impl Answers {
         query: &CallQuery,
         etag_of: fn(&[u8]) -> String,
     ) -> Result<Answer, Failed> {
-        let state = tokio::task::block_in_place(|| readers.node_generations(query.stale_cutoff_ms))
+        let state = tokio::task::block_in_place(|| readers.node_generations(query.now_ms))
             .map_err(|e| Failed::Store(e.to_string()))?;
         let key = format!(
             "{} {} {:?} {:?}",

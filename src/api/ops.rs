@@ -4,7 +4,7 @@
 //! `/healthz` is 200 whenever the process answers at all. `/readyz` says whether the
 //! answers customers get are worth having: the store answers, a JWT secret is configured,
 //! the directory has been read, the writer thread runs, and no node's calls are past
-//! `stale_after` (expiry keeps up). Each failed check is one line of the 503 body, so a
+//! their silence limit (expiry keeps up). Each failed check is one line of the 503 body, so a
 //! `curl` tells the operator what to fix.
 
 use std::sync::Arc;
@@ -81,7 +81,7 @@ fn not_ready_because(state: &ApiState) -> Vec<String> {
         problems.push("the store's writer thread has stopped: snapshots are not applied".into());
     }
     match tokio::task::block_in_place(|| state.readers.node_stats()) {
-        Ok(nodes) => problems.extend(stale(&nodes, state, unix_millis(SystemTime::now()))),
+        Ok(nodes) => problems.extend(stale(&nodes, unix_millis(SystemTime::now()))),
         Err(e) => {
             tracing::error!(error = %e, "reading the store for /readyz failed");
             problems.push("the store cannot be read".into());
@@ -90,27 +90,21 @@ fn not_ready_because(state: &ApiState) -> Vec<String> {
     problems
 }
 
-/// How long past `stale_after` a node may linger before it counts against readiness: expiry
+/// How long past its expiry a node may linger before it counts against readiness: expiry
 /// runs between snapshots, so a node can outlive its limit by an apply's duration.
 const EXPIRY_SLACK_MS: i64 = 30_000;
 
-/// Nodes whose calls outlived `stale_after` (customers no longer see them, but expiry
-/// should have removed them: the writer is not keeping up).
-fn stale(nodes: &[NodeStats], state: &ApiState, now_ms: i64) -> Vec<String> {
-    let Some(stale_after) = state.stale_after else {
-        return Vec::new();
-    };
-    let limit_ms = i64::try_from(stale_after.as_millis())
-        .unwrap_or(i64::MAX)
-        .saturating_add(EXPIRY_SLACK_MS);
+/// Nodes whose calls outlived their silence limit (customers no longer see them, but
+/// expiry should have removed them: the writer is not keeping up).
+fn stale(nodes: &[NodeStats], now_ms: i64) -> Vec<String> {
     nodes
         .iter()
-        .filter(|n| now_ms.saturating_sub(n.received_at_ms) > limit_ms)
+        .filter(|n| now_ms.saturating_sub(n.expires_at_ms) > EXPIRY_SLACK_MS)
         .map(|n| {
             format!(
-                "node {}: last snapshot {} s ago, past feed.stale_after, not expired",
+                "node {}: last heard {} s ago, past feed.stale_after, not expired",
                 n.node_id,
-                (now_ms - n.received_at_ms) / 1000
+                (now_ms - n.heard_at_ms) / 1000
             )
         })
         .collect()

@@ -16,6 +16,7 @@
 //!   trickles by [`MAX_SCRAPE_TIME`]; either closes the channel, which ends the task and its
 //!   transaction. [`MAX_SCRAPES`] read at once; the others wait up to [`TURN_WAIT`].
 
+use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime};
 
@@ -27,7 +28,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ApiState, header_value, if_none_match, json};
-use crate::clock::stale_cutoff_ms;
+use crate::clock::unix_millis;
 use crate::http::{self, Body, empty, form_pairs};
 use crate::store::NodeGeneration;
 
@@ -85,8 +86,24 @@ impl Format {
 
 /// What the reading task has decided once it has read the nodes, in its transaction.
 struct Head {
-    etag: String,
+    nodes: Nodes,
     not_modified: bool,
+}
+
+/// What the answer's headers say of the nodes it shows: the `ETag` made of them, and each
+/// node's learned period (`X-Node-Periods`, SPEC 2.5).
+struct Nodes {
+    etag: String,
+    periods: String,
+}
+
+impl Nodes {
+    fn of(format: Format, nodes: &[NodeGeneration]) -> Nodes {
+        Nodes {
+            etag: etag_of(format, nodes),
+            periods: periods_of(nodes),
+        }
+    }
 }
 
 /// Answers a scrape (SPEC 6).
@@ -101,21 +118,21 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
         );
     };
     let gzip = accepts_gzip(req.headers());
-    let cutoff = stale_cutoff_ms(state.stale_after, SystemTime::now());
+    let now_ms = unix_millis(SystemTime::now());
     // Revalidations and HEAD need only the nodes: one small read, no turn to wait for.
-    let nodes = tokio::task::block_in_place(|| state.readers.node_generations(cutoff));
-    let etag = match nodes {
-        Ok(nodes) => etag_of(format, &nodes),
+    let nodes = tokio::task::block_in_place(|| state.readers.node_generations(now_ms));
+    let seen = match nodes {
+        Ok(nodes) => Nodes::of(format, &nodes),
         Err(e) => {
             tracing::error!(error = %e, "reading the nodes for a scrape failed");
             return empty(StatusCode::INTERNAL_SERVER_ERROR);
         }
     };
-    if if_none_match(req.headers(), &etag) {
-        return not_modified(&etag);
+    if if_none_match(req.headers(), &seen.etag) {
+        return not_modified(&seen);
     }
     if req.method() == Method::HEAD {
-        return with_calls(format, gzip, Body::default(), &etag);
+        return with_calls(format, gzip, Body::default(), &seen);
     }
     let permit = tokio::time::timeout(TURN_WAIT, state.scrapes.clone().acquire_owned()).await;
     let Ok(Ok(permit)) = permit else {
@@ -134,13 +151,16 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
         let mut send_body = false;
         let mut client_gone = false;
         let read = readers.scrape(
-            cutoff,
+            now_ms,
             |nodes| {
                 // Read again, in the transaction the rows come from.
-                let etag = etag_of(format, nodes);
-                let not_modified = if_none_match(&request_headers, &etag);
+                let nodes = Nodes::of(format, nodes);
+                let not_modified = if_none_match(&request_headers, &nodes.etag);
                 send_body = !not_modified;
-                let _ = head_tx.send(Head { etag, not_modified });
+                let _ = head_tx.send(Head {
+                    nodes,
+                    not_modified,
+                });
                 send_body
             },
             |row| {
@@ -163,12 +183,12 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
         }
     });
     match head_rx.await {
-        Ok(head) if head.not_modified => not_modified(&head.etag),
+        Ok(head) if head.not_modified => not_modified(&head.nodes),
         Ok(head) => with_calls(
             format,
             gzip,
             http::channel(chunks_rx, MAX_SCRAPE_TIME),
-            &head.etag,
+            &head.nodes,
         ),
         Err(_) => empty(StatusCode::INTERNAL_SERVER_ERROR),
     }
@@ -193,7 +213,7 @@ fn refused(state: &ApiState, headers: &HeaderMap) -> Response<Body> {
 }
 
 /// 200 with the calls in `body`.
-fn with_calls(format: Format, gzip: bool, body: Body, etag: &str) -> Response<Body> {
+fn with_calls(format: Format, gzip: bool, body: Body, nodes: &Nodes) -> Response<Body> {
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
@@ -203,19 +223,23 @@ fn with_calls(format: Format, gzip: bool, body: Body, etag: &str) -> Response<Bo
     if gzip {
         headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
-    cache_headers(response, etag)
+    node_headers(response, nodes)
 }
 
-fn not_modified(etag: &str) -> Response<Body> {
+fn not_modified(nodes: &Nodes) -> Response<Body> {
     let mut response = Response::new(Body::default());
     *response.status_mut() = StatusCode::NOT_MODIFIED;
-    cache_headers(response, etag)
+    node_headers(response, nodes)
 }
 
-/// The headers of both 200 and 304: revalidate every time.
-fn cache_headers(mut response: Response<Body>, etag: &str) -> Response<Body> {
+/// The headers of both 200 and 304: revalidate every time; the nodes' periods.
+fn node_headers(mut response: Response<Body>, nodes: &Nodes) -> Response<Body> {
     let headers = response.headers_mut();
-    headers.insert(header::ETAG, header_value(etag));
+    headers.insert(header::ETAG, header_value(&nodes.etag));
+    headers.insert(
+        hyper::header::HeaderName::from_static("x-node-periods"),
+        header_value(&nodes.periods),
+    );
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, private"),
@@ -236,6 +260,21 @@ fn etag_of(format: Format, nodes: &[NodeGeneration]) -> String {
         hasher.update(&node.changed_in.to_le_bytes());
     }
     format!("W/\"n{:032x}\"", hasher.digest128())
+}
+
+/// `7=5, 9=unknown`: each node shown, with its learned snapshot period in seconds.
+fn periods_of(nodes: &[NodeGeneration]) -> String {
+    let mut text = String::new();
+    for node in nodes {
+        if !text.is_empty() {
+            text.push_str(", ");
+        }
+        let _ = match node.period_ms {
+            Some(ms) => write!(text, "{}={}", node.node_id, ms as f64 / 1000.0),
+            None => write!(text, "{}=unknown", node.node_id),
+        };
+    }
+    text
 }
 
 /// Whether `Accept-Encoding` accepts gzip (by name or `*`, with a q-value above 0).
@@ -424,6 +463,7 @@ mod tests {
         let nodes = [NodeGeneration {
             node_id: 1,
             changed_in: 7,
+            period_ms: Some(5_000),
         }];
         let same = etag_of(Format::JsonEachRow, &nodes);
         assert_eq!(same, etag_of(Format::JsonEachRow, &nodes));
@@ -432,7 +472,11 @@ mod tests {
         let changed = [NodeGeneration {
             node_id: 1,
             changed_in: 8,
+            period_ms: None,
         }];
         assert_ne!(same, etag_of(Format::JsonEachRow, &changed));
+        assert_eq!(periods_of(&nodes), "1=5");
+        assert_eq!(periods_of(&[nodes[0], changed[0]]), "1=5, 1=unknown");
+        assert_eq!(periods_of(&[]), "");
     }
 }

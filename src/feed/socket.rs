@@ -17,6 +17,12 @@
 //! 5 s held every snapshot for up to 300 s.) The price is that receiving no longer
 //! overlaps applying: about 60–80 ms for a 100k-call body over loopback.
 //!
+//! `POST /events` takes the switch's call events (SPEC 2.4), one per request, with the same
+//! credentials: each is read, checked ([`super::event`]) and queued for the writer, and
+//! answered at once (200, empty), never after a snapshot being applied: the switch holds
+//! that call's next event until it has the answer. Not an event: 400 with the reason;
+//! the writer's queue full: 503 with `Retry-After`, so the switch posts it again.
+//!
 //! Credentials, when `feed.user`/`feed.password` are set, are read the three ways
 //! ClickHouse clients send them (`X-ClickHouse-User`/`X-ClickHouse-Key`, the `user` and
 //! `password` URL parameters, HTTP Basic). Wrong ones get **401** with a
@@ -35,9 +41,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-use crate::feed::writer::{Job, WriterHandle};
+use crate::feed::event::{self, MAX_EVENT_BYTES, Posted};
+use crate::feed::writer::{Job, NotQueued, WriterHandle};
 use crate::feed::{InsertLine, SnapshotError, strip_insert};
 use crate::http::{self, Body, empty, form_pairs, text};
+use crate::metrics::{EventOutcome, Metrics};
 
 /// A client that stops sending its body for this long is cut off.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -50,7 +58,10 @@ pub const IN_MEMORY_BYTES: usize = 256 * 1024;
 
 /// The paths the socket source answers, each counted under its own name in the request
 /// metrics (see [`http::ListenerSettings::routes`]).
-pub const ROUTES: &[&str] = &["/", "/ping"];
+pub const ROUTES: &[&str] = &["/", "/ping", EVENTS];
+
+/// Where the switch posts its call events.
+pub const EVENTS: &str = "/events";
 
 /// What the socket source needs from the configuration.
 #[derive(Debug, Clone)]
@@ -70,9 +81,10 @@ pub async fn serve(
     counted: http::ListenerSettings,
     shutdown: watch::Receiver<bool>,
 ) {
+    let metrics = counted.metrics.clone();
     http::serve(listener, counted, shutdown, move |req| {
-        let (writer, settings) = (writer.clone(), settings.clone());
-        async move { handle(req, &writer, &settings).await }
+        let (writer, settings, metrics) = (writer.clone(), settings.clone(), metrics.clone());
+        async move { handle(req, &writer, &settings, &metrics).await }
     })
     .await;
 }
@@ -81,17 +93,132 @@ async fn handle(
     req: Request<Incoming>,
     writer: &WriterHandle,
     settings: &SocketSettings,
+    metrics: &Metrics,
 ) -> Response<Body> {
+    let allow = |methods| {
+        let mut r = empty(StatusCode::METHOD_NOT_ALLOWED);
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(methods));
+        r
+    };
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/" | "/ping") => text(StatusCode::OK, "Ok."),
         (&Method::POST, "/") => insert(req, writer, settings).await,
-        (_, "/" | "/ping") => {
-            let mut r = empty(StatusCode::METHOD_NOT_ALLOWED);
+        (&Method::POST, EVENTS) => call_event(req, writer, settings, metrics).await,
+        (_, "/" | "/ping") => allow("GET, HEAD, POST"),
+        (_, EVENTS) => allow("POST"),
+        _ => empty(StatusCode::NOT_FOUND),
+    }
+}
+
+/// The answer to a request with wrong credentials.
+fn unauthorized() -> Response<Body> {
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "Authentication failed: wrong user or password",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"active-calls-agent\""),
+    );
+    r
+}
+
+/// `POST /events`: one call event, answered as soon as it is queued.
+async fn call_event(
+    req: Request<Incoming>,
+    writer: &WriterHandle,
+    settings: &SocketSettings,
+    metrics: &Metrics,
+) -> Response<Body> {
+    if !authorized(&req, settings) {
+        return unauthorized();
+    }
+    let gzip = match content_encoding(&req) {
+        Ok(gzip) => gzip,
+        Err(refused) => return refused,
+    };
+    let max = MAX_EVENT_BYTES as u64;
+    let body = match receive(req.into_body(), max, &settings.spill_dir).await {
+        Ok(Received::InMemory(body)) => body,
+        // Larger than an event can be, so never spilled: MAX_EVENT_BYTES < IN_MEMORY_BYTES.
+        Ok(Received::Spilled(_)) | Err(BodyError::TooLarge(_)) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &BodyError::TooLarge(max).to_string(),
+            );
+        }
+        Err(e @ BodyError::Slow) => return text(StatusCode::REQUEST_TIMEOUT, &e.to_string()),
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let body = if gzip {
+        let mut unpacked = Vec::new();
+        let mut limited = Limited {
+            inner: flate2::read::MultiGzDecoder::new(&body[..]),
+            left: max,
+            max,
+        };
+        if let Err(e) = limited.read_to_end(&mut unpacked) {
+            return match e.get_ref().and_then(|e| e.downcast_ref::<BodyError>()) {
+                Some(too_large) => text(StatusCode::PAYLOAD_TOO_LARGE, &too_large.to_string()),
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("Cannot read the body: {e}"),
+                ),
+            };
+        }
+        unpacked
+    } else {
+        body
+    };
+    let event = match event::parse(&body, SystemTime::now(), std::time::Instant::now()) {
+        Ok(Posted::Event(event)) => event,
+        Ok(Posted::Unknown) => {
+            metrics.event(None, EventOutcome::Ignored);
+            return empty(StatusCode::OK);
+        }
+        Err(invalid) => {
+            metrics.event(invalid.kind, EventOutcome::Invalid);
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("Cannot read the event: {invalid}"),
+            );
+        }
+    };
+    let kind = event.kind;
+    match writer.queue_event(event) {
+        Ok(()) => {
+            metrics.event(Some(kind), EventOutcome::Queued);
+            empty(StatusCode::OK)
+        }
+        Err(NotQueued::Full) => {
+            metrics.event(Some(kind), EventOutcome::Overloaded);
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Too many call events waiting to be applied; post it again",
+            );
             r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
-        _ => empty(StatusCode::NOT_FOUND),
+        Err(NotQueued::Stopped) => empty(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
+/// Whether a body is gzipped, or the answer refusing its `Content-Encoding`.
+#[allow(clippy::result_large_err)]
+fn content_encoding(req: &Request<Incoming>) -> Result<bool, Response<Body>> {
+    match req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.as_bytes())
+    {
+        None | Some(b"identity") => Ok(false),
+        Some(b"gzip" | b"x-gzip") => Ok(true),
+        Some(_) => Err(text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "only gzip Content-Encoding is supported",
+        )),
     }
 }
 
@@ -114,15 +241,7 @@ async fn insert(
     settings: &SocketSettings,
 ) -> Response<Body> {
     if !authorized(&req, settings) {
-        let mut r = text(
-            StatusCode::UNAUTHORIZED,
-            "Authentication failed: wrong user or password",
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"active-calls-agent\""),
-        );
-        return r;
+        return unauthorized();
     }
     let query = url_param(&req, b"query");
     let insert_line = match &query {
@@ -137,19 +256,9 @@ async fn insert(
             }
         },
     };
-    let gzip = match req
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.as_bytes())
-    {
-        None | Some(b"identity") => false,
-        Some(b"gzip" | b"x-gzip") => true,
-        Some(_) => {
-            return text(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "only gzip Content-Encoding is supported",
-            );
-        }
+    let gzip = match content_encoding(&req) {
+        Ok(gzip) => gzip,
+        Err(refused) => return refused,
     };
     let max = settings.max_body_bytes;
     let declared = req
@@ -164,7 +273,7 @@ async fn insert(
     }
 
     let wire = match receive(req.into_body(), max, &settings.spill_dir).await {
-        Ok(wire) => wire,
+        Ok(wire) => wire.into_reader(),
         Err(e @ BodyError::TooLarge(_)) => {
             return text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
         }
@@ -227,13 +336,29 @@ async fn insert(
     }
 }
 
+/// A body received whole.
+enum Received {
+    InMemory(Vec<u8>),
+    /// Past [`IN_MEMORY_BYTES`]: an unlinked file, at its start.
+    Spilled(std::fs::File),
+}
+
+impl Received {
+    fn into_reader(self) -> Box<dyn BufRead + Send> {
+        match self {
+            Received::InMemory(bytes) => Box::new(std::io::Cursor::new(bytes)),
+            Received::Spilled(file) => Box::new(BufReader::with_capacity(256 * 1024, file)),
+        }
+    }
+}
+
 /// Receives the whole body, within `max` bytes and the timeouts: in memory while it is
-/// small, else in an unlinked file in `spill_dir`. Returns it ready to be read.
+/// small, else in an unlinked file in `spill_dir`.
 async fn receive(
     mut body: Incoming,
     max: u64,
     spill_dir: &std::path::Path,
-) -> Result<Box<dyn BufRead + Send>, BodyError> {
+) -> Result<Received, BodyError> {
     let mut total = 0u64;
     let mut held = Vec::new();
     let mut file: Option<std::fs::File> = None;
@@ -260,11 +385,8 @@ async fn receive(
         }
     }
     Ok(match file {
-        None => Box::new(std::io::Cursor::new(held)),
-        Some(file) => Box::new(BufReader::with_capacity(
-            256 * 1024,
-            spill(Some(file), spill_dir, held, true).await?,
-        )),
+        None => Received::InMemory(held),
+        Some(file) => Received::Spilled(spill(Some(file), spill_dir, held, true).await?),
     })
 }
 

@@ -1,10 +1,18 @@
 //! The writer thread: the one owner of the store's write connection.
 //!
 //! Every change to the store goes through here, one [`Job`] at a time: a snapshot file to
-//! (re)read, a snapshot streaming in over HTTP, and, between jobs, the expiry of nodes gone
-//! silent. One writer means no write ever waits for a lock, and the order in which
-//! snapshots arrive is the order in which they apply. Queued requests to re-read the file
-//! collapse into one: the file has one current content, however many events announced it.
+//! (re)read, a snapshot streaming in over HTTP, call events, and, between jobs, the expiry
+//! of nodes gone silent. One writer means no write ever waits for a lock, and the order in
+//! which snapshots and events arrive is the order in which they apply. Queued requests to
+//! re-read the file collapse into one: the file has one current content, however many
+//! notifications announced it.
+//!
+//! Call events are answered before they apply (the switch waits for each answer), so they
+//! wait here, in arrival order among the snapshots, and every run of them queued behind
+//! each other applies as one transaction: a burst, or the events that came in while a large
+//! snapshot applied, costs one commit. How many may wait is bounded
+//! ([`WriterHandle::queue_event`]): past the bound the listener answers 503, and the
+//! switch retries.
 //!
 //! The writer runs at the priority of the API's threads, not below: a 5-second period of
 //! a 100k-call node costs it ~10% of a core, which is all the customers can lose to it,
@@ -28,18 +36,32 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 
+use crate::call::Event;
 use crate::feed::{
     ApplyReport, Forward, InsertLine, SnapshotError, Tee, apply_file, apply_snapshot_teed,
 };
 use crate::metrics::Metrics;
-use crate::store::{Origin, Writer};
+use crate::store::{EventChanges, Origin, Writer};
 
 /// How often the writer looks for nodes gone silent.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// After this long without a snapshot the writer gives its page cache back: a switch
-/// posting every few seconds keeps it warm, an idle agent stays small.
+/// After this long without a snapshot or an event the writer gives its page cache back: a
+/// switch posting every few seconds keeps it warm, an idle agent stays small.
 const RELEASE_AFTER: Duration = Duration::from_secs(10);
+
+/// How often, at most, the WAL is copied back while only events are written: each copy
+/// syncs the database file, too dear to do hundreds of times a second.
+const COPY_BACK_EVERY: Duration = Duration::from_secs(1);
+
+/// The most events one transaction applies: a queue emptied after a long snapshot commits
+/// in a few steps, each short enough for readers and the WAL.
+const MAX_EVENT_BATCH: usize = 4096;
+
+/// Call events that may wait for the writer, by default (`feed.max_queued_events`): a busy
+/// node's events (600 call attempts a second, three events each) for the ~8 s a 100k-call
+/// snapshot may take to apply on a loaded host, ~1 KB each.
+pub const MAX_QUEUED_EVENTS: usize = 16_384;
 
 /// What the feed has done so far: tests, the demo and the metrics read it; nobody has to
 /// sleep to know whether a snapshot went in.
@@ -51,6 +73,9 @@ pub struct FeedStatus {
     pub rejected: u64,
     pub last_report: Option<ApplyReport>,
     pub last_error: Option<String>,
+    /// Call events committed (or, when a commit failed, dropped: `last_error` says so).
+    pub events: u64,
+    pub last_events: Option<EventChanges>,
 }
 
 /// The answer to a streamed snapshot.
@@ -67,6 +92,8 @@ pub enum Job {
         received_at: SystemTime,
         reply: oneshot::Sender<StreamResult>,
     },
+    /// A call event, checked and answered already ([`WriterHandle::queue_event`]).
+    Event(Box<Event>),
     /// Finish, checkpoint the store, and end the thread.
     Stop,
 }
@@ -75,11 +102,40 @@ pub enum Job {
 #[derive(Clone)]
 pub struct WriterHandle {
     jobs: mpsc::Sender<Job>,
+    /// Events queued and not yet applied, and how many may be.
+    events: Arc<(std::sync::atomic::AtomicUsize, usize)>,
+}
+
+/// Why a call event was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotQueued {
+    /// As many events as may wait are waiting.
+    Full,
+    /// The writer has stopped.
+    Stopped,
 }
 
 impl WriterHandle {
     pub fn send(&self, job: Job) -> bool {
         self.jobs.send(job).is_ok()
+    }
+
+    /// Queues a call event behind whatever the writer has to do, unless the queue is full.
+    pub fn queue_event(&self, event: Box<Event>) -> Result<(), NotQueued> {
+        let (queued, max) = &*self.events;
+        if queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < *max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(NotQueued::Full);
+        }
+        if self.jobs.send(Job::Event(event)).is_err() {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(NotQueued::Stopped);
+        }
+        Ok(())
     }
 }
 
@@ -94,24 +150,26 @@ impl WriterThread {
     /// Starts the thread; `watch_path` is the snapshot file, if the file source is on,
     /// and `relay` where applied snapshots go on (the relay's spool), if the relay is on.
     /// `running` is set while the thread runs, and cleared as it ends, however it ends.
+    /// At most `max_queued_events` call events wait for it at once.
     pub fn spawn(
         writer: Writer,
         watch_path: Option<PathBuf>,
-        stale_after: Option<Duration>,
+        max_queued_events: usize,
         metrics: Arc<Metrics>,
         running: Arc<AtomicBool>,
         relay: Option<Box<dyn Forward>>,
     ) -> std::io::Result<WriterThread> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (status_tx, status) = watch::channel(FeedStatus::default());
+        let events = Arc::new((std::sync::atomic::AtomicUsize::new(0), max_queued_events));
         let worker = Worker {
             writer,
             watch_path,
-            stale_after,
             status: status_tx,
             metrics,
             applied_file: None,
             relay,
+            events: events.clone(),
         };
         running.store(true, Ordering::Release);
         let thread = std::thread::Builder::new()
@@ -121,7 +179,10 @@ impl WriterThread {
                 worker.run(jobs_rx)
             })?;
         Ok(WriterThread {
-            handle: WriterHandle { jobs: jobs_tx },
+            handle: WriterHandle {
+                jobs: jobs_tx,
+                events,
+            },
             status,
             thread: Some(thread),
         })
@@ -151,13 +212,14 @@ type FileStamp = (u64, SystemTime, u64);
 struct Worker {
     writer: Writer,
     watch_path: Option<PathBuf>,
-    stale_after: Option<Duration>,
     status: watch::Sender<FeedStatus>,
     metrics: Arc<Metrics>,
     /// The file content applied last: a late duplicate event for the same content is not
     /// worth a second pass over it.
     applied_file: Option<FileStamp>,
     relay: Option<Box<dyn Forward>>,
+    /// The queue's count, shared with the handles.
+    events: Arc<(std::sync::atomic::AtomicUsize, usize)>,
 }
 
 impl Worker {
@@ -166,7 +228,9 @@ impl Worker {
         let mut last_expiry = Instant::now();
         let mut last_write = Instant::now();
         let mut released = true;
-        let mut copied_back = true;
+        // The WAL is copied back once the queue is empty: at once after a snapshot, at
+        // most every COPY_BACK_EVERY after events alone.
+        let (mut copy_due, mut copy_now, mut last_copy) = (false, false, Instant::now());
         loop {
             if queue.is_empty() {
                 match jobs.recv_timeout(EXPIRY_INTERVAL) {
@@ -180,7 +244,8 @@ impl Worker {
                 Some(Job::ApplyFile) => {
                     queue.retain(|job| !matches!(job, Job::ApplyFile));
                     self.check_file();
-                    (last_write, released, copied_back) = (Instant::now(), false, false);
+                    (last_write, released, copy_due, copy_now) =
+                        (Instant::now(), false, true, true);
                 }
                 Some(Job::ApplyStream {
                     input,
@@ -200,16 +265,30 @@ impl Worker {
                     });
                     self.record(Origin::Socket, result.as_ref().map_err(|e| e.to_string()));
                     let _ = reply.send(result);
-                    (last_write, released, copied_back) = (Instant::now(), false, false);
+                    (last_write, released, copy_due, copy_now) =
+                        (Instant::now(), false, true, true);
+                }
+                Some(Job::Event(first)) => {
+                    let mut batch = vec![*first];
+                    while batch.len() < MAX_EVENT_BATCH
+                        && matches!(queue.front(), Some(Job::Event(_)))
+                    {
+                        if let Some(Job::Event(event)) = queue.pop_front() {
+                            batch.push(*event);
+                        }
+                    }
+                    self.apply_events(&batch);
+                    (last_write, released, copy_due) = (Instant::now(), false, true);
                 }
                 Some(Job::Stop) => break,
                 None => {}
             }
-            if queue.is_empty() && !copied_back {
+            if queue.is_empty() && copy_due && (copy_now || last_copy.elapsed() >= COPY_BACK_EVERY)
+            {
                 if let Err(e) = self.writer.copy_back() {
                     tracing::warn!(error = %e, "checkpointing the WAL failed");
                 }
-                copied_back = true;
+                (copy_due, copy_now, last_copy) = (false, false, Instant::now());
             }
             if queue.is_empty() && !released && last_write.elapsed() >= RELEASE_AFTER {
                 if let Err(e) = self.writer.release_memory() {
@@ -224,6 +303,37 @@ impl Worker {
         }
         if let Err(e) = self.writer.checkpoint() {
             tracing::warn!(error = %e, "checkpointing the store at shutdown failed");
+        }
+    }
+
+    /// Applies a run of call events in one transaction. A failed commit loses them (the
+    /// switch had its answer already): logged, and the next snapshot heals what they said.
+    fn apply_events(&mut self, batch: &[Event]) {
+        let result = self.writer.apply_events(batch);
+        self.events.0.fetch_sub(batch.len(), Ordering::AcqRel);
+        match result {
+            Ok(changes) => {
+                for event in batch {
+                    self.metrics.event_visible(event.received.elapsed());
+                }
+                tracing::debug!(
+                    events = batch.len(),
+                    changed = changes.changed,
+                    nodes = ?changes.nodes,
+                    "call events applied"
+                );
+                self.status.send_modify(|s| {
+                    s.events += batch.len() as u64;
+                    s.last_events = Some(changes);
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = batch.len(), "applying call events failed; they are lost until the next snapshot");
+                self.status.send_modify(|s| {
+                    s.events += batch.len() as u64;
+                    s.last_error = Some(format!("applying call events: {e}"));
+                });
+            }
         }
     }
 
@@ -300,10 +410,7 @@ impl Worker {
     }
 
     fn expire(&mut self) {
-        let Some(stale_after) = self.stale_after else {
-            return;
-        };
-        match self.writer.expire(SystemTime::now() - stale_after) {
+        match self.writer.expire(SystemTime::now()) {
             Ok(nodes) if !nodes.is_empty() => {
                 tracing::info!(?nodes, "silent nodes expired: their calls are gone")
             }

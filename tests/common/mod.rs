@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
-use active_calls_agent::config::Config;
+use active_calls_agent::config::{Config, StaleAfter};
 use active_calls_agent::feed::ApplyReport;
 use active_calls_agent::{Agent, FeedStatus};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -95,7 +95,7 @@ impl TestAgent {
         config.store.path = dir.path().join("db/active-calls.db");
         config.feed.watch = dir.path().join("feed/snapshot.jsonl");
         config.feed.listen = String::new();
-        config.feed.stale_after = 0;
+        config.feed.stale_after = StaleAfter::Seconds(0);
         config.directory.path = dir.path().join("directory.json");
         std::fs::write(&config.directory.path, SAMPLE_DIRECTORY).unwrap();
         adjust(&mut config);

@@ -1,0 +1,869 @@
+//! Reading the store: customer queries, the scrape, listings and node figures, through a
+//! small pool of read-only connections.
+//!
+//! A query is built from a handful of fixed SQL fragments (one per filter kind); every
+//! value is bound, and each string filter is an index range within the account (SPEC 5).
+//! A node's calls are shown while it has not expired (`nodes.expires_at_ms`, set by the
+//! writer from the node's silence limit), so every reader applies the same rule with one
+//! comparison.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OpenFlags, ToSql};
+
+use super::open;
+
+/// How many idle read connections the pool keeps.
+const MAX_IDLE_READERS: usize = 4;
+
+/// The five string columns a customer can filter on (SPEC 1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextColumn {
+    SrcNameIn,
+    SrcPrefixIn,
+    DstPrefixIn,
+    SrcPrefixRouting,
+    DstPrefixRouting,
+}
+
+impl TextColumn {
+    pub const ALL: [TextColumn; 5] = [
+        TextColumn::SrcNameIn,
+        TextColumn::SrcPrefixIn,
+        TextColumn::DstPrefixIn,
+        TextColumn::SrcPrefixRouting,
+        TextColumn::DstPrefixRouting,
+    ];
+
+    /// The column's name in `schema.sql` (its reversed twin adds `_rev`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TextColumn::SrcNameIn => "src_name_in",
+            TextColumn::SrcPrefixIn => "src_prefix_in",
+            TextColumn::DstPrefixIn => "dst_prefix_in",
+            TextColumn::SrcPrefixRouting => "src_prefix_routing",
+            TextColumn::DstPrefixRouting => "dst_prefix_routing",
+        }
+    }
+}
+
+/// How a string filter matches its needle (always bytes, never patterns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextMatch {
+    Equals,
+    StartsWith,
+    EndsWith,
+    /// ASCII-case-insensitive substring.
+    Contains,
+}
+
+/// One condition of a customer query; all are ANDed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    Text {
+        column: TextColumn,
+        how: TextMatch,
+        needle: Vec<u8>,
+    },
+    AuthOrigIp(Vec<u8>),
+    AuthOrigPort(i32),
+    AuthOrigTransportProtocolId(i8),
+    /// `true`: only calls not yet connected.
+    ConnectTimeNull(bool),
+}
+
+/// A customer's query: one account of one customer, and its filters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallQuery {
+    pub customer_id: i64,
+    pub account_id: i64,
+    pub filters: Vec<Filter>,
+    /// The instant (unix ms) the answer is for: calls of nodes expired by then are stale.
+    pub now_ms: i64,
+}
+
+/// The 26 output columns of SPEC 1.3, in its order (`c`: calls, `n`: its node).
+macro_rules! answer_columns {
+    () => {
+        "COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
+    c.connect_time, c.destination_prefix, c.destination_initial_interval, c.destination_initial_rate,
+    c.destination_next_interval, c.destination_next_rate, c.destination_fee,
+    c.src_name_in, c.src_prefix_in, c.dst_prefix_in, c.src_prefix_routing, c.dst_prefix_routing,
+    c.from_domain, c.to_domain, c.ruri_domain,
+    c.diversion_in, c.pai_in, c.ppi_in, c.privacy_in, c.rpid_in, c.rpid_privacy_in,
+    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port"
+    };
+}
+
+const SELECT_CALLS: &str = concat!(
+    "SELECT ",
+    answer_columns!(),
+    " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE c.customer_acc_id = ? AND c.customer_id = ? AND n.expires_at_ms > ?"
+);
+const ORDER_CALLS: &str = " ORDER BY c.start_time DESC, c.local_tag, c.node_id";
+/// The JSON keys of [`answer_columns`], each with what precedes it in a row object.
+const ROW_KEYS: [&str; 26] = [
+    "{\"snapshot_timestamp\":",
+    ",\"start_time\":",
+    ",\"connect_time\":",
+    ",\"destination_prefix\":",
+    ",\"destination_initial_interval\":",
+    ",\"destination_initial_rate\":",
+    ",\"destination_next_interval\":",
+    ",\"destination_next_rate\":",
+    ",\"destination_fee\":",
+    ",\"src_name_in\":",
+    ",\"src_prefix_in\":",
+    ",\"dst_prefix_in\":",
+    ",\"src_prefix_routing\":",
+    ",\"dst_prefix_routing\":",
+    ",\"from_domain\":",
+    ",\"to_domain\":",
+    ",\"ruri_domain\":",
+    ",\"diversion_in\":",
+    ",\"pai_in\":",
+    ",\"ppi_in\":",
+    ",\"privacy_in\":",
+    ",\"rpid_in\":",
+    ",\"rpid_privacy_in\":",
+    ",\"auth_orig_transport_protocol_id\":",
+    ",\"auth_orig_ip\":",
+    ",\"auth_orig_port\":",
+];
+
+/// The nodes a scrape shows (SPEC 6): every one not stale at ?1.
+const SCRAPE_NODES: &str =
+    "SELECT node_id, changed_in, period_ms FROM nodes WHERE expires_at_ms > ?1 ORDER BY node_id";
+/// Their calls, in the scrape's order: the identity columns, then [`answer_columns`].
+/// Ordered by `n.node_id` (the nodes' own rowid order), SQLite walks the nodes, then each
+/// node's calls in `calls_by_node`, and never sorts: rows go out as they are read.
+const SCRAPE_CALLS: &str = concat!(
+    "SELECT c.node_id, c.local_tag, c.customer_id, c.customer_acc_id, ",
+    answer_columns!(),
+    " FROM nodes AS n CROSS JOIN calls AS c ON c.node_id = n.node_id
+  WHERE n.expires_at_ms > ?1 ORDER BY n.node_id, c.local_tag"
+);
+/// The JSON keys of [`SCRAPE_CALLS`] up to its first answer column; the rest of
+/// [`ROW_KEYS`] follow.
+const SCRAPE_KEYS: [&str; 5] = [
+    "{\"node_id\":",
+    ",\"local_tag\":",
+    ",\"customer_id\":",
+    ",\"customer_acc_id\":",
+    ",\"snapshot_timestamp\":",
+];
+
+/// Which calls a local listing (`active-calls-agent calls`) shows: every node, customer
+/// and account unless one is given, and a customer query's filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallListing {
+    pub node_id: Option<i64>,
+    pub customer_id: Option<i64>,
+    pub account_id: Option<i64>,
+    pub filters: Vec<Filter>,
+    /// As in [`CallQuery`]; `i64::MIN` shows stale nodes' calls too.
+    pub now_ms: i64,
+}
+
+/// What a listing's counts are per.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountBy {
+    Node,
+    Customer,
+    Account,
+}
+
+impl CountBy {
+    /// The identity column counted per, as a scrape row names it.
+    pub fn column(self) -> &'static str {
+        match self {
+            CountBy::Node => "node_id",
+            CountBy::Customer => "customer_id",
+            CountBy::Account => "customer_acc_id",
+        }
+    }
+
+    fn select(self) -> &'static str {
+        match self {
+            CountBy::Node => COUNT_BY_NODE,
+            CountBy::Customer => COUNT_BY_CUSTOMER,
+            CountBy::Account => COUNT_BY_ACCOUNT,
+        }
+    }
+}
+
+/// What a listing reads: every call of a node not stale at ?1; [`build_listing`] adds
+/// its conditions, and [`ORDER_CALLS`] or its grouping.
+macro_rules! listed_from {
+    () => {
+        " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE n.expires_at_ms > ?"
+    };
+}
+/// A listing's calls: a scrape's row (identity columns, then [`answer_columns`]).
+const LISTED_CALLS: &str = concat!(
+    "SELECT c.node_id, c.local_tag, c.customer_id, c.customer_acc_id, ",
+    answer_columns!(),
+    listed_from!()
+);
+/// A listing's counts, per identity column.
+const COUNT_BY_NODE: &str = concat!("SELECT c.node_id, count(*)", listed_from!());
+const COUNT_BY_CUSTOMER: &str = concat!("SELECT c.customer_id, count(*)", listed_from!());
+const COUNT_BY_ACCOUNT: &str = concat!("SELECT c.customer_acc_id, count(*)", listed_from!());
+
+/// A value bound to a statement: bytes as TEXT (which may be invalid UTF-8, as a
+/// `%FF` in a query string is) or as BLOB, or an integer.
+enum Bound {
+    Int(i64),
+    Text(Vec<u8>),
+    Blob(Vec<u8>),
+}
+
+impl ToSql for Bound {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Bound::Int(i) => ValueRef::Integer(*i),
+            Bound::Text(t) => ValueRef::Text(t),
+            Bound::Blob(b) => ValueRef::Blob(b),
+        }))
+    }
+}
+
+/// Bytes bound as a BLOB (the reversed columns, which need not be UTF-8).
+pub(super) struct Blob(pub Vec<u8>);
+
+impl ToSql for Blob {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(ValueRef::Blob(&self.0)))
+    }
+}
+
+/// The smallest byte string greater than every string that starts with `prefix`, or `None`
+/// when there is none (the prefix is empty or all `0xFF`).
+fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < 0xFF {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+/// The SQL text and bound values of a query.
+fn build(query: &CallQuery) -> (String, Vec<Bound>) {
+    let mut sql = String::from(SELECT_CALLS);
+    let mut values = vec![
+        Bound::Int(query.account_id),
+        Bound::Int(query.customer_id),
+        Bound::Int(query.now_ms),
+    ];
+    add_filters(&query.filters, &mut sql, &mut values);
+    sql += ORDER_CALLS;
+    (sql, values)
+}
+
+/// The statement of a [`CallListing`]: [`LISTED_CALLS`] (or its counts, with `by`) with
+/// the same conditions, in the same words, as a customer query's.
+fn build_listing(listing: &CallListing, by: Option<CountBy>) -> (String, Vec<Bound>) {
+    let mut sql = String::from(match by {
+        None => LISTED_CALLS,
+        Some(by) => by.select(),
+    });
+    let mut values = vec![Bound::Int(listing.now_ms)];
+    for (condition, value) in [
+        (" AND c.node_id = ?", listing.node_id),
+        (" AND c.customer_id = ?", listing.customer_id),
+        (" AND c.customer_acc_id = ?", listing.account_id),
+    ] {
+        if let Some(value) = value {
+            sql += condition;
+            values.push(Bound::Int(value));
+        }
+    }
+    add_filters(&listing.filters, &mut sql, &mut values);
+    sql += match by {
+        None => ORDER_CALLS,
+        // The busiest first.
+        Some(_) => " GROUP BY 1 ORDER BY 2 DESC, 1",
+    };
+    (sql, values)
+}
+
+/// Appends the conditions of `filters` (SPEC 1.2), each value bound.
+fn add_filters(filters: &[Filter], sql: &mut String, values: &mut Vec<Bound>) {
+    for filter in filters {
+        match filter {
+            Filter::Text {
+                column,
+                how,
+                needle,
+            } => {
+                let name = column.name();
+                match how {
+                    TextMatch::Equals => {
+                        *sql += &format!(" AND c.{name} = ?");
+                        values.push(Bound::Text(needle.clone()));
+                    }
+                    TextMatch::StartsWith => {
+                        *sql += &format!(" AND c.{name} >= ?");
+                        values.push(Bound::Text(needle.clone()));
+                        if let Some(upper) = prefix_upper_bound(needle) {
+                            *sql += &format!(" AND c.{name} < ?");
+                            values.push(Bound::Text(upper));
+                        }
+                    }
+                    TextMatch::EndsWith => {
+                        let reversed: Vec<u8> = needle.iter().rev().copied().collect();
+                        *sql += &format!(" AND c.{name}_rev >= ?");
+                        if let Some(upper) = prefix_upper_bound(&reversed) {
+                            *sql += &format!(" AND c.{name}_rev < ?");
+                            values.push(Bound::Blob(reversed));
+                            values.push(Bound::Blob(upper));
+                        } else {
+                            values.push(Bound::Blob(reversed));
+                        }
+                    }
+                    TextMatch::Contains => {
+                        // SQLite's own lower() folds ASCII only, exactly the rule wanted;
+                        // as BLOBs, instr() compares bytes, not characters.
+                        *sql += &format!(" AND instr(CAST(lower(c.{name}) AS BLOB), ?) > 0");
+                        values.push(Bound::Blob(needle.to_ascii_lowercase()));
+                    }
+                }
+            }
+            Filter::AuthOrigIp(ip) => {
+                *sql += " AND c.auth_orig_ip = ?";
+                values.push(Bound::Text(ip.clone()));
+            }
+            Filter::AuthOrigPort(port) => {
+                *sql += " AND c.auth_orig_port = ?";
+                values.push(Bound::Int(i64::from(*port)));
+            }
+            Filter::AuthOrigTransportProtocolId(id) => {
+                *sql += " AND c.auth_orig_transport_protocol_id = ?";
+                values.push(Bound::Int(i64::from(*id)));
+            }
+            Filter::ConnectTimeNull(true) => *sql += " AND c.connect_time IS NULL",
+            Filter::ConnectTimeNull(false) => *sql += " AND c.connect_time IS NOT NULL",
+        }
+    }
+}
+
+/// Each node's calls, when it was last heard and its period: what `/metrics`, `/readyz`
+/// and `calls --by node` show.
+const NODE_STATS: &str = "SELECT node_id, received_at_ms, heard_at_ms, expires_at_ms, period_ms,
+    (SELECT count(*) FROM calls WHERE calls.node_id = nodes.node_id) FROM nodes ORDER BY node_id";
+
+/// One node as [`Readers::node_stats`] sees it (times in ms since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStats {
+    pub node_id: i64,
+    /// When its last snapshot was received; `None`: only its call events so far.
+    pub received_at_ms: Option<i64>,
+    /// When its last snapshot or call event was received.
+    pub heard_at_ms: i64,
+    /// When its calls stop being current, unless it is heard from again.
+    pub expires_at_ms: i64,
+    /// Its snapshot period, once learned.
+    pub period_ms: Option<i64>,
+    pub calls: i64,
+}
+
+/// A current node and the generation in which what its calls show last changed: what a
+/// scrape's `ETag` is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeGeneration {
+    pub node_id: i64,
+    pub changed_in: i64,
+    /// Its snapshot period, once learned (shown beside a scrape).
+    pub period_ms: Option<i64>,
+}
+
+/// A pool of read-only connections, at most [`MAX_OPEN_READERS`] of them at once.
+///
+/// Each connection has a page cache of its own (up to 8 MB): fifty requests at once (a
+/// burst of slow clients) would otherwise open fifty, and the agent's memory would follow
+/// the number of clients. Past the cap a request waits for a connection; reads take
+/// microseconds to milliseconds, a scrape (two at most) longer.
+pub struct Readers {
+    path: PathBuf,
+    /// What a connection opens: `path`, or (for [`at_rest`](Self::at_rest)) its
+    /// `immutable` URI.
+    target: PathBuf,
+    flags: OpenFlags,
+    idle: Mutex<Vec<Connection>>,
+    /// Connections open (idle or in use), and a wake-up when one is given back.
+    open: Mutex<usize>,
+    returned: std::sync::Condvar,
+}
+
+/// Read connections open at most.
+pub const MAX_OPEN_READERS: usize = 8;
+
+impl Readers {
+    /// Readers of the database a [`Writer`] has opened (and so created) at `path`.
+    pub fn new(path: &Path) -> Readers {
+        Readers {
+            path: path.to_path_buf(),
+            target: path.to_path_buf(),
+            flags: OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            idle: Mutex::new(Vec::new()),
+            open: Mutex::new(0),
+            returned: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Readers of a store that no agent is writing, which a reader opens even where it
+    /// may not create the `-shm` file beside it (a group member, in the packaged state
+    /// folder, while the agent is stopped): opened `immutable`, which SQLite allows only
+    /// while nobody writes. The agent keeps its WAL file while it runs, so a store
+    /// without one is at rest.
+    pub fn at_rest(path: &Path) -> Readers {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        // `file://` and an empty authority before an absolute path: else a path that
+        // starts with `//` would be read as an authority.
+        let mut uri = if path.is_absolute() {
+            b"file://".to_vec()
+        } else {
+            b"file:".to_vec()
+        };
+        for &b in path.as_os_str().as_bytes() {
+            match b {
+                b'%' | b'?' | b'#' => uri.extend_from_slice(format!("%{b:02X}").as_bytes()),
+                _ => uri.push(b),
+            }
+        }
+        uri.extend_from_slice(b"?immutable=1");
+        Readers {
+            target: PathBuf::from(std::ffi::OsString::from_vec(uri)),
+            flags: OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+            ..Readers::new(path)
+        }
+    }
+
+    /// Whether an agent may be writing the store at `path`: its WAL file is there.
+    pub fn may_be_written(path: &Path) -> bool {
+        wal_of(path).exists()
+    }
+
+    fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let conn = self.take()?;
+        let result = f(&conn);
+        // Given back under the count's lock, which a waiter holds from its look at the
+        // idle ones until it waits: the wake-up cannot fall between the two.
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        } else {
+            drop(conn);
+            *open -= 1;
+        }
+        drop(idle);
+        drop(open);
+        self.returned.notify_one();
+        result
+    }
+
+    /// The store's size on disk: its database file and its WAL.
+    pub fn file_bytes(&self) -> u64 {
+        [self.path.clone(), wal_of(&self.path)]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// An idle connection, a new one below the cap, or (at the cap) the next given back.
+    fn take(&self) -> rusqlite::Result<Connection> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+                return Ok(conn);
+            }
+            if *open < MAX_OPEN_READERS {
+                *open += 1;
+                break;
+            }
+            open = self.returned.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(open);
+        let opened = open_reader(&self.target, self.flags);
+        if opened.is_err() {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            *open -= 1;
+            drop(open);
+            self.returned.notify_one();
+        }
+        opened
+    }
+
+    /// Runs a customer query and writes the SPEC 1.3 body into `out`.
+    /// Returns the number of rows.
+    pub fn outgoing_calls(&self, query: &CallQuery, out: &mut Vec<u8>) -> rusqlite::Result<usize> {
+        self.outgoing_calls_within(query, out, |_| true)
+            .map(|rows| rows.unwrap_or_default())
+    }
+
+    /// [`outgoing_calls`](Self::outgoing_calls), asking `admit` after each row whether the
+    /// body may hold the memory it now holds (its capacity); `None` (and a body cut
+    /// short) when it said no.
+    pub fn outgoing_calls_within(
+        &self,
+        query: &CallQuery,
+        out: &mut Vec<u8>,
+        mut admit: impl FnMut(usize) -> bool,
+    ) -> rusqlite::Result<Option<usize>> {
+        let (sql, values) = build(query);
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;
+            out.extend_from_slice(b"{\"data\":[");
+            let mut count = 0usize;
+            while let Some(row) = rows.next()? {
+                if count > 0 {
+                    out.push(b',');
+                }
+                write_row(out, row, &ROW_KEYS, 0)?;
+                out.push(b'}');
+                count += 1;
+                if !admit(out.capacity()) {
+                    return Ok(None);
+                }
+            }
+            out.extend_from_slice(b"],\"rows\":");
+            let _ = write!(out, "{count}");
+            out.push(b'}');
+            Ok(Some(count))
+        })
+    }
+
+    /// Every call of every node not stale at `now_ms`, read in one transaction (so
+    /// from one state of the store, however long the reading takes). `nodes` first gets the
+    /// nodes with the generation their calls last changed in, and says whether to go on;
+    /// then `row` gets each call as a JSON object (SPEC 6), until it says to stop.
+    pub fn scrape(
+        &self,
+        now_ms: i64,
+        nodes: impl FnOnce(&[NodeGeneration]) -> bool,
+        mut row: impl FnMut(&[u8]) -> bool,
+    ) -> rusqlite::Result<()> {
+        self.with_connection(|conn| {
+            let tx = conn.unchecked_transaction()?;
+            if !nodes(&current_nodes(&tx, now_ms)?) {
+                return Ok(());
+            }
+            let mut stmt = tx.prepare_cached(SCRAPE_CALLS)?;
+            let mut rows = stmt.query([now_ms])?;
+            let mut out = Vec::with_capacity(2048);
+            while let Some(r) = rows.next()? {
+                out.clear();
+                write_scrape_row(&mut out, r)?;
+                if !row(&out) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The calls of `listing`, in a customer answer's order, each as a scrape's JSON
+    /// object (SPEC 6). All are read before any is returned, so that no read of the
+    /// store waits on whoever prints them.
+    pub fn list_calls(&self, listing: &CallListing) -> rusqlite::Result<Vec<Vec<u8>>> {
+        let (sql, values) = build_listing(listing, None);
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare(&sql)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(values.iter()))?;
+            let mut calls = Vec::new();
+            while let Some(r) = rows.next()? {
+                let mut call = Vec::with_capacity(1024);
+                write_scrape_row(&mut call, r)?;
+                calls.push(call);
+            }
+            Ok(calls)
+        })
+    }
+
+    /// How many calls of `listing` each node, customer or account has: (its id, calls),
+    /// the most calls first.
+    pub fn count_calls(
+        &self,
+        listing: &CallListing,
+        by: CountBy,
+    ) -> rusqlite::Result<Vec<(i64, i64)>> {
+        let (sql, values) = build_listing(listing, Some(by));
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(values.iter()), |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// The nodes a scrape at `now_ms` would show: enough for its `ETag`.
+    pub fn node_generations(&self, now_ms: i64) -> rusqlite::Result<Vec<NodeGeneration>> {
+        self.with_connection(|conn| current_nodes(conn, now_ms))
+    }
+
+    /// Every node with a snapshot, with its call count (an index range per node).
+    pub fn node_stats(&self) -> rusqlite::Result<Vec<NodeStats>> {
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare_cached(NODE_STATS)?;
+            let rows = stmt.query_map([], |r| {
+                Ok(NodeStats {
+                    node_id: r.get(0)?,
+                    received_at_ms: r.get(1)?,
+                    heard_at_ms: r.get(2)?,
+                    expires_at_ms: r.get(3)?,
+                    period_ms: r.get(4)?,
+                    calls: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// `EXPLAIN QUERY PLAN` of a customer query, one line per step: how the tests (and an
+    /// operator) check that a filter is an index search.
+    pub fn explain(&self, query: &CallQuery) -> rusqlite::Result<Vec<String>> {
+        let (sql, values) = build(query);
+        self.with_connection(|conn| {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(values.iter()), |r| {
+                r.get::<_, String>(3)
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+/// The WAL file beside the database at `path`.
+fn wal_of(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// The nodes not stale at `now_ms`, by node id.
+fn current_nodes(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<NodeGeneration>> {
+    conn.prepare_cached(SCRAPE_NODES)?
+        .query_map([now_ms], |r| {
+            Ok(NodeGeneration {
+                node_id: r.get(0)?,
+                changed_in: r.get(1)?,
+                period_ms: r.get(2)?,
+            })
+        })?
+        .collect()
+}
+
+/// Writes a row of [`SCRAPE_CALLS`] or [`LISTED_CALLS`] as a JSON object.
+fn write_scrape_row(out: &mut Vec<u8>, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
+    write_row(out, row, &SCRAPE_KEYS, 0)?;
+    write_row(out, row, &ROW_KEYS[1..], SCRAPE_KEYS.len())?;
+    out.push(b'}');
+    Ok(())
+}
+
+/// Writes columns `first..` of `row`, each after its key from `keys`.
+fn write_row(
+    out: &mut Vec<u8>,
+    row: &rusqlite::Row<'_>,
+    keys: &[&str],
+    first: usize,
+) -> rusqlite::Result<()> {
+    for (i, key) in keys.iter().enumerate() {
+        out.extend_from_slice(key.as_bytes());
+        write_json_value(out, row.get_ref(first + i)?);
+    }
+    Ok(())
+}
+
+fn write_json_value(out: &mut Vec<u8>, value: ValueRef<'_>) {
+    match value {
+        ValueRef::Null => out.extend_from_slice(b"null"),
+        ValueRef::Integer(i) => {
+            let _ = write!(out, "{i}");
+        }
+        ValueRef::Real(f) => {
+            let _ = write!(out, "{f}");
+        }
+        ValueRef::Text(t) | ValueRef::Blob(t) => write_json_string(out, t),
+    }
+}
+
+/// Writes a JSON string the way the central API (Rails) does: besides the mandatory
+/// escapes, `<`, `>`, `&`, U+2028 and U+2029 are escaped as `\uXXXX`.
+pub fn write_json_string(out: &mut Vec<u8>, text: &[u8]) {
+    /// Bytes that may need an escape: the ASCII ones to escape, and 0xE2, which starts
+    /// U+2028 and U+2029. Every other byte is copied as it is, in runs.
+    fn special(b: u8) -> bool {
+        b < 0x20 || matches!(b, b'"' | b'\\' | b'<' | b'>' | b'&' | 0xE2)
+    }
+    out.push(b'"');
+    let mut copied = 0;
+    let mut i = 0;
+    while i < text.len() {
+        let b = text[i];
+        if !special(b) {
+            i += 1;
+            continue;
+        }
+        out.extend_from_slice(&text[copied..i]);
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0xE2 if text.get(i + 1) == Some(&0x80)
+                && matches!(text.get(i + 2), Some(0xA8 | 0xA9)) =>
+            {
+                let last = if text[i + 2] == 0xA8 {
+                    b"\\u2028"
+                } else {
+                    b"\\u2029"
+                };
+                out.extend_from_slice(last);
+                i += 2;
+            }
+            0xE2 => out.push(b),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xF)]);
+            }
+        }
+        i += 1;
+        copied = i;
+    }
+    out.extend_from_slice(&text[copied..]);
+    out.push(b'"');
+}
+
+/// A read connection, with its page cache bounded.
+fn open_reader(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = open(path, flags)?;
+    conn.pragma_update(None, "cache_size", -8 * 1024)?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SCHEMA, Writer};
+
+    #[test]
+    fn a_store_at_rest_is_read_whatever_its_path_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("a b?c%41#d;e");
+        std::fs::create_dir(&folder).unwrap();
+        let relative_dir = tempfile::tempdir_in(".").unwrap();
+        let relative = relative_dir
+            .path()
+            .strip_prefix(std::env::current_dir().unwrap())
+            .unwrap()
+            .join("calls?.db");
+        let doubled = PathBuf::from(format!("/{}", folder.join("calls.db").display()));
+        for path in [folder.join("calls#1.db"), doubled, relative] {
+            drop(Writer::open(&path).unwrap());
+            assert!(
+                !Readers::may_be_written(&path),
+                "{}: a WAL left",
+                path.display()
+            );
+            let readers = Readers::at_rest(&path);
+            assert_eq!(readers.node_stats().unwrap(), [], "{}", path.display());
+            assert!(!Readers::may_be_written(&path), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn readers_open_at_most_their_cap_whatever_the_demand() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calls.db");
+        let _writer = Writer::open(&path).unwrap();
+        let readers = Readers::new(&path);
+        let (busy, most) = (
+            std::sync::atomic::AtomicUsize::new(0),
+            std::sync::atomic::AtomicUsize::new(0),
+        );
+        std::thread::scope(|scope| {
+            for _ in 0..(MAX_OPEN_READERS * 3) {
+                scope.spawn(|| {
+                    readers
+                        .with_connection(|conn| {
+                            let now = busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                            most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(30));
+                            busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))
+                        })
+                        .unwrap();
+                });
+            }
+        });
+        let most = most.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most <= MAX_OPEN_READERS && most > 1, "{most} at once");
+        assert!(*readers.open.lock().unwrap() <= MAX_IDLE_READERS);
+    }
+
+    #[test]
+    fn a_scrape_reads_in_index_order_without_sorting() {
+        // A sort would hold every call in memory before the first row goes out.
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {SCRAPE_CALLS}"))
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map([0], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+        assert!(
+            plan.iter().any(|step| step.contains("calls_by_node")),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn upper_bounds_cover_exactly_the_prefix() {
+        assert_eq!(prefix_upper_bound(b"abc"), Some(b"abd".to_vec()));
+        assert_eq!(prefix_upper_bound(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_upper_bound(b"\xff\xff"), None);
+        assert_eq!(prefix_upper_bound(b""), None);
+    }
+
+    #[test]
+    fn json_strings_escape_like_rails() {
+        let mut out = Vec::new();
+        write_json_string(&mut out, "a\"b\\c\n<sip:1@x>&\u{1}\u{2028}Zoë".as_bytes());
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            r#""a\"b\\c\n\u003csip:1@x\u003e\u0026\u0001\u2028Zoë""#
+        );
+        let parsed: String = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed, "a\"b\\c\n<sip:1@x>&\u{1}\u{2028}Zoë");
+    }
+}

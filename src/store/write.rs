@@ -1,0 +1,774 @@
+//! Writing the store: one connection, one snapshot at a time, writing only what changed.
+//!
+//! The [`SnapshotTx`] finds each incoming call in the writer's picture of the stored calls
+//! ([`Stored`]), compares the hash of its row and rewrites it only when it differs (and its
+//! index entries only when an indexed value did); calls the snapshot no longer has are
+//! deleted at commit, in account order. A snapshot that rewrites a large share of the
+//! table drops the secondary indexes and sorts them anew at commit.
+//!
+//! A snapshot is the authority, call by call, except where a call event knows better
+//! (SPEC 2.4): a call an event ended stays ended against a snapshot dated before the end
+//! (and against a buffered row); a call an event started or answered after the snapshot's
+//! date keeps what the event made of it, and is not removed for being absent.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rusqlite::{Connection, OpenFlags, params};
+
+use super::nodes::{self, Periods, STALE_NODES};
+use super::read::Blob;
+use super::stored::{IntMap, IntSet, Stored, StoredCall};
+use super::{Origin, SCHEMA, SCHEMA_VERSION, Staleness, open};
+use crate::call::{CallRow, LineKey};
+use crate::clock::{format_datetime, parse_datetime, unix_millis};
+
+pub(super) const INSERT_CALL: &str = "INSERT INTO calls (
+    call_id, node_id, local_tag, customer_id, customer_acc_id, snapshot_timestamp, start_time, connect_time,
+    destination_prefix, destination_initial_interval, destination_initial_rate,
+    destination_next_interval, destination_next_rate, destination_fee,
+    src_name_in, src_prefix_in, dst_prefix_in, src_prefix_routing, dst_prefix_routing,
+    from_domain, to_domain, ruri_domain,
+    diversion_in, pai_in, ppi_in, privacy_in, rpid_in, rpid_privacy_in,
+    auth_orig_transport_protocol_id, auth_orig_ip, auth_orig_port,
+    src_name_in_rev, src_prefix_in_rev, dst_prefix_in_rev, src_prefix_routing_rev, dst_prefix_routing_rev,
+    row_hash, key_hash, line_key, event_ms
+) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20,
+    ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37, ?38, ?39, ?40)";
+/// A changed call whose indexed values did not change: its index entries stay as they are.
+/// It takes the parameters of [`INSERT_CALL`], and uses those it needs.
+pub(super) const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
+    customer_id = ?4, snapshot_timestamp = ?6, start_time = ?7, connect_time = ?8,
+    destination_prefix = ?9, destination_initial_interval = ?10, destination_initial_rate = ?11,
+    destination_next_interval = ?12, destination_next_rate = ?13, destination_fee = ?14,
+    from_domain = ?20, to_domain = ?21, ruri_domain = ?22,
+    diversion_in = ?23, pai_in = ?24, ppi_in = ?25, privacy_in = ?26, rpid_in = ?27, rpid_privacy_in = ?28,
+    auth_orig_transport_protocol_id = ?29, auth_orig_ip = ?30, auth_orig_port = ?31,
+    row_hash = ?37, key_hash = ?38, line_key = ?39, event_ms = ?40
+  WHERE call_id = ?1";
+/// An unchanged call whose line did change (a key the agent ignores): the new line's key
+/// is kept, so that the call's next line takes the fast path.
+const UPDATE_LINE_KEY: &str = "UPDATE calls SET line_key = ?2 WHERE call_id = ?1";
+pub(super) const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
+pub(super) const NEXT_GENERATION: &str = "UPDATE generation SET last = last + 1 RETURNING last";
+/// A call an event ended, brought back by a snapshot dated after the end: no longer
+/// remembered as ended.
+pub(super) const FORGET_ENDED: &str =
+    "DELETE FROM ended_calls WHERE node_id = ?1 AND local_tag = ?2";
+const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
+const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
+const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
+/// The indexes a bulk write drops: all of them (the writer finds stored calls in its own
+/// memory, never through an index).
+const CALLS_INDEXES: &str = "SELECT name, sql FROM sqlite_schema
+    WHERE type = 'index' AND tbl_name = 'calls' AND sql IS NOT NULL";
+const CALLS_STATS: &str = "SELECT idx, stat FROM sqlite_stat1 WHERE tbl = 'calls'";
+const PUT_CALLS_STAT: &str = "INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('calls', ?1, ?2)";
+const CLEAR_CALLS_STATS: &str = "DELETE FROM sqlite_stat1 WHERE tbl = 'calls'";
+
+/// A snapshot that writes at least this many calls, and at least [`BULK_SHARE`] of the
+/// table, drops the secondary indexes and builds them again at commit: sorting once beats
+/// that many random index updates (see PERF-NOTES).
+const BULK_MIN_WRITES: u64 = 5_000;
+const BULK_SHARE: f64 = 0.3;
+
+/// The one connection that writes, and what it knows of the stored calls.
+pub struct Writer {
+    pub(super) conn: Connection,
+    /// The stored calls as the last committed snapshot left them, kept between snapshots
+    /// so that an apply reads nothing it already knows. `None` until the first snapshot,
+    /// after a failed one (its changes were rolled back, its picture is wrong), and after
+    /// [`release_memory`](Self::release_memory).
+    pub(super) stored: Option<Stored>,
+    /// Whether unchanged lines are recognised by their key (see [`set_fast_path`](Self::set_fast_path)).
+    fast_path: bool,
+    /// When a silent node's calls stop being current.
+    pub(super) staleness: Staleness,
+    /// The recent gaps between each node's snapshots, its period learned from them.
+    periods: Periods,
+}
+
+impl Writer {
+    /// Opens the database at `path`, creating it and its directory if needed, and brings
+    /// the schema to [`SCHEMA_VERSION`] (an older or newer schema is rebuilt empty: the
+    /// calls are a cache of what the switch resends every period).
+    pub fn open(path: &Path) -> anyhow::Result<Writer> {
+        use anyhow::Context;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the store directory {}", dir.display()))?;
+        }
+        let conn = open(path, OpenFlags::default())
+            .with_context(|| format!("opening the store {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The indexes of a 100k-call node must stay in cache during an apply.
+        conn.pragma_update(None, "cache_size", -32 * 1024)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // Index builds sort with a second thread.
+        conn.pragma_update(None, "threads", 2)?;
+        // The WAL is copied back into the database between snapshots (see `copy_back`),
+        // not inside the commit that a waiting switch or reader is timing.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version != SCHEMA_VERSION {
+            if version != 0 {
+                tracing::warn!(
+                    found = version,
+                    want = SCHEMA_VERSION,
+                    "store schema differs; rebuilding it empty"
+                );
+            }
+            conn.execute_batch(&format!(
+                "BEGIN; DROP TABLE IF EXISTS calls; DROP TABLE IF EXISTS nodes;
+                 DROP TABLE IF EXISTS generation; DROP TABLE IF EXISTS ended_calls;
+                 {SCHEMA} COMMIT;"
+            ))
+            .context("applying schema.sql")?;
+        }
+        Ok(Writer {
+            conn,
+            stored: None,
+            fast_path: true,
+            staleness: Staleness::Auto,
+            periods: Periods::default(),
+        })
+    }
+
+    /// Sets when a silent node's calls stop being current (the default: [`Staleness::Auto`]),
+    /// for the nodes stored already too.
+    pub fn set_staleness(&mut self, staleness: Staleness) -> rusqlite::Result<()> {
+        self.staleness = staleness;
+        nodes::set_expiries(&self.conn, staleness)
+    }
+
+    /// Starts applying one snapshot received at `received_at`.
+    pub fn begin(
+        &mut self,
+        origin: Origin,
+        received_at: SystemTime,
+    ) -> rusqlite::Result<SnapshotTx<'_>> {
+        let received_at_ms = unix_millis(received_at);
+        let Writer {
+            conn,
+            stored,
+            fast_path,
+            staleness,
+            periods,
+        } = self;
+        let tx = conn.transaction()?;
+        let mut calls = match stored.take() {
+            Some(calls) => calls,
+            None => Stored::load(&tx)?,
+        };
+        calls.epoch += 1;
+        // Into an empty store every row is new: the indexes are built once, at commit, from
+        // the first row on.
+        let bulk_after = if calls.calls.is_empty() {
+            1
+        } else {
+            BULK_MIN_WRITES.max((calls.calls.len() as f64 * BULK_SHARE) as u64)
+        };
+        Ok(SnapshotTx {
+            tx,
+            keep: stored,
+            origin,
+            received_at_ms,
+            received_timestamp: format_datetime(received_at_ms.div_euclid(1000)),
+            stored: calls,
+            nodes: IntMap::default(),
+            staleness: *staleness,
+            periods,
+            suppressed: 0,
+            retired_lines: IntSet::default(),
+            new_lines: Vec::new(),
+            changed_nodes: IntSet::default(),
+            written: 0,
+            bulk_after,
+            dropped_indexes: None,
+            fast_path: *fast_path,
+        })
+    }
+
+    /// With `false`, every line of a snapshot is parsed in full and no line key is kept:
+    /// the reference the fast path is checked against (tests and fuzzing). On by default.
+    pub fn set_fast_path(&mut self, on: bool) {
+        self.fast_path = on;
+    }
+
+    /// Removes the calls of every node that has expired by `now` (SPEC 2.2, 2.5: silence
+    /// expires), and forgets the ended calls past their bound. Returns the nodes removed.
+    pub fn expire(&mut self, now: SystemTime) -> rusqlite::Result<Vec<i64>> {
+        let now_ms = unix_millis(now);
+        self.forget_old_ended(now_ms)?;
+        let tx = self.conn.transaction()?;
+        let stale: Vec<i64> = tx
+            .prepare_cached(STALE_NODES)?
+            .query_map([now_ms], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if stale.is_empty() {
+            return Ok(stale);
+        }
+        // Rare: the writer reads the calls anew with the next snapshot.
+        self.stored = None;
+        for node in &stale {
+            tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])?;
+            tx.prepare_cached(DELETE_NODE)?.execute([node])?;
+            self.periods.forget(*node);
+        }
+        tx.commit()?;
+        Ok(stale)
+    }
+
+    /// Checkpoints the WAL into the database file and empties it (at shutdown).
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+    }
+
+    /// Copies what the WAL holds back into the database file, without waiting for
+    /// readers (they keep what they read): the writer's work between two snapshots.
+    pub fn copy_back(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+    }
+
+    /// Gives back what an apply holds between snapshots, the writer's picture of the
+    /// stored calls and the page cache, to SQLite's allocator and from there to the
+    /// system: an idle agent beside a busy switch stays small.
+    pub fn release_memory(&mut self) -> rusqlite::Result<()> {
+        self.stored = None;
+        self.conn.execute_batch("PRAGMA shrink_memory")?;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim has no preconditions: it only returns free heap pages to the
+        // kernel, under glibc's own arena locks, and is safe to call from any thread.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        Ok(())
+    }
+}
+
+/// What a committed snapshot changed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub nodes: Vec<i64>,
+    pub written: u64,
+    pub removed: u64,
+    /// Rows of calls an event ended that the snapshot would have brought back (SPEC 2.4).
+    pub suppressed: u64,
+    /// Whether the secondary indexes were rebuilt instead of updated.
+    pub rebuilt_indexes: bool,
+    /// Whether the store held this very snapshot already: every node of it had its
+    /// snapshot timestamp, and no call changed (the snapshot file applied again at a
+    /// start, a switch's resend of a POST). Its rows went to the relay the first time.
+    pub repeat: bool,
+}
+
+/// The secondary indexes dropped for a bulk write, with their planner statistics.
+struct DroppedIndexes {
+    create: Vec<String>,
+    stats: Vec<(Option<String>, String)>,
+}
+
+/// One snapshot being applied: lines go in with [`put_unchanged`](Self::put_unchanged) or
+/// [`put`](Self::put), and nothing is visible until [`commit`](Self::commit). Dropping it
+/// rolls everything back (and the writer forgets its picture of the stored calls, which
+/// this snapshot changed).
+pub struct SnapshotTx<'w> {
+    tx: rusqlite::Transaction<'w>,
+    /// Where the picture of the stored calls goes back once the snapshot committed.
+    keep: &'w mut Option<Stored>,
+    origin: Origin,
+    received_at_ms: i64,
+    received_timestamp: String,
+    stored: Stored,
+    /// The nodes this snapshot contains, with their snapshot timestamp (its first row's).
+    nodes: IntMap<i64, Option<String>>,
+    staleness: Staleness,
+    periods: &'w mut Periods,
+    /// Rows not applied because an event ended their call.
+    suppressed: u64,
+    /// Line keys that no longer stand for their call (it was rewritten by this snapshot),
+    /// and the new keys: `by_line` is shared with the reader, so it changes at commit.
+    retired_lines: IntSet<i64>,
+    new_lines: Vec<(i64, i64)>,
+    /// The nodes some of whose calls this snapshot wrote or removed.
+    changed_nodes: IntSet<i64>,
+    written: u64,
+    bulk_after: u64,
+    dropped_indexes: Option<DroppedIndexes>,
+    fast_path: bool,
+}
+
+impl SnapshotTx<'_> {
+    /// The line keys of the stored calls, for the reader that decides what to parse.
+    pub fn line_keys(&self) -> LineKeys {
+        if self.fast_path {
+            LineKeys(self.stored.by_line.clone())
+        } else {
+            LineKeys(Arc::default())
+        }
+    }
+
+    /// Marks `node_id` as contained in this snapshot (also when all its rows were bad).
+    pub fn touch_node(&mut self, node_id: i64) -> rusqlite::Result<()> {
+        self.nodes.entry(node_id).or_default();
+        Ok(())
+    }
+
+    /// Whether a row of `node_id` with snapshot timestamp `row` (`None`: the receive time)
+    /// keeps a timestamp of its own: the first row of a node sets the node's.
+    fn own_timestamp(&mut self, node_id: i64, row: Option<&str>) -> bool {
+        let row = row.unwrap_or(&self.received_timestamp);
+        let node = self.nodes.entry(node_id).or_default();
+        match node {
+            Some(node) => node != row,
+            None => {
+                *node = Some(row.to_owned());
+                false
+            }
+        }
+    }
+
+    /// The fast path: a line whose key is that of a stored call, which would change
+    /// nothing. Returns `false` when the line must be parsed and [`put`](Self::put) instead.
+    pub fn put_unchanged(&mut self, key: &LineKey<'_>) -> rusqlite::Result<bool> {
+        if self.retired_lines.contains(&key.hash) {
+            return Ok(false);
+        }
+        let Some(&call_id) = self.stored.by_line.get(&key.hash) else {
+            return Ok(false);
+        };
+        let epoch = self.stored.epoch;
+        let Some(call) = self.stored.calls.get(&call_id) else {
+            return Ok(false);
+        };
+        if call.own_timestamp || call.seen_in == epoch {
+            return Ok(false);
+        }
+        let node_id = call.node_id;
+        if self.own_timestamp(node_id, key.snapshot_timestamp) {
+            return Ok(false);
+        }
+        if let Some(call) = self.stored.calls.get_mut(&call_id) {
+            call.seen_in = epoch;
+        }
+        Ok(true)
+    }
+
+    /// Adds or updates one call; the last row of a repeated call wins. `line_key` is the
+    /// key of the line it was read from, kept for the fast path of the next snapshot.
+    /// Where an event knows the call better (SPEC 2.4), the row changes nothing.
+    pub fn put(&mut self, row: &CallRow<'_>, line_key: Option<i64>) -> rusqlite::Result<()> {
+        let line_key = line_key.filter(|_| self.fast_path);
+        let own = self.own_timestamp(row.node_id, row.snapshot_timestamp.as_deref());
+        let row_timestamp = row
+            .snapshot_timestamp
+            .as_deref()
+            .unwrap_or(&self.received_timestamp);
+        let dated_ms = timestamp_ms(row_timestamp);
+        let tag = self.stored.tag_hash(row.node_id, row.local_tag.as_bytes());
+        if let Some(&ended_at) = self.stored.ended.get(&tag) {
+            if row.buffered || dated_ms < ended_at {
+                self.suppressed += 1;
+                return Ok(());
+            }
+            // A snapshot after the end still has it: the snapshot is the newer word.
+            self.tx
+                .prepare_cached(FORGET_ENDED)?
+                .execute(params![row.node_id, row.local_tag])?;
+            self.stored.ended.remove(&tag);
+        }
+        let epoch = self.stored.epoch;
+        let known = self.stored.find(tag);
+        if let Some((call_id, call)) = known
+            && call.event_ms.is_some_and(|event| dated_ms < event)
+        {
+            // An event answered or started it after this snapshot was taken.
+            if let Some(call) = self.stored.calls.get_mut(&call_id) {
+                call.seen_in = epoch;
+            }
+            return Ok(());
+        }
+        let values = CallValues::of(row, own.then_some(row_timestamp), line_key, None);
+        let (key_hash, row_hash) = (values.key_hash, values.row_hash);
+        let updated = StoredCall {
+            node_id: row.node_id,
+            tag,
+            account: row.customer_acc_id,
+            row_hash,
+            key_hash,
+            line_key,
+            own_timestamp: own,
+            seen_in: epoch,
+            event_ms: None,
+        };
+        if let Some((call_id, call)) = known {
+            if let Some(old) = call.line_key.filter(|old| Some(*old) != line_key) {
+                // The stored line no longer stands for this call: a repeat of it later in
+                // this snapshot must not pass as unchanged.
+                self.retired_lines.insert(old);
+            }
+            let same_account = call.account == row.customer_acc_id;
+            if same_account && call.row_hash == row_hash && call.event_ms.is_none() {
+                if call.line_key != line_key {
+                    self.tx
+                        .prepare_cached(UPDATE_LINE_KEY)?
+                        .execute(params![call_id, line_key])?;
+                    self.new_lines.extend(line_key.map(|line| (line, call_id)));
+                }
+                self.stored.calls.insert(call_id, updated);
+                return Ok(());
+            }
+            self.changed_nodes.insert(row.node_id);
+            self.written += 1;
+            if same_account && call.key_hash == key_hash {
+                // Only unindexed values changed (a call connecting, a rate): rewrite those.
+                values.write(&self.tx, UPDATE_CALL_VALUES, call_id)?;
+                self.new_lines.extend(line_key.map(|line| (line, call_id)));
+                self.stored.calls.insert(call_id, updated);
+                return Ok(());
+            }
+            // An indexed value changed: the row goes and comes back, its entries with it.
+            self.tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
+            self.stored.remove(call_id);
+        } else {
+            self.changed_nodes.insert(row.node_id);
+            self.written += 1;
+        }
+        let call_id = self.stored.next_call_id(row.customer_acc_id);
+        values.write(&self.tx, INSERT_CALL, call_id)?;
+        self.stored.insert(call_id, updated);
+        self.new_lines.extend(line_key.map(|line| (line, call_id)));
+        if self.written >= self.bulk_after && self.dropped_indexes.is_none() {
+            self.dropped_indexes = Some(drop_secondary_indexes(&self.tx)?);
+        }
+        Ok(())
+    }
+
+    /// Deletes the calls the snapshot no longer has, records its nodes, rebuilds dropped
+    /// indexes, and makes it all visible at once.
+    pub fn commit(mut self) -> rusqlite::Result<Changes> {
+        let mut changes = Changes {
+            written: self.written,
+            suppressed: self.suppressed,
+            rebuilt_indexes: self.dropped_indexes.is_some(),
+            ..Changes::default()
+        };
+        // Each node's date, against which an event's knowledge of a call is newer or not.
+        let dated: IntMap<i64, i64> = self
+            .nodes
+            .iter()
+            .map(|(&node, timestamp)| {
+                let timestamp = timestamp.as_deref().unwrap_or(&self.received_timestamp);
+                (node, timestamp_ms(timestamp))
+            })
+            .collect();
+        // Calls of its nodes that the snapshot no longer has (but those an event started or
+        // answered after it was taken), in account order: consecutive deletes then touch
+        // neighbouring entries of every (account, …) index.
+        let epoch = self.stored.epoch;
+        let mut gone: Vec<(i64, i64)> = self
+            .stored
+            .calls
+            .iter()
+            .filter(|(_, c)| {
+                c.seen_in != epoch
+                    && dated
+                        .get(&c.node_id)
+                        .is_some_and(|&dated| c.event_ms.is_none_or(|event| event <= dated))
+            })
+            .map(|(&id, c)| (c.account, id))
+            .collect();
+        gone.sort_unstable();
+        let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
+        for &(_, call_id) in &gone {
+            changes.removed += delete.execute([call_id])? as u64;
+            if let Some(call) = self.stored.remove(call_id) {
+                self.changed_nodes.insert(call.node_id);
+                if let Some(line) = call.line_key {
+                    self.retired_lines.insert(line);
+                }
+            }
+        }
+        drop(delete);
+        let mut forget = false;
+        if self.origin == Origin::File {
+            // The file is the whole state of the nodes it feeds: a node it fed before and
+            // no longer names has no calls.
+            let fed_before: Vec<i64> = self
+                .tx
+                .prepare_cached(NODES_OF_SOURCE)?
+                .query_map([Origin::File.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
+                let removed = self.tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])?;
+                changes.removed += removed as u64;
+                self.tx.prepare_cached(DELETE_NODE)?.execute([node])?;
+                // Rare: the writer reads the calls anew with the next snapshot.
+                forget |= removed > 0;
+            }
+        }
+        // After the deletes, which then had no index entries to remove.
+        if let Some(dropped) = &self.dropped_indexes {
+            rebuild_secondary_indexes(&self.tx, dropped)?;
+        }
+        let generation: i64 = self
+            .tx
+            .prepare_cached(NEXT_GENERATION)?
+            .query_row([], |r| r.get(0))?;
+        changes.repeat = changes.written == 0 && changes.removed == 0 && !self.nodes.is_empty();
+        for (node_id, timestamp) in &self.nodes {
+            let timestamp = timestamp.as_deref().unwrap_or(&self.received_timestamp);
+            let before = nodes::put(
+                &self.tx,
+                self.periods,
+                self.staleness,
+                *node_id,
+                self.received_at_ms,
+                timestamp,
+                self.origin.as_str(),
+                generation,
+                self.changed_nodes.contains(node_id),
+            )?;
+            changes.repeat &= before.as_deref() == Some(timestamp);
+            changes.nodes.push(*node_id);
+        }
+        self.tx.commit()?;
+        if !forget {
+            // The reader thread has ended: the line keys are the writer's alone again.
+            let by_line = Arc::make_mut(&mut self.stored.by_line);
+            for line in &self.retired_lines {
+                by_line.remove(line);
+            }
+            for &(line, call_id) in &self.new_lines {
+                // Only a line its call still has (a call rewritten twice in one snapshot
+                // left a line behind).
+                if self
+                    .stored
+                    .calls
+                    .get(&call_id)
+                    .is_some_and(|c| c.line_key == Some(line))
+                {
+                    by_line.insert(line, call_id);
+                }
+            }
+            *self.keep = Some(self.stored);
+        }
+        changes.nodes.sort_unstable();
+        Ok(changes)
+    }
+}
+
+/// The line keys of the stored calls as a snapshot began: what its reader needs not parse.
+#[derive(Clone)]
+pub struct LineKeys(Arc<IntMap<i64, i64>>);
+
+impl LineKeys {
+    pub fn contains(&self, hash: i64) -> bool {
+        self.0.contains_key(&hash)
+    }
+}
+
+/// What a call's row is written with, by [`INSERT_CALL`] and [`UPDATE_CALL_VALUES`] alike.
+pub(super) struct CallValues<'r, 'a> {
+    row: &'r CallRow<'a>,
+    own_timestamp: Option<&'r str>,
+    pub(super) row_hash: i64,
+    pub(super) key_hash: i64,
+    line_key: Option<i64>,
+    /// `calls.event_ms`: `None` for a snapshot's row.
+    event_ms: Option<i64>,
+}
+
+impl CallValues<'_, '_> {
+    /// The values of `row` as it is stored, with its own `snapshot_timestamp` if it has one.
+    pub(super) fn of<'r, 'a>(
+        row: &'r CallRow<'a>,
+        own_timestamp: Option<&'r str>,
+        line_key: Option<i64>,
+        event_ms: Option<i64>,
+    ) -> CallValues<'r, 'a> {
+        let (key_hash, row_hash) = row_hashes(row, own_timestamp);
+        CallValues {
+            row,
+            own_timestamp,
+            row_hash,
+            key_hash,
+            line_key,
+            event_ms,
+        }
+    }
+
+    pub(super) fn write(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        sql: &str,
+        call_id: i64,
+    ) -> rusqlite::Result<()> {
+        let row = self.row;
+        let rev = |s: &str| Blob(s.bytes().rev().collect());
+        tx.prepare_cached(sql)?.execute(params![
+            call_id,
+            row.node_id,
+            row.local_tag,
+            row.customer_id,
+            row.customer_acc_id,
+            self.own_timestamp,
+            row.start_time,
+            row.connect_time,
+            row.destination_prefix,
+            row.destination_initial_interval,
+            row.destination_initial_rate,
+            row.destination_next_interval,
+            row.destination_next_rate,
+            row.destination_fee,
+            row.src_name_in,
+            row.src_prefix_in,
+            row.dst_prefix_in,
+            row.src_prefix_routing,
+            row.dst_prefix_routing,
+            row.from_domain,
+            row.to_domain,
+            row.ruri_domain,
+            row.diversion_in,
+            row.pai_in,
+            row.ppi_in,
+            row.privacy_in,
+            row.rpid_in,
+            row.rpid_privacy_in,
+            row.auth_orig_transport_protocol_id,
+            row.auth_orig_ip,
+            row.auth_orig_port,
+            rev(&row.src_name_in),
+            rev(&row.src_prefix_in),
+            rev(&row.dst_prefix_in),
+            rev(&row.src_prefix_routing),
+            rev(&row.dst_prefix_routing),
+            self.row_hash,
+            self.key_hash,
+            self.line_key,
+            self.event_ms,
+        ])?;
+        Ok(())
+    }
+}
+
+/// Drops the indexes of `calls` (their definitions and statistics kept, from the database
+/// itself: `schema.sql` stays their one source).
+fn drop_secondary_indexes(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<DroppedIndexes> {
+    let indexes: Vec<(String, String)> = tx
+        .prepare(CALLS_INDEXES)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let stats = tx
+        .prepare(CALLS_STATS)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (name, _) in &indexes {
+        // The name comes from sqlite_schema, not from input.
+        tx.execute_batch(&format!("DROP INDEX \"{}\"", name.replace('"', "\"\"")))?;
+    }
+    Ok(DroppedIndexes {
+        create: indexes.into_iter().map(|(_, sql)| sql).collect(),
+        stats,
+    })
+}
+
+fn rebuild_secondary_indexes(
+    tx: &rusqlite::Transaction<'_>,
+    dropped: &DroppedIndexes,
+) -> rusqlite::Result<()> {
+    for sql in &dropped.create {
+        tx.execute_batch(sql)?;
+    }
+    tx.execute(CLEAR_CALLS_STATS, [])?;
+    for (idx, stat) in &dropped.stats {
+        tx.execute(PUT_CALLS_STAT, params![idx, stat])?;
+    }
+    Ok(())
+}
+
+/// FNV-1a over the stored values of a call: stable across runs and releases (unlike
+/// std's hasher), so hashes stored by one run compare with the next run's. The first hash
+/// covers the indexed values, the second everything.
+fn row_hashes(row: &CallRow<'_>, own_timestamp: Option<&str>) -> (i64, i64) {
+    let mut h = Fnv::default();
+    h.int(row.customer_acc_id);
+    for s in [
+        &row.src_name_in,
+        &row.src_prefix_in,
+        &row.dst_prefix_in,
+        &row.src_prefix_routing,
+        &row.dst_prefix_routing,
+    ] {
+        h.str(s);
+    }
+    let key_hash = h.0 as i64;
+    h.int(row.customer_id);
+    h.opt(own_timestamp);
+    h.str(&row.start_time);
+    h.opt(row.connect_time.as_deref());
+    h.str(&row.destination_prefix);
+    h.int(row.destination_initial_interval);
+    h.str(&row.destination_initial_rate);
+    h.int(row.destination_next_interval);
+    h.str(&row.destination_next_rate);
+    h.str(&row.destination_fee);
+    for s in [&row.from_domain, &row.to_domain, &row.ruri_domain] {
+        h.str(s);
+    }
+    for s in [
+        &row.diversion_in,
+        &row.pai_in,
+        &row.ppi_in,
+        &row.privacy_in,
+        &row.rpid_in,
+        &row.rpid_privacy_in,
+    ] {
+        h.opt(s.as_deref());
+    }
+    h.int(row.auth_orig_transport_protocol_id);
+    h.str(&row.auth_orig_ip);
+    h.int(row.auth_orig_port);
+    (key_hash, h.0 as i64)
+}
+
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    /// Length-prefixed, so ("ab","c") and ("a","bc") differ.
+    fn str(&mut self, s: &str) {
+        self.bytes(&(s.len() as u64).to_le_bytes());
+        self.bytes(s.as_bytes());
+    }
+    fn opt(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.bytes(&[1]);
+                self.str(s);
+            }
+            None => self.bytes(&[0]),
+        }
+    }
+    fn int(&mut self, i: i64) {
+        self.bytes(&i.to_le_bytes());
+    }
+}
+
+/// The unix milliseconds of a stored `YYYY-MM-DD hh:mm:ss` (the feed checked its form; a
+/// text that is not one would be older than any event).
+pub(super) fn timestamp_ms(text: &str) -> i64 {
+    parse_datetime(text).map_or(i64::MIN, |seconds| seconds.saturating_mul(1000))
+}
