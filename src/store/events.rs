@@ -93,8 +93,9 @@ impl Writer {
             nodes::touch(&tx, staleness, node_id, heard_ms, generation, changed)?;
             changes.nodes.push(node_id);
         }
-        if calls.ended.len() > ENDED_MAX {
-            let forgotten = forget_ended(&tx, FORGET_OLDEST_ENDED, ENDED_MAX as i64)?;
+        let most = self.ended_limits.1;
+        if calls.ended.len() > most {
+            let forgotten = forget_ended(&tx, FORGET_OLDEST_ENDED, most as i64)?;
             forget_in_memory(&mut calls, forgotten);
         }
         tx.commit()?;
@@ -105,7 +106,7 @@ impl Writer {
 
     /// Forgets the calls events ended that were heard more than [`ENDED_FOR`] before `now_ms`.
     pub(super) fn forget_old_ended(&mut self, now_ms: i64) -> rusqlite::Result<()> {
-        let cutoff = now_ms.saturating_sub(ENDED_FOR.as_millis() as i64);
+        let cutoff = now_ms.saturating_sub(self.ended_limits.0.as_millis() as i64);
         let tx = self.conn.transaction()?;
         let forgotten = forget_ended(&tx, FORGET_ENDED_BEFORE, cutoff)?;
         tx.commit()?;
@@ -272,5 +273,61 @@ fn forget_in_memory(calls: &mut Stored, forgotten: Vec<(i64, String)>) {
     for (node_id, tag) in forgotten {
         let tag: TagHash = calls.tag_hash(node_id, tag.as_bytes());
         calls.ended.remove(&tag);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Instant, SystemTime};
+
+    use super::*;
+
+    fn ended(tag: &str, received_at: SystemTime) -> Event {
+        Event {
+            kind: EventKind::Disconnected,
+            node_id: 7,
+            local_tag: tag.into(),
+            at_ms: 1_764_081_007_000,
+            received_at,
+            received: Instant::now(),
+            call: None,
+        }
+    }
+
+    fn remembered(writer: &Writer) -> Vec<String> {
+        let mut stmt = writer
+            .conn
+            .prepare("SELECT local_tag FROM ended_calls ORDER BY heard_at_ms")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn ended_calls_are_remembered_within_their_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+        writer.ended_limits = (Duration::from_secs(60), 4);
+        let now = SystemTime::now();
+        let events: Vec<Event> = (0..10)
+            .map(|i| ended(&format!("T{i}"), now - Duration::from_secs(10 - i)))
+            .collect();
+        writer.apply_events(&events).unwrap();
+        // The count: the four heard last.
+        assert_eq!(remembered(&writer), ["T6", "T7", "T8", "T9"]);
+        assert_eq!(writer.stored.as_ref().unwrap().ended.len(), 4);
+        // The time: a minute after they were heard, none.
+        writer.expire(now + Duration::from_millis(57_500)).unwrap();
+        assert_eq!(remembered(&writer), ["T8", "T9"]);
+        writer.expire(now + Duration::from_secs(61)).unwrap();
+        assert!(remembered(&writer).is_empty());
+        assert!(writer.stored.as_ref().unwrap().ended.is_empty());
+        // And across a reopening, what is stored is what is remembered.
+        writer.apply_events(&[ended("T10", now)]).unwrap();
+        drop(writer);
+        let writer = Writer::open(&dir.path().join("calls.db")).unwrap();
+        assert_eq!(remembered(&writer), ["T10"]);
     }
 }

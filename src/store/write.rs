@@ -87,6 +87,8 @@ pub struct Writer {
     pub(super) staleness: Staleness,
     /// The recent gaps between each node's snapshots, its period learned from them.
     periods: Periods,
+    /// How long, and how many, calls ended by an event are remembered.
+    pub(super) ended_limits: (std::time::Duration, usize),
 }
 
 impl Writer {
@@ -133,6 +135,7 @@ impl Writer {
             fast_path: true,
             staleness: Staleness::Auto,
             periods: Periods::default(),
+            ended_limits: (super::events::ENDED_FOR, super::events::ENDED_MAX),
         })
     }
 
@@ -156,6 +159,7 @@ impl Writer {
             fast_path,
             staleness,
             periods,
+            ..
         } = self;
         let tx = conn.transaction()?;
         let mut calls = match stored.take() {
