@@ -10,16 +10,20 @@
 //! Nothing here asserts a timing: it measures and prints.
 
 use std::collections::HashMap;
-
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
+
+mod agent;
+mod hostile;
+
+pub(crate) use agent::{AgentProcess, Conn, post_snapshot, rss_mb};
+use agent::{scrape, wait_for_spooled};
+pub use hostile::small_buffer_connection;
 
 use crate::auth::Authenticator;
 use crate::demo::unix_now;
@@ -50,390 +54,8 @@ pub struct BenchOptions {
 
 pub(crate) const SECRET: &str = "bench-secret";
 /// The aggregators' token the benchmark's agent lists.
-const SCRAPE_TOKEN: &str = "bench-scrape-token-0123456789";
-const ENDPOINT: &str = crate::api::OUTGOING_ACTIVE_CALLS;
-
-// ---------------------------------------------------------------------------------------
-// The agent under test
-
-pub(crate) struct AgentProcess {
-    child: Child,
-    pub(crate) api: SocketAddr,
-    feed: SocketAddr,
-    /// Server-side apply durations (ms) from the agent's log lines, as they come.
-    applied: mpsc::Receiver<f64>,
-    snapshot_file: PathBuf,
-}
-
-impl AgentProcess {
-    pub(crate) fn start(dir: &Path) -> anyhow::Result<AgentProcess> {
-        Self::start_with(dir, "")
-    }
-
-    /// [`start`](Self::start) with more `[upstream]` keys.
-    pub(crate) fn start_with(dir: &Path, upstream: &str) -> anyhow::Result<AgentProcess> {
-        std::fs::create_dir_all(dir)?;
-        let snapshot_file = dir.join("snapshot.jsonl");
-        let config = dir.join("config.toml");
-        std::fs::write(dir.join("directory.json"), directory_json())?;
-        std::fs::write(dir.join("scrape-tokens"), SCRAPE_TOKEN)?;
-        std::fs::write(
-            &config,
-            format!(
-                "[api]\nlisten = \"127.0.0.1:0\"\njwt_secret = \"{SECRET}\"\n[store]\npath = {:?}\n\
-                 [feed]\nwatch = {:?}\nlisten = \"127.0.0.1:0\"\nstale_after = 0\n\
-                 [directory]\npath = {:?}\n[upstream]\nscrape_tokens_file = {:?}\n{upstream}\n",
-                dir.join("active-calls.db"),
-                snapshot_file,
-                dir.join("directory.json"),
-                dir.join("scrape-tokens"),
-            ),
-        )?;
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the agent")?;
-        let stderr = child.stderr.take().context("the agent's stderr")?;
-        let (lines_tx, lines) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut api, mut feed) = (None, None);
-        while api.is_none() || feed.is_none() {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .context("the agent did not start")?;
-            let addr = || line.rsplit('=').next()?.trim().parse::<SocketAddr>().ok();
-            if line.contains("serving") {
-                api = addr();
-            } else if line.contains("taking snapshots over HTTP") {
-                feed = addr();
-            }
-        }
-        let (applied_tx, applied) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines {
-                if line.contains("snapshot rejected") {
-                    eprintln!("agent: {line}");
-                }
-                let ms = line
-                    .split("duration_ms=")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok());
-                if let Some(ms) = ms
-                    && applied_tx.send(ms).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        Ok(AgentProcess {
-            child,
-            api: api.context("no API address")?,
-            feed: feed.context("no feed address")?,
-            applied,
-            snapshot_file,
-        })
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Resident memory now, MB.
-    fn rss_mb(&self) -> f64 {
-        rss_mb(self.pid())
-    }
-
-    /// Peak resident memory since the last reset, MB.
-    fn peak_mb(&self) -> f64 {
-        proc_status(self.pid(), "VmHWM:") as f64 / 1024.0
-    }
-
-    fn reset_peak(&self) {
-        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
-    }
-
-    /// POSTs a snapshot the way a switch does (libcurl's `CURLOPT_POSTFIELDS`: its
-    /// `Content-Type`, and `Expect: 100-continue` answered before the body goes); the
-    /// client-observed time until the 200, and the apply time the agent logged.
-    pub(crate) fn post(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
-        while self.applied.try_recv().is_ok() {}
-        let started = Instant::now();
-        post_snapshot(self.feed, body)?;
-        let ms = self
-            .applied
-            .recv_timeout(Duration::from_secs(120))
-            .context("the snapshot was not logged as applied")?;
-        Ok((started.elapsed(), ms))
-    }
-
-    /// CPU seconds the agent has used so far (all its threads).
-    fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.pid())
-    }
-
-    /// Waits until the agent's CPU time stops growing (the WAL copied back after an
-    /// apply), at most 5 s; its CPU seconds then.
-    fn settled_cpu(&self) -> f64 {
-        let mut last = self.cpu_seconds();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = self.cpu_seconds();
-            if now - last < 0.005 {
-                return now;
-            }
-            last = now;
-        }
-        last
-    }
-
-    /// One snapshot posted: its times, and the agent's CPU for it (until the 200, and
-    /// with what follows it: the WAL copied back).
-    fn measured_post(&self, body: &[u8]) -> anyhow::Result<Applied> {
-        let before = self.settled_cpu();
-        let (wall, logged_ms) = self.post(body)?;
-        let at_reply = self.cpu_seconds();
-        let settled = self.settled_cpu();
-        Ok(Applied {
-            wall,
-            logged_ms,
-            cpu: at_reply - before,
-            cpu_total: settled - before,
-        })
-    }
-
-    /// Renames a snapshot file into place; the time until the agent logged it applied,
-    /// and the duration it logged.
-    pub(crate) fn feed_file(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
-        let tmp = self.snapshot_file.with_extension("writing");
-        std::fs::write(&tmp, body)?;
-        while self.applied.try_recv().is_ok() {}
-        let started = Instant::now();
-        std::fs::rename(&tmp, &self.snapshot_file)?;
-        let ms = self
-            .applied
-            .recv_timeout(Duration::from_secs(120))
-            .context("the file was not applied")?;
-        Ok((started.elapsed(), ms))
-    }
-}
-
-/// POSTs `body` to the feed listener at `feed` as libcurl does, and waits for the 200.
-pub(crate) fn post_snapshot(feed: SocketAddr, body: &[u8]) -> anyhow::Result<()> {
-    let mut conn = Conn::open(feed)?;
-    let head = format!(
-        "POST / HTTP/1.1\r\nHost: {feed}\r\nAccept: */*\r\nContent-Length: {}\r\n\
-         Content-Type: application/x-www-form-urlencoded\r\nExpect: 100-continue\r\n\r\n",
-        body.len()
-    );
-    conn.writer.write_all(head.as_bytes())?;
-    let mut line = String::new();
-    conn.reader.read_line(&mut line)?;
-    if line.starts_with("HTTP/1.1 100") {
-        conn.reader.read_line(&mut line)?; // the blank line after it
-    } else {
-        bail!("no 100 Continue: {}", line.trim_end());
-    }
-    conn.writer.write_all(body)?;
-    let reply = conn.read_reply()?;
-    if reply.status != 200 {
-        bail!(
-            "snapshot refused: {} {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        );
-    }
-    Ok(())
-}
-
-/// What one posted snapshot cost.
-#[derive(Debug, Clone, Copy)]
-struct Applied {
-    wall: Duration,
-    logged_ms: f64,
-    /// The agent's CPU seconds until the 200, and until it went quiet again.
-    cpu: f64,
-    cpu_total: f64,
-}
-
-impl Applied {
-    fn text(&self) -> String {
-        format!(
-            "{:.0} ms ({:.0} ms logged), {:.2} CPU-s (+{:.2} copying the WAL back)",
-            self.wall.as_secs_f64() * 1000.0,
-            self.logged_ms,
-            self.cpu,
-            self.cpu_total - self.cpu
-        )
-    }
-}
-
-/// The CPU seconds process `pid` has used (user and system, all threads).
-pub(crate) fn cpu_seconds(pid: u32) -> f64 {
-    crate::metrics::ProcStat::read(&pid.to_string())
-        .and_then(|stat| stat.cpu_seconds())
-        .unwrap_or(0.0)
-}
-
-/// A `/proc/<pid>/status` figure, in kB.
-fn proc_status(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The resident memory of process `pid` now, MB.
-pub(crate) fn rss_mb(pid: u32) -> f64 {
-    proc_status(pid, "VmRSS:") as f64 / 1024.0
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// A minimal keep-alive HTTP/1.1 client (the load generator must not be the bottleneck)
-
-pub(crate) struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-pub(crate) struct Reply {
-    pub(crate) status: u16,
-    runtime: Option<f64>,
-    pub(crate) body: Vec<u8>,
-}
-
-impl Conn {
-    pub(crate) fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Conn {
-            reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
-            writer: stream,
-        })
-    }
-
-    pub(crate) fn get(&mut self, target: &str, token: &str) -> anyhow::Result<Reply> {
-        let head = format!(
-            "GET {target} HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {token}\r\n\r\n"
-        );
-        self.writer.write_all(head.as_bytes())?;
-        self.read_reply()
-    }
-
-    fn read_reply(&mut self) -> anyhow::Result<Reply> {
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status: u16 = line.split(' ').nth(1).context("no status line")?.parse()?;
-        let (mut length, mut runtime) = (0usize, None);
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse()?;
-                } else if name.eq_ignore_ascii_case("x-runtime") {
-                    runtime = value.trim().parse().ok();
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body)?;
-        Ok(Reply {
-            status,
-            runtime,
-            body,
-        })
-    }
-}
-
-/// Waits until the relay's spool holds `count` compressed snapshots for its one URL;
-/// returns how long that took.
-fn wait_for_spooled(spool: &Path, count: usize) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    loop {
-        let mut spooled = 0;
-        for folder in std::fs::read_dir(spool)? {
-            let folder = folder?.path();
-            if folder.is_dir() {
-                spooled +=
-                    crate::relay::spool::list(&folder, crate::relay::spool::COMPRESSED)?.len();
-            }
-        }
-        if spooled >= count {
-            return Ok(started.elapsed());
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(120),
-            "the spool never held {count} compressed snapshots"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// What a scrape took: its status, the bytes on the wire, the time to the last byte.
-struct Scraped {
-    status: u16,
-    bytes: usize,
-    time: Duration,
-}
-
-/// One scrape over a new connection, read to its end; and its ETag.
-fn scrape(api: SocketAddr, headers: &[(&str, &str)]) -> anyhow::Result<(Scraped, String)> {
-    let started = Instant::now();
-    let mut stream = TcpStream::connect(api)?;
-    let mut head = format!(
-        "GET {} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\
-         Authorization: Bearer {SCRAPE_TOKEN}\r\n",
-        crate::api::scrape::ACTIVE_CALLS
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    stream.write_all(format!("{head}\r\n").as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let time = started.elapsed();
-    let text = String::from_utf8_lossy(&raw[..raw.len().min(4096)]).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status line")?;
-    let etag = text
-        .lines()
-        .find_map(|l| l.strip_prefix("etag: "))
-        .unwrap_or_default()
-        .to_owned();
-    let scraped = Scraped {
-        status,
-        bytes: raw.len(),
-        time,
-    };
-    Ok((scraped, etag))
-}
+pub(crate) const SCRAPE_TOKEN: &str = "bench-scrape-token-0123456789";
+pub(crate) const ENDPOINT: &str = crate::api::OUTGOING_ACTIVE_CALLS;
 
 // ---------------------------------------------------------------------------------------
 // Queries
@@ -476,7 +98,7 @@ pub(crate) fn random_query(rng: &mut fastrand::Rng) -> (String, i64) {
     (target, customer_of(account))
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -484,13 +106,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank]
 }
 
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+pub(crate) fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
 }
 
 /// "p50 / p99 ms" of measurements in milliseconds.
-fn p50_p99(values: Vec<f64>) -> String {
+pub(crate) fn p50_p99(values: Vec<f64>) -> String {
     let values = sorted(values);
     format!(
         "{:.3} / {:.3} ms",
@@ -568,13 +190,13 @@ const PERIOD: i64 = 5;
 /// One switch's snapshots for the apply measurements, in the order they are applied: all
 /// calls into an empty store, the same calls resent (nothing changed), one 5-second
 /// period, a 10%-churn snapshot; then `extra` more periods, for the runs under load.
-struct Series {
-    switch: Switch,
-    full: Vec<u8>,
-    resent: Vec<u8>,
-    period: Vec<u8>,
-    churn: Vec<u8>,
-    more_periods: Vec<Vec<u8>>,
+pub(crate) struct Series {
+    pub(crate) switch: Switch,
+    pub(crate) full: Vec<u8>,
+    pub(crate) resent: Vec<u8>,
+    pub(crate) period: Vec<u8>,
+    pub(crate) churn: Vec<u8>,
+    pub(crate) more_periods: Vec<Vec<u8>>,
 }
 
 impl Series {
@@ -741,7 +363,7 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
 
     if options.hostile {
-        hostile(&options, &base, &large, &mut add)?;
+        hostile::hostile(&options, &base, &large, &mut add)?;
         let _ = std::fs::remove_dir_all(&base);
         print_rows(rows);
         return Ok(());
@@ -1045,188 +667,5 @@ fn print_rows(rows: Vec<Row>) {
     println!("|---|---|---|");
     for row in rows {
         println!("| {} | {} | {} |", row.what, row.value, row.target);
-    }
-}
-
-/// How many slow readers, feed tricklers, and for how long the readers read.
-const SLOW_READERS: usize = 50;
-const TRICKLERS: usize = 16;
-const SLOW_READ_SECONDS: u64 = 10;
-
-/// Issue 13's figures on the large node: a period posted beside trickling feed senders,
-/// and resident memory while fifty clients read the largest answer (the big account's),
-/// the scrape and the metrics as slowly as a 4 KB receive buffer and 40 KB/s allow.
-fn hostile(
-    options: &BenchOptions,
-    base: &Path,
-    large: &Series,
-    add: &mut impl FnMut(&str, String, &'static str),
-) -> anyhow::Result<()> {
-    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
-    let agent = AgentProcess::start(&base.join("hostile"))?;
-    agent.post(&large.full)?;
-    let (alone, _) = agent.post(&large.period)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let tricklers: Vec<_> = (0..TRICKLERS)
-        .map(|_| {
-            let (feed, stop) = (agent.feed, stop.clone());
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                let mut stream = TcpStream::connect(feed)?;
-                stream.write_all(
-                    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n\
-                      INSERT INTO active_calls FORMAT JSONEachRow\n",
-                )?;
-                while !stop.load(Ordering::Relaxed) {
-                    stream.write_all(b" ")?;
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(1));
-    let (beside, _) = agent.post(&large.more_periods[0])?;
-    stop.store(true, Ordering::Relaxed);
-    for trickler in tricklers {
-        let _ = trickler.join();
-    }
-    add(
-        &format!(
-            "a {}-call period posted alone / beside {TRICKLERS} trickling senders",
-            options.calls
-        ),
-        format!("{} / {}", ms(alone), ms(beside)),
-        "delayed < 1 s",
-    );
-
-    let tokens = tokens();
-    let big = format!("{ENDPOINT}?account-id={}", uuid_of(BIG_ACCOUNT));
-    let big_token = format!("Bearer {}", tokens[&customer_of(BIG_ACCOUNT)]);
-    let scrape_token = format!("Bearer {SCRAPE_TOKEN}");
-    let cases = [
-        (
-            format!(
-                "the big account's answer ({} calls)",
-                large.switch.count_in(BIG_ACCOUNT)
-            ),
-            big,
-            big_token,
-        ),
-        (
-            format!("the scrape ({} calls)", options.calls),
-            crate::api::scrape::ACTIVE_CALLS.to_owned(),
-            scrape_token,
-        ),
-        (
-            "the metrics".to_owned(),
-            crate::api::ops::METRICS.to_owned(),
-            String::new(),
-        ),
-    ];
-    for (what, target, token) in cases {
-        std::thread::sleep(Duration::from_secs(1));
-        let before = agent.rss_mb();
-        agent.reset_peak();
-        let readers: Vec<_> = (0..SLOW_READERS)
-            .map(|_| {
-                let (api, target, token) = (agent.api, target.clone(), token.clone());
-                std::thread::spawn(move || slow_read(api, &target, &token))
-            })
-            .collect();
-        let mut statuses: std::collections::BTreeMap<String, usize> = Default::default();
-        let mut read = 0u64;
-        for reader in readers {
-            let (status, bytes) = reader
-                .join()
-                .map_err(|_| anyhow::anyhow!("a reader panicked"))??;
-            *statuses.entry(status).or_default() += 1;
-            read += bytes;
-        }
-        let peak = agent.peak_mb();
-        add(
-            &format!(
-                "{SLOW_READERS} clients reading {what} for {SLOW_READ_SECONDS} s at ≤ 40 KB/s"
-            ),
-            format!(
-                "RSS {before:.1} MB before, peak {peak:.1} MB; answers {statuses:?}, {:.1} MB read",
-                read as f64 / 1e6
-            ),
-            "≤ 150 MB",
-        );
-    }
-    Ok(())
-}
-
-/// GETs `target` over a connection with a 4 KB receive buffer and reads 4 KB every
-/// 100 ms for [`SLOW_READ_SECONDS`]: the status line, and the bytes read.
-fn slow_read(api: SocketAddr, target: &str, authorization: &str) -> anyhow::Result<(String, u64)> {
-    let mut stream = small_buffer_connection(api)?;
-    let auth = if authorization.is_empty() {
-        String::new()
-    } else {
-        format!("Authorization: {authorization}\r\n")
-    };
-    stream.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let until = Instant::now() + Duration::from_secs(SLOW_READ_SECONDS);
-    let mut buf = vec![0u8; 4096];
-    let mut first = Vec::new();
-    let mut total = 0u64;
-    while Instant::now() < until {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if first.len() < 12 {
-            first.extend_from_slice(&buf[..n.min(12)]);
-        }
-        total += n as u64;
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let status = String::from_utf8_lossy(&first[..first.len().min(12)]).into_owned();
-    Ok((status.trim_start_matches("HTTP/1.1 ").to_owned(), total))
-}
-
-/// A connection to `addr` whose receive buffer is 4 KB, so that the agent cannot hand a
-/// large answer to the kernel and forget it (a slow reader; the tests use it too).
-pub fn small_buffer_connection(addr: SocketAddr) -> anyhow::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    let SocketAddr::V4(v4) = addr else {
-        bail!("the benchmark's agent listens on IPv4");
-    };
-    // SAFETY: a fresh socket is made, configured and connected through libc, with every
-    // pointer to a value that lives across its call; its descriptor is then owned by the
-    // TcpStream alone (closed on every error path before that).
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let stream = TcpStream::from_raw_fd(fd);
-        let size: libc::c_int = 4096;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*v4.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let connected = libc::connect(
-            fd,
-            (&sin as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        anyhow::ensure!(
-            connected == 0,
-            "connect: {}",
-            std::io::Error::last_os_error()
-        );
-        Ok(stream)
     }
 }
