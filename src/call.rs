@@ -143,8 +143,8 @@ impl LineKey<'_> {
     }
 }
 
-/// What a call event says happened (SPEC 2.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a call event says happened (SPEC 2.4), in the order a call's events come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     /// Routed: the call is current from now on.
     Started,

@@ -14,11 +14,21 @@
 //!
 //! A call is kept as its rendered key-value pairs, cut where a per-snapshot value goes,
 //! so rendering 100k calls is a copy of their text with four values filled in.
+//!
+//! The same switch can post the call events a node with `http_events_destination` sends
+//! between snapshots ([`events`]). Events carry sub-second instants and snapshots the same
+//! instants cut to the second, so a call keeps its instants in milliseconds; the paths
+//! without events ([`Switch::fill`], [`Switch::period`], [`Switch::churn`]) still draw
+//! whole seconds, in the same order, and write the bytes they always did.
 
 use std::fmt::Write as _;
 use std::io::Write;
 
 use crate::clock::format_datetime;
+
+pub mod events;
+
+pub use events::{CallEvent, EventKind, sems_double};
 
 /// Accounts of the simulated population, with ids `1..=ACCOUNTS`.
 pub const ACCOUNTS: i64 = 1000;
@@ -89,17 +99,22 @@ impl Volatile {
 }
 
 /// One generated call: its keys and their JSON values, and the same rendered.
+///
+/// Instants are unix milliseconds: an event writes them whole, a row cut to the second.
 #[derive(Debug, Clone)]
 struct Call {
     account: i64,
     dst_prefix_in: String,
-    answered: bool,
-    /// When it began (unix seconds).
-    start: i64,
+    /// The A leg's local tag, the key of its events.
+    local_tag: String,
+    /// When it began.
+    start_ms: i64,
+    /// When it was answered, or `None` while it rings.
+    connect_ms: Option<i64>,
     /// The stable `id` of the legacy layout.
     serial: u64,
     /// When it ended (a buffered row), or `None` while in progress.
-    ended_at: Option<i64>,
+    ended_ms: Option<i64>,
     /// `(key, JSON value)`, in the order the style writes them; the volatile keys' values
     /// are filled in at each render.
     fields: Vec<(&'static str, String)>,
@@ -117,28 +132,43 @@ impl Call {
 
     /// Renders `fields` into `pieces`, in the style's key order.
     fn prepare(&mut self, style: Style) {
-        if style == Style::Sems {
-            // std::map<std::string, AmArg>: byte order.
+        // std::map<std::string, AmArg>: byte order. A call changed in place (answered)
+        // is still in order: only a new call, or a new key, sorts.
+        if style == Style::Sems
+            && !self
+                .fields
+                .is_sorted_by(|a, b| a.0.as_bytes() <= b.0.as_bytes())
+        {
             self.fields
                 .sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         }
-        self.pieces.clear();
-        let mut text = String::from("{");
+        // Written into one buffer, then cut where the volatile values go: each piece is
+        // allocated once, at its size (events re-render a call at every answer).
+        let size: usize = self.fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+        let mut text = String::with_capacity(size + 2);
+        let mut cuts = Vec::with_capacity(4);
+        text.push('{');
         for (i, (key, value)) in self.fields.iter().enumerate() {
             if i > 0 {
                 text.push(',');
             }
-            let _ = write!(text, "\"{key}\":");
+            text.push('"');
+            text.push_str(key);
+            text.push_str("\":");
             match Volatile::of(key) {
-                Some(volatile) => {
-                    self.pieces
-                        .push((std::mem::take(&mut text), Some(volatile)));
-                }
+                Some(volatile) => cuts.push((text.len(), volatile)),
                 None => text.push_str(value),
             }
         }
         text.push('}');
-        self.pieces.push((text, None));
+        self.pieces.clear();
+        let mut from = 0;
+        for (to, volatile) in cuts {
+            self.pieces
+                .push((text[from..to].to_owned(), Some(volatile)));
+            from = to;
+        }
+        self.pieces.push((text[from..].to_owned(), None));
     }
 }
 
@@ -153,6 +183,8 @@ pub struct Switch {
     serial: u64,
     /// SEMS's running counter, the low bits of every `id`.
     counter: u64,
+    /// How its calls' events are written, worked out once per set of row keys.
+    layouts: Vec<events::Layout>,
 }
 
 impl Switch {
@@ -170,6 +202,7 @@ impl Switch {
             buffering: false,
             serial: 0,
             counter: 0,
+            layouts: Vec::new(),
         }
     }
 
@@ -199,7 +232,7 @@ impl Switch {
         self.truncate(total, now);
         while self.calls.len() < total {
             let start = now - self.rng.i64(0..7200);
-            let call = self.new_call(start, now);
+            let call = self.new_call(start * 1000, now * 1000, SECOND);
             self.calls.push(call);
         }
     }
@@ -207,17 +240,30 @@ impl Switch {
     fn truncate(&mut self, total: usize, now: i64) {
         while self.calls.len() > total {
             if let Some(call) = self.calls.pop() {
-                self.end(call, now);
+                self.end(call, now * 1000);
             }
         }
     }
 
-    fn end(&mut self, mut call: Call, at: i64) {
+    /// A call that ended at `at_ms` leaves; buffering, it is sent once more.
+    fn end(&mut self, mut call: Call, at_ms: i64) {
         if self.buffering {
-            call.ended_at = Some(at);
+            call.ended_ms = Some(at_ms);
             Self::mark_buffered(&mut call, self.style, true, true);
             self.ended.push(call);
         }
+    }
+
+    /// The call at `i` is answered at `at_ms`.
+    fn answer(&mut self, i: usize, at_ms: i64) {
+        let style = self.style;
+        let call = &mut self.calls[i];
+        call.connect_ms = Some(at_ms);
+        call.set(
+            "connect_time",
+            json_string(style, &format_datetime(seconds(at_ms))),
+        );
+        call.prepare(style);
     }
 
     /// Ends `share` of the calls at random, starts as many new ones in the period before
@@ -231,27 +277,23 @@ impl Switch {
             let i = self.rng.usize(..self.calls.len());
             let call = self.calls.swap_remove(i);
             let at = now - self.rng.i64(0..period.max(1));
-            self.end(call, at);
+            self.end(call, at * 1000);
         }
         let waiting: Vec<usize> = (0..self.calls.len())
-            .filter(|&i| !self.calls[i].answered)
+            .filter(|&i| self.calls[i].connect_ms.is_none())
             .collect();
         let to_answer = (waiting.len() as f64 * answered).round() as usize;
         for &i in waiting.iter().take(to_answer) {
-            let style = self.style;
-            let start = self.calls[i].start;
+            let start = seconds(self.calls[i].start_ms);
             // Answered within the period, and never before it began.
             let at = (now - self.rng.i64(0..period.max(1)))
                 .max(start + 1)
                 .min(now);
-            let call = &mut self.calls[i];
-            call.answered = true;
-            call.set("connect_time", json_string(style, &format_datetime(at)));
-            call.prepare(style);
+            self.answer(i, at * 1000);
         }
         while self.calls.len() < total {
             let start = now - self.rng.i64(0..period.max(1));
-            let call = self.new_call(start, now);
+            let call = self.new_call(start * 1000, now * 1000, SECOND);
             self.calls.push(call);
         }
     }
@@ -291,8 +333,8 @@ impl Switch {
                     Some(Volatile::Id) => write!(out, "{id}"),
                     Some(Volatile::SnapshotTimestamp) => write!(out, "\"{stamp}\""),
                     Some(Volatile::SnapshotDate) => write!(out, "\"{}\"", &stamp[..10]),
-                    Some(Volatile::EndTime) => match call.ended_at {
-                        Some(at) => write!(out, "\"{}\"", format_datetime(at)),
+                    Some(Volatile::EndTime) => match call.ended_ms {
+                        Some(at) => write!(out, "\"{}\"", format_datetime(seconds(at))),
                         None => write!(out, "\"{stamp}\""),
                     },
                 };
@@ -316,8 +358,10 @@ impl Switch {
         self.calls.iter().filter(|c| c.account == account).count()
     }
 
-    /// A call that began at `start`, seen at `now`: answered (or not) by then.
-    fn new_call(&mut self, start: i64, now: i64) -> Call {
+    /// A call that began at `start_ms`, seen at `now_ms`: answered (or not) by then, at a
+    /// multiple of `tick_ms` after its start ([`SECOND`] on the paths without events, whose
+    /// draws and bytes stay what they were; 1 for events).
+    fn new_call(&mut self, start_ms: i64, now_ms: i64, tick_ms: i64) -> Call {
         self.serial += 1;
         let style = self.style;
         let serial = self.serial;
@@ -327,8 +371,10 @@ impl Switch {
         } else {
             rng.i64(2..=ACCOUNTS)
         };
-        let answered = start < now && rng.bool();
-        let connect = answered.then(|| start + rng.i64(1..=(now - start).min(30)));
+        let ticks = (now_ms - start_ms) / tick_ms;
+        let answered = ticks > 0 && rng.bool();
+        let connect_ms =
+            answered.then(|| start_ms + tick_ms * rng.i64(1..=ticks.min(30_000 / tick_ms)));
         let number = |rng: &mut fastrand::Rng| {
             const PREFIXES: [&str; 8] = ["380", "44", "49", "1", "7", "971", "123", "4930"];
             format!(
@@ -341,8 +387,9 @@ impl Switch {
         let pick = |rng: &mut fastrand::Rng, list: &[&'static str]| list[rng.usize(..list.len())];
         let s = |text: &str| json_string(style, text);
         let local_tag = format!("{:08X}-{:04X}-{:08X}", rng.u32(..), rng.u16(..), serial);
-        let start_text = format_datetime(start);
-        let connect_text = connect.map_or("null".to_owned(), |c| s(&format_datetime(c)));
+        let start_text = format_datetime(seconds(start_ms));
+        let connect_text =
+            connect_ms.map_or("null".to_owned(), |c| s(&format_datetime(seconds(c))));
         let (name, rate, other_rate, interval, port) = match style {
             Style::Sems => (
                 s(pick(rng, &SEMS_NAMES)),
@@ -486,10 +533,11 @@ impl Switch {
         let mut call = Call {
             account,
             dst_prefix_in,
-            answered,
-            start,
+            local_tag,
+            start_ms,
+            connect_ms,
             serial,
-            ended_at: None,
+            ended_ms: None,
             fields,
             pieces: Vec::new(),
         };
@@ -503,6 +551,13 @@ impl Switch {
 
 /// The node every simulated row is of.
 const NODE_ID: u64 = 1;
+/// A second in the unit of a call's instants.
+const SECOND: i64 = 1000;
+
+/// Unix milliseconds cut to the second, as a snapshot writes an instant.
+fn seconds(ms: i64) -> i64 {
+    ms.div_euclid(SECOND)
+}
 /// The low bits of a SEMS row `id` that count rows.
 const ID_COUNTER_MASK: u64 = (1 << 23) - 1;
 
@@ -556,6 +611,15 @@ fn json_string(style: Style, text: &str) -> String {
 pub fn sems_string(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
+    // Most values need no escape: copied whole.
+    if text
+        .bytes()
+        .all(|b| (b' '..=0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push_str(text);
+        out.push('"');
+        return out;
+    }
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -606,9 +670,9 @@ mod tests {
         }
     }
 
-    const NOW: i64 = 1_764_081_000; // 2025-11-25 14:30:00
+    pub(super) const NOW: i64 = 1_764_081_000; // 2025-11-25 14:30:00
 
-    fn rows(body: &[u8]) -> Vec<&str> {
+    pub(super) fn rows(body: &[u8]) -> Vec<&str> {
         let text = std::str::from_utf8(body).unwrap();
         let mut lines = text.lines();
         assert_eq!(
@@ -618,12 +682,12 @@ mod tests {
         lines.collect()
     }
 
-    fn value(line: &str) -> serde_json::Value {
+    pub(super) fn value(line: &str) -> serde_json::Value {
         serde_json::from_str(line).unwrap()
     }
 
     /// Whether `line` has a byte outside its strings that is whitespace.
-    fn spaced(line: &str) -> bool {
+    pub(super) fn spaced(line: &str) -> bool {
         let (mut in_string, mut escaped) = (false, false);
         for b in line.bytes() {
             match (in_string, escaped, b) {
