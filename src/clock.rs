@@ -83,6 +83,11 @@ pub fn unix_millis(time: SystemTime) -> i64 {
     }
 }
 
+/// The unix seconds now.
+pub fn unix_now() -> i64 {
+    unix_millis(SystemTime::now()).div_euclid(1000)
+}
+
 /// The unix seconds of a `YYYY-MM-DD hh:mm:ss` UTC text ([`is_datetime`] form), the inverse
 /// of [`format_datetime`]: how a snapshot's date is compared with an event's instant.
 pub fn parse_datetime(text: &str) -> Option<i64> {

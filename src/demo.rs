@@ -2,17 +2,21 @@
 //!
 //! The demo writes a directory and a configuration into a folder, starts a simulated
 //! switch ([`crate::sems::Switch`], SEMS's own bytes) that rewrites the snapshot file every
-//! period (temporary file, then rename, as a real writer should), serves, and prints a
-//! `curl` line with a valid token.
+//! period (temporary file, then rename, as a real writer should) and, between snapshots,
+//! posts each call's events to the feed listener as a node with `http_events_destination`
+//! does (so a call can be seen to start and end between two snapshots), serves, and prints
+//! a `curl` line with a valid token.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 
 use crate::Agent;
 use crate::auth::Authenticator;
+use crate::client::EventPoster;
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::sems::{BIG_ACCOUNT, Switch, customer_of, directory_json, uuid_of};
 
@@ -24,13 +28,6 @@ pub fn write_atomically(path: &Path, content: &[u8]) -> std::io::Result<()> {
     file.write_all(content)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// The demo's options (the `demo` command's flags).
@@ -105,7 +102,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let account_uuid = uuid_of(BIG_ACCOUNT);
     println!();
     println!(
-        "active-calls-agent demo: {} calls on node 1, a new snapshot every {:?}",
+        "active-calls-agent demo: {} calls on node 1, a new snapshot every {:?}, and each call's \
+         events as they happen",
         options.calls, options.period
     );
     println!("  files:    {}", dir.display());
@@ -116,6 +114,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     );
     if let Some(feed) = agent.feed_addr() {
         println!("  feed:     http://{feed}/ (ClickHouse-compatible: POST a snapshot, GET /ping)");
+        println!(
+            "            http://{feed}/events (POST a call event, as http_events_destination)"
+        );
     }
     println!();
     println!(
@@ -155,16 +156,28 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     let period = options.period;
     let snapshot_path = config.feed.watch.clone();
+    let mut events = agent.feed_addr().map(EventPoster::new);
     std::thread::Builder::new()
         .name("demo-switch".into())
         .spawn(move || {
+            let seconds = period.as_secs().max(1) as i64;
             loop {
-                std::thread::sleep(period);
-                // A switch stamps its snapshot with the period-aligned time.
-                let seconds = period.as_secs().max(1) as i64;
-                let now = unix_now() / seconds * seconds;
-                switch.period(now, seconds);
-                if let Err(e) = write_atomically(&snapshot_path, &switch.render(now)) {
+                // A switch stamps its snapshot with the period-aligned time; until then it
+                // posts each call's changes as they happen.
+                let next = (unix_now() / seconds + 1) * seconds;
+                let changes = switch.period_with_events(next, seconds);
+                if let Some(poster) = &mut events {
+                    for event in changes {
+                        sleep_until_ms(event.at_ms);
+                        match poster.post(&event.body) {
+                            Ok(200) => {}
+                            Ok(status) => tracing::warn!(status, "the demo switch's event was refused"),
+                            Err(e) => tracing::warn!(error = %e, "the demo switch could not post an event"),
+                        }
+                    }
+                }
+                sleep_until_ms(next * 1000);
+                if let Err(e) = write_atomically(&snapshot_path, &switch.render(next)) {
                     tracing::error!(error = %e, "the demo switch could not write its snapshot");
                 }
             }
@@ -178,6 +191,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// Sleeps until unix time `ms` (at once if it has passed).
+fn sleep_until_ms(ms: i64) {
+    let now = crate::clock::unix_millis(SystemTime::now());
+    std::thread::sleep(Duration::from_millis(ms.saturating_sub(now).max(0) as u64));
 }
 
 /// The first line of `path`, or a new random `<prefix>-…` value written there.

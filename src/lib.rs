@@ -37,6 +37,7 @@
 //!   on-disk spool that outlives outages and restarts.
 //! * [`sems`]: a simulated switch, writing snapshots byte for byte as a yeti node does.
 //! * [`demo`]: a newcomer's first run, fed by that simulated switch.
+//! * [`client`]: the small HTTP client the tools drive the agent with, as a switch posts.
 //! * [`bench`]: the performance benchmark, driving the real agent as a child process, and
 //!   [`soak`], a bounded run under load that checks every answer.
 //!
@@ -54,6 +55,7 @@ pub mod bench;
 pub mod call;
 pub mod calls;
 pub mod check;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::bench::{AgentProcess, Conn, random_query, rss_mb, tokens};
+use crate::bench::{AgentProcess, random_query, rss_mb, tokens};
+use crate::client::Conn;
 use crate::clock::format_datetime;
-use crate::demo::unix_now;
+use crate::clock::unix_now;
 use crate::sems::{Switch, customer_of, uuid_of};
 
 /// The soak's options (the `soak` command's flags).

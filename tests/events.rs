@@ -701,3 +701,73 @@ fn check_explains_how_silence_expires() {
     let (passed, printed) = check(&config);
     assert!(!passed && printed.contains("stale_after"), "{printed}");
 }
+
+/// The calls of a rendered snapshot, as [`state_of`] reads them, without buffered rows
+/// (calls that ended during the period, which the events ended already).
+fn active_state_of(snapshot: &[u8]) -> State {
+    let text = std::str::from_utf8(snapshot).unwrap();
+    let active: String = text
+        .lines()
+        .filter(|line| !line.contains("\"buffered\":true"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    state_of(&active)
+}
+
+#[test]
+fn a_switchs_events_leave_the_state_its_next_snapshot_has_among_other_nodes() {
+    for buffering in [false, true] {
+        let agent = start();
+        let feed = agent.agent().feed_addr().unwrap();
+        let mut switch = active_calls_agent::sems::Switch::new(21).buffering(buffering);
+        let at = 1_764_081_000;
+        switch.fill(300, at);
+        agent.post_snapshot(std::str::from_utf8(&switch.render(at)).unwrap());
+        agent.post_snapshot(SAMPLE_SNAPSHOT_2);
+        // Node 1's period and node 7's sample events, interleaved as they arrive.
+        let generated = switch.period_with_events(at + 5, 5);
+        assert!(generated.len() > 20, "{}", generated.len());
+        let mut poster = active_calls_agent::client::EventPoster::new(feed);
+        let mut status = agent.agent().feed_status();
+        let before = status.borrow_and_update().events;
+        let samples = EVENTS.iter().map(|e| e.as_bytes());
+        let mut posted = 0;
+        for (i, body) in generated.iter().map(|e| e.body.as_slice()).enumerate() {
+            assert_eq!(poster.post(body).unwrap(), 200);
+            posted += 1;
+            if i % 5 == 0
+                && let Some(sample) = samples.clone().nth(i / 5)
+            {
+                assert_eq!(poster.post(sample).unwrap(), 200);
+                posted += 1;
+            }
+        }
+        for sample in samples.skip(generated.len().div_ceil(5)) {
+            assert_eq!(poster.post(sample).unwrap(), 200);
+            posted += 1;
+        }
+        agent.wait_for(&mut status, |s| s.events >= before + posted);
+        let next = switch.render(at + 5);
+        let mut expected = active_state_of(&next);
+        expected.extend(state_of(sample_3()));
+        assert_eq!(
+            scraped(&agent),
+            expected,
+            "buffering {buffering}: the events"
+        );
+        // The snapshots then change nothing the events had not done.
+        let scrape_before = agent.request("GET", SCRAPE, &[("Authorization", BEARER)]);
+        agent.post_snapshot(std::str::from_utf8(&next).unwrap());
+        agent.post_snapshot(sample_3());
+        assert_eq!(
+            scraped(&agent),
+            expected,
+            "buffering {buffering}: the snapshots"
+        );
+        let scrape_after = agent.request("GET", SCRAPE, &[("Authorization", BEARER)]);
+        assert_ne!(
+            scrape_after.body, scrape_before.body,
+            "the snapshots add the headers"
+        );
+    }
+}

@@ -642,8 +642,12 @@ fn a_restart_during_the_outage_loses_nothing() {
     // The file is applied again at each start. At the first, the store held it already:
     // not relayed again (a server without the token would store it twice). At the
     // second, the store held S3 (the same node), so the file changed the calls back and
-    // went again, with its token: ClickHouse drops it.
-    let duplicates = fake.state.lock().unwrap().duplicates.clone();
+    // went again, with its token: ClickHouse drops it. (It is spooled after S3, so it may
+    // arrive a moment after the fourth snapshot was stored.)
+    let duplicates = eventually("the file sent again", || {
+        let duplicates = fake.state.lock().unwrap().duplicates.clone();
+        (!duplicates.is_empty()).then_some(duplicates)
+    });
     assert_eq!(tokens(&duplicates), [token_of(&f1)]);
     assert_eq!(duplicates[0].rows, f1);
     eventually("the spool emptied", || {

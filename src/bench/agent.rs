@@ -9,9 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::{SCRAPE_TOKEN, SECRET};
+use crate::client::post_snapshot;
 use crate::sems::directory_json;
 
 pub(crate) struct AgentProcess {
@@ -185,34 +186,6 @@ impl AgentProcess {
     }
 }
 
-/// POSTs `body` to the feed listener at `feed` as libcurl does, and waits for the 200.
-pub(crate) fn post_snapshot(feed: SocketAddr, body: &[u8]) -> anyhow::Result<()> {
-    let mut conn = Conn::open(feed)?;
-    let head = format!(
-        "POST / HTTP/1.1\r\nHost: {feed}\r\nAccept: */*\r\nContent-Length: {}\r\n\
-         Content-Type: application/x-www-form-urlencoded\r\nExpect: 100-continue\r\n\r\n",
-        body.len()
-    );
-    conn.writer.write_all(head.as_bytes())?;
-    let mut line = String::new();
-    conn.reader.read_line(&mut line)?;
-    if line.starts_with("HTTP/1.1 100") {
-        conn.reader.read_line(&mut line)?; // the blank line after it
-    } else {
-        bail!("no 100 Continue: {}", line.trim_end());
-    }
-    conn.writer.write_all(body)?;
-    let reply = conn.read_reply()?;
-    if reply.status != 200 {
-        bail!(
-            "snapshot refused: {} {}",
-            reply.status,
-            String::from_utf8_lossy(&reply.body)
-        );
-    }
-    Ok(())
-}
-
 /// What one posted snapshot cost.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Applied {
@@ -261,66 +234,6 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-pub(crate) struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-pub(crate) struct Reply {
-    pub(crate) status: u16,
-    pub(crate) runtime: Option<f64>,
-    pub(crate) body: Vec<u8>,
-}
-
-impl Conn {
-    pub(crate) fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        Ok(Conn {
-            reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
-            writer: stream,
-        })
-    }
-
-    pub(crate) fn get(&mut self, target: &str, token: &str) -> anyhow::Result<Reply> {
-        let head = format!(
-            "GET {target} HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {token}\r\n\r\n"
-        );
-        self.writer.write_all(head.as_bytes())?;
-        self.read_reply()
-    }
-
-    pub(crate) fn read_reply(&mut self) -> anyhow::Result<Reply> {
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status: u16 = line.split(' ').nth(1).context("no status line")?.parse()?;
-        let (mut length, mut runtime) = (0usize, None);
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse()?;
-                } else if name.eq_ignore_ascii_case("x-runtime") {
-                    runtime = value.trim().parse().ok();
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body)?;
-        Ok(Reply {
-            status,
-            runtime,
-            body,
-        })
     }
 }
 

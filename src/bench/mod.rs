@@ -21,12 +21,13 @@ use anyhow::bail;
 mod agent;
 mod hostile;
 
-pub(crate) use agent::{AgentProcess, Conn, post_snapshot, rss_mb};
+use crate::client::{Conn, post_snapshot};
+pub(crate) use agent::{AgentProcess, rss_mb};
 use agent::{scrape, wait_for_spooled};
 pub use hostile::small_buffer_connection;
 
 use crate::auth::Authenticator;
-use crate::demo::unix_now;
+use crate::clock::unix_now;
 use crate::sems::{
     ACCOUNTS, BIG_ACCOUNT, CUSTOMERS, Style, Switch, customer_of, directory_json, uuid_of,
 };
