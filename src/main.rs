@@ -75,6 +75,11 @@ enum Command {
         /// of the largest answer, of the scrape and of the metrics.
         #[arg(long)]
         hostile: bool,
+        /// Only the call events' figures (issue 19): an event's answer and the time until
+        /// it shows, idle and beside an apply, the sustained rate beside queries, and a
+        /// minute's CPU with a 60 s period and events against a 5 s one without.
+        #[arg(long, conflicts_with = "hostile")]
+        events: bool,
     },
     /// A bounded soak: mixed queries while snapshots arrive every second; fails on any
     /// 5xx, torn answer or memory growth (see RELIABILITY.md).
@@ -203,6 +208,7 @@ fn run() -> anyhow::Result<ExitCode> {
             dir,
             dump,
             hostile,
+            events,
         } => active_calls_agent::bench::run(active_calls_agent::bench::BenchOptions {
             calls,
             small_calls,
@@ -211,6 +217,7 @@ fn run() -> anyhow::Result<ExitCode> {
             dir,
             dump,
             hostile,
+            events,
         })?,
         Command::Soak {
             seconds,

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::bail;
 
 mod agent;
+mod events;
 mod hostile;
 
 use crate::client::{Conn, post_snapshot};
@@ -51,6 +52,9 @@ pub struct BenchOptions {
     /// Only the hostile clients' figures (issue 13): trickling feed senders, and slow
     /// readers of the largest answer, of the scrape and of the metrics.
     pub hostile: bool,
+    /// Only the call events' figures (issue 19): answers, visibility, the sustained rate,
+    /// and the CPU of a long period with events against a short one without.
+    pub events: bool,
 }
 
 pub(crate) const SECRET: &str = "bench-secret";
@@ -186,7 +190,7 @@ struct Row {
 }
 
 /// The seconds between two snapshots of the simulated switch.
-const PERIOD: i64 = 5;
+pub(crate) const PERIOD: i64 = 5;
 
 /// One switch's snapshots for the apply measurements, in the order they are applied: all
 /// calls into an empty store, the same calls resent (nothing changed), one 5-second
@@ -284,7 +288,7 @@ fn applies_text(applies: &[Duration]) -> String {
 
 /// `n` random customer queries over one keep-alive connection (after 200 of warm-up): the
 /// client's and the server's (`X-Runtime`) times, ms; and the queries asked.
-fn latencies(
+pub(crate) fn latencies(
     api: SocketAddr,
     tokens: &HashMap<i64, String>,
     seed: u64,
@@ -363,6 +367,13 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         std::fs::write(dump.join("directory.json"), directory_json())?;
     }
 
+    if options.events {
+        events::run(&[options.small_calls, options.calls], &base, &mut add)?;
+        events::cpu_per_minute(options.small_calls, &base, &mut add)?;
+        let _ = std::fs::remove_dir_all(&base);
+        print_rows(rows);
+        return Ok(());
+    }
     if options.hostile {
         hostile::hostile(&options, &base, &large, &mut add)?;
         let _ = std::fs::remove_dir_all(&base);

@@ -54,9 +54,10 @@ const RELEASE_AFTER: Duration = Duration::from_secs(10);
 /// syncs the database file, too dear to do hundreds of times a second.
 const COPY_BACK_EVERY: Duration = Duration::from_secs(1);
 
-/// The most events one transaction applies: a queue emptied after a long snapshot commits
-/// in a few steps, each short enough for readers and the WAL.
-const MAX_EVENT_BATCH: usize = 4096;
+/// The most events one transaction applies (~15 ms of work): a queue emptied after a long
+/// snapshot shows its oldest events first, a batch at a time, rather than all of them
+/// only once the last is written.
+const MAX_EVENT_BATCH: usize = 256;
 
 /// Call events that may wait for the writer, by default (`feed.max_queued_events`): a busy
 /// node's events (600 call attempts a second, three events each) for the ~8 s a 100k-call
@@ -269,20 +270,15 @@ impl Worker {
                         (Instant::now(), false, true, true);
                 }
                 Some(Job::Event(first)) => {
-                    let mut batch = vec![*first];
-                    while batch.len() < MAX_EVENT_BATCH
-                        && matches!(queue.front(), Some(Job::Event(_)))
-                    {
-                        if let Some(Job::Event(event)) = queue.pop_front() {
-                            batch.push(*event);
-                        }
-                    }
+                    let batch = gather_events(*first, &mut queue, &jobs);
                     self.apply_events(&batch);
                     (last_write, released, copy_due) = (Instant::now(), false, true);
                 }
                 Some(Job::Stop) => break,
                 None => {}
             }
+            // What came in meanwhile (events queued behind a snapshot) goes first.
+            queue.extend(jobs.try_iter());
             if queue.is_empty() && copy_due && (copy_now || last_copy.elapsed() >= COPY_BACK_EVERY)
             {
                 if let Err(e) = self.writer.copy_back() {
@@ -418,6 +414,31 @@ impl Worker {
             Err(e) => tracing::error!(error = %e, "expiring silent nodes failed"),
         }
     }
+}
+
+/// The call events to apply together: `first`, and the events queued right behind it
+/// (never past a job of another kind, which must apply after them). The writer does not
+/// wait for more: a run forms by itself whenever events come faster than it commits, and
+/// an event alone is shown at once. (Waiting 8 ms for company saved a fifth of the CPU at
+/// 500–2,000 events a second, and put an idle event's p99 to the endpoint at 48 ms.)
+fn gather_events(
+    first: Event,
+    queue: &mut VecDeque<Job>,
+    jobs: &mpsc::Receiver<Job>,
+) -> Vec<Event> {
+    let mut batch = vec![first];
+    queue.extend(jobs.try_iter());
+    while batch.len() < MAX_EVENT_BATCH {
+        match queue.pop_front() {
+            Some(Job::Event(event)) => batch.push(*event),
+            Some(other) => {
+                queue.push_front(other);
+                break;
+            }
+            None => break,
+        }
+    }
+    batch
 }
 
 /// Sets the calling thread's niceness (only ever lowering its priority, which needs no

@@ -266,9 +266,9 @@ impl Switch {
         call.prepare(style);
     }
 
-    /// Ends `share` of the calls at random, starts as many new ones in the period before
-    /// `now`, and answers `answered` of the calls not yet answered.
-    fn step(&mut self, ended: f64, answered: f64, now: i64, period: i64) {
+    /// Ends `ended` (a share) of the calls at random, starts as many new ones in the period
+    /// before `now`, and answers `answered` of the calls not yet answered.
+    pub fn step(&mut self, ended: f64, answered: f64, now: i64, period: i64) {
         let total = self.calls.len();
         for _ in 0..(total as f64 * ended).round() as usize {
             if self.calls.is_empty() {
