@@ -20,9 +20,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::call::{CallRow, LineKey, PackedRow};
+use crate::call::{CallRow, Event, LineKey, PackedRow};
 use crate::clock::{format_datetime, is_datetime};
-use crate::store::{Origin, Writer};
+use crate::store::{EventChanges, Origin, SnapshotTx, Writer};
 
 pub mod event;
 pub mod key;
@@ -69,6 +69,10 @@ pub struct ApplyReport {
     pub removed: u64,
     /// The store held this snapshot already (`store::Changes::repeat`): not relayed.
     pub repeat: bool,
+    /// Rows of calls an event ended, not applied (SPEC 2.4).
+    pub suppressed: u64,
+    /// The call events applied with it ([`Arrivals`]).
+    pub events: EventChanges,
     pub duration: Duration,
 }
 
@@ -402,7 +406,7 @@ pub fn apply_snapshot(
     origin: Origin,
     received_at: SystemTime,
 ) -> Result<ApplyReport, SnapshotError> {
-    apply_snapshot_teed(writer, input, insert_line, origin, received_at, None)
+    apply_snapshot_teed(writer, input, insert_line, origin, received_at, None, None)
 }
 
 /// Where the reader copies a snapshot's rows as it reads them: the relay's spool.
@@ -428,7 +432,28 @@ pub trait Forward: Send {
     fn begin(&self) -> Option<Box<dyn Tee>>;
 }
 
-/// [`apply_snapshot`], copying the rows into `tee` on the way.
+/// Call events that come while a snapshot applies: applied in its transaction, between its
+/// blocks and once more before it commits, so that they show when it does instead of
+/// waiting behind it (a 100k-call apply takes seconds; a busy switch posts hundreds of
+/// events a second, which would then take hundreds of milliseconds more to catch up).
+pub struct Arrivals<'a> {
+    /// The events applied so far, for the caller: counted once the snapshot committed, or
+    /// applied on their own if it did not.
+    pub applied: Vec<Event>,
+    /// Moves the events that have come since into the vector.
+    pub fetch: &'a mut dyn FnMut(&mut Vec<Event>),
+}
+
+impl Arrivals<'_> {
+    fn apply_new(&mut self, tx: &mut SnapshotTx<'_>) -> rusqlite::Result<()> {
+        let from = self.applied.len();
+        (self.fetch)(&mut self.applied);
+        tx.apply_events(&self.applied[from..])
+    }
+}
+
+/// [`apply_snapshot`], copying the rows into `tee` on the way, and applying the call
+/// events that come meanwhile from `arrivals` in the same transaction.
 pub fn apply_snapshot_teed(
     writer: &mut Writer,
     input: impl BufRead + Send,
@@ -436,6 +461,7 @@ pub fn apply_snapshot_teed(
     origin: Origin,
     received_at: SystemTime,
     tee: Option<&mut dyn Tee>,
+    mut arrivals: Option<&mut Arrivals<'_>>,
 ) -> Result<ApplyReport, SnapshotError> {
     let started = Instant::now();
     let mut tx = writer.begin(origin, received_at)?;
@@ -448,7 +474,7 @@ pub fn apply_snapshot_teed(
         let (spare_tx, spare) = std::sync::mpsc::channel();
         let reader = scope
             .spawn(move || read_blocks(input, insert_line, &stored_keys, blocks_tx, &spare, tee));
-        let applied = apply_blocks(&mut tx, blocks, &spare_tx, &mut report);
+        let applied = apply_blocks(&mut tx, blocks, &spare_tx, &mut report, &mut arrivals);
         let read = reader.join().unwrap_or_else(|_| {
             Err(SnapshotError::Io(std::io::Error::other(
                 "the snapshot reader failed",
@@ -457,21 +483,28 @@ pub fn apply_snapshot_teed(
         // The writer's error comes first: when it stops, the reader stops with it.
         applied.and(read)
     })?;
+    if let Some(arrivals) = arrivals {
+        arrivals.apply_new(&mut tx)?;
+    }
     let changes = tx.commit()?;
     report.nodes = changes.nodes;
     report.written = changes.written;
     report.removed = changes.removed;
     report.repeat = changes.repeat;
+    report.suppressed = changes.suppressed;
+    report.events = changes.events;
     report.duration = started.elapsed();
     Ok(report)
 }
 
-/// The writer's side: applies the blocks as they come, until the reader is done.
+/// The writer's side: applies the blocks as they come, until the reader is done, and after
+/// each block the events that came meanwhile.
 fn apply_blocks(
-    tx: &mut crate::store::SnapshotTx<'_>,
+    tx: &mut SnapshotTx<'_>,
     blocks: std::sync::mpsc::Receiver<Block>,
     spare: &std::sync::mpsc::Sender<Block>,
     report: &mut ApplyReport,
+    arrivals: &mut Option<&mut Arrivals<'_>>,
 ) -> Result<(), SnapshotError> {
     for mut block in blocks {
         for item in block.items.drain(..) {
@@ -525,6 +558,9 @@ fn apply_blocks(
         block.text.clear();
         block.rows.clear();
         let _ = spare.send(block);
+        if let Some(arrivals) = arrivals.as_deref_mut() {
+            arrivals.apply_new(tx)?;
+        }
     }
     Ok(())
 }
@@ -671,11 +707,12 @@ fn skip_rest_of_line(
 }
 
 /// Applies the snapshot file at `path`, received at its modification time (SPEC 2.2),
-/// copying its rows into `tee`.
+/// copying its rows into `tee` and applying `arrivals` with it.
 pub fn apply_file(
     writer: &mut Writer,
     path: &Path,
     tee: Option<&mut dyn Tee>,
+    arrivals: Option<&mut Arrivals<'_>>,
 ) -> Result<ApplyReport, SnapshotError> {
     let file = File::open(path)?;
     let received_at = file.metadata()?.modified()?;
@@ -686,6 +723,7 @@ pub fn apply_file(
         Origin::File,
         received_at,
         tee,
+        arrivals,
     )
 }
 

@@ -771,3 +771,48 @@ fn a_switchs_events_leave_the_state_its_next_snapshot_has_among_other_nodes() {
         );
     }
 }
+
+#[test]
+fn events_that_come_while_a_snapshot_applies_are_kept_even_when_it_is_rejected() {
+    for rejected in [false, true] {
+        let agent = start();
+        let feed = agent.agent().feed_addr().unwrap();
+        agent.post_snapshot(SAMPLE_SNAPSHOT_2);
+        // A large snapshot of another node, taking a while; rejected at its last line.
+        let mut switch = active_calls_agent::sems::Switch::new(4);
+        switch.fill(8_000, 1_764_081_000);
+        let mut big = switch.render(1_764_081_000);
+        if rejected {
+            big.extend_from_slice(b"not a row\n");
+        }
+        let posting = std::thread::spawn(move || post(feed, "/", &[], &big).status);
+        let mut poster = active_calls_agent::client::EventPoster::new(feed);
+        let mut taken = Vec::new();
+        while !posting.is_finished() {
+            let tag = format!("DURING-{}", taken.len());
+            assert_eq!(
+                poster
+                    .post(EVENTS[2].replace(LIVE, &tag).as_bytes())
+                    .unwrap(),
+                200
+            );
+            taken.push(tag);
+        }
+        assert_eq!(posting.join().unwrap(), if rejected { 400 } else { 200 });
+        // The queue's count goes back to zero only once every event is committed.
+        let mut status = agent.agent().feed_status();
+        agent.wait_for(&mut status, |s| s.events >= taken.len() as u64);
+        let current = scraped(&agent);
+        for tag in &taken {
+            assert!(current.contains_key(tag), "rejected {rejected}: {tag} lost");
+        }
+        assert_eq!(
+            current.len(),
+            taken.len() + state_of(SAMPLE_SNAPSHOT_2).len() + if rejected { 0 } else { 8_000 },
+            "rejected {rejected}"
+        );
+        // Everything committed: the bound counts nothing still waiting.
+        let metrics = agent.request("GET", "/metrics", &[]).text();
+        assert!(metrics.contains("active_calls_agent_event_visible_seconds_count"));
+    }
+}

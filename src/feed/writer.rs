@@ -38,7 +38,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::call::Event;
 use crate::feed::{
-    ApplyReport, Forward, InsertLine, SnapshotError, Tee, apply_file, apply_snapshot_teed,
+    ApplyReport, Arrivals, Forward, InsertLine, SnapshotError, Tee, apply_file, apply_snapshot_teed,
 };
 use crate::metrics::Metrics;
 use crate::store::{EventChanges, Origin, Writer};
@@ -244,7 +244,7 @@ impl Worker {
             match queue.pop_front() {
                 Some(Job::ApplyFile) => {
                     queue.retain(|job| !matches!(job, Job::ApplyFile));
-                    self.check_file();
+                    self.check_file(&mut arriving(&mut queue, &jobs));
                     (last_write, released, copy_due, copy_now) =
                         (Instant::now(), false, true, true);
                 }
@@ -254,23 +254,26 @@ impl Worker {
                     received_at,
                     reply,
                 }) => {
-                    let result = self.apply(|writer, tee| {
-                        apply_snapshot_teed(
-                            writer,
-                            input,
-                            insert_line,
-                            Origin::Socket,
-                            received_at,
-                            tee,
-                        )
-                    });
+                    let result =
+                        self.apply(&mut arriving(&mut queue, &jobs), |writer, tee, arrivals| {
+                            apply_snapshot_teed(
+                                writer,
+                                input,
+                                insert_line,
+                                Origin::Socket,
+                                received_at,
+                                tee,
+                                Some(arrivals),
+                            )
+                        });
                     self.record(Origin::Socket, result.as_ref().map_err(|e| e.to_string()));
                     let _ = reply.send(result);
                     (last_write, released, copy_due, copy_now) =
                         (Instant::now(), false, true, true);
                 }
                 Some(Job::Event(first)) => {
-                    let batch = gather_events(*first, &mut queue, &jobs);
+                    let mut batch = vec![*first];
+                    take_events(&mut queue, &jobs, &mut batch, MAX_EVENT_BATCH);
                     self.apply_events(&batch);
                     (last_write, released, copy_due) = (Instant::now(), false, true);
                 }
@@ -305,25 +308,14 @@ impl Worker {
     /// Applies a run of call events in one transaction. A failed commit loses them (the
     /// switch had its answer already): logged, and the next snapshot heals what they said.
     fn apply_events(&mut self, batch: &[Event]) {
+        if batch.is_empty() {
+            return;
+        }
         let result = self.writer.apply_events(batch);
-        self.events.0.fetch_sub(batch.len(), Ordering::AcqRel);
         match result {
-            Ok(changes) => {
-                for event in batch {
-                    self.metrics.event_visible(event.received.elapsed());
-                }
-                tracing::debug!(
-                    events = batch.len(),
-                    changed = changes.changed,
-                    nodes = ?changes.nodes,
-                    "call events applied"
-                );
-                self.status.send_modify(|s| {
-                    s.events += batch.len() as u64;
-                    s.last_events = Some(changes);
-                });
-            }
+            Ok(changes) => self.events_committed(batch, changes),
             Err(e) => {
+                self.events.0.fetch_sub(batch.len(), Ordering::AcqRel);
                 tracing::error!(error = %e, events = batch.len(), "applying call events failed; they are lost until the next snapshot");
                 self.status.send_modify(|s| {
                     s.events += batch.len() as u64;
@@ -333,15 +325,36 @@ impl Worker {
         }
     }
 
-    /// Applies the snapshot file if its content is not the one applied last.
-    fn check_file(&mut self) {
+    /// Counts call events committed (on their own, or with a snapshot).
+    fn events_committed(&mut self, batch: &[Event], changes: EventChanges) {
+        self.events.0.fetch_sub(batch.len(), Ordering::AcqRel);
+        for event in batch {
+            self.metrics.event_visible(event.received.elapsed());
+        }
+        tracing::debug!(
+            events = batch.len(),
+            changed = changes.changed,
+            nodes = ?changes.nodes,
+            "call events applied"
+        );
+        self.status.send_modify(|s| {
+            s.events += batch.len() as u64;
+            s.last_events = Some(changes);
+        });
+    }
+
+    /// Applies the snapshot file if its content is not the one applied last, with the
+    /// events that come meanwhile from `arrived`.
+    fn check_file(&mut self, arrived: &mut dyn FnMut(&mut Vec<Event>)) {
         let Some(path) = self.watch_path.clone() else {
             return;
         };
         match file_stamp(&path) {
             Ok(stamp) if Some(stamp) == self.applied_file => {}
             Ok(stamp) => {
-                let result = self.apply(|writer, tee| apply_file(writer, &path, tee));
+                let result = self.apply(arrived, |writer, tee, arrivals| {
+                    apply_file(writer, &path, tee, Some(arrivals))
+                });
                 self.record(Origin::File, result.as_ref().map_err(|e| e.to_string()));
                 self.applied_file = Some(stamp);
             }
@@ -355,19 +368,38 @@ impl Worker {
         self.status.send_modify(|s| s.file_checks += 1);
     }
 
-    /// Applies a snapshot with `apply`, its rows copied for the relay when it is on: the
-    /// copy is handed to the relay once the snapshot committed, and deleted otherwise.
+    /// Applies a snapshot with `apply`, its rows copied for the relay when it is on (the
+    /// copy is handed to the relay once the snapshot committed, and deleted otherwise), and
+    /// the events `arrived` meanwhile in its transaction (applied on their own after it, if
+    /// it did not commit).
     fn apply(
         &mut self,
-        apply: impl FnOnce(&mut Writer, Option<&mut dyn Tee>) -> Result<ApplyReport, SnapshotError>,
+        arrived: &mut dyn FnMut(&mut Vec<Event>),
+        apply: impl FnOnce(
+            &mut Writer,
+            Option<&mut dyn Tee>,
+            &mut Arrivals<'_>,
+        ) -> Result<ApplyReport, SnapshotError>,
     ) -> Result<ApplyReport, SnapshotError> {
         let mut copy = self.relay.as_ref().and_then(|relay| relay.begin());
+        let mut arrivals = Arrivals {
+            applied: Vec::new(),
+            fetch: arrived,
+        };
         let result = apply(
             &mut self.writer,
             copy.as_deref_mut().map(|c| c as &mut dyn Tee),
+            &mut arrivals,
         );
-        if let (Ok(report), Some(copy)) = (&result, copy) {
-            copy.commit(&report.nodes, report.repeat);
+        let events = arrivals.applied;
+        match &result {
+            Ok(report) => {
+                if let Some(copy) = copy {
+                    copy.commit(&report.nodes, report.repeat);
+                }
+                self.events_committed(&events, report.events.clone());
+            }
+            Err(_) => self.apply_events(&events),
         }
         result
     }
@@ -416,29 +448,32 @@ impl Worker {
     }
 }
 
-/// The call events to apply together: `first`, and the events queued right behind it
-/// (never past a job of another kind, which must apply after them). The writer does not
-/// wait for more: a run forms by itself whenever events come faster than it commits, and
-/// an event alone is shown at once. (Waiting 8 ms for company saved a fifth of the CPU at
-/// 500–2,000 events a second, and put an idle event's p99 to the endpoint at 48 ms.)
-fn gather_events(
-    first: Event,
+/// The events that come while a snapshot applies, for its transaction: all those queued
+/// next, up to the next job of another kind.
+fn arriving<'a>(
+    queue: &'a mut VecDeque<Job>,
+    jobs: &'a mpsc::Receiver<Job>,
+) -> impl FnMut(&mut Vec<Event>) + 'a {
+    move |into| take_events(queue, jobs, into, usize::MAX)
+}
+
+/// Moves into `into` the call events queued next (up to `most` in it), never past a job of
+/// another kind, which must apply after them. The writer does not wait for more: a run
+/// forms by itself whenever events come faster than it commits, and an event alone is shown
+/// at once. (Waiting 8 ms for company saved a fifth of the CPU at 500–2,000 events a second,
+/// and put an idle event's p99 to the endpoint at 48 ms.)
+fn take_events(
     queue: &mut VecDeque<Job>,
     jobs: &mpsc::Receiver<Job>,
-) -> Vec<Event> {
-    let mut batch = vec![first];
+    into: &mut Vec<Event>,
+    most: usize,
+) {
     queue.extend(jobs.try_iter());
-    while batch.len() < MAX_EVENT_BATCH {
-        match queue.pop_front() {
-            Some(Job::Event(event)) => batch.push(*event),
-            Some(other) => {
-                queue.push_front(other);
-                break;
-            }
-            None => break,
+    while into.len() < most && matches!(queue.front(), Some(Job::Event(_))) {
+        if let Some(Job::Event(event)) = queue.pop_front() {
+            into.push(*event);
         }
     }
-    batch
 }
 
 /// Sets the calling thread's niceness (only ever lowering its priority, which needs no

@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use rusqlite::params;
 
+use super::Staleness;
 use super::nodes;
-use super::stored::{IntMap, Stored, StoredCall, TagHash};
+use super::stored::{IntMap, IntSet, Stored, StoredCall, TagHash};
 use super::write::{
     CallValues, DELETE_CALL, INSERT_CALL, NEXT_GENERATION, UPDATE_CALL_VALUES, Writer,
 };
@@ -73,34 +74,30 @@ impl Writer {
             None => Stored::load(&tx)?,
         };
         let mut changes = EventChanges::default();
-        // Per node: heard last, and whether what its calls show changed.
-        let mut heard: IntMap<i64, (i64, bool)> = IntMap::default();
+        let mut heard = Heard::default();
+        let mut retired = IntSet::default();
         for event in events {
-            let changed = apply(&tx, &mut calls, event)?;
-            *(if changed {
-                &mut changes.changed
-            } else {
-                &mut changes.unchanged
-            }) += 1;
-            let node = heard.entry(event.node_id).or_insert((i64::MIN, false));
-            node.0 = node.0.max(unix_millis(event.received_at));
-            node.1 |= changed;
+            let changed = apply(&tx, &mut calls, event, &mut retired)?;
+            changes.count(changed);
+            heard.note(event, changed);
         }
         let generation: i64 = tx
             .prepare_cached(NEXT_GENERATION)?
             .query_row([], |r| r.get(0))?;
-        for (&node_id, &(heard_ms, changed)) in &heard {
-            nodes::touch(&tx, staleness, node_id, heard_ms, generation, changed)?;
-            changes.nodes.push(node_id);
-        }
+        changes.nodes = heard.touch(&tx, staleness, generation)?;
         let most = self.ended_limits.1;
         if calls.ended.len() > most {
             let forgotten = forget_ended(&tx, FORGET_OLDEST_ENDED, most as i64)?;
             forget_in_memory(&mut calls, forgotten);
         }
         tx.commit()?;
+        if !retired.is_empty() {
+            let by_line = std::sync::Arc::make_mut(&mut calls.by_line);
+            for line in &retired {
+                by_line.remove(line);
+            }
+        }
         self.stored = Some(calls);
-        changes.nodes.sort_unstable();
         Ok(changes)
     }
 
@@ -117,11 +114,52 @@ impl Writer {
     }
 }
 
-/// Applies one event; whether it changed a call.
-fn apply(
+impl EventChanges {
+    pub(super) fn count(&mut self, changed: bool) {
+        *(if changed {
+            &mut self.changed
+        } else {
+            &mut self.unchanged
+        }) += 1;
+    }
+}
+
+/// The nodes events came from: when each was heard last, and whether what its calls show
+/// changed.
+#[derive(Default)]
+pub(super) struct Heard(IntMap<i64, (i64, bool)>);
+
+impl Heard {
+    pub fn note(&mut self, event: &Event, changed: bool) {
+        let node = self.0.entry(event.node_id).or_insert((i64::MIN, false));
+        node.0 = node.0.max(unix_millis(event.received_at));
+        node.1 |= changed;
+    }
+
+    /// Records them in the nodes table (as of `generation`); the nodes, by id.
+    pub fn touch(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        staleness: Staleness,
+        generation: i64,
+    ) -> rusqlite::Result<Vec<i64>> {
+        for (&node_id, &(heard_ms, changed)) in &self.0 {
+            nodes::touch(tx, staleness, node_id, heard_ms, generation, changed)?;
+        }
+        let mut ids: Vec<i64> = self.0.keys().copied().collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}
+
+/// Applies one event; whether it changed a call. The line keys of the calls it changed go
+/// into `retired` (the lines no longer stand for them), for the caller to forget once
+/// committed: a snapshot's reader may hold the line keys meanwhile.
+pub(super) fn apply(
     tx: &rusqlite::Transaction<'_>,
     calls: &mut Stored,
     event: &Event,
+    retired: &mut IntSet<i64>,
 ) -> rusqlite::Result<bool> {
     let tag = calls.tag_hash(event.node_id, event.local_tag.as_bytes());
     let known = calls.find(tag);
@@ -129,7 +167,7 @@ fn apply(
         (EventKind::Disconnected, known) => {
             if let Some((call_id, call)) = known {
                 tx.prepare_cached(DELETE_CALL)?.execute([call_id])?;
-                calls.retire_line(&call);
+                retired.extend(call.line_key);
                 calls.remove(call_id);
             }
             let received_ms = unix_millis(event.received_at);
@@ -146,7 +184,13 @@ fn apply(
         // A late start or answer of a call that has ended already changes nothing.
         _ if calls.ended.contains_key(&tag) => Ok(false),
         (EventKind::Started, Some(_)) => Ok(false),
-        (EventKind::Connected, Some((call_id, call))) => answer(tx, calls, event, call_id, call),
+        (EventKind::Connected, Some((call_id, call))) => {
+            let changed = answer(tx, calls, event, call_id, call)?;
+            if changed {
+                retired.extend(call.line_key);
+            }
+            Ok(changed)
+        }
         (EventKind::Started | EventKind::Connected, None) => {
             let Some(made) = &event.call else {
                 return Ok(false);
@@ -202,7 +246,6 @@ fn answer(
     // The indexed values stay: only the values are rewritten, not the index entries.
     let values = CallValues::of(&row, Some(&stamp), None, event_ms);
     values.write(tx, UPDATE_CALL_VALUES, call_id)?;
-    calls.retire_line(&call);
     calls.calls.insert(
         call_id,
         StoredCall {

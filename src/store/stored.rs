@@ -211,14 +211,6 @@ impl Stored {
         Some((id, *self.calls.get(&id)?))
     }
 
-    /// Forgets the line key of a call an event changed: its stored line no longer stands
-    /// for it, so an identical line must be parsed and compared, never taken as unchanged.
-    pub fn retire_line(&mut self, call: &StoredCall) {
-        if let Some(line) = call.line_key {
-            Arc::make_mut(&mut self.by_line).remove(&line);
-        }
-    }
-
     pub fn remove(&mut self, call_id: i64) -> Option<StoredCall> {
         let call = self.calls.remove(&call_id)?;
         if self.by_tag.get(&call.tag) == Some(&call_id) {

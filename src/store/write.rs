@@ -17,11 +17,12 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, OpenFlags, params};
 
+use super::events::{self, EventChanges, Heard};
 use super::nodes::{self, Periods, STALE_NODES};
 use super::read::Blob;
 use super::stored::{IntMap, IntSet, Stored, StoredCall};
 use super::{Origin, SCHEMA, SCHEMA_VERSION, Staleness, open};
-use crate::call::{CallRow, LineKey};
+use crate::call::{CallRow, Event, LineKey};
 use crate::clock::{format_datetime, parse_datetime, unix_millis};
 
 pub(super) const INSERT_CALL: &str = "INSERT INTO calls (
@@ -185,6 +186,8 @@ impl Writer {
             staleness: *staleness,
             periods,
             suppressed: 0,
+            events: EventChanges::default(),
+            heard: Heard::default(),
             retired_lines: IntSet::default(),
             new_lines: Vec::new(),
             changed_nodes: IntSet::default(),
@@ -260,6 +263,8 @@ pub struct Changes {
     pub removed: u64,
     /// Rows of calls an event ended that the snapshot would have brought back (SPEC 2.4).
     pub suppressed: u64,
+    /// The call events applied in the snapshot's transaction.
+    pub events: EventChanges,
     /// Whether the secondary indexes were rebuilt instead of updated.
     pub rebuilt_indexes: bool,
     /// Whether the store held this very snapshot already: every node of it had its
@@ -292,6 +297,9 @@ pub struct SnapshotTx<'w> {
     periods: &'w mut Periods,
     /// Rows not applied because an event ended their call.
     suppressed: u64,
+    /// Call events applied in this snapshot's transaction, and their nodes.
+    events: EventChanges,
+    heard: Heard,
     /// Line keys that no longer stand for their call (it was rewritten by this snapshot),
     /// and the new keys: `by_line` is shared with the reader, so it changes at commit.
     retired_lines: IntSet<i64>,
@@ -450,6 +458,22 @@ impl SnapshotTx<'_> {
         Ok(())
     }
 
+    /// Applies call events that came while this snapshot applies, in its transaction: they
+    /// show when it commits, instead of waiting behind it. The rules that reconcile a
+    /// snapshot with events hold whichever comes first within it.
+    pub fn apply_events(&mut self, events: &[Event]) -> rusqlite::Result<()> {
+        for event in events {
+            let changed =
+                events::apply(&self.tx, &mut self.stored, event, &mut self.retired_lines)?;
+            self.events.count(changed);
+            self.heard.note(event, changed);
+            if changed {
+                self.changed_nodes.insert(event.node_id);
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes the calls the snapshot no longer has, records its nodes, rebuilds dropped
     /// indexes, and makes it all visible at once.
     pub fn commit(mut self) -> rusqlite::Result<Changes> {
@@ -538,6 +562,9 @@ impl SnapshotTx<'_> {
             changes.repeat &= before.as_deref() == Some(timestamp);
             changes.nodes.push(*node_id);
         }
+        // After the snapshot's own: a node both sent is heard at the later of the two.
+        self.events.nodes = self.heard.touch(&self.tx, self.staleness, generation)?;
+        changes.events = std::mem::take(&mut self.events);
         self.tx.commit()?;
         if !forget {
             // The reader thread has ended: the line keys are the writer's alone again.
