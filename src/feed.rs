@@ -62,6 +62,9 @@ pub enum SnapshotError {
 /// What an applied snapshot did, for the log line and for tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
+    /// When it counts as received (unix ms): what stands in for an absent
+    /// `snapshot_timestamp`, and when its nodes were heard.
+    pub received_at_ms: i64,
     pub rows: u64,
     pub skipped: u64,
     pub nodes: Vec<i64>,
@@ -491,6 +494,7 @@ pub fn apply_snapshot_teed(
     report.written = changes.written;
     report.removed = changes.removed;
     report.repeat = changes.repeat;
+    report.received_at_ms = crate::clock::unix_millis(received_at);
     report.suppressed = changes.suppressed;
     report.events = changes.events;
     report.duration = started.elapsed();
@@ -706,16 +710,31 @@ fn skip_rest_of_line(
     }
 }
 
-/// Applies the snapshot file at `path`, received at its modification time (SPEC 2.2),
-/// copying its rows into `tee` and applying `arrivals` with it.
+/// How a snapshot file came to be read, which says when it counts as received (SPEC 2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRead {
+    /// At start: it was received when it was written (its modification time; one in the
+    /// future counts as now), so a restart does not make old calls fresh again.
+    AtStart,
+    /// Because it just changed: received now, whatever time the writer gave it.
+    Changed,
+}
+
+/// Applies the snapshot file at `path`, copying its rows into `tee` and applying
+/// `arrivals` with it.
 pub fn apply_file(
     writer: &mut Writer,
     path: &Path,
+    read: FileRead,
     tee: Option<&mut dyn Tee>,
     arrivals: Option<&mut Arrivals<'_>>,
 ) -> Result<ApplyReport, SnapshotError> {
     let file = File::open(path)?;
-    let received_at = file.metadata()?.modified()?;
+    let now = SystemTime::now();
+    let received_at = match read {
+        FileRead::AtStart => file.metadata()?.modified()?.min(now),
+        FileRead::Changed => now,
+    };
     apply_snapshot_teed(
         writer,
         BufReader::with_capacity(256 * 1024, file),

@@ -816,3 +816,101 @@ fn events_that_come_while_a_snapshot_applies_are_kept_even_when_it_is_rejected()
         assert!(metrics.contains("active_calls_agent_event_visible_seconds_count"));
     }
 }
+
+#[test]
+fn an_event_does_not_bring_back_the_calls_of_a_node_that_expired() {
+    let mut agent =
+        start_with(|c| c.feed.stale_after = active_calls_agent::config::StaleAfter::Seconds(2));
+    agent.post_snapshot(SAMPLE_SNAPSHOT_2);
+    assert_eq!(scraped(&agent).len(), 20);
+    // Down while the node went silent past its limit; then the node's next event.
+    agent.agent.take().expect("running").stop();
+    std::thread::sleep(Duration::from_millis(2_500));
+    agent.restart();
+    agent.event(EVENTS[2]);
+    let current = scraped(&agent);
+    assert_eq!(
+        current.keys().collect::<Vec<_>>(),
+        [LIVE],
+        "only what the event made"
+    );
+}
+
+#[test]
+fn a_file_that_drops_a_node_keeps_the_calls_events_made_after_it() {
+    let agent = start();
+    let feed = agent.agent().feed_addr().unwrap();
+    let mut switch = active_calls_agent::sems::Switch::new(8);
+    let now = unix_now() as i64;
+    switch.fill(30, now - 10);
+    let mut status = agent.agent().feed_status();
+    write_file(&agent.snapshot_path(), &switch.render(now - 10));
+    agent.wait_for(&mut status, |s| s.applied > 0);
+    assert_eq!(scraped(&agent).len(), 30);
+    // Events dated after the next file is written (the agent's clock is the switch's).
+    let events = switch.events(30, (now + 1) * 1000, (now + 2) * 1000);
+    let mut poster = active_calls_agent::client::EventPoster::new(feed);
+    let before = status.borrow_and_update().events;
+    for event in &events {
+        assert_eq!(poster.post(&event.body).unwrap(), 200);
+    }
+    agent.wait_for(&mut status, |s| s.events >= before + events.len() as u64);
+    // The node leaves the file: its calls go, but those events made or answered since.
+    let made: Vec<String> = {
+        let mut ended = std::collections::HashSet::new();
+        let mut made = Vec::new();
+        for event in events.iter().rev() {
+            match event.kind {
+                active_calls_agent::call::EventKind::Disconnected => {
+                    ended.insert(event.local_tag.clone());
+                }
+                // Started or answered after the file: newer than it.
+                _ if !ended.contains(&event.local_tag) && !made.contains(&event.local_tag) => {
+                    made.push(event.local_tag.clone())
+                }
+                _ => {}
+            }
+        }
+        made
+    };
+    assert!(!made.is_empty());
+    let applied = status.borrow_and_update().applied;
+    write_file(&agent.snapshot_path(), b"");
+    agent.wait_for(&mut status, |s| s.applied > applied);
+    let mut left: Vec<String> = scraped(&agent).into_keys().collect();
+    let mut made = made;
+    left.sort();
+    made.sort();
+    assert_eq!(left, made);
+}
+
+#[test]
+fn what_an_event_cannot_apply_changes_nothing_seen() {
+    let agent = start();
+    agent.post_snapshot(SAMPLE_SNAPSHOT_2);
+    let scrape = || agent.request("GET", SCRAPE, &[("Authorization", BEARER)]);
+    let before = scrape();
+    // No type: ignored and counted. An end of a call never seen, from a node never seen:
+    // remembered, but it shows nothing, and the scrape's ETag stays.
+    assert_eq!(
+        agent
+            .post_event(&EVENTS[2].replace(",\"type\":\"started\"", ""))
+            .status,
+        200
+    );
+    agent.event(&EVENTS[1].replace("\"node_id\":7", "\"node_id\":99"));
+    let after = scrape();
+    assert_eq!(after.header("etag"), before.header("etag"));
+    assert_eq!(after.header("x-node-periods"), Some("7=unknown"));
+    let metrics = agent.request("GET", "/metrics", &[]).text();
+    assert!(
+        metrics.contains("active_calls_agent_events_total{type=\"other\",outcome=\"ignored\"} 1")
+    );
+    // An answer whose routing does not convert still answers a call the agent knows.
+    let broken = EVENTS[6].replace("\"customer_acc_id\":104,", "\"customer_acc_id\":\"x\",");
+    agent.event(&broken);
+    assert_eq!(
+        scraped(&agent)[RINGING_ANSWERED].connect_time.as_deref(),
+        Some("2025-11-25 14:30:09")
+    );
+}

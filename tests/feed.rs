@@ -272,37 +272,86 @@ fn a_deleted_file_changes_nothing_and_the_store_survives_a_restart() {
     );
 }
 
-/// Writes the snapshot file as received `age` ago (its mtime), and waits for the apply.
-fn feed_aged(agent: &TestAgent, content: &str, age: Duration) {
-    let mut status = agent.agent().feed_status();
-    let before = status.borrow_and_update().applied;
+/// Writes the snapshot file with a modification time `age` ago (negative: ahead), as a
+/// writer left it (temporary file, then rename).
+fn write_aged(agent: &TestAgent, content: &str, age: i64) {
     let tmp = agent.snapshot_path().with_extension("writing");
     std::fs::write(&tmp, content).unwrap();
     let file = std::fs::File::options().write(true).open(&tmp).unwrap();
-    file.set_modified(SystemTime::now() - age).unwrap();
+    let now = SystemTime::now();
+    let at = if age >= 0 {
+        now - Duration::from_secs(age as u64)
+    } else {
+        now + Duration::from_secs(age.unsigned_abs())
+    };
+    file.set_modified(at).unwrap();
     drop(file);
     std::fs::rename(&tmp, agent.snapshot_path()).unwrap();
-    agent.wait_for(&mut status, |s| s.applied > before);
+}
+
+/// When the node of the snapshot file was last heard, by the store (unix ms).
+fn heard_at(agent: &TestAgent) -> i64 {
+    rusqlite::Connection::open(&agent.config.store.path)
+        .unwrap()
+        .query_row("SELECT heard_at_ms FROM nodes WHERE node_id = 7", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
 }
 
 #[test]
 fn silent_nodes_expire_also_across_a_restart() {
-    let mut agent = TestAgent::start_with(|c| c.feed.stale_after = StaleAfter::Seconds(60));
+    // SPEC 2.2: a file read at start counts as received when it was written (a time in the
+    // future as now); one read because it changed, when it was read.
+    let agent = TestAgent::start_with(|c| c.feed.stale_after = StaleAfter::Seconds(60));
     let calls_of_102 = SAMPLE_SNAPSHOT.matches("\"customer_acc_id\":102,").count();
     assert!(calls_of_102 > 0);
     let answered = |agent: &TestAgent| agent.get(&format!("account-id={ACCOUNT_102}")).rows().len();
+    let restart = |agent: &mut TestAgent| {
+        agent.restart();
+        agent.wait_for(&mut agent.agent().feed_status(), |s| s.applied > 0);
+    };
 
-    // A snapshot file a switch wrote 61 s ago, and nothing since: its calls are not current.
-    feed_aged(&agent, SAMPLE_SNAPSHOT, Duration::from_secs(61));
+    // Written 61 s ago, and only just renamed into place: it counts as received now.
+    let mut status = agent.agent().feed_status();
+    write_aged(&agent, SAMPLE_SNAPSHOT, 61);
+    agent.wait_for(&mut status, |s| s.applied > 0);
+    assert_eq!(answered(&agent), calls_of_102);
+
+    // A switch that stopped writing 61 s ago, and an agent started since (over a store
+    // that has not heard from the node since): its calls are not current, nor after
+    // another restart.
+    let mut agent = TestAgent::start_with(|c| c.feed.stale_after = StaleAfter::Seconds(60));
+    let stopped = |agent: &mut TestAgent, age: i64| {
+        if let Some(running) = agent.agent.take() {
+            running.stop();
+        }
+        write_aged(agent, SAMPLE_SNAPSHOT, age);
+    };
+    stopped(&mut agent, 61);
+    restart(&mut agent);
     assert_eq!(answered(&agent), 0);
-    // A restart re-reads the same old file: still silent for over a minute, still no calls.
-    agent.restart();
-    agent.wait_for(&mut agent.agent().feed_status(), |s| s.applied > 0);
+    restart(&mut agent);
     assert_eq!(answered(&agent), 0);
 
     // Written 30 s ago: within the minute, current.
-    feed_aged(&agent, SAMPLE_SNAPSHOT, Duration::from_secs(30));
+    stopped(&mut agent, 30);
+    restart(&mut agent);
     assert_eq!(answered(&agent), calls_of_102);
+
+    // A clock ahead (a copied file, a switch's wrong clock) counts as now, not tomorrow.
+    stopped(&mut agent, -86_400);
+    restart(&mut agent);
+    assert_eq!(answered(&agent), calls_of_102);
+    let now_ms = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        heard_at(&agent) <= now_ms,
+        "heard {} > now {now_ms}",
+        heard_at(&agent)
+    );
 }
 
 #[test]

@@ -27,7 +27,7 @@ mod common;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use proptest::prelude::*;
@@ -598,7 +598,7 @@ struct Call {
 }
 
 /// The calls a snapshot of `rows` leaves: bad rows skipped, the last row of a
-/// (node, key) kept. `received`: the file's modification time, for absent timestamps.
+/// (node, key) kept. `received`: when the agent read the file, for absent timestamps.
 fn current_calls(rows: &[Row], received: &str) -> Vec<Call> {
     let mut calls: Vec<Call> = Vec::new();
     let mut at: HashMap<(i64, String), usize> = HashMap::new();
@@ -625,12 +625,6 @@ fn current_calls(rows: &[Row], received: &str) -> Vec<Call> {
         }
     }
     calls
-}
-
-/// `YYYY-MM-DD hh:mm:ss` (UTC) of a time.
-fn datetime(time: SystemTime) -> String {
-    let secs = time.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    active_calls_agent::clock::format_datetime(secs)
 }
 
 // ------------------------------------------------------------------------------------
@@ -1789,12 +1783,9 @@ fn check_snapshot(
     if report.skipped != bad {
         return Err(format!("{} rows skipped, {bad} bad rows", report.skipped));
     }
-    let received = datetime(
-        std::fs::metadata(agent.snapshot_path())
-            .unwrap()
-            .modified()
-            .unwrap(),
-    );
+    // Read because it changed: received when read (SPEC 2.2).
+    let received =
+        active_calls_agent::clock::format_datetime(report.received_at_ms.div_euclid(1000));
     let calls = current_calls(rows, &received);
     for query in queries {
         let (access, pairs) = query.resolve(directory, &calls);

@@ -101,11 +101,10 @@ pub fn parse(body: &[u8], received_at: SystemTime, received: Instant) -> Result<
         .node_id
         .and_then(|v| integer(v).ok())
         .ok_or_else(|| invalid(kind, "no data.node_id".into()))?;
+    // No `type`, or one the agent does not know: nothing it can apply (SPEC 2.4 refuses
+    // only what is not an event of a call).
     let Some(kind) = kind else {
-        return match kind_text {
-            Some(_) => Ok(Posted::Unknown),
-            None => Err(invalid(None, "no type".into())),
-        };
+        return Ok(Posted::Unknown);
     };
     let bad = |key: &str| invalid(Some(kind), format!("bad or missing data.{key}"));
     let time = |value: Option<&RawValue>, key: &str| match value {
@@ -121,20 +120,22 @@ pub fn parse(body: &[u8], received_at: SystemTime, received: Instant) -> Result<
         // The switch always says when; if not, now is the best the agent knows.
         EventKind::Disconnected => end.unwrap_or_else(|| unix_millis(received_at)),
     };
+    let made = |start: Option<i64>| {
+        let start = start.ok_or_else(|| bad("start_time"))?;
+        let connect = (kind == EventKind::Connected).then_some(at_ms);
+        call_of(&data, &local_tag, node_id, start, connect, received_at).map_err(|BadValue(key)| {
+            match key {
+                "start_time" | "connect_time" | "node_id" | "local_tag" => bad(key),
+                routed => bad(&format!("routing.{routed}")),
+            }
+        })
+    };
     let call = match kind {
         EventKind::Disconnected => None,
-        EventKind::Started | EventKind::Connected => {
-            let start = start.ok_or_else(|| bad("start_time"))?;
-            let connect = (kind == EventKind::Connected).then_some(at_ms);
-            Some(
-                call_of(&data, &local_tag, node_id, start, connect, received_at).map_err(
-                    |BadValue(key)| match key {
-                        "start_time" | "connect_time" | "node_id" | "local_tag" => bad(key),
-                        routed => bad(&format!("routing.{routed}")),
-                    },
-                )?,
-            )
-        }
+        EventKind::Started => Some(made(start)?),
+        // An answer needs only its time for a call the agent knows; the call it would
+        // make of an unknown one is a bonus, not a condition.
+        EventKind::Connected => made(start).ok(),
     };
     Ok(Posted::Event(Box::new(Event {
         kind,
@@ -303,10 +304,6 @@ mod tests {
             "no data.node_id"
         );
         assert_eq!(
-            reason(&STARTED.replace(",\"type\":\"started\"", "")),
-            "no type"
-        );
-        assert_eq!(
             reason(&STARTED.replace("\"customer_acc_id\":101,", "")),
             "bad or missing data.routing.customer_acc_id"
         );
@@ -328,10 +325,34 @@ mod tests {
 
     #[test]
     fn an_unknown_type_is_no_error() {
-        assert!(matches!(
-            posted(&STARTED.replace("\"started\"", "\"transferred\"")),
-            Ok(Posted::Unknown)
-        ));
+        for body in [
+            STARTED.replace("\"started\"", "\"transferred\""),
+            STARTED.replace(",\"type\":\"started\"", ""),
+            STARTED.replace("\"started\"", "null"),
+        ] {
+            assert!(matches!(posted(&body), Ok(Posted::Unknown)), "{body}");
+        }
+    }
+
+    #[test]
+    fn an_answer_needs_only_its_time() {
+        let connected = STARTED.replace("\"started\"", "\"connected\"").replace(
+            "\"start_time\"",
+            "\"connect_time\":1764081008.5,\"start_time\"",
+        );
+        let Ok(Posted::Event(event)) = posted(&connected) else {
+            panic!("not an event")
+        };
+        assert_eq!(event.at_ms, 1_764_081_008_500);
+        assert!(event.call.is_some());
+        let bare = connected.replace("\"customer_acc_id\":101,", "");
+        let Ok(Posted::Event(event)) = posted(&bare) else {
+            panic!("not an event")
+        };
+        assert!(
+            event.call.is_none(),
+            "no call to make of it, but its answer"
+        );
     }
 
     #[test]

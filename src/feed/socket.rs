@@ -142,12 +142,7 @@ async fn call_event(
     let body = match receive(req.into_body(), max, &settings.spill_dir).await {
         Ok(Received::InMemory(body)) => body,
         // Larger than an event can be, so never spilled: MAX_EVENT_BYTES < IN_MEMORY_BYTES.
-        Ok(Received::Spilled(_)) | Err(BodyError::TooLarge(_)) => {
-            return text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &BodyError::TooLarge(max).to_string(),
-            );
-        }
+        Ok(Received::Spilled(_)) | Err(BodyError::TooLarge(_)) => return event_too_large(),
         Err(e @ BodyError::Slow) => return text(StatusCode::REQUEST_TIMEOUT, &e.to_string()),
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
@@ -160,7 +155,7 @@ async fn call_event(
         };
         if let Err(e) = limited.read_to_end(&mut unpacked) {
             return match e.get_ref().and_then(|e| e.downcast_ref::<BodyError>()) {
-                Some(too_large) => text(StatusCode::PAYLOAD_TOO_LARGE, &too_large.to_string()),
+                Some(_) => event_too_large(),
                 None => text(
                     StatusCode::BAD_REQUEST,
                     &format!("Cannot read the body: {e}"),
@@ -203,6 +198,13 @@ async fn call_event(
         }
         Err(NotQueued::Stopped) => empty(StatusCode::SERVICE_UNAVAILABLE),
     }
+}
+
+fn event_too_large() -> Response<Body> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("an event is larger than {MAX_EVENT_BYTES} bytes"),
+    )
 }
 
 /// Whether a body is gzipped, or the answer refusing its `Content-Encoding`.

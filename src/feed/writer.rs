@@ -38,7 +38,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::call::Event;
 use crate::feed::{
-    ApplyReport, Arrivals, Forward, InsertLine, SnapshotError, Tee, apply_file, apply_snapshot_teed,
+    ApplyReport, Arrivals, FileRead, Forward, InsertLine, SnapshotError, Tee, apply_file,
+    apply_snapshot_teed,
 };
 use crate::metrics::Metrics;
 use crate::store::{EventChanges, Origin, Writer};
@@ -225,6 +226,8 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        // What expired while the agent was down goes before any job can see it.
+        self.expire();
         let mut queue = VecDeque::new();
         let mut last_expiry = Instant::now();
         let mut last_write = Instant::now();
@@ -277,7 +280,21 @@ impl Worker {
                     self.apply_events(&batch);
                     (last_write, released, copy_due) = (Instant::now(), false, true);
                 }
-                Some(Job::Stop) => break,
+                Some(Job::Stop) => {
+                    // The events answered already are applied before the writer ends.
+                    let left: Vec<Event> = queue
+                        .drain(..)
+                        .chain(jobs.try_iter())
+                        .filter_map(|job| match job {
+                            Job::Event(event) => Some(*event),
+                            _ => None,
+                        })
+                        .collect();
+                    for batch in left.chunks(MAX_EVENT_BATCH) {
+                        self.apply_events(batch);
+                    }
+                    break;
+                }
                 None => {}
             }
             // What came in meanwhile (events queued behind a snapshot) goes first.
@@ -295,7 +312,12 @@ impl Worker {
                 }
                 released = true;
             }
-            if last_expiry.elapsed() >= EXPIRY_INTERVAL {
+            // Not while a snapshot waits: it may be the very one that keeps a node current
+            // (a node's limit is two of its periods, and a long apply may hold it back).
+            let snapshot_waits = queue
+                .iter()
+                .any(|job| matches!(job, Job::ApplyFile | Job::ApplyStream { .. }));
+            if last_expiry.elapsed() >= EXPIRY_INTERVAL && !snapshot_waits {
                 self.expire();
                 last_expiry = Instant::now();
             }
@@ -352,8 +374,14 @@ impl Worker {
         match file_stamp(&path) {
             Ok(stamp) if Some(stamp) == self.applied_file => {}
             Ok(stamp) => {
+                // The first look is the one at start.
+                let read = if self.status.borrow().file_checks == 0 {
+                    FileRead::AtStart
+                } else {
+                    FileRead::Changed
+                };
                 let result = self.apply(arrived, |writer, tee, arrivals| {
-                    apply_file(writer, &path, tee, Some(arrivals))
+                    apply_file(writer, &path, read, tee, Some(arrivals))
                 });
                 self.record(Origin::File, result.as_ref().map_err(|e| e.to_string()));
                 self.applied_file = Some(stamp);

@@ -18,6 +18,7 @@ use rusqlite::params;
 
 use super::Staleness;
 use super::nodes;
+use super::nodes::Periods;
 use super::stored::{IntMap, IntSet, Stored, StoredCall, TagHash};
 use super::write::{
     CallValues, DELETE_CALL, INSERT_CALL, NEXT_GENERATION, UPDATE_CALL_VALUES, Writer,
@@ -77,7 +78,14 @@ impl Writer {
         let mut heard = Heard::default();
         let mut retired = IntSet::default();
         for event in events {
-            let changed = apply(&tx, &mut calls, event, &mut retired)?;
+            let changed = apply(
+                &tx,
+                &mut calls,
+                event,
+                &mut retired,
+                &mut self.periods,
+                &|_| false,
+            )?;
             changes.count(changed);
             heard.note(event, changed);
         }
@@ -85,11 +93,7 @@ impl Writer {
             .prepare_cached(NEXT_GENERATION)?
             .query_row([], |r| r.get(0))?;
         changes.nodes = heard.touch(&tx, staleness, generation)?;
-        let most = self.ended_limits.1;
-        if calls.ended.len() > most {
-            let forgotten = forget_ended(&tx, FORGET_OLDEST_ENDED, most as i64)?;
-            forget_in_memory(&mut calls, forgotten);
-        }
+        trim_ended(&tx, &mut calls, self.ended_limits.1)?;
         tx.commit()?;
         if !retired.is_empty() {
             let by_line = std::sync::Arc::make_mut(&mut calls.by_line);
@@ -155,12 +159,22 @@ impl Heard {
 /// Applies one event; whether it changed a call. The line keys of the calls it changed go
 /// into `retired` (the lines no longer stand for them), for the caller to forget once
 /// committed: a snapshot's reader may hold the line keys meanwhile.
+///
+/// A node that had expired when the event came has its old calls removed first (the
+/// writer's expiry may not have come to them yet), unless it is `fresh`: in the snapshot
+/// being applied, which refreshes it.
 pub(super) fn apply(
     tx: &rusqlite::Transaction<'_>,
     calls: &mut Stored,
     event: &Event,
     retired: &mut IntSet<i64>,
+    periods: &mut Periods,
+    fresh: &dyn Fn(i64) -> bool,
 ) -> rusqlite::Result<bool> {
+    if !fresh(event.node_id) && nodes::expired(tx, event.node_id, unix_millis(event.received_at))? {
+        nodes::remove(tx, periods, event.node_id, i64::MAX)?;
+        retired.extend(calls.remove_node(event.node_id));
+    }
     let tag = calls.tag_hash(event.node_id, event.local_tag.as_bytes());
     let known = calls.find(tag);
     match (event.kind, known) {
@@ -233,14 +247,11 @@ fn answer(
     call: StoredCall,
 ) -> rusqlite::Result<bool> {
     let mut row = read_call(tx, call_id)?;
-    let connect = event
-        .call
-        .as_ref()
-        .and_then(|c| c.row().connect_time.map(Cow::into_owned));
-    if row.connect_time.is_some() || connect.is_none() {
+    if row.connect_time.is_some() {
         return Ok(false);
     }
-    row.connect_time = connect.map(Cow::Owned);
+    // As a snapshot writes the same instant: UTC, the fraction cut.
+    row.connect_time = Some(Cow::Owned(format_datetime(event.at_ms.div_euclid(1000))));
     let stamp = format_datetime(unix_millis(event.received_at).div_euclid(1000));
     let event_ms = Some(call.event_ms.map_or(event.at_ms, |e| e.max(event.at_ms)));
     // The indexed values stay: only the values are rewritten, not the index entries.
@@ -299,6 +310,19 @@ fn read_call(tx: &rusqlite::Transaction<'_>, call_id: i64) -> rusqlite::Result<C
             buffered: false,
         })
     })
+}
+
+/// Forgets the oldest ended calls past `most`.
+pub(super) fn trim_ended(
+    tx: &rusqlite::Transaction<'_>,
+    calls: &mut Stored,
+    most: usize,
+) -> rusqlite::Result<()> {
+    if calls.ended.len() > most {
+        let forgotten = forget_ended(tx, FORGET_OLDEST_ENDED, most as i64)?;
+        forget_in_memory(calls, forgotten);
+    }
+    Ok(())
 }
 
 /// Runs a `DELETE … RETURNING node_id, local_tag` of `ended_calls`.

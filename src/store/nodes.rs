@@ -54,6 +54,13 @@ const NODE_PERIOD: &str = "SELECT period_ms FROM nodes WHERE node_id = ?1";
 const ALL_NODES: &str = "SELECT node_id, heard_at_ms, period_ms FROM nodes";
 const SET_EXPIRY: &str = "UPDATE nodes SET expires_at_ms = ?2 WHERE node_id = ?1";
 pub(super) const STALE_NODES: &str = "SELECT node_id FROM nodes WHERE expires_at_ms <= ?1";
+const EXPIRED_NODE: &str = "SELECT 1 FROM nodes WHERE node_id = ?1 AND expires_at_ms <= ?2";
+/// A node's calls, but those a call event made or changed after ?2 (a file's time).
+const DELETE_NODE_CALLS: &str =
+    "DELETE FROM calls WHERE node_id = ?1 AND (event_ms IS NULL OR event_ms <= ?2)";
+const NODE_HAS_CALLS: &str = "SELECT EXISTS (SELECT 1 FROM calls WHERE node_id = ?1)";
+const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
+const SET_CHANGED: &str = "UPDATE nodes SET changed_in = ?2 WHERE node_id = ?1";
 
 /// Gaps a period is learned from: the smallest of the last this many.
 const RECENT_GAPS: usize = 4;
@@ -156,6 +163,53 @@ pub(super) fn touch(
         generation,
         changed
     ])?;
+    Ok(())
+}
+
+/// Whether `node_id` had expired by `at_ms` (its calls not shown, though maybe not yet
+/// removed): what an event from it finds must not bring those calls back.
+pub(super) fn expired(
+    tx: &rusqlite::Transaction<'_>,
+    node_id: i64,
+    at_ms: i64,
+) -> rusqlite::Result<bool> {
+    Ok(tx
+        .prepare_cached(EXPIRED_NODE)?
+        .query_row(params![node_id, at_ms], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Removes the calls of `node_id` but those a call event made or changed after `after_ms`
+/// (`i64::MAX`: all), and the node itself once it has none. How many calls went.
+pub(super) fn remove(
+    tx: &rusqlite::Transaction<'_>,
+    periods: &mut Periods,
+    node_id: i64,
+    after_ms: i64,
+) -> rusqlite::Result<usize> {
+    let removed = tx
+        .prepare_cached(DELETE_NODE_CALLS)?
+        .execute(params![node_id, after_ms])?;
+    let left: bool = tx
+        .prepare_cached(NODE_HAS_CALLS)?
+        .query_row([node_id], |r| r.get(0))?;
+    if !left {
+        tx.prepare_cached(DELETE_NODE)?.execute([node_id])?;
+        periods.forget(node_id);
+    }
+    Ok(removed)
+}
+
+/// Records that what the calls of `node_id` show changed in `generation` (when it is still
+/// a node: [`remove`] may have removed it).
+pub(super) fn changed(
+    tx: &rusqlite::Transaction<'_>,
+    node_id: i64,
+    generation: i64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(SET_CHANGED)?
+        .execute(params![node_id, generation])?;
     Ok(())
 }
 

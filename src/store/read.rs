@@ -135,9 +135,11 @@ const ROW_KEYS: [&str; 26] = [
     ",\"auth_orig_port\":",
 ];
 
-/// The nodes a scrape shows (SPEC 6): every one not stale at ?1.
-const SCRAPE_NODES: &str =
-    "SELECT node_id, changed_in, period_ms FROM nodes WHERE expires_at_ms > ?1 ORDER BY node_id";
+/// The nodes a scrape shows (SPEC 6): every one not stale at ?1 that has calls (a node
+/// heard only through events that changed nothing shows nothing, and its `ETag` with it).
+const SCRAPE_NODES: &str = "SELECT node_id, changed_in, period_ms FROM nodes
+  WHERE expires_at_ms > ?1 AND EXISTS (SELECT 1 FROM calls WHERE calls.node_id = nodes.node_id)
+  ORDER BY node_id";
 /// Their calls, in the scrape's order: the identity columns, then [`answer_columns`].
 /// Ordered by `n.node_id` (the nodes' own rowid order), SQLite walks the nodes, then each
 /// node's calls in `calls_by_node`, and never sorts: rows go out as they are read.

@@ -211,6 +211,19 @@ impl Stored {
         Some((id, *self.calls.get(&id)?))
     }
 
+    /// Forgets every call of `node_id`; the line keys that stood for them.
+    pub fn remove_node(&mut self, node_id: i64) -> Vec<i64> {
+        let ids: Vec<i64> = self
+            .calls
+            .iter()
+            .filter(|(_, call)| call.node_id == node_id)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.remove(id)?.line_key)
+            .collect()
+    }
+
     pub fn remove(&mut self, call_id: i64) -> Option<StoredCall> {
         let call = self.calls.remove(&call_id)?;
         if self.by_tag.get(&call.tag) == Some(&call_id) {

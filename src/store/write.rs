@@ -58,8 +58,6 @@ pub(super) const NEXT_GENERATION: &str = "UPDATE generation SET last = last + 1 
 pub(super) const FORGET_ENDED: &str =
     "DELETE FROM ended_calls WHERE node_id = ?1 AND local_tag = ?2";
 const NODES_OF_SOURCE: &str = "SELECT node_id FROM nodes WHERE source = ?1";
-const DELETE_NODE_CALLS: &str = "DELETE FROM calls WHERE node_id = ?1";
-const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
 /// The indexes a bulk write drops: all of them (the writer finds stored calls in its own
 /// memory, never through an index).
 const CALLS_INDEXES: &str = "SELECT name, sql FROM sqlite_schema
@@ -87,7 +85,7 @@ pub struct Writer {
     /// When a silent node's calls stop being current.
     pub(super) staleness: Staleness,
     /// The recent gaps between each node's snapshots, its period learned from them.
-    periods: Periods,
+    pub(super) periods: Periods,
     /// How long, and how many, calls ended by an event are remembered.
     pub(super) ended_limits: (std::time::Duration, usize),
 }
@@ -160,7 +158,7 @@ impl Writer {
             fast_path,
             staleness,
             periods,
-            ..
+            ended_limits,
         } = self;
         let tx = conn.transaction()?;
         let mut calls = match stored.take() {
@@ -188,6 +186,7 @@ impl Writer {
             suppressed: 0,
             events: EventChanges::default(),
             heard: Heard::default(),
+            ended_most: ended_limits.1,
             retired_lines: IntSet::default(),
             new_lines: Vec::new(),
             changed_nodes: IntSet::default(),
@@ -219,10 +218,8 @@ impl Writer {
         }
         // Rare: the writer reads the calls anew with the next snapshot.
         self.stored = None;
-        for node in &stale {
-            tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])?;
-            tx.prepare_cached(DELETE_NODE)?.execute([node])?;
-            self.periods.forget(*node);
+        for &node in &stale {
+            nodes::remove(&tx, &mut self.periods, node, i64::MAX)?;
         }
         tx.commit()?;
         Ok(stale)
@@ -300,6 +297,8 @@ pub struct SnapshotTx<'w> {
     /// Call events applied in this snapshot's transaction, and their nodes.
     events: EventChanges,
     heard: Heard,
+    /// How many ended calls are remembered at most.
+    ended_most: usize,
     /// Line keys that no longer stand for their call (it was rewritten by this snapshot),
     /// and the new keys: `by_line` is shared with the reader, so it changes at commit.
     retired_lines: IntSet<i64>,
@@ -462,9 +461,16 @@ impl SnapshotTx<'_> {
     /// show when it commits, instead of waiting behind it. The rules that reconcile a
     /// snapshot with events hold whichever comes first within it.
     pub fn apply_events(&mut self, events: &[Event]) -> rusqlite::Result<()> {
+        let snapshot_nodes = &self.nodes;
         for event in events {
-            let changed =
-                events::apply(&self.tx, &mut self.stored, event, &mut self.retired_lines)?;
+            let changed = events::apply(
+                &self.tx,
+                &mut self.stored,
+                event,
+                &mut self.retired_lines,
+                self.periods,
+                &|node| snapshot_nodes.contains_key(&node),
+            )?;
             self.events.count(changed);
             self.heard.note(event, changed);
             if changed {
@@ -521,18 +527,22 @@ impl SnapshotTx<'_> {
         }
         drop(delete);
         let mut forget = false;
+        let mut dropped = Vec::new();
         if self.origin == Origin::File {
             // The file is the whole state of the nodes it feeds: a node it fed before and
-            // no longer names has no calls.
+            // no longer names has no calls, but those call events started or answered after
+            // the file was written.
             let fed_before: Vec<i64> = self
                 .tx
                 .prepare_cached(NODES_OF_SOURCE)?
                 .query_map([Origin::File.as_str()], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
-            for node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
-                let removed = self.tx.prepare_cached(DELETE_NODE_CALLS)?.execute([node])?;
+            for &node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
+                let removed = nodes::remove(&self.tx, self.periods, node, self.received_at_ms)?;
                 changes.removed += removed as u64;
-                self.tx.prepare_cached(DELETE_NODE)?.execute([node])?;
+                if removed > 0 {
+                    dropped.push(node);
+                }
                 // Rare: the writer reads the calls anew with the next snapshot.
                 forget |= removed > 0;
             }
@@ -562,8 +572,12 @@ impl SnapshotTx<'_> {
             changes.repeat &= before.as_deref() == Some(timestamp);
             changes.nodes.push(*node_id);
         }
+        for &node in &dropped {
+            nodes::changed(&self.tx, node, generation)?;
+        }
         // After the snapshot's own: a node both sent is heard at the later of the two.
         self.events.nodes = self.heard.touch(&self.tx, self.staleness, generation)?;
+        events::trim_ended(&self.tx, &mut self.stored, self.ended_most)?;
         changes.events = std::mem::take(&mut self.events);
         self.tx.commit()?;
         if !forget {
