@@ -259,6 +259,12 @@ fn listeners(config: &Config, report: &mut Report) {
 fn directory(config: &Config, report: &mut Report) {
     let path = &config.directory.path;
     match Directory::load(path) {
+        Ok(directory) if directory.account_count() == 0 => report.warning(format!(
+            "directory {}: no account (and {} API accesses): every customer request gets 401; \
+             if the agent runs with accounts now, loading this file drops them all",
+            path.display(),
+            directory.api_access_count()
+        )),
         Ok(directory) => report.ok(format!(
             "directory {}: {} accounts, {} API accesses",
             path.display(),

@@ -36,14 +36,18 @@ pub struct Directory {
     portal_profiles: Option<HashSet<i64>>,
 }
 
+/// The file's top level. `accounts` and `api_accesses` are required: a file without them
+/// (wrapped in another object, camelCase keys, `{}`) would parse as a directory of nobody
+/// and turn every customer away, so it is refused like invalid JSON. The other keys are
+/// kept by name only, to say what the file has instead.
 #[derive(Deserialize)]
 struct DirectoryFile {
-    #[serde(default)]
-    accounts: Vec<AccountRecord>,
-    #[serde(default)]
-    api_accesses: Vec<ApiAccessRecord>,
+    accounts: Option<Vec<AccountRecord>>,
+    api_accesses: Option<Vec<ApiAccessRecord>>,
     customers: Option<Vec<IdRecord>>,
     customer_portal_access_profiles: Option<Vec<IdRecord>>,
+    #[serde(flatten)]
+    other: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -77,8 +81,28 @@ impl Directory {
     /// Parses the JSON text of a directory file.
     pub fn parse(text: &[u8]) -> anyhow::Result<Directory> {
         let file: DirectoryFile = serde_json::from_slice(text)?;
+        let missing: Vec<&str> = [
+            ("\"accounts\"", file.accounts.is_none()),
+            ("\"api_accesses\"", file.api_accesses.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(key, gone)| gone.then_some(key))
+        .collect();
+        let (Some(accounts), Some(api_accesses)) = (file.accounts, file.api_accesses) else {
+            let found: Vec<String> = file.other.keys().map(|k| format!("{k:?}")).collect();
+            bail!(
+                "no {} list at the top level (the file has {}): a directory needs both \
+                 \"accounts\" and \"api_accesses\" arrays, even empty ones",
+                missing.join(" and no "),
+                if found.is_empty() {
+                    "no other key".to_string()
+                } else {
+                    found.join(", ")
+                }
+            );
+        };
         let mut directory = Directory::default();
-        for account in file.accounts {
+        for account in accounts {
             let Some(uuid) = parse_uuid(account.uuid.as_bytes()) else {
                 bail!(
                     "account {}: uuid {:?} is not a uuid",
@@ -94,7 +118,7 @@ impl Directory {
                 bail!("account uuid {} is listed twice", account.uuid);
             }
         }
-        for access in file.api_accesses {
+        for access in api_accesses {
             let record = ApiAccess {
                 customer_id: access.customer_id,
                 account_ids: access.account_ids.unwrap_or_default(),
@@ -143,6 +167,16 @@ impl Directory {
 
     pub fn api_access_count(&self) -> usize {
         self.api_accesses.len()
+    }
+
+    /// Whether taking this directory in place of `running` would drop every account
+    /// `running` has: an export gone wrong as often as an intent, so it is said aloud.
+    pub fn drops_every_account_of(&self, running: &Directory) -> bool {
+        !running.accounts_by_uuid.is_empty()
+            && running
+                .accounts_by_uuid
+                .keys()
+                .all(|uuid| !self.accounts_by_uuid.contains_key(uuid))
     }
 }
 
@@ -238,10 +272,49 @@ mod tests {
             "not json",
             r#"{"accounts": [{"id": 1, "uuid": "nope", "contractor_id": 1}]}"#,
             r#"{"accounts": [{"id": "1", "uuid": "06b61b60-e7d9-11f0-932e-0a63caf27539", "contractor_id": 1}]}"#,
-            r#"{"api_accesses": [{"id": 1, "customer_id": 1}, {"id": 1, "customer_id": 2}]}"#,
+            r#"{"accounts": [], "api_accesses": [{"id": 1, "customer_id": 1}, {"id": 1, "customer_id": 2}]}"#,
+            r#"{"accounts": {}, "api_accesses": []}"#,
         ] {
             assert!(Directory::parse(bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_file_without_both_lists_is_refused_naming_what_it_has() {
+        let wrapped = format!(r#"{{"directory": {SAMPLE}}}"#);
+        for (text, says) in [
+            (
+                wrapped.as_str(),
+                r#"no "accounts" and no "api_accesses" list at the top level (the file has "directory")"#,
+            ),
+            (
+                r#"{"Accounts": [], "apiAccesses": []}"#,
+                r#"(the file has "Accounts", "apiAccesses")"#,
+            ),
+            ("{}", "(the file has no other key)"),
+            (
+                r#"{"accounts": null, "api_accesses": []}"#,
+                r#"no "accounts" list"#,
+            ),
+            (r#"{"accounts": []}"#, r#"no "api_accesses" list"#),
+        ] {
+            let error = format!("{:#}", Directory::parse(text.as_bytes()).unwrap_err());
+            assert!(error.contains(says), "{text}: {error}");
+        }
+        let empty = Directory::parse(br#"{"accounts": [], "api_accesses": []}"#).unwrap();
+        assert_eq!(empty.account_count(), 0);
+    }
+
+    #[test]
+    fn dropping_every_running_account_is_noticed() {
+        let running = Directory::parse(SAMPLE.as_bytes()).unwrap();
+        let other = r#"{"accounts": [{"id": 26, "uuid": "16b61b60-e7d9-11f0-932e-0a63caf27539", "contractor_id": 5}], "api_accesses": []}"#;
+        let other = Directory::parse(other.as_bytes()).unwrap();
+        let empty = Directory::default();
+        assert!(other.drops_every_account_of(&running));
+        assert!(empty.drops_every_account_of(&running));
+        assert!(!running.drops_every_account_of(&running));
+        assert!(!running.drops_every_account_of(&empty));
     }
 
     #[test]

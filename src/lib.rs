@@ -589,6 +589,15 @@ fn reload_directory(cell: &SwapCell<Directory>, path: &std::path::Path) -> bool 
     match Directory::load(path) {
         Ok(directory) => {
             tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory loaded");
+            if directory.drops_every_account_of(&cell.load()) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the directory just loaded has none of the accounts the previous one had: \
+                     applied, but if the export went wrong every customer now gets 401"
+                );
+            } else if directory.account_count() == 0 {
+                tracing::warn!(path = %path.display(), "the directory lists no account: every customer request gets 401");
+            }
             cell.store(directory);
             true
         }
