@@ -731,11 +731,12 @@ pub fn apply_file(
 ) -> Result<ApplyReport, SnapshotError> {
     let file = File::open(path)?;
     let now = SystemTime::now();
+    let modified = file.metadata()?.modified()?;
     let received_at = match read {
-        FileRead::AtStart => file.metadata()?.modified()?.min(now),
+        FileRead::AtStart => modified.min(now),
         FileRead::Changed => now,
     };
-    apply_snapshot_teed(
+    let report = apply_snapshot_teed(
         writer,
         BufReader::with_capacity(256 * 1024, file),
         InsertLine::Optional,
@@ -743,7 +744,51 @@ pub fn apply_file(
         received_at,
         tee,
         arrivals,
-    )
+    )?;
+    say_file_time(writer, path, read, modified, now, &report);
+    Ok(report)
+}
+
+/// Says in the log when a snapshot file's modification time is in the future, or older
+/// than its nodes may stay silent, and what that made of its calls (SPEC 2.2): a file
+/// copied with its time kept (`cp -p`, `rsync -t`) would otherwise vanish unexplained.
+fn say_file_time(
+    writer: &Writer,
+    path: &Path,
+    read: FileRead,
+    modified: SystemTime,
+    now: SystemTime,
+    report: &ApplyReport,
+) {
+    let path = path.display();
+    if let Ok(ahead) = modified.duration_since(now)
+        && ahead > Duration::from_secs(1)
+    {
+        tracing::warn!(%path, ahead_s = ahead.as_secs(), "the snapshot file's modification time is in the future (is the clock right?); it counts as received now");
+        return;
+    }
+    let age_s = now.duration_since(modified).unwrap_or_default().as_secs();
+    match read {
+        FileRead::AtStart => {
+            let now_ms = crate::clock::unix_millis(now);
+            let expired: Vec<i64> = (report.nodes.iter().copied())
+                .filter(|&node| writer.expired_by(node, now_ms).unwrap_or(false))
+                .collect();
+            if !expired.is_empty() {
+                tracing::warn!(%path, age_s, nodes = ?expired, "the snapshot file read at start was last written longer ago than these nodes may stay silent (stale_after): it counts as received then, so their calls are not shown until their next snapshot or call event");
+            }
+        }
+        FileRead::Changed => {
+            let limit_ms = (report.nodes.iter())
+                .filter_map(|&node| writer.silence_limit_ms(node).ok())
+                .min();
+            if let Some(limit_ms) = limit_ms
+                && age_s.saturating_mul(1000) > limit_ms as u64
+            {
+                tracing::info!(%path, age_s, limit_s = limit_ms / 1000, nodes = ?report.nodes, "the snapshot file's modification time is older than its nodes may stay silent (copied with its time kept?); it just changed, so it counts as received now and its calls are shown");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -62,6 +62,18 @@ const NODE_HAS_CALLS: &str = "SELECT EXISTS (SELECT 1 FROM calls WHERE node_id =
 const DELETE_NODE: &str = "DELETE FROM nodes WHERE node_id = ?1";
 const SET_CHANGED: &str = "UPDATE nodes SET changed_in = ?2 WHERE node_id = ?1";
 
+/// The node's stored period, if it has one.
+pub(super) fn period_ms(
+    conn: &rusqlite::Connection,
+    node_id: i64,
+) -> rusqlite::Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached(NODE_PERIOD)?
+        .query_row([node_id], |r| r.get(0))
+        .optional()?
+        .flatten())
+}
+
 /// Gaps a period is learned from: the smallest of the last this many.
 const RECENT_GAPS: usize = 4;
 /// The longest gap that can be a period: SEMS's periods are 5–60 s, and a longer gap is
@@ -151,11 +163,7 @@ pub(super) fn touch(
     generation: i64,
     changed: bool,
 ) -> rusqlite::Result<()> {
-    let period: Option<i64> = tx
-        .prepare_cached(NODE_PERIOD)?
-        .query_row([node_id], |r| r.get(0))
-        .optional()?
-        .flatten();
+    let period = period_ms(tx, node_id)?;
     tx.prepare_cached(TOUCH_NODE)?.execute(params![
         node_id,
         heard_ms,
@@ -169,11 +177,11 @@ pub(super) fn touch(
 /// Whether `node_id` had expired by `at_ms` (its calls not shown, though maybe not yet
 /// removed): what an event from it finds must not bring those calls back.
 pub(super) fn expired(
-    tx: &rusqlite::Transaction<'_>,
+    conn: &rusqlite::Connection,
     node_id: i64,
     at_ms: i64,
 ) -> rusqlite::Result<bool> {
-    Ok(tx
+    Ok(conn
         .prepare_cached(EXPIRED_NODE)?
         .query_row(params![node_id, at_ms], |_| Ok(()))
         .optional()?

@@ -145,6 +145,18 @@ impl Writer {
         nodes::set_expiries(&self.conn, staleness)
     }
 
+    /// How long `node_id` may stay silent before its calls stop being current (ms).
+    pub fn silence_limit_ms(&self, node_id: i64) -> rusqlite::Result<i64> {
+        Ok(self
+            .staleness
+            .limit_ms(nodes::period_ms(&self.conn, node_id)?))
+    }
+
+    /// Whether `node_id`'s calls are no longer current at `at_ms` (unix ms).
+    pub fn expired_by(&self, node_id: i64, at_ms: i64) -> rusqlite::Result<bool> {
+        nodes::expired(&self.conn, node_id, at_ms)
+    }
+
     /// Starts applying one snapshot received at `received_at`.
     pub fn begin(
         &mut self,

@@ -357,12 +357,16 @@ impl Process {
     /// Waits (at most 10 s) for a log line containing `text`, and returns it.
     pub fn wait_log(&self, text: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.log.recv_timeout(left) {
                 Ok(line) if line.contains(text) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no log line with {text:?} within 10 s"),
+                Ok(line) => seen.push(line),
+                Err(_) => panic!(
+                    "no log line with {text:?} within 10 s; it logged:\n{}",
+                    seen.join("\n")
+                ),
             }
         }
     }
