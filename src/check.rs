@@ -289,24 +289,31 @@ fn store(config: &Config, report: &mut Report) {
     let opened = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|conn| {
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            let quick: String = conn.pragma_query_value(None, "quick_check", |r| r.get(0))?;
-            Ok((version, quick))
+            Ok((version, crate::store::damage_of(&conn)?))
         });
+    let damaged = |words: &dyn std::fmt::Display| {
+        format!(
+            "store {}: SQLite cannot read it ({words}). Nothing is lost: the agent sets it \
+             aside as {}.corrupt-<time> (with its -wal and -shm, the last {} kept) and starts \
+             a new one, which the switch's next snapshot fills; it does so when it starts or \
+             first meets the damage, so `systemctl restart active-calls-agent` does it now",
+            path.display(),
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            crate::store::KEEP_SET_ASIDE,
+        )
+    };
     match opened {
-        Ok((_, quick)) if quick != "ok" => report.error(format!(
-            "store {}: quick_check says {quick}; remove the file, the switch's next snapshots \
-             fill a new one",
-            path.display()
-        )),
-        Ok((version, _)) if version == SCHEMA_VERSION => report.ok(format!(
+        Ok((_, Some(words))) => report.error(damaged(&words)),
+        Ok((version, None)) if version == SCHEMA_VERSION => report.ok(format!(
             "store {}: schema version {version}",
             path.display()
         )),
-        Ok((version, _)) => report.warning(format!(
+        Ok((version, None)) => report.warning(format!(
             "store {}: schema version {version}; the agent will rebuild it empty as version \
              {SCHEMA_VERSION} (the switch's next snapshots fill it)",
             path.display()
         )),
+        Err(e) if crate::store::is_damage(&e) => report.error(damaged(&e)),
         Err(e) => report.error(format!("store {}: {e}", path.display())),
     }
 }

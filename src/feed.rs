@@ -59,6 +59,27 @@ pub enum SnapshotError {
     Store(#[from] rusqlite::Error),
 }
 
+impl SnapshotError {
+    /// Its reason in `snapshots_rejected_total` (`metrics::REJECTED_REASONS`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SnapshotError::Malformed { .. } => "malformed",
+            SnapshotError::Io(_) => "input",
+            SnapshotError::Store(e) if crate::store::is_damage(e) => "damaged",
+            SnapshotError::Store(e) if is_disk_full(e) => "disk",
+            SnapshotError::Store(_) => "store",
+        }
+    }
+}
+
+/// Whether SQLite could not write for want of space (or of quota, which it reports so).
+pub fn is_disk_full(error: &rusqlite::Error) -> bool {
+    matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DiskFull)
+    )
+}
+
 /// What an applied snapshot did, for the log line and for tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {

@@ -87,14 +87,19 @@ fn route_of(routes: &'static [&'static str], path: &str) -> &'static str {
 /// A body streamed from a channel: each `Ok` is a piece of it, an `Err` cuts the
 /// connection, and the end of the channel ends the body. Past `time_limit` the connection
 /// is cut too (and the channel closed, which tells its sender to stop), however slowly
-/// the client keeps reading.
-pub fn channel(pieces: mpsc::Receiver<std::io::Result<Bytes>>, time_limit: Duration) -> Body {
-    struct Channel {
+/// the client keeps reading; `on_cut` is told so.
+pub fn channel(
+    pieces: mpsc::Receiver<std::io::Result<Bytes>>,
+    time_limit: Duration,
+    on_cut: impl Fn(Duration) + Send + Sync + Unpin + 'static,
+) -> Body {
+    struct Channel<F> {
         pieces: mpsc::Receiver<std::io::Result<Bytes>>,
         deadline: Pin<Box<tokio::time::Sleep>>,
         time_limit: Duration,
+        on_cut: F,
     }
-    impl hyper::body::Body for Channel {
+    impl<F: Fn(Duration) + Send + Sync + Unpin> hyper::body::Body for Channel<F> {
         type Data = Bytes;
         type Error = std::io::Error;
         fn poll_frame(
@@ -102,10 +107,7 @@ pub fn channel(pieces: mpsc::Receiver<std::io::Result<Bytes>>, time_limit: Durat
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
             if self.deadline.as_mut().poll(cx).is_ready() {
-                tracing::warn!(
-                    "a streamed answer was cut at its time limit of {} s",
-                    self.time_limit.as_secs()
-                );
+                (self.on_cut)(self.time_limit);
                 return Poll::Ready(Some(Err(std::io::ErrorKind::TimedOut.into())));
             }
             self.pieces
@@ -117,6 +119,7 @@ pub fn channel(pieces: mpsc::Receiver<std::io::Result<Bytes>>, time_limit: Durat
         pieces,
         deadline: Box::pin(tokio::time::sleep(time_limit)),
         time_limit,
+        on_cut,
     }
     .boxed()
 }
@@ -184,6 +187,7 @@ pub async fn serve<H, F>(
         let mut shutdown = shutdown.clone();
         let open = open_tx.clone();
         let counted_open = settings.metrics.connection(settings.name);
+        let (name, metrics) = (settings.name, settings.metrics.clone());
         tokio::spawn(async move {
             let activity = slot.entry.activity.clone();
             let mut watched = activity.subscribe();
@@ -209,7 +213,10 @@ pub async fn serve<H, F>(
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(WriteDeadline::new(TokioIo::new(stream)), service);
+                .serve_connection(
+                    WriteDeadline::new(TokioIo::new(stream), name, metrics),
+                    service,
+                );
             tokio::pin!(conn);
             let ending = tokio::select! {
                 served = conn.as_mut() => Ok(served),
@@ -297,16 +304,21 @@ impl hyper::body::Body for BusyUntilSent {
 
 /// A connection's socket with a deadline on writes: a write (or flush) that makes no
 /// progress for [`WRITE_TIMEOUT`] fails, and hyper closes the connection.
+/// Each cut is counted and logged (`answers_cut_total{reason="slow"}`).
 struct WriteDeadline<T> {
     inner: T,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    listener: &'static str,
+    metrics: Arc<Metrics>,
 }
 
 impl<T> WriteDeadline<T> {
-    fn new(inner: T) -> Self {
+    fn new(inner: T, listener: &'static str, metrics: Arc<Metrics>) -> Self {
         WriteDeadline {
             inner,
             stalled: None,
+            listener,
+            metrics,
         }
     }
 
@@ -316,7 +328,17 @@ impl<T> WriteDeadline<T> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
         match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+            Poll::Ready(()) => {
+                self.metrics.answer_cut(
+                    self.listener,
+                    "slow",
+                    &format!(
+                        "the client read nothing for {} s (the write timeout)",
+                        WRITE_TIMEOUT.as_secs()
+                    ),
+                );
+                Poll::Ready(Err(std::io::ErrorKind::TimedOut.into()))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

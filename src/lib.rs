@@ -166,11 +166,23 @@ impl Agent {
 
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
-        let mut store = Writer::open(&config.store.path)?;
+        // A store SQLite cannot read does not keep the node down: it holds nothing the
+        // switch does not send again, so it is set aside and the agent starts on a new one.
+        let (mut store, replaced) = Writer::open_or_replace(&config.store.path)?;
         store
             .set_staleness(config.staleness())
             .context("setting the nodes' expiry from feed.stale_after")?;
         let readers = Arc::new(Readers::new(&config.store.path));
+        if let Some(aside) = replaced {
+            tracing::error!(
+                store = %config.store.path.display(),
+                error = %aside.why,
+                set_aside = %aside.to.display(),
+                "the store could not be read: it was set aside and a new one created; not ready until the next snapshot"
+            );
+            metrics.store_replaced();
+            (readers.health()).replaced(feed::writer::replaced_line(&config.store.path, &aside));
+        }
         let watch_path =
             (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
         // Before the writer: the snapshot file it applies first is relayed too. A relay
@@ -197,10 +209,19 @@ impl Agent {
             config.feed.max_queued_events,
             metrics.clone(),
             health.writer_running.clone(),
+            readers.health().clone(),
             relay
                 .as_ref()
                 .map(|relay| Box::new(relay.spool()) as Box<dyn Forward>),
         )?;
+
+        // A reader that finds the store damaged tells the writer, which replaces it.
+        readers.health().on_damage({
+            let handle = writer.handle.clone();
+            move |generation| {
+                handle.send(Job::Damage(generation));
+            }
+        });
 
         // The watcher also does the first read of both files.
         let directory = Arc::new(SwapCell::new(Directory::default()));
@@ -264,6 +285,7 @@ impl Agent {
                     Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
                     _ => ".".into(),
                 },
+                store: readers.health().clone(),
             });
             let counted = ListenerSettings {
                 name: "feed",

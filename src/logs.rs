@@ -96,6 +96,17 @@ impl Throttled {
         }
     }
 
+    /// `Some(lines left out since the last one)` when a line is due now (the interval
+    /// starts again); else `None`, and this one is counted as left out.
+    pub fn admit(&mut self) -> Option<u64> {
+        if self.due() {
+            Some(std::mem::take(&mut self.pending))
+        } else {
+            self.pending += 1;
+            None
+        }
+    }
+
     /// Whether a line is due now; if so, the interval starts again.
     pub fn due(&mut self) -> bool {
         let due = self.last.is_none_or(|t| t.elapsed() >= self.every);

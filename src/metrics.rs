@@ -71,6 +71,19 @@ struct SnapshotLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectedLabels {
+    source: &'static str,
+    reason: &'static str,
+}
+
+/// Why a snapshot was rejected: `snapshots_rejected_total`'s reasons, every one present
+/// from the start.
+pub const REJECTED_REASONS: [&str; 6] = ["malformed", "input", "spill", "disk", "store", "damaged"];
+
+/// Why an answer was cut short: `answers_cut_total`'s reasons, every one from the start.
+pub const CUT_REASONS: [&str; 3] = ["slow", "budget", "time"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabels {
     r#type: &'static str,
     outcome: &'static str,
@@ -154,6 +167,14 @@ impl Drop for OpenConnection {
     }
 }
 
+/// The store's size on disk.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreSize {
+    /// The database file and its WAL.
+    pub total: u64,
+    pub wal: u64,
+}
+
 /// Every metric of one agent.
 pub struct Metrics {
     registry: Registry,
@@ -165,6 +186,11 @@ pub struct Metrics {
     process_fds: Gauge,
     process_start: Gauge<f64, AtomicU64>,
     store_bytes: Gauge,
+    store_wal_bytes: Gauge,
+    store_readable: Gauge,
+    store_replaced: Counter,
+    snapshots_rejected: Family<RejectedLabels, Counter>,
+    answers_cut: Family<ReasonLabels, Counter>,
     /// Scrapes refill the per-node gauges; two at once must not interleave.
     scrape: Mutex<()>,
     node_calls: Family<NodeLabels, Gauge>,
@@ -184,6 +210,8 @@ pub struct Metrics {
     auth_refusals: Family<ReasonLabels, Counter>,
     /// Refusals are logged at most once a second, with how many went unlogged.
     refusals_logged: Mutex<Throttled>,
+    /// Cut answers too, every ten seconds.
+    cuts_logged: Mutex<Throttled>,
     relay_sent: Family<UrlLabels, Counter>,
     relay_failed: Family<UrlLabels, Counter>,
     relay_retried: Family<UrlLabels, Counter>,
@@ -215,6 +243,11 @@ impl Metrics {
             process_fds: Gauge::default(),
             process_start: Gauge::default(),
             store_bytes: Gauge::default(),
+            store_wal_bytes: Gauge::default(),
+            store_readable: Gauge::default(),
+            store_replaced: Counter::default(),
+            snapshots_rejected: Family::default(),
+            answers_cut: Family::default(),
             scrape: Mutex::new(()),
             node_calls: Family::default(),
             snapshot_age: Family::default(),
@@ -241,6 +274,7 @@ impl Metrics {
             directory_loads: Family::default(),
             auth_refusals: Family::default(),
             refusals_logged: Mutex::new(Throttled::every(Duration::from_secs(1))),
+            cuts_logged: Mutex::new(Throttled::every(Duration::from_secs(10))),
             relay_sent: Family::default(),
             relay_failed: Family::default(),
             relay_retried: Family::default(),
@@ -427,6 +461,50 @@ impl Metrics {
             Unit::Bytes,
             metrics.store_bytes.clone(),
         );
+        registry.register_with_unit(
+            "store_wal",
+            "Size of the store's WAL: a read held open keeps it from being copied back and \
+             started again; it is truncated to 64 MiB once readers leave",
+            Unit::Bytes,
+            metrics.store_wal_bytes.clone(),
+        );
+        registry.register(
+            "store_readable",
+            "1 while the store answers reads; 0 when this scrape could not read it (its \
+             per-node series are left out)",
+            metrics.store_readable.clone(),
+        );
+        registry.register(
+            "store_replaced",
+            "Stores SQLite could not read, set aside as <name>.corrupt-<time> and created anew",
+            metrics.store_replaced.clone(),
+        );
+        registry.register(
+            "snapshots_rejected",
+            "Snapshots rejected, per source and reason (malformed: a bad line; input: the \
+             body or file could not be read; spill: the body could not be received into its \
+             file; disk: the store could not be written, a full disk; store: another store \
+             error; damaged: the store could not be read, and was replaced)",
+            metrics.snapshots_rejected.clone(),
+        );
+        registry.register(
+            "answers_cut",
+            "Answers cut short, per reason (slow: the client read nothing for the write \
+             timeout; budget: what it had not read yet outgrew api.max_answer_bytes; time: a \
+             streamed answer took longer than its time limit)",
+            metrics.answers_cut.clone(),
+        );
+        for reason in CUT_REASONS {
+            let _ = metrics.answers_cut.get_or_create(&ReasonLabels { reason });
+        }
+        for source in Origin::ALL {
+            for reason in REJECTED_REASONS {
+                let _ = metrics.snapshots_rejected.get_or_create(&RejectedLabels {
+                    source: source.as_str(),
+                    reason,
+                });
+            }
+        }
         let mut process = Registry::default();
         process.register_with_unit(
             "process_resident_memory",
@@ -476,7 +554,7 @@ impl Metrics {
     }
 
     /// A snapshot applied (`Ok`: its skipped rows and duration) or rejected.
-    pub fn snapshot(&self, source: &'static str, applied: Result<(u64, Duration), ()>) {
+    pub fn snapshot(&self, source: &'static str, applied: Result<(u64, Duration), &'static str>) {
         let result = if applied.is_ok() {
             "applied"
         } else {
@@ -485,6 +563,11 @@ impl Metrics {
         self.snapshots
             .get_or_create(&SnapshotLabels { source, result })
             .inc();
+        if let Err(reason) = applied {
+            self.snapshots_rejected
+                .get_or_create(&RejectedLabels { source, reason })
+                .inc();
+        }
         if let Ok((skipped, duration)) = applied {
             let labels = SourceLabels { source };
             self.rows_skipped.get_or_create(&labels).inc_by(skipped);
@@ -599,16 +682,10 @@ impl Metrics {
                 reason: why.reason(),
             })
             .inc();
-        let mut logged = self
-            .refusals_logged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if !logged.due() {
-            logged.pending += 1;
+        let admitted = lock(&self.refusals_logged).admit();
+        let Some(unlogged) = admitted else {
             return;
-        }
-        let unlogged = std::mem::take(&mut logged.pending);
-        drop(logged);
+        };
         tracing::info!(
             reason = why.reason(),
             request_id,
@@ -622,16 +699,44 @@ impl Metrics {
         self.relay_pending_bytes.clone()
     }
 
+    /// A damaged store was set aside and created anew.
+    pub fn store_replaced(&self) {
+        self.store_replaced.inc();
+    }
+
+    /// An answer on `listener` was cut short, for `reason` ([`CUT_REASONS`]): counted,
+    /// and logged at most every ten seconds, with how many went unlogged.
+    pub fn answer_cut(&self, listener: &'static str, reason: &'static str, what: &str) {
+        self.answers_cut
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        let admitted = lock(&self.cuts_logged).admit();
+        let Some(unlogged) = admitted else {
+            return;
+        };
+        tracing::warn!(
+            listener,
+            reason,
+            unlogged_since_last = unlogged,
+            "an answer was cut short: {what}"
+        );
+    }
+
     /// Whether the relay runs.
     pub fn relay_running(&self, running: bool) {
         self.relay_running.set(i64::from(running));
     }
 
-    /// The text exposition, with the per-node gauges set from `nodes` as of `now_ms`.
-    /// `store_bytes` is the store's size on disk.
-    pub fn render(&self, nodes: &[NodeStats], now_ms: i64, store_bytes: u64) -> String {
+    /// The text exposition, with the per-node gauges set from `nodes` as of `now_ms`
+    /// (`None`: the store could not be read, and they are left out). `store` is the
+    /// store's size on disk.
+    pub fn render(&self, nodes: Option<&[NodeStats]>, now_ms: i64, store: StoreSize) -> String {
         let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
-        self.sample_process(store_bytes);
+        self.sample_process(store.total);
+        self.store_wal_bytes
+            .set(i64::try_from(store.wal).unwrap_or(i64::MAX));
+        self.store_readable.set(i64::from(nodes.is_some()));
+        let nodes = nodes.unwrap_or_default();
         self.node_calls.clear();
         self.snapshot_age.clear();
         self.node_period.clear();
@@ -673,6 +778,10 @@ impl Metrics {
         let _ = encode_eof(&mut text);
         text
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What `/proc/self` says of this process.
@@ -751,7 +860,7 @@ mod tests {
         for (route, status) in [("other", 404), ("other", 404), ("/healthz", 200)] {
             metrics.request("api", route, status, Duration::from_micros(5));
         }
-        let text = metrics.render(&[], 0, 0);
+        let text = metrics.render(Some(&[]), 0, StoreSize::default());
         assert!(
             text.contains(
                 r#"active_calls_agent_http_requests_total{listener="api",route="other",status="404"} 2"#
@@ -771,12 +880,12 @@ mod tests {
         let series = r#"active_calls_agent_relay_spool_oldest_age_seconds{url="http://ch:8123/"}"#;
         assert!(
             metrics
-                .render(&[], 5_000, 0)
+                .render(Some(&[]), 5_000, StoreSize::default())
                 .contains(&format!("{series} 0.0"))
         );
         url.set_oldest(Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_000)));
         url.spool_bytes.set(42);
-        let text = metrics.render(&[], 3_500, 0);
+        let text = metrics.render(Some(&[]), 3_500, StoreSize::default());
         assert!(text.contains(&format!("{series} 2.5")), "{text}");
         assert!(
             text.contains(r#"active_calls_agent_relay_spool_bytes{url="http://ch:8123/"} 42"#),
@@ -789,7 +898,7 @@ mod tests {
         url.set_oldest(None);
         assert!(
             metrics
-                .render(&[], 9_000, 0)
+                .render(Some(&[]), 9_000, StoreSize::default())
                 .contains(&format!("{series} 0.0"))
         );
     }
@@ -805,7 +914,11 @@ mod tests {
             period_ms: Some(2_000),
             calls,
         };
-        let text = metrics.render(&[node(1, 20), node(2, 3)], 3_500, 0);
+        let text = metrics.render(
+            Some(&[node(1, 20), node(2, 3)]),
+            3_500,
+            StoreSize::default(),
+        );
         assert!(
             text.contains(r#"active_calls_agent_calls{node_id="2"} 3"#),
             "{text}"
@@ -819,7 +932,7 @@ mod tests {
             "{text}"
         );
         // Node 2 expired: its series go.
-        let text = metrics.render(&[node(1, 20)], 3_500, 0);
+        let text = metrics.render(Some(&[node(1, 20)]), 3_500, StoreSize::default());
         assert!(!text.contains(r#"node_id="2""#), "{text}");
     }
 }

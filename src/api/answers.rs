@@ -29,7 +29,7 @@ pub const FREE_BYTES: usize = 64 * 1024;
 /// What all larger answers in flight may hold together.
 pub const BUDGET_BYTES: usize = 48 << 20;
 /// The budget's unit: a permit per this many bytes.
-const UNIT: usize = 64 * 1024;
+pub const UNIT: usize = 64 * 1024;
 
 /// The answers in flight, by what they answer.
 pub struct Answers {
@@ -96,6 +96,12 @@ impl Answers {
             units,
             shared: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The budget, and its size in units of [`UNIT`] bytes: what a streamed answer that
+    /// its client does not keep up with may hold, beside the built ones.
+    pub fn budget(&self) -> (Arc<Semaphore>, usize) {
+        (self.budget.clone(), self.units)
     }
 
     /// The answer to `query`, shared with every request for the same thing of the same

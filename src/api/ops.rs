@@ -15,7 +15,7 @@ use hyper::StatusCode;
 
 use crate::api::ApiState;
 use crate::clock::unix_millis;
-use crate::http::{Body, empty, text, with_body};
+use crate::http::{Body, text, with_body};
 use crate::metrics::CONTENT_TYPE;
 use crate::store::NodeStats;
 
@@ -32,21 +32,22 @@ pub struct Health {
     pub writer_running: Arc<AtomicBool>,
 }
 
-/// `GET /metrics`.
+/// `GET /metrics`: never a 500. A store that cannot be read leaves out its per-node
+/// series (`store_readable 0`) and every other series is still there: losing the process
+/// metrics with the store would blind the operator when it matters.
 pub fn metrics(state: &ApiState) -> hyper::Response<Body> {
-    match tokio::task::block_in_place(|| state.readers.node_stats()) {
-        Ok(nodes) => {
-            let now = unix_millis(SystemTime::now());
-            let text = state
-                .metrics
-                .render(&nodes, now, state.readers.file_bytes());
-            with_body(StatusCode::OK, CONTENT_TYPE, text.into_bytes())
-        }
+    let nodes = match tokio::task::block_in_place(|| state.readers.node_stats()) {
+        Ok(nodes) => Some(nodes),
         Err(e) => {
-            tracing::error!(error = %e, "reading node statistics for /metrics failed");
-            empty(StatusCode::INTERNAL_SERVER_ERROR)
+            tracing::error!(error = %e, "reading node statistics for /metrics failed; their series are left out");
+            None
         }
-    }
+    };
+    let now = unix_millis(SystemTime::now());
+    let text = state
+        .metrics
+        .render(nodes.as_deref(), now, state.readers.file_sizes());
+    with_body(StatusCode::OK, CONTENT_TYPE, text.into_bytes())
 }
 
 /// `GET /healthz`.
@@ -80,6 +81,7 @@ fn not_ready_because(state: &ApiState) -> Vec<String> {
     if !state.health.writer_running.load(Ordering::Acquire) {
         problems.push("the store's writer thread has stopped: snapshots are not applied".into());
     }
+    problems.extend(state.readers.health().problems());
     match tokio::task::block_in_place(|| state.readers.node_stats()) {
         Ok(nodes) => problems.extend(stale(&nodes, unix_millis(SystemTime::now()))),
         Err(e) => {

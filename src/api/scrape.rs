@@ -9,12 +9,19 @@
 //!   last changed (kept by the writer), so `If-None-Match` costs one small read, no body,
 //!   and no wait for a turn.
 //! * It is large. It streams: a blocking task reads the rows in one read transaction
-//!   (one state of the store, however slow the client), frames them, gzips them when the
-//!   client accepts it, and hands chunks of [`CHUNK_BYTES`] through a channel of
-//!   [`CHUNKS_IN_FLIGHT`] to the connection. Memory stays the same whatever the number of
-//!   calls. A client that stops reading is cut by the listener's write timeout, one that
-//!   trickles by [`MAX_SCRAPE_TIME`]; either closes the channel, which ends the task and its
-//!   transaction. [`MAX_SCRAPES`] read at once; the others wait up to [`TURN_WAIT`].
+//!   (one state of the store), frames them, gzips them when the client accepts it, and
+//!   hands chunks of [`CHUNK_BYTES`] to the connection. While the client keeps up,
+//!   [`CHUNKS_IN_FLIGHT`] chunks are all the memory a scrape holds, whatever the number of
+//!   calls.
+//! * Its read must not wait on the client. A read transaction keeps the WAL from being
+//!   copied back and started again, and every snapshot applied meanwhile grows it (a
+//!   reader at 128 KB/s grew it to 168 MB in 40 s). So the task waits for a slow client
+//!   [`MAX_READ_WAIT`] at most, all told; then it reads the rest at its own pace, the
+//!   chunks the client has not taken yet held out of the customer answers' budget
+//!   (`api.max_answer_bytes`). An answer that would pass it is cut, logged and counted.
+//!   A client that stops reading is cut by the listener's write timeout, one that trickles
+//!   by [`MAX_SCRAPE_TIME`]. [`MAX_SCRAPES`] read at once; the others wait up to
+//!   [`TURN_WAIT`].
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
@@ -25,7 +32,9 @@ use flate2::write::GzEncoder;
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::{ApiState, header_value, if_none_match, json};
 use crate::clock::unix_millis;
@@ -40,10 +49,13 @@ pub const ACTIVE_CALLS: &str = "/api/rest/node/v1/active-calls";
 pub const MAX_SCRAPES: usize = 2;
 /// How long a scrape waits for its turn before it is answered 503.
 const TURN_WAIT: Duration = Duration::from_secs(5);
-/// The longest a scrape's body may take. Its read transaction keeps the WAL from being
-/// copied back past it, so a client that trickles its reads (each within the write
-/// timeout) must not hold it for ever: at 100k calls the answer is ~80 MB, ~15 MB gzipped.
+/// The longest a scrape's body may take: a client that trickles its reads (each within the
+/// write timeout) must not hold its connection, its turn and its memory for ever. At 100k
+/// calls the answer is ~80 MB, ~15 MB gzipped.
 const MAX_SCRAPE_TIME: Duration = Duration::from_secs(120);
+/// How long, all told, the read may wait for the client to take its chunks: as long as a
+/// client on a LAN takes to read a 100k-call answer. Past it the rows are read at once.
+const MAX_READ_WAIT: Duration = Duration::from_secs(1);
 /// The size of the pieces the body is sent in.
 const CHUNK_BYTES: usize = 64 * 1024;
 /// Pieces between the reading task and the connection: with [`CHUNK_BYTES`], the memory a
@@ -144,10 +156,25 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
     let request_headers = req.headers().clone();
     let readers = state.readers.clone();
     let (head_tx, head_rx) = oneshot::channel();
-    let (chunks_tx, chunks_rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let (budget, units) = state.answers.budget();
+    // Room for every chunk the budget may hold, those in flight, and the final word.
+    let (chunks_tx, chunks_rx) = mpsc::channel(units + CHUNKS_IN_FLIGHT + 1);
+    let Ok(last_word) = chunks_tx.clone().try_reserve_owned() else {
+        return empty(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    let chunks = Chunks {
+        buffer: Vec::with_capacity(CHUNK_BYTES),
+        to_connection: chunks_tx,
+        last_word: Some(last_word),
+        in_flight: Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT)),
+        budget,
+        wait_left: MAX_READ_WAIT,
+        runtime: tokio::runtime::Handle::current(),
+    };
+    let metrics = state.metrics.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let mut out = Framed::new(format, gzip, Chunks::new(chunks_tx));
+        let mut out = Framed::new(format, gzip, chunks);
         let mut send_body = false;
         let mut client_gone = false;
         let read = readers.scrape(
@@ -163,9 +190,16 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
                 });
                 send_body
             },
-            |row| {
-                client_gone = out.row(row).is_err();
-                !client_gone
+            |row| match out.row(row) {
+                Ok(()) => true,
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::OutOfMemory {
+                        metrics.answer_cut("api", "budget", "a scrape's client read too slowly, and what it had not read passed api.max_answer_bytes");
+                        out.abort();
+                    }
+                    client_gone = true;
+                    false
+                }
             },
         );
         match read {
@@ -184,12 +218,18 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
     });
     match head_rx.await {
         Ok(head) if head.not_modified => not_modified(&head.nodes),
-        Ok(head) => with_calls(
-            format,
-            gzip,
-            http::channel(chunks_rx, MAX_SCRAPE_TIME),
-            &head.nodes,
-        ),
+        Ok(head) => {
+            let metrics = state.metrics.clone();
+            let cut = move |limit: Duration| {
+                let what = format!(
+                    "a scrape took longer than its limit of {} s",
+                    limit.as_secs()
+                );
+                metrics.answer_cut("api", "time", &what);
+            };
+            let body = http::channel(chunks_rx, MAX_SCRAPE_TIME, cut);
+            with_calls(format, gzip, body, &head.nodes)
+        }
         Err(_) => empty(StatusCode::INTERNAL_SERVER_ERROR),
     }
 }
@@ -302,29 +342,76 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
     gzip.or(any).unwrap_or(false)
 }
 
-/// The body's bytes, cut into [`CHUNK_BYTES`] pieces for the connection.
+/// The body's bytes, cut into [`CHUNK_BYTES`] pieces for the connection. Each piece holds
+/// what it costs until the connection has written it: a place in flight, or (once the
+/// read has waited [`MAX_READ_WAIT`]) its share of the budget.
 struct Chunks {
     buffer: Vec<u8>,
     to_connection: mpsc::Sender<io::Result<Bytes>>,
+    /// A place kept for the error that cuts the answer, so that it always fits.
+    last_word: Option<mpsc::OwnedPermit<io::Result<Bytes>>>,
+    in_flight: Arc<Semaphore>,
+    budget: Arc<Semaphore>,
+    /// How much longer the read may wait for the client.
+    wait_left: Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A chunk and what it holds while the connection has not written it.
+struct Held {
+    chunk: Vec<u8>,
+    _cost: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.chunk
+    }
 }
 
 impl Chunks {
-    fn new(to_connection: mpsc::Sender<io::Result<Bytes>>) -> Chunks {
-        Chunks {
-            buffer: Vec::with_capacity(CHUNK_BYTES),
-            to_connection,
-        }
-    }
-
-    /// Sends what is buffered; an error when the connection is gone.
+    /// Sends what is buffered. An error when the connection is gone (`BrokenPipe`), or
+    /// when the client is so far behind that the budget cannot hold more (`OutOfMemory`).
     fn send(&mut self) -> io::Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
-        self.to_connection
-            .blocking_send(Ok(Bytes::from(chunk)))
-            .map_err(|_| io::ErrorKind::BrokenPipe.into())
+        let cost = match self.in_flight.clone().try_acquire_owned() {
+            Ok(place) => place,
+            Err(_) => self.wait_or_borrow(chunk.len())?,
+        };
+        let piece = Bytes::from_owner(Held { chunk, _cost: cost });
+        match self.to_connection.try_send(Ok(piece)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(io::ErrorKind::OutOfMemory.into()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    /// Waits for a place in flight while the read may still wait, else takes `len` bytes
+    /// from the budget.
+    fn wait_or_borrow(&mut self, len: usize) -> io::Result<OwnedSemaphorePermit> {
+        if !self.wait_left.is_zero() {
+            let started = std::time::Instant::now();
+            let place = self.runtime.block_on(tokio::time::timeout(
+                self.wait_left,
+                self.in_flight.clone().acquire_owned(),
+            ));
+            self.wait_left = self.wait_left.saturating_sub(started.elapsed());
+            if let Ok(Ok(place)) = place {
+                return Ok(place);
+            }
+            self.wait_left = Duration::ZERO;
+        }
+        if self.to_connection.is_closed() {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        let units = u32::try_from(len.div_ceil(super::answers::UNIT)).unwrap_or(u32::MAX);
+        self.budget
+            .clone()
+            .try_acquire_many_owned(units)
+            .map_err(|_| io::ErrorKind::OutOfMemory.into())
     }
 }
 
@@ -408,14 +495,14 @@ impl Framed {
     }
 
     /// Ends the body with an error: the connection is cut, not ended cleanly.
-    fn abort(self) {
-        let chunks = match &self.out {
+    fn abort(&mut self) {
+        let chunks = match &mut self.out {
             Encoded::Identity(chunks) => chunks,
-            Encoded::Gzip(gzip) => gzip.get_ref(),
+            Encoded::Gzip(gzip) => gzip.get_mut(),
         };
-        let _ = chunks
-            .to_connection
-            .blocking_send(Err(io::Error::other("the scrape failed")));
+        if let Some(last_word) = chunks.last_word.take() {
+            last_word.send(Err(io::Error::other("the scrape was cut")));
+        }
     }
 }
 

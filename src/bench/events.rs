@@ -23,6 +23,7 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use super::agent::AgentProcess;
+use super::sleep_until;
 use super::{ENDPOINT, PERIOD, latencies, p50_p99, percentile, sorted, tokens};
 use crate::call::EventKind;
 use crate::client::{Conn, EventPoster, post_snapshot};
@@ -426,8 +427,4 @@ fn flat_out(agent: &AgentProcess, switch: &mut Switch, now: &mut i64) -> anyhow:
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn sleep_until(at: Instant) {
-    std::thread::sleep(at.saturating_duration_since(Instant::now()));
 }

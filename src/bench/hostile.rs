@@ -88,6 +88,7 @@ pub(super) fn hostile(
             String::new(),
         ),
     ];
+    wal_beside_a_slow_scrape(base, add)?;
     for (what, target, token) in cases {
         std::thread::sleep(Duration::from_secs(1));
         let before = agent.rss_mb();
@@ -122,9 +123,79 @@ pub(super) fn hostile(
     Ok(())
 }
 
+/// Issue 20's case: a 20k-call node posting a 3% change every second while one aggregator
+/// reads the scrape at 128 KB/s for 40 s. The WAL's largest size meanwhile, and its size
+/// once the reader has left.
+fn wal_beside_a_slow_scrape(
+    base: &Path,
+    add: &mut impl FnMut(&str, String, &'static str),
+) -> anyhow::Result<()> {
+    const CALLS: usize = 20_000;
+    const SECONDS: i64 = 40;
+    let dir = base.join("hostile-wal");
+    let agent = AgentProcess::start(&dir)?;
+    let wal = || std::fs::metadata(dir.join("active-calls.db-wal")).map_or(0, |m| m.len());
+    let mut switch = crate::sems::Switch::new(7);
+    let mut now = crate::clock::unix_now();
+    switch.fill(CALLS, now);
+    agent.post(&switch.render(now))?;
+    let reader = {
+        let api = agent.api;
+        std::thread::spawn(move || {
+            let scrape = crate::api::scrape::ACTIVE_CALLS;
+            slow_read_at(
+                api,
+                scrape,
+                &format!("Bearer {SCRAPE_TOKEN}"),
+                128 * 1024,
+                40,
+            )
+        })
+    };
+    let started = Instant::now();
+    let mut largest = 0;
+    for second in 1..=SECONDS {
+        now += 1;
+        switch.step(0.015, 0.015, now, 1);
+        agent.post(&switch.render(now))?;
+        largest = largest.max(wal());
+        super::sleep_until(started + Duration::from_secs(second as u64));
+    }
+    let (status, read) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+    // Once the reader has left, the writer's next look (every second) cuts the WAL back.
+    std::thread::sleep(Duration::from_secs(3));
+    add(
+        &format!(
+            "the WAL: {CALLS} calls, a 3% change posted every second for {SECONDS} s, one \
+             scrape read at 128 KB/s"
+        ),
+        format!(
+            "largest {:.1} MB, {:.1} MB 3 s after the reader left (it read {:.1} MB, {status})",
+            largest as f64 / 1e6,
+            wal() as f64 / 1e6,
+            read as f64 / 1e6
+        ),
+        "≤ 64 MB, given back",
+    );
+    Ok(())
+}
+
 /// GETs `target` over a connection with a 4 KB receive buffer and reads 4 KB every
 /// 100 ms for [`SLOW_READ_SECONDS`]: the status line, and the bytes read.
 fn slow_read(api: SocketAddr, target: &str, authorization: &str) -> anyhow::Result<(String, u64)> {
+    slow_read_at(api, target, authorization, 40 * 1024, SLOW_READ_SECONDS)
+}
+
+/// [`slow_read`] at `bytes_per_second`, for `seconds`.
+fn slow_read_at(
+    api: SocketAddr,
+    target: &str,
+    authorization: &str,
+    bytes_per_second: u64,
+    seconds: u64,
+) -> anyhow::Result<(String, u64)> {
     let mut stream = small_buffer_connection(api)?;
     let auth = if authorization.is_empty() {
         String::new()
@@ -133,7 +204,8 @@ fn slow_read(api: SocketAddr, target: &str, authorization: &str) -> anyhow::Resu
     };
     stream.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let until = Instant::now() + Duration::from_secs(SLOW_READ_SECONDS);
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
     let mut buf = vec![0u8; 4096];
     let mut first = Vec::new();
     let mut total = 0u64;
@@ -146,7 +218,10 @@ fn slow_read(api: SocketAddr, target: &str, authorization: &str) -> anyhow::Resu
             first.extend_from_slice(&buf[..n.min(12)]);
         }
         total += n as u64;
-        std::thread::sleep(Duration::from_millis(100));
+        // Paced: no faster than `bytes_per_second` from the start.
+        super::sleep_until(
+            started + Duration::from_secs_f64(total as f64 / bytes_per_second as f64),
+        );
     }
     let status = String::from_utf8_lossy(&first[..first.len().min(12)]).into_owned();
     Ok((status.trim_start_matches("HTTP/1.1 ").to_owned(), total))

@@ -315,6 +315,11 @@ pub(crate) fn latencies(
     Ok((client, server, queries))
 }
 
+/// Sleeps until `at` (at once if it has passed).
+fn sleep_until(at: Instant) {
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(options: BenchOptions) -> anyhow::Result<()> {
     let scratch;

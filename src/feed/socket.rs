@@ -43,9 +43,10 @@ use tokio::sync::{oneshot, watch};
 
 use crate::feed::event::{self, MAX_EVENT_BYTES, Posted};
 use crate::feed::writer::{Job, NotQueued, WriterHandle};
-use crate::feed::{InsertLine, SnapshotError, strip_insert};
+use crate::feed::{InsertLine, SnapshotError, is_disk_full, strip_insert};
 use crate::http::{self, Body, empty, form_pairs, text};
 use crate::metrics::{EventOutcome, Metrics};
+use crate::store::{Origin, StoreHealth, is_damage};
 
 /// A client that stops sending its body for this long is cut off.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,6 +72,8 @@ pub struct SocketSettings {
     pub max_body_bytes: u64,
     /// Where bodies larger than [`IN_MEMORY_BYTES`] are received (the store's folder).
     pub spill_dir: std::path::PathBuf,
+    /// Told when a body cannot be received into its file (`/readyz` says so).
+    pub store: Arc<StoreHealth>,
 }
 
 /// Serves the socket source on `listener` until `shutdown` becomes true.
@@ -103,7 +106,7 @@ async fn handle(
     };
     match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/" | "/ping") => text(StatusCode::OK, "Ok."),
-        (&Method::POST, "/") => insert(req, writer, settings).await,
+        (&Method::POST, "/") => insert(req, writer, settings, metrics).await,
         (&Method::POST, EVENTS) => call_event(req, writer, settings, metrics).await,
         (_, "/" | "/ping") => allow("GET, HEAD, POST"),
         (_, EVENTS) => allow("POST"),
@@ -241,6 +244,7 @@ async fn insert(
     req: Request<Incoming>,
     writer: &WriterHandle,
     settings: &SocketSettings,
+    metrics: &Metrics,
 ) -> Response<Body> {
     if !authorized(&req, settings) {
         return unauthorized();
@@ -282,8 +286,16 @@ async fn insert(
         Err(e @ BodyError::Slow) => return text(StatusCode::REQUEST_TIMEOUT, &e.to_string()),
         Err(e @ BodyError::Cut(_)) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
         Err(BodyError::Spill(e)) => {
-            tracing::error!(error = %e, dir = %settings.spill_dir.display(), "cannot receive a posted snapshot into a file");
-            return empty(StatusCode::INTERNAL_SERVER_ERROR);
+            let dir = settings.spill_dir.display();
+            tracing::error!(error = %e, %dir, "cannot receive a posted snapshot into a file");
+            metrics.snapshot(Origin::Socket.as_str(), Err("spill"));
+            settings.store.set_write_failure(Some(format!(
+                "posted snapshots cannot be received into {dir} ({e}): they are refused with 507"
+            )));
+            return text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                &format!("Cannot receive the snapshot into a file: {e}"),
+            );
         }
     };
     let input: Box<dyn BufRead + Send> = if gzip {
@@ -327,6 +339,20 @@ async fn insert(
                 ),
             }
         }
+        // The writer has logged these, and acted (a damaged store is replaced already).
+        Ok(Err(SnapshotError::Store(e))) if is_damage(&e) => {
+            let mut r = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The store could not be read and has been created anew: send the snapshot again",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Ok(Err(SnapshotError::Store(e))) if is_disk_full(&e) => text(
+            StatusCode::INSUFFICIENT_STORAGE,
+            &format!("Cannot store the snapshot: {e}"),
+        ),
         Ok(Err(SnapshotError::Store(e))) => {
             tracing::error!(error = %e, "storing a posted snapshot failed");
             empty(StatusCode::INTERNAL_SERVER_ERROR)

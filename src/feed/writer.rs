@@ -42,7 +42,7 @@ use crate::feed::{
     apply_snapshot_teed,
 };
 use crate::metrics::Metrics;
-use crate::store::{EventChanges, Origin, Writer};
+use crate::store::{EventChanges, Origin, StoreHealth, Writer, is_damage};
 
 /// How often the writer looks for nodes gone silent.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -59,6 +59,13 @@ const COPY_BACK_EVERY: Duration = Duration::from_secs(1);
 /// snapshot shows its oldest events first, a batch at a time, rather than all of them
 /// only once the last is written.
 const MAX_EVENT_BATCH: usize = 256;
+
+/// How often a snapshot file that failed for a reason outside it (a full disk, the store)
+/// is tried again, if no write succeeds before (which tries it at once).
+const FILE_RETRY: Duration = Duration::from_secs(10);
+
+/// How soon a store found sound after a reader's report of damage is checked again.
+const DAMAGE_RECHECK: Duration = Duration::from_secs(60);
 
 /// Call events that may wait for the writer, by default (`feed.max_queued_events`): a busy
 /// node's events (600 call attempts a second, three events each) for the ~8 s a 100k-call
@@ -96,6 +103,8 @@ pub enum Job {
     },
     /// A call event, checked and answered already ([`WriterHandle::queue_event`]).
     Event(Box<Event>),
+    /// A reader found the store of this generation damaged ([`StoreHealth`]).
+    Damage(u64),
     /// Finish, checkpoint the store, and end the thread.
     Stop,
 }
@@ -159,6 +168,7 @@ impl WriterThread {
         max_queued_events: usize,
         metrics: Arc<Metrics>,
         running: Arc<AtomicBool>,
+        health: Arc<StoreHealth>,
         relay: Option<Box<dyn Forward>>,
     ) -> std::io::Result<WriterThread> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
@@ -170,8 +180,11 @@ impl WriterThread {
             status: status_tx,
             metrics,
             applied_file: None,
+            file_retry_at: None,
             relay,
             events: events.clone(),
+            health,
+            damage_checked: None,
         };
         running.store(true, Ordering::Release);
         let thread = std::thread::Builder::new()
@@ -219,9 +232,14 @@ struct Worker {
     /// The file content applied last: a late duplicate event for the same content is not
     /// worth a second pass over it.
     applied_file: Option<FileStamp>,
+    /// When to try the snapshot file again, after it failed for a reason outside it.
+    file_retry_at: Option<Instant>,
     relay: Option<Box<dyn Forward>>,
     /// The queue's count, shared with the handles.
     events: Arc<(std::sync::atomic::AtomicUsize, usize)>,
+    health: Arc<StoreHealth>,
+    /// The store generation a reader's report of damage was last checked for, and when.
+    damage_checked: Option<(u64, Instant)>,
 }
 
 impl Worker {
@@ -269,7 +287,7 @@ impl Worker {
                                 Some(arrivals),
                             )
                         });
-                    self.record(Origin::Socket, result.as_ref().map_err(|e| e.to_string()));
+                    self.record(Origin::Socket, result.as_ref());
                     let _ = reply.send(result);
                     (last_write, released, copy_due, copy_now) =
                         (Instant::now(), false, true, true);
@@ -279,6 +297,17 @@ impl Worker {
                     take_events(&mut queue, &jobs, &mut batch, MAX_EVENT_BATCH);
                     self.apply_events(&batch);
                     (last_write, released, copy_due) = (Instant::now(), false, true);
+                }
+                Some(Job::Damage(generation)) => {
+                    // Many readers may meet the same damage: one check, and none for a
+                    // store replaced since, or checked sound within the minute.
+                    let recent = self.damage_checked.is_some_and(|(checked, at)| {
+                        checked == generation && at.elapsed() < DAMAGE_RECHECK
+                    });
+                    if generation == self.health.generation() && !recent {
+                        self.damage_checked = Some((generation, Instant::now()));
+                        self.confirm_damage();
+                    }
                 }
                 Some(Job::Stop) => {
                     // The events answered already are applied before the writer ends.
@@ -299,7 +328,10 @@ impl Worker {
             }
             // What came in meanwhile (events queued behind a snapshot) goes first.
             queue.extend(jobs.try_iter());
-            if queue.is_empty() && copy_due && (copy_now || last_copy.elapsed() >= COPY_BACK_EVERY)
+            // A WAL a reader made large is emptied once the reader leaves, writes or not.
+            let wal_held = last_copy.elapsed() >= COPY_BACK_EVERY && self.writer.wal_oversized();
+            if queue.is_empty()
+                && (wal_held || copy_due && (copy_now || last_copy.elapsed() >= COPY_BACK_EVERY))
             {
                 if let Err(e) = self.writer.copy_back() {
                     tracing::warn!(error = %e, "checkpointing the WAL failed");
@@ -321,6 +353,9 @@ impl Worker {
                 self.expire();
                 last_expiry = Instant::now();
             }
+            if queue.is_empty() && self.file_retry_at.is_some_and(|at| Instant::now() >= at) {
+                self.check_file(&mut arriving(&mut queue, &jobs));
+            }
         }
         if let Err(e) = self.writer.checkpoint() {
             tracing::warn!(error = %e, "checkpointing the store at shutdown failed");
@@ -335,8 +370,12 @@ impl Worker {
         }
         let result = self.writer.apply_events(batch);
         match result {
-            Ok(changes) => self.events_committed(batch, changes),
+            Ok(changes) => {
+                self.events_committed(batch, changes);
+                self.write_succeeded();
+            }
             Err(e) => {
+                self.store_failed(&e);
                 self.events.0.fetch_sub(batch.len(), Ordering::AcqRel);
                 tracing::error!(error = %e, events = batch.len(), "applying call events failed; they are lost until the next snapshot");
                 self.status.send_modify(|s| {
@@ -383,8 +422,15 @@ impl Worker {
                 let result = self.apply(arrived, |writer, tee, arrivals| {
                     apply_file(writer, &path, read, tee, Some(arrivals))
                 });
-                self.record(Origin::File, result.as_ref().map_err(|e| e.to_string()));
-                self.applied_file = Some(stamp);
+                self.record(Origin::File, result.as_ref());
+                // A file that failed for a reason outside it is tried again: its content
+                // is still the newest the switch wrote.
+                match result {
+                    Ok(_) | Err(SnapshotError::Malformed { .. }) => {
+                        (self.applied_file, self.file_retry_at) = (Some(stamp), None);
+                    }
+                    Err(_) => self.file_retry_at = Some(Instant::now() + FILE_RETRY),
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::info!(path = %path.display(), "no snapshot file (yet)");
@@ -426,14 +472,82 @@ impl Worker {
                     copy.commit(&report.nodes, report.repeat);
                 }
                 self.events_committed(&events, report.events.clone());
+                self.health.snapshot_applied();
+                self.write_succeeded();
             }
-            Err(_) => self.apply_events(&events),
+            Err(e) => {
+                if let SnapshotError::Store(e) = e {
+                    self.store_failed(e);
+                }
+                self.apply_events(&events);
+            }
         }
         result
     }
 
+    /// A write failed: damage replaces the store; a full disk (or any failure to write)
+    /// makes the agent not ready until a write succeeds.
+    fn store_failed(&mut self, error: &rusqlite::Error) {
+        if is_damage(error) {
+            self.replace_store(error.to_string());
+        } else {
+            self.health.set_write_failure(Some(format!(
+                "the store cannot be written ({error}): snapshots and call events are refused \
+                 until a write succeeds"
+            )));
+        }
+    }
+
+    /// A write succeeded: the store takes writes again, and a snapshot file that could not
+    /// be applied before is tried at once.
+    fn write_succeeded(&mut self) {
+        self.health.set_write_failure(None);
+        if self.file_retry_at.is_some() {
+            self.file_retry_at = Some(Instant::now());
+        }
+    }
+
+    /// A reader found the store damaged: the writer checks it (the reader may have met
+    /// a passing fault) and replaces it if SQLite agrees.
+    fn confirm_damage(&mut self) {
+        match self.writer.damage() {
+            Ok(Some(words)) => self.replace_store(words),
+            Ok(None) => tracing::warn!(
+                "a reader found the store damaged, but quick_check finds nothing; kept"
+            ),
+            Err(e) if is_damage(&e) => self.replace_store(e.to_string()),
+            Err(e) => {
+                tracing::error!(error = %e, "checking the store after a reader found it damaged failed")
+            }
+        }
+    }
+
+    /// Sets the damaged store aside and carries on with a new one, which the next
+    /// snapshot fills (the watched file at once, if there is one).
+    fn replace_store(&mut self, why: String) {
+        match self.writer.replace_damaged(why) {
+            Ok(aside) => {
+                tracing::error!(
+                    store = %self.writer.path().display(),
+                    error = %aside.why,
+                    set_aside = %aside.to.display(),
+                    "the store could not be read: it was set aside and a new one created; not ready until the next snapshot"
+                );
+                self.metrics.store_replaced();
+                self.health
+                    .replaced(replaced_line(self.writer.path(), &aside));
+                self.applied_file = None;
+                self.file_retry_at = Some(Instant::now());
+            }
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "the damaged store could not be set aside; writes keep failing"
+            ),
+        }
+    }
+
     /// One log line and one status update per snapshot, applied or rejected.
-    fn record(&self, origin: Origin, result: Result<&ApplyReport, String>) {
+    fn record(&self, origin: Origin, result: Result<&ApplyReport, &SnapshotError>) {
         let source = origin.as_str();
         match result {
             Ok(report) => {
@@ -456,10 +570,10 @@ impl Worker {
             }
             Err(error) => {
                 tracing::error!(source, %error, "snapshot rejected; previous state kept");
-                self.metrics.snapshot(source, Err(()));
+                self.metrics.snapshot(source, Err(error.reason()));
                 self.status.send_modify(|s| {
                     s.rejected += 1;
-                    s.last_error = Some(error);
+                    s.last_error = Some(error.to_string());
                 });
             }
         }
@@ -471,9 +585,23 @@ impl Worker {
                 tracing::info!(?nodes, "silent nodes expired: their calls are gone")
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "expiring silent nodes failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "expiring silent nodes failed");
+                self.store_failed(&e);
+            }
         }
     }
+}
+
+/// `/readyz`'s line for a store replaced after damage.
+pub fn replaced_line(store: &Path, aside: &crate::store::SetAside) -> String {
+    format!(
+        "the store {} could not be read ({}); it was set aside as {} and created anew: \
+         waiting for the next snapshot",
+        store.display(),
+        aside.why,
+        aside.to.display()
+    )
 }
 
 /// The events that come while a snapshot applies, for its transaction: all those queued

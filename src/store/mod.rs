@@ -34,12 +34,14 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+mod damage;
 mod events;
 mod nodes;
 mod read;
 mod stored;
 mod write;
 
+pub use damage::{KEEP_SET_ASIDE, SetAside, StoreHealth, is_damage, is_damage_in};
 pub use events::EventChanges;
 pub use read::{
     CallListing, CallQuery, CountBy, Filter, MAX_OPEN_READERS, NodeGeneration, NodeStats, Readers,
@@ -71,10 +73,46 @@ impl Origin {
     }
 }
 
+const QUICK_CHECK: &str = "PRAGMA quick_check(1)";
+
+/// SQLite's first complaint about the database `conn` reads, from a `quick_check` of
+/// every page (`None`: it has none). Damage that stops the check itself is a complaint
+/// too; any other error is returned.
+pub fn damage_of(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    match conn.query_row(QUICK_CHECK, [], |r| r.get::<_, String>(0)) {
+        Ok(words) if words == "ok" => Ok(None),
+        // The report's heading names the schema, not the problem: the lines after it do.
+        Ok(words) => Ok(Some(
+            words
+                .lines()
+                .filter(|line| !line.starts_with("*** in database"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )),
+        Err(e) if is_damage(&e) => Ok(Some(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+/// How long a connection waits for a lock another holds.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The WAL beside the database at `path`.
+fn wal_of(path: &Path) -> std::path::PathBuf {
+    with_suffix(path, "-wal")
+}
+
+/// `path` with `suffix` after its name (SQLite's `-wal` and `-shm`).
+fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut text = path.as_os_str().to_owned();
+    text.push(suffix);
+    text.into()
+}
+
 /// Opens (creating it if needed) a database connection with the agent's settings.
 fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }

@@ -9,12 +9,13 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, ToSql};
 
-use super::open;
+use super::damage::{StoreHealth, is_damage};
+use super::{open, wal_of};
 
 /// How many idle read connections the pool keeps.
 const MAX_IDLE_READERS: usize = 4;
@@ -399,10 +400,12 @@ pub struct Readers {
     /// `immutable` URI.
     target: PathBuf,
     flags: OpenFlags,
-    idle: Mutex<Vec<Connection>>,
+    /// Idle connections, each with the store generation it was opened on.
+    idle: Mutex<Vec<(u64, Connection)>>,
     /// Connections open (idle or in use), and a wake-up when one is given back.
     open: Mutex<usize>,
     returned: std::sync::Condvar,
+    health: Arc<StoreHealth>,
 }
 
 /// Read connections open at most.
@@ -418,7 +421,15 @@ impl Readers {
             idle: Mutex::new(Vec::new()),
             open: Mutex::new(0),
             returned: std::sync::Condvar::new(),
+            health: Arc::default(),
         }
+    }
+
+    /// What the readers, the writer and `/readyz` know of the store's health: a reader
+    /// that finds the store damaged reports it there, and drops connections to a store
+    /// that was replaced.
+    pub fn health(&self) -> &Arc<StoreHealth> {
+        &self.health
     }
 
     /// Readers of a store that no agent is writing, which a reader opens even where it
@@ -460,14 +471,21 @@ impl Readers {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
-        let conn = self.take()?;
+        let (generation, conn) = self.take()?;
         let result = f(&conn);
+        if let Err(e) = &result
+            && is_damage(e)
+        {
+            self.health.report_damage(generation);
+        }
         // Given back under the count's lock, which a waiter holds from its look at the
-        // idle ones until it waits: the wake-up cannot fall between the two.
+        // idle ones until it waits: the wake-up cannot fall between the two. One that read
+        // a damaged or replaced store is closed instead.
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE_READERS {
-            idle.push(conn);
+        let current = generation == self.health.generation() && result.is_ok();
+        if idle.len() < MAX_IDLE_READERS && current {
+            idle.push((generation, conn));
         } else {
             drop(conn);
             *open -= 1;
@@ -479,21 +497,29 @@ impl Readers {
     }
 
     /// The store's size on disk: its database file and its WAL.
-    pub fn file_bytes(&self) -> u64 {
-        [self.path.clone(), wal_of(&self.path)]
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum()
+    pub fn file_sizes(&self) -> crate::metrics::StoreSize {
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let wal = size(&wal_of(&self.path));
+        crate::metrics::StoreSize {
+            total: size(&self.path) + wal,
+            wal,
+        }
     }
 
     /// An idle connection, a new one below the cap, or (at the cap) the next given back.
-    fn take(&self) -> rusqlite::Result<Connection> {
+    fn take(&self) -> rusqlite::Result<(u64, Connection)> {
+        let generation = self.health.generation();
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // Connections to a store replaced since they were opened are closed.
+            let before = idle.len();
+            idle.retain(|(opened_on, _)| *opened_on == generation);
+            *open -= before - idle.len();
+            if let Some(conn) = idle.pop() {
                 return Ok(conn);
             }
+            drop(idle);
             if *open < MAX_OPEN_READERS {
                 *open += 1;
                 break;
@@ -502,13 +528,16 @@ impl Readers {
         }
         drop(open);
         let opened = open_reader(&self.target, self.flags);
-        if opened.is_err() {
+        if let Err(e) = &opened {
+            if is_damage(e) {
+                self.health.report_damage(generation);
+            }
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             *open -= 1;
             drop(open);
             self.returned.notify_one();
         }
-        opened
+        opened.map(|conn| (generation, conn))
     }
 
     /// Runs a customer query and writes the SPEC 1.3 body into `out`.
@@ -653,12 +682,6 @@ impl Readers {
 }
 
 /// The WAL file beside the database at `path`.
-fn wal_of(path: &Path) -> PathBuf {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    PathBuf::from(wal)
-}
-
 /// The nodes not stale at `now_ms`, by node id.
 fn current_nodes(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<NodeGeneration>> {
     conn.prepare_cached(SCRAPE_NODES)?

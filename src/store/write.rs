@@ -17,6 +17,7 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, OpenFlags, params};
 
+use super::damage::{self, SetAside, is_damage_in};
 use super::events::{self, EventChanges, Heard};
 use super::nodes::{self, Periods, STALE_NODES};
 use super::read::Blob;
@@ -52,6 +53,11 @@ pub(super) const UPDATE_CALL_VALUES: &str = "UPDATE calls SET
 /// is kept, so that the call's next line takes the fast path.
 const UPDATE_LINE_KEY: &str = "UPDATE calls SET line_key = ?2 WHERE call_id = ?1";
 pub(super) const DELETE_CALL: &str = "DELETE FROM calls WHERE call_id = ?1";
+const CHECKPOINT_PASSIVE: &str = "PRAGMA wal_checkpoint(PASSIVE)";
+const CHECKPOINT_TRUNCATE: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
+/// The WAL's size on disk once no reader holds it: what one large apply writes, far
+/// less than a 100k-call snapshot rewritten whole (it grows past this while it applies).
+pub const WAL_KEEP_BYTES: u64 = 64 << 20;
 pub(super) const NEXT_GENERATION: &str = "UPDATE generation SET last = last + 1 RETURNING last";
 /// A call an event ended, brought back by a snapshot dated after the end: no longer
 /// remembered as ended.
@@ -75,6 +81,8 @@ const BULK_SHARE: f64 = 0.3;
 /// The one connection that writes, and what it knows of the stored calls.
 pub struct Writer {
     pub(super) conn: Connection,
+    /// The database file, to set it aside if SQLite finds it damaged.
+    path: std::path::PathBuf,
     /// The stored calls as the last committed snapshot left them, kept between snapshots
     /// so that an apply reads nothing it already knows. `None` until the first snapshot,
     /// after a failed one (its changes were rolled back, its picture is wrong), and after
@@ -112,6 +120,8 @@ impl Writer {
         // The WAL is copied back into the database between snapshots (see `copy_back`),
         // not inside the commit that a waiting switch or reader is timing.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // A WAL started again from its beginning is cut back to this size.
+        conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES as i64)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != SCHEMA_VERSION {
             if version != 0 {
@@ -130,6 +140,7 @@ impl Writer {
         }
         Ok(Writer {
             conn,
+            path: path.to_path_buf(),
             stored: None,
             fast_path: true,
             staleness: Staleness::Auto,
@@ -143,6 +154,56 @@ impl Writer {
     pub fn set_staleness(&mut self, staleness: Staleness) -> rusqlite::Result<()> {
         self.staleness = staleness;
         nodes::set_expiries(&self.conn, staleness)
+    }
+
+    /// Opens the store at `path` as [`open`](Self::open) does, and checks that SQLite can
+    /// read all of it; a store it cannot read is set aside and created anew (what it
+    /// held, the next snapshot brings again).
+    pub fn open_or_replace(path: &Path) -> anyhow::Result<(Writer, Option<SetAside>)> {
+        use anyhow::Context;
+        let why = match Writer::open(path) {
+            Ok(writer) => match super::damage_of(&writer.conn)? {
+                None => return Ok((writer, None)),
+                Some(words) => words,
+            },
+            Err(e) if is_damage_in(&e) => e.root_cause().to_string(),
+            Err(e) => return Err(e),
+        };
+        let aside = damage::set_aside(path, why)
+            .with_context(|| format!("setting aside the damaged store {}", path.display()))?;
+        Ok((Writer::open(path)?, Some(aside)))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// SQLite's first complaint about the store, from a `quick_check` of every page, read
+    /// through a connection of its own: the writer's page cache may still hold pages as
+    /// they were before the file was damaged.
+    pub fn damage(&self) -> rusqlite::Result<Option<String>> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        super::damage_of(&open(&self.path, flags)?)
+    }
+
+    /// Sets the store SQLite cannot read aside (`why`: its words) and carries on with a
+    /// new one, with the same settings. The connection closes before its files move: a
+    /// writer closing last deletes the WAL by its name, which would by then be the new
+    /// store's.
+    pub fn replace_damaged(&mut self, why: String) -> anyhow::Result<SetAside> {
+        use anyhow::Context;
+        drop(std::mem::replace(
+            &mut self.conn,
+            Connection::open_in_memory()?,
+        ));
+        let aside = damage::set_aside(&self.path, why)
+            .with_context(|| format!("setting aside the damaged store {}", self.path.display()))?;
+        let fresh = Writer::open(&self.path)?;
+        self.conn = fresh.conn;
+        self.stored = None;
+        self.periods = Periods::default();
+        Ok(aside)
     }
 
     /// How long `node_id` may stay silent before its calls stop being current (ms).
@@ -171,6 +232,7 @@ impl Writer {
             staleness,
             periods,
             ended_limits,
+            ..
         } = self;
         let tx = conn.transaction()?;
         let mut calls = match stored.take() {
@@ -239,13 +301,35 @@ impl Writer {
 
     /// Checkpoints the WAL into the database file and empties it (at shutdown).
     pub fn checkpoint(&self) -> rusqlite::Result<()> {
-        self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.execute_batch(CHECKPOINT_TRUNCATE)
     }
 
     /// Copies what the WAL holds back into the database file, without waiting for
-    /// readers (they keep what they read): the writer's work between two snapshots.
+    /// readers (they keep what they read): the writer's work between two snapshots. A WAL
+    /// grown past [`WAL_KEEP_BYTES`] (a read held open while snapshots applied) is emptied
+    /// once no reader is in it, so its disk is given back.
     pub fn copy_back(&self) -> rusqlite::Result<()> {
-        self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)")
+        let (busy, frames, copied): (i64, i64, i64) =
+            self.conn.query_row(CHECKPOINT_PASSIVE, [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        let wal = std::fs::metadata(super::wal_of(&self.path)).map_or(0, |m| m.len());
+        if busy == 0 && frames == copied && wal > WAL_KEEP_BYTES {
+            // Without waiting: a reader still in the WAL makes it busy, and the next copy
+            // tries again.
+            self.conn.busy_timeout(std::time::Duration::ZERO)?;
+            let truncated = self
+                .conn
+                .query_row(CHECKPOINT_TRUNCATE, [], |r| r.get::<_, i64>(0));
+            self.conn.busy_timeout(super::BUSY_TIMEOUT)?;
+            truncated?;
+        }
+        Ok(())
+    }
+
+    /// Whether the WAL is larger than it is kept (a reader held it): worth a copy back.
+    pub fn wal_oversized(&self) -> bool {
+        std::fs::metadata(super::wal_of(&self.path)).is_ok_and(|m| m.len() > WAL_KEEP_BYTES)
     }
 
     /// Gives back what an apply holds between snapshots, the writer's picture of the
