@@ -310,6 +310,8 @@ struct WriteDeadline<T> {
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     listener: &'static str,
     metrics: Arc<Metrics>,
+    /// The deadline passed (counted once; every later write fails at once).
+    cut: bool,
 }
 
 impl<T> WriteDeadline<T> {
@@ -319,6 +321,7 @@ impl<T> WriteDeadline<T> {
             stalled: None,
             listener,
             metrics,
+            cut: false,
         }
     }
 
@@ -328,7 +331,9 @@ impl<T> WriteDeadline<T> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
         match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) if self.cut => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
             Poll::Ready(()) => {
+                self.cut = true;
                 self.metrics.answer_cut(
                     self.listener,
                     "slow",

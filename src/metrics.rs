@@ -934,5 +934,31 @@ mod tests {
         // Node 2 expired: its series go.
         let text = metrics.render(Some(&[node(1, 20)]), 3_500, StoreSize::default());
         assert!(!text.contains(r#"node_id="2""#), "{text}");
+        assert!(
+            text.contains("active_calls_agent_store_readable 1"),
+            "{text}"
+        );
+
+        // A store that cannot be read: no per-node series, a gauge that says so, and every
+        // other series still there.
+        let size = StoreSize {
+            total: 3 << 20,
+            wal: 1 << 20,
+        };
+        let text = metrics.render(None, 3_500, size);
+        assert!(!text.contains("node_id="), "{text}");
+        assert!(
+            text.contains("active_calls_agent_store_readable 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("active_calls_agent_store_wal_bytes 1048576"),
+            "{text}"
+        );
+        assert!(
+            text.contains("active_calls_agent_store_bytes 3145728"),
+            "{text}"
+        );
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

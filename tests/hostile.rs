@@ -249,10 +249,11 @@ fn a_store_damaged_while_serving_is_set_aside_when_met_and_metrics_answer_throug
     assert_eq!(post(agent.feed, "/", &[], other).status, 200);
     {
         use std::io::Write;
+        // The middle half: pages of the calls table and of its indexes alike.
         let len = std::fs::metadata(&db).unwrap().len();
         let mut file = std::fs::File::options().write(true).open(&db).unwrap();
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(len / 2 / 4096 * 4096)).unwrap();
-        file.write_all(&vec![0xa5; 8 * 4096]).unwrap();
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(len / 4 / 4096 * 4096)).unwrap();
+        file.write_all(&vec![0xa5; (len / 2) as usize]).unwrap();
     }
     // Whatever reads the damage first (this scrape, or the customer query) reports it; the
     // metrics answer 200 all along.
@@ -454,18 +455,47 @@ fn a_scrape_client_that_stops_reading_holds_no_read_open_and_still_gets_its_answ
     );
     let one_apply = wal_bytes(dir.path());
 
-    // A client asks for every call, and reads nothing while the switch rewrites them six
-    // times: the scrape's read no longer waits on it, so the WAL is copied back and
-    // started again rather than grown by each.
-    let mut slow = active_calls_agent::bench::small_buffer_connection(agent.api).unwrap();
-    slow.write_all(
-        b"GET /api/rest/node/v1/active-calls HTTP/1.1\r\nHost: x\r\n\
-          Authorization: Bearer scrape-token-0123456789abcdef\r\nConnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut head = [0u8; 12];
-    slow.read_exact(&mut head).unwrap();
-    assert_eq!(&head, b"HTTP/1.1 200");
+    // Two clients ask for every call (both turns of a scrape), and read nothing. Their
+    // reads wait for them a second at most, then read on into memory and give their turns
+    // back: a third scrape is answered. Then the switch rewrites every call six times, and
+    // the WAL is copied back and started again each time rather than grown by each.
+    let stalled_scrape = || {
+        let mut slow = active_calls_agent::bench::small_buffer_connection(agent.api).unwrap();
+        slow.write_all(
+            b"GET /api/rest/node/v1/active-calls HTTP/1.1\r\nHost: x\r\n\
+              Authorization: Bearer scrape-token-0123456789abcdef\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        slow.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        slow
+    };
+    let (mut slow, _other) = (stalled_scrape(), stalled_scrape());
+    let third = request(
+        agent.api,
+        "GET",
+        "/api/rest/node/v1/active-calls",
+        &[("Authorization", "Bearer scrape-token-0123456789abcdef")],
+    );
+    assert_eq!(third.status, 200, "the stalled scrapes kept their turns");
+    // One of them then trickles 4 KB a second, so that the write timeout does not cut it
+    // however long the rewrites take on a loaded machine.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut got = Vec::new();
+            let mut piece = [0u8; 4096];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = slow.read(&mut piece).unwrap();
+                got.extend_from_slice(&piece[..n]);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            slow.read_to_end(&mut got).unwrap();
+            got
+        }
+    });
     for name in ["C", "D", "C", "D", "C", "D"] {
         assert_eq!(
             post(agent.feed, "/", &[], &named_snapshot(name, calls)).status,
@@ -478,9 +508,10 @@ fn a_scrape_client_that_stops_reading_holds_no_read_open_and_still_gets_its_answ
         "the WAL grew to {wal} B, one apply writes {one_apply} B"
     );
     // The answer is the one state the scrape read, whole.
-    let mut rest = Vec::new();
-    slow.read_to_end(&mut rest).unwrap();
-    let body = String::from_utf8_lossy(&rest);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rest = reader.join().unwrap();
+    let head_end = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let body = String::from_utf8(dechunked(&rest[head_end + 4..])).unwrap();
     let rows = body.matches("\"local_tag\":\"B-").count();
     assert_eq!(rows, calls, "{} bytes", rest.len());
 }

@@ -34,6 +34,9 @@ pub const UNIT: usize = 64 * 1024;
 /// The answers in flight, by what they answer.
 pub struct Answers {
     budget: Arc<Semaphore>,
+    /// What of the budget scrapes may hold together (half): a few aggregators that read
+    /// slowly must not turn every large customer answer away.
+    scrape_share: Arc<Semaphore>,
     /// The budget's size in units: an answer larger than the whole budget takes all of
     /// it (it is then sent alone) rather than never.
     units: usize,
@@ -93,15 +96,16 @@ impl Answers {
         let units = (budget_bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS);
         Answers {
             budget: Arc::new(Semaphore::new(units)),
+            scrape_share: Arc::new(Semaphore::new((units / 2).max(1))),
             units,
             shared: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The budget, and its size in units of [`UNIT`] bytes: what a streamed answer that
-    /// its client does not keep up with may hold, beside the built ones.
-    pub fn budget(&self) -> (Arc<Semaphore>, usize) {
-        (self.budget.clone(), self.units)
+    /// What a scrape whose client does not keep up may hold, in units of [`UNIT`] bytes:
+    /// the budget, of which at most its scrapes' share; and the budget's size.
+    pub fn scrape_budget(&self) -> (Arc<Semaphore>, Arc<Semaphore>, usize) {
+        (self.budget.clone(), self.scrape_share.clone(), self.units)
     }
 
     /// The answer to `query`, shared with every request for the same thing of the same

@@ -56,8 +56,8 @@ const MAX_SCRAPE_TIME: Duration = Duration::from_secs(120);
 /// How long, all told, the read may wait for the client to take its chunks: as long as a
 /// client on a LAN takes to read a 100k-call answer. Past it the rows are read at once.
 const MAX_READ_WAIT: Duration = Duration::from_secs(1);
-/// The size of the pieces the body is sent in.
-const CHUNK_BYTES: usize = 64 * 1024;
+/// The size of the pieces the body is sent in: the budget's unit.
+const CHUNK_BYTES: usize = super::answers::UNIT;
 /// Pieces between the reading task and the connection: with [`CHUNK_BYTES`], the memory a
 /// scrape holds.
 const CHUNKS_IN_FLIGHT: usize = 4;
@@ -156,7 +156,7 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
     let request_headers = req.headers().clone();
     let readers = state.readers.clone();
     let (head_tx, head_rx) = oneshot::channel();
-    let (budget, units) = state.answers.budget();
+    let (budget, share, units) = state.answers.scrape_budget();
     // Room for every chunk the budget may hold, those in flight, and the final word.
     let (chunks_tx, chunks_rx) = mpsc::channel(units + CHUNKS_IN_FLIGHT + 1);
     let Ok(last_word) = chunks_tx.clone().try_reserve_owned() else {
@@ -168,6 +168,7 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
         last_word: Some(last_word),
         in_flight: Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT)),
         budget,
+        share,
         wait_left: MAX_READ_WAIT,
         runtime: tokio::runtime::Handle::current(),
     };
@@ -352,6 +353,8 @@ struct Chunks {
     last_word: Option<mpsc::OwnedPermit<io::Result<Bytes>>>,
     in_flight: Arc<Semaphore>,
     budget: Arc<Semaphore>,
+    /// The scrapes' share of the budget, taken from too.
+    share: Arc<Semaphore>,
     /// How much longer the read may wait for the client.
     wait_left: Duration,
     runtime: tokio::runtime::Handle,
@@ -360,8 +363,12 @@ struct Chunks {
 /// A chunk and what it holds while the connection has not written it.
 struct Held {
     chunk: Vec<u8>,
-    _cost: OwnedSemaphorePermit,
+    _cost: Cost,
 }
+
+/// What a chunk holds: a place in flight; or its bytes of the scrapes' share of the
+/// budget, and of the budget.
+type Cost = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
 impl AsRef<[u8]> for Held {
     fn as_ref(&self) -> &[u8] {
@@ -378,7 +385,7 @@ impl Chunks {
         }
         let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK_BYTES));
         let cost = match self.in_flight.clone().try_acquire_owned() {
-            Ok(place) => place,
+            Ok(place) => (place, None),
             Err(_) => self.wait_or_borrow(chunk.len())?,
         };
         let piece = Bytes::from_owner(Held { chunk, _cost: cost });
@@ -391,7 +398,7 @@ impl Chunks {
 
     /// Waits for a place in flight while the read may still wait, else takes `len` bytes
     /// from the budget.
-    fn wait_or_borrow(&mut self, len: usize) -> io::Result<OwnedSemaphorePermit> {
+    fn wait_or_borrow(&mut self, len: usize) -> io::Result<Cost> {
         if !self.wait_left.is_zero() {
             let started = std::time::Instant::now();
             let place = self.runtime.block_on(tokio::time::timeout(
@@ -400,7 +407,7 @@ impl Chunks {
             ));
             self.wait_left = self.wait_left.saturating_sub(started.elapsed());
             if let Ok(Ok(place)) = place {
-                return Ok(place);
+                return Ok((place, None));
             }
             self.wait_left = Duration::ZERO;
         }
@@ -408,20 +415,31 @@ impl Chunks {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         let units = u32::try_from(len.div_ceil(super::answers::UNIT)).unwrap_or(u32::MAX);
-        self.budget
+        let over = |_| io::Error::from(io::ErrorKind::OutOfMemory);
+        let share = self
+            .share
             .clone()
             .try_acquire_many_owned(units)
-            .map_err(|_| io::ErrorKind::OutOfMemory.into())
+            .map_err(over)?;
+        let bytes = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(units)
+            .map_err(over)?;
+        Ok((share, Some(bytes)))
     }
 }
 
 impl Write for Chunks {
+    /// Fills chunks to exactly [`CHUNK_BYTES`], the budget's unit: a chunk a byte over
+    /// would cost two.
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buffer.extend_from_slice(data);
+        let taken = data.len().min(CHUNK_BYTES - self.buffer.len());
+        self.buffer.extend_from_slice(&data[..taken]);
         if self.buffer.len() >= CHUNK_BYTES {
             self.send()?;
         }
-        Ok(data.len())
+        Ok(taken)
     }
 
     fn flush(&mut self) -> io::Result<()> {

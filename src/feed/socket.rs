@@ -279,7 +279,12 @@ async fn insert(
     }
 
     let wire = match receive(req.into_body(), max, &settings.spill_dir).await {
-        Ok(wire) => wire.into_reader(),
+        Ok(wire) => {
+            if matches!(wire, Received::Spilled(_)) {
+                settings.store.set_spill_failure(None);
+            }
+            wire.into_reader()
+        }
         Err(e @ BodyError::TooLarge(_)) => {
             return text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
         }
@@ -289,7 +294,7 @@ async fn insert(
             let dir = settings.spill_dir.display();
             tracing::error!(error = %e, %dir, "cannot receive a posted snapshot into a file");
             metrics.snapshot(Origin::Socket.as_str(), Err("spill"));
-            settings.store.set_write_failure(Some(format!(
+            settings.store.set_spill_failure(Some(format!(
                 "posted snapshots cannot be received into {dir} ({e}): they are refused with 507"
             )));
             return text(

@@ -60,9 +60,11 @@ const COPY_BACK_EVERY: Duration = Duration::from_secs(1);
 /// only once the last is written.
 const MAX_EVENT_BATCH: usize = 256;
 
-/// How often a snapshot file that failed for a reason outside it (a full disk, the store)
-/// is tried again, if no write succeeds before (which tries it at once).
+/// How soon a snapshot file the store could not take (a full disk) is tried again, unless
+/// the store takes a write before (which tries it at once); the wait doubles with each
+/// failure, up to [`FILE_RETRY_MAX`].
 const FILE_RETRY: Duration = Duration::from_secs(10);
+const FILE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// How soon a store found sound after a reader's report of damage is checked again.
 const DAMAGE_RECHECK: Duration = Duration::from_secs(60);
@@ -180,7 +182,7 @@ impl WriterThread {
             status: status_tx,
             metrics,
             applied_file: None,
-            file_retry_at: None,
+            file_retry: None,
             relay,
             events: events.clone(),
             health,
@@ -232,8 +234,9 @@ struct Worker {
     /// The file content applied last: a late duplicate event for the same content is not
     /// worth a second pass over it.
     applied_file: Option<FileStamp>,
-    /// When to try the snapshot file again, after it failed for a reason outside it.
-    file_retry_at: Option<Instant>,
+    /// When to try the snapshot file again, after the store could not take it, and the
+    /// wait before that try.
+    file_retry: Option<(Instant, Duration)>,
     relay: Option<Box<dyn Forward>>,
     /// The queue's count, shared with the handles.
     events: Arc<(std::sync::atomic::AtomicUsize, usize)>,
@@ -308,6 +311,7 @@ impl Worker {
                         self.damage_checked = Some((generation, Instant::now()));
                         self.confirm_damage();
                     }
+                    self.health.damage_looked_at();
                 }
                 Some(Job::Stop) => {
                     // The events answered already are applied before the writer ends.
@@ -353,7 +357,7 @@ impl Worker {
                 self.expire();
                 last_expiry = Instant::now();
             }
-            if queue.is_empty() && self.file_retry_at.is_some_and(|at| Instant::now() >= at) {
+            if queue.is_empty() && self.file_retry.is_some_and(|(at, _)| Instant::now() >= at) {
                 self.check_file(&mut arriving(&mut queue, &jobs));
             }
         }
@@ -423,20 +427,28 @@ impl Worker {
                     apply_file(writer, &path, read, tee, Some(arrivals))
                 });
                 self.record(Origin::File, result.as_ref());
-                // A file that failed for a reason outside it is tried again: its content
-                // is still the newest the switch wrote.
+                // A file the store could not take is tried again: its content is still
+                // the newest the switch wrote. (After damage the store was replaced, and
+                // the file is due at once.)
                 match result {
-                    Ok(_) | Err(SnapshotError::Malformed { .. }) => {
-                        (self.applied_file, self.file_retry_at) = (Some(stamp), None);
+                    Err(SnapshotError::Store(e)) if !is_damage(&e) => {
+                        let wait = self
+                            .file_retry
+                            .map_or(FILE_RETRY, |(_, wait)| (wait * 2).min(FILE_RETRY_MAX));
+                        tracing::info!(path = %path.display(), retry_in_s = wait.as_secs(), "the snapshot file will be applied again once the store takes writes");
+                        self.file_retry = Some((Instant::now() + wait, wait));
                     }
-                    Err(_) => self.file_retry_at = Some(Instant::now() + FILE_RETRY),
+                    Err(SnapshotError::Store(_)) => {}
+                    _ => (self.applied_file, self.file_retry) = (Some(stamp), None),
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::info!(path = %path.display(), "no snapshot file (yet)");
+                self.file_retry = None;
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "cannot read the snapshot file");
+                self.file_retry = None;
             }
         }
         self.status.send_modify(|s| s.file_checks += 1);
@@ -473,6 +485,8 @@ impl Worker {
                 }
                 self.events_committed(&events, report.events.clone());
                 self.health.snapshot_applied();
+                // A whole snapshot went in: the disk has room for bodies too.
+                self.health.set_spill_failure(None);
                 self.write_succeeded();
             }
             Err(e) => {
@@ -498,12 +512,13 @@ impl Worker {
         }
     }
 
-    /// A write succeeded: the store takes writes again, and a snapshot file that could not
-    /// be applied before is tried at once.
+    /// A write succeeded: if writes failed until now, a snapshot file that could not be
+    /// applied then is tried at once.
     fn write_succeeded(&mut self) {
-        self.health.set_write_failure(None);
-        if self.file_retry_at.is_some() {
-            self.file_retry_at = Some(Instant::now());
+        if self.health.set_write_failure(None)
+            && let Some((_, wait)) = self.file_retry
+        {
+            self.file_retry = Some((Instant::now(), wait));
         }
     }
 
@@ -537,7 +552,9 @@ impl Worker {
                 self.health
                     .replaced(replaced_line(self.writer.path(), &aside));
                 self.applied_file = None;
-                self.file_retry_at = Some(Instant::now());
+                if self.watch_path.is_some() {
+                    self.file_retry = Some((Instant::now(), FILE_RETRY));
+                }
             }
             Err(e) => tracing::error!(
                 error = format!("{e:#}"),

@@ -12,7 +12,7 @@
 //! replaces nothing. [`StoreHealth`] is what the writer, the readers and `/readyz` share.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use rusqlite::ErrorCode;
@@ -135,10 +135,15 @@ pub struct StoreHealth {
     generation: AtomicU64,
     /// Set when the store was replaced, until the next snapshot applies.
     replaced: Mutex<Option<String>>,
-    /// Set while writes fail for a reason outside the input (a full disk).
+    /// Set while writes to the store fail for a reason outside the input (a full disk).
     write_failure: Mutex<Option<String>>,
+    /// Set while posted bodies cannot be received into their files (a full disk).
+    spill_failure: Mutex<Option<String>>,
     /// How a reader tells the writer what it found (set once the writer runs).
     report: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// A report is on its way to the writer: the readers that meet the same damage
+    /// meanwhile send none.
+    reported: AtomicBool,
 }
 
 impl StoreHealth {
@@ -157,20 +162,23 @@ impl StoreHealth {
         lock(&self.replaced).take();
     }
 
-    /// The outcome of a write: `Some(why)` while the disk or the store refuses writes.
-    pub fn set_write_failure(&self, failure: Option<String>) {
-        *lock(&self.write_failure) = failure;
+    /// The outcome of a write to the store: `Some(why)` while it refuses writes. Whether
+    /// writes were failing before.
+    pub fn set_write_failure(&self, failure: Option<String>) -> bool {
+        std::mem::replace(&mut *lock(&self.write_failure), failure).is_some()
+    }
+
+    /// The outcome of receiving a posted body into its file: `Some(why)` while it fails.
+    pub fn set_spill_failure(&self, failure: Option<String>) {
+        *lock(&self.spill_failure) = failure;
     }
 
     /// Why the store does not answer as it should (one line each), for `/readyz`.
     pub fn problems(&self) -> Vec<String> {
-        [
-            lock(&self.replaced).clone(),
-            lock(&self.write_failure).clone(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
+        [&self.replaced, &self.write_failure, &self.spill_failure]
+            .into_iter()
+            .filter_map(|problem| lock(problem).clone())
+            .collect()
     }
 
     /// Sets how readers report damage (to the writer).
@@ -178,11 +186,19 @@ impl StoreHealth {
         let _ = self.report.set(Box::new(report));
     }
 
-    /// A reader found the store of `generation` damaged.
+    /// A reader found the store of `generation` damaged: the writer is told, unless it
+    /// has been already and has not looked yet.
     pub fn report_damage(&self, generation: u64) {
-        if let Some(report) = self.report.get() {
+        if let Some(report) = self.report.get()
+            && !self.reported.swap(true, Ordering::AcqRel)
+        {
             report(generation);
         }
+    }
+
+    /// The writer has looked at the last report: the next one is sent.
+    pub fn damage_looked_at(&self) {
+        self.reported.store(false, Ordering::Release);
     }
 }
 

@@ -508,9 +508,10 @@ impl Readers {
 
     /// An idle connection, a new one below the cap, or (at the cap) the next given back.
     fn take(&self) -> rusqlite::Result<(u64, Connection)> {
-        let generation = self.health.generation();
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
+        let generation = loop {
+            // Read anew after each wait: the store may have been replaced meanwhile.
+            let generation = self.health.generation();
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             // Connections to a store replaced since they were opened are closed.
             let before = idle.len();
@@ -522,10 +523,10 @@ impl Readers {
             drop(idle);
             if *open < MAX_OPEN_READERS {
                 *open += 1;
-                break;
+                break generation;
             }
             open = self.returned.wait(open).unwrap_or_else(|e| e.into_inner());
-        }
+        };
         drop(open);
         let opened = open_reader(&self.target, self.flags);
         if let Err(e) = &opened {

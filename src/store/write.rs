@@ -161,16 +161,20 @@ impl Writer {
     /// held, the next snapshot brings again).
     pub fn open_or_replace(path: &Path) -> anyhow::Result<(Writer, Option<SetAside>)> {
         use anyhow::Context;
-        let why = match Writer::open(path) {
+        // The damaged store's connection closes only once its files have moved: closing
+        // last where it was, it would copy its WAL into it and delete the WAL, which is
+        // part of what is set aside (SQLite skips both for a file that has moved).
+        let (damaged, why) = match Writer::open(path) {
             Ok(writer) => match super::damage_of(&writer.conn)? {
                 None => return Ok((writer, None)),
-                Some(words) => words,
+                Some(words) => (Some(writer), words),
             },
-            Err(e) if is_damage_in(&e) => e.root_cause().to_string(),
+            Err(e) if is_damage_in(&e) => (None, e.root_cause().to_string()),
             Err(e) => return Err(e),
         };
         let aside = damage::set_aside(path, why)
             .with_context(|| format!("setting aside the damaged store {}", path.display()))?;
+        drop(damaged);
         Ok((Writer::open(path)?, Some(aside)))
     }
 
@@ -188,15 +192,11 @@ impl Writer {
     }
 
     /// Sets the store SQLite cannot read aside (`why`: its words) and carries on with a
-    /// new one, with the same settings. The connection closes before its files move: a
-    /// writer closing last deletes the WAL by its name, which would by then be the new
-    /// store's.
+    /// new one, with the same settings. The old connection closes once its files have
+    /// moved (see [`open_or_replace`](Self::open_or_replace)); if they cannot be moved or
+    /// the new store cannot be made, the writer keeps the one it has.
     pub fn replace_damaged(&mut self, why: String) -> anyhow::Result<SetAside> {
         use anyhow::Context;
-        drop(std::mem::replace(
-            &mut self.conn,
-            Connection::open_in_memory()?,
-        ));
         let aside = damage::set_aside(&self.path, why)
             .with_context(|| format!("setting aside the damaged store {}", self.path.display()))?;
         let fresh = Writer::open(&self.path)?;
@@ -315,16 +315,20 @@ impl Writer {
             })?;
         let wal = std::fs::metadata(super::wal_of(&self.path)).map_or(0, |m| m.len());
         if busy == 0 && frames == copied && wal > WAL_KEEP_BYTES {
-            // Without waiting: a reader still in the WAL makes it busy, and the next copy
-            // tries again.
-            self.conn.busy_timeout(std::time::Duration::ZERO)?;
-            let truncated = self
-                .conn
-                .query_row(CHECKPOINT_TRUNCATE, [], |r| r.get::<_, i64>(0));
-            self.conn.busy_timeout(super::BUSY_TIMEOUT)?;
-            truncated?;
+            self.empty_wal()?;
         }
         Ok(())
+    }
+
+    /// Copies the WAL back and cuts it to nothing, unless a reader is still in it: then it
+    /// is left for the next try, without waiting for the reader.
+    fn empty_wal(&self) -> rusqlite::Result<()> {
+        self.conn.busy_timeout(std::time::Duration::ZERO)?;
+        let truncated = self
+            .conn
+            .query_row(CHECKPOINT_TRUNCATE, [], |r| r.get::<_, i64>(0));
+        self.conn.busy_timeout(super::BUSY_TIMEOUT)?;
+        truncated.map(drop)
     }
 
     /// Whether the WAL is larger than it is kept (a reader held it): worth a copy back.
@@ -334,9 +338,11 @@ impl Writer {
 
     /// Gives back what an apply holds between snapshots, the writer's picture of the
     /// stored calls and the page cache, to SQLite's allocator and from there to the
-    /// system: an idle agent beside a busy switch stays small.
+    /// system, and the WAL's disk: an idle agent beside a busy switch stays small.
     pub fn release_memory(&mut self) -> rusqlite::Result<()> {
         self.stored = None;
+        // The disk too: an idle agent's WAL is of no use until the next write.
+        self.empty_wal()?;
         self.conn.execute_batch("PRAGMA shrink_memory")?;
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim has no preconditions: it only returns free heap pages to the
