@@ -208,7 +208,11 @@ fn slow_read_at(
     } else {
         format!("Authorization: {authorization}\r\n")
     };
-    stream.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())?;
+    // Closed after the answer: a 503 on a kept-alive connection would leave the reader
+    // waiting for the agent's idle timeout (30 s), racing its own read timeout.
+    stream.write_all(
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n").as_bytes(),
+    )?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
