@@ -289,7 +289,10 @@ fn store(config: &Config, report: &mut Report) {
     let opened = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|conn| {
             let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            Ok((version, crate::store::damage_of(&conn)?))
+            Ok((
+                version,
+                crate::store::damage_of(&conn, crate::store::Check::Quick)?,
+            ))
         });
     let damaged = |words: &dyn std::fmt::Display| {
         format!(

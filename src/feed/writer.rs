@@ -528,7 +528,7 @@ impl Worker {
         match self.writer.damage() {
             Ok(Some(words)) => self.replace_store(words),
             Ok(None) => tracing::warn!(
-                "a reader found the store damaged, but quick_check finds nothing; kept"
+                "a reader found the store damaged, but integrity_check finds nothing; kept"
             ),
             Err(e) if is_damage(&e) => self.replace_store(e.to_string()),
             Err(e) => {

@@ -165,7 +165,7 @@ impl Writer {
         // last where it was, it would copy its WAL into it and delete the WAL, which is
         // part of what is set aside (SQLite skips both for a file that has moved).
         let (damaged, why) = match Writer::open(path) {
-            Ok(writer) => match super::damage_of(&writer.conn)? {
+            Ok(writer) => match super::damage_of(&writer.conn, super::Check::Quick)? {
                 None => return Ok((writer, None)),
                 Some(words) => (Some(writer), words),
             },
@@ -183,12 +183,13 @@ impl Writer {
         &self.path
     }
 
-    /// SQLite's first complaint about the store, from a `quick_check` of every page, read
-    /// through a connection of its own: the writer's page cache may still hold pages as
-    /// they were before the file was damaged.
+    /// SQLite's first complaint about the store, from an `integrity_check` (a reader met
+    /// damage: an index that disagrees with its table is damage too), read through a
+    /// connection of its own: the writer's page cache may still hold pages as they were
+    /// before the file was damaged.
     pub fn damage(&self) -> rusqlite::Result<Option<String>> {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        super::damage_of(&open(&self.path, flags)?)
+        super::damage_of(&open(&self.path, flags)?, super::Check::Thorough)
     }
 
     /// Sets the store SQLite cannot read aside (`why`: its words) and carries on with a
