@@ -21,7 +21,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::call::EventKind;
 use crate::logs::Throttled;
-use crate::store::{NodeStats, Origin};
+use crate::store::{NodeStats, Origin, StoreSize};
 
 /// What came of a posted call event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,14 +165,6 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-/// The store's size on disk.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StoreSize {
-    /// The database file and its WAL.
-    pub total: u64,
-    pub wal: u64,
 }
 
 /// Every metric of one agent.

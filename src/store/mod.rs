@@ -45,7 +45,7 @@ pub use damage::{KEEP_SET_ASIDE, SetAside, StoreHealth, is_damage, is_damage_in}
 pub use events::EventChanges;
 pub use read::{
     CallListing, CallQuery, CountBy, Filter, MAX_OPEN_READERS, NodeGeneration, NodeStats, Readers,
-    TextColumn, TextMatch, write_json_string,
+    StoreSize, TextColumn, TextMatch, write_json_string,
 };
 pub use write::{Changes, LineKeys, SnapshotTx, Writer};
 

@@ -388,6 +388,14 @@ pub struct NodeGeneration {
     pub period_ms: Option<i64>,
 }
 
+/// The store's size on disk.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreSize {
+    /// The database file and its WAL.
+    pub total: u64,
+    pub wal: u64,
+}
+
 /// A pool of read-only connections, at most [`MAX_OPEN_READERS`] of them at once.
 ///
 /// Each connection has a page cache of its own (up to 8 MB): fifty requests at once (a
@@ -497,10 +505,10 @@ impl Readers {
     }
 
     /// The store's size on disk: its database file and its WAL.
-    pub fn file_sizes(&self) -> crate::metrics::StoreSize {
+    pub fn file_sizes(&self) -> StoreSize {
         let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let wal = size(&wal_of(&self.path));
-        crate::metrics::StoreSize {
+        StoreSize {
             total: size(&self.path) + wal,
             wal,
         }
