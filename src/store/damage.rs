@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use rusqlite::ErrorCode;
+use rusqlite::{ErrorCode, OpenFlags};
 
-use super::with_suffix;
+use super::nodes::Periods;
+use super::{Check, Writer, damage_of, open, with_suffix};
 
 /// How many damaged stores are kept beside the live one.
 pub const KEEP_SET_ASIDE: usize = 3;
@@ -125,6 +126,54 @@ fn chrono_stamp(time: std::time::SystemTime) -> String {
         &digits[..8.min(digits.len())],
         &digits[8.min(digits.len())..]
     )
+}
+
+impl Writer {
+    /// Opens the store at `path` as [`open`](Self::open) does, and checks that SQLite can
+    /// read all of it; a store it cannot read is set aside and created anew (what it
+    /// held, the next snapshot brings again).
+    pub fn open_or_replace(path: &Path) -> anyhow::Result<(Writer, Option<SetAside>)> {
+        use anyhow::Context;
+        // The damaged store's connection closes only once its files have moved: closing
+        // last where it was, it would copy its WAL into it and delete the WAL, which is
+        // part of what is set aside (SQLite skips both for a file that has moved).
+        let (damaged, why) = match Writer::open(path) {
+            Ok(writer) => match damage_of(&writer.conn, Check::Quick)? {
+                None => return Ok((writer, None)),
+                Some(words) => (Some(writer), words),
+            },
+            Err(e) if is_damage_in(&e) => (None, e.root_cause().to_string()),
+            Err(e) => return Err(e),
+        };
+        let aside = set_aside(path, why)
+            .with_context(|| format!("setting aside the damaged store {}", path.display()))?;
+        drop(damaged);
+        Ok((Writer::open(path)?, Some(aside)))
+    }
+
+    /// SQLite's first complaint about the store, from an `integrity_check` (a reader met
+    /// damage: an index that disagrees with its table is damage too), read through a
+    /// connection of its own: the writer's page cache may still hold pages as they were
+    /// before the file was damaged.
+    pub fn damage(&self) -> rusqlite::Result<Option<String>> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        damage_of(&open(&self.path, flags)?, Check::Thorough)
+    }
+
+    /// Sets the store SQLite cannot read aside (`why`: its words) and carries on with a
+    /// new one, with the same settings. The old connection closes once its files have
+    /// moved (see [`open_or_replace`](Self::open_or_replace)); if they cannot be moved or
+    /// the new store cannot be made, the writer keeps the one it has.
+    pub fn replace_damaged(&mut self, why: String) -> anyhow::Result<SetAside> {
+        use anyhow::Context;
+        let aside = set_aside(&self.path, why)
+            .with_context(|| format!("setting aside the damaged store {}", self.path.display()))?;
+        let fresh = Writer::open(&self.path)?;
+        self.conn = fresh.conn;
+        self.stored = None;
+        self.periods = Periods::default();
+        Ok(aside)
+    }
 }
 
 /// What the writer, the readers and `/readyz` know of the store's health.

@@ -17,7 +17,6 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, OpenFlags, params};
 
-use super::damage::{self, SetAside, is_damage_in};
 use super::events::{self, EventChanges, Heard};
 use super::nodes::{self, Periods, STALE_NODES};
 use super::read::Blob;
@@ -82,7 +81,7 @@ const BULK_SHARE: f64 = 0.3;
 pub struct Writer {
     pub(super) conn: Connection,
     /// The database file, to set it aside if SQLite finds it damaged.
-    path: std::path::PathBuf,
+    pub(super) path: std::path::PathBuf,
     /// The stored calls as the last committed snapshot left them, kept between snapshots
     /// so that an apply reads nothing it already knows. `None` until the first snapshot,
     /// after a failed one (its changes were rolled back, its picture is wrong), and after
@@ -156,55 +155,9 @@ impl Writer {
         nodes::set_expiries(&self.conn, staleness)
     }
 
-    /// Opens the store at `path` as [`open`](Self::open) does, and checks that SQLite can
-    /// read all of it; a store it cannot read is set aside and created anew (what it
-    /// held, the next snapshot brings again).
-    pub fn open_or_replace(path: &Path) -> anyhow::Result<(Writer, Option<SetAside>)> {
-        use anyhow::Context;
-        // The damaged store's connection closes only once its files have moved: closing
-        // last where it was, it would copy its WAL into it and delete the WAL, which is
-        // part of what is set aside (SQLite skips both for a file that has moved).
-        let (damaged, why) = match Writer::open(path) {
-            Ok(writer) => match super::damage_of(&writer.conn, super::Check::Quick)? {
-                None => return Ok((writer, None)),
-                Some(words) => (Some(writer), words),
-            },
-            Err(e) if is_damage_in(&e) => (None, e.root_cause().to_string()),
-            Err(e) => return Err(e),
-        };
-        let aside = damage::set_aside(path, why)
-            .with_context(|| format!("setting aside the damaged store {}", path.display()))?;
-        drop(damaged);
-        Ok((Writer::open(path)?, Some(aside)))
-    }
-
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// SQLite's first complaint about the store, from an `integrity_check` (a reader met
-    /// damage: an index that disagrees with its table is damage too), read through a
-    /// connection of its own: the writer's page cache may still hold pages as they were
-    /// before the file was damaged.
-    pub fn damage(&self) -> rusqlite::Result<Option<String>> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        super::damage_of(&open(&self.path, flags)?, super::Check::Thorough)
-    }
-
-    /// Sets the store SQLite cannot read aside (`why`: its words) and carries on with a
-    /// new one, with the same settings. The old connection closes once its files have
-    /// moved (see [`open_or_replace`](Self::open_or_replace)); if they cannot be moved or
-    /// the new store cannot be made, the writer keeps the one it has.
-    pub fn replace_damaged(&mut self, why: String) -> anyhow::Result<SetAside> {
-        use anyhow::Context;
-        let aside = damage::set_aside(&self.path, why)
-            .with_context(|| format!("setting aside the damaged store {}", self.path.display()))?;
-        let fresh = Writer::open(&self.path)?;
-        self.conn = fresh.conn;
-        self.stored = None;
-        self.periods = Periods::default();
-        Ok(aside)
     }
 
     /// How long `node_id` may stay silent before its calls stop being current (ms).
