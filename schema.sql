@@ -28,6 +28,13 @@ CREATE TABLE nodes (
 CREATE TABLE generation (last INTEGER NOT NULL) STRICT;
 INSERT INTO generation (last) VALUES (CAST(unixepoch('subsec') * 1000000 AS INTEGER));
 
+-- The key of the opaque call ids live streams show (SPEC 7): an id is a keyed hash
+-- (HMAC-SHA-256) of the call's node and local_tag, so it is the same in every stream and
+-- across restarts, yet tells a customer nothing of the local_tag. Random per store: a store
+-- made anew gives every call a new id.
+CREATE TABLE stream_key (key BLOB NOT NULL) STRICT;
+INSERT INTO stream_key (key) VALUES (randomblob(32));
+
 -- One row per current call. A rowid table: every secondary index entry is then just
 -- (account, value, call_id), narrow keys that are cheap to write and to search. The agent
 -- gives each account its own range of call ids (account * 2^20 + n), so an account's calls
@@ -138,4 +145,4 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', 'calls_src_prefix_routing_rev', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_routing_rev', '100000 1000 2');
 
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;

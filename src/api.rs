@@ -16,6 +16,7 @@ pub mod answers;
 pub mod ops;
 pub mod params;
 pub mod scrape;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -28,12 +29,12 @@ use tokio::sync::watch;
 
 use crate::api::answers::{Answers, Failed};
 use crate::api::ops::Health;
-use crate::auth::{AuthContext, Authenticator, ScrapeTokens};
+use crate::auth::{Authenticated, Authenticator, ScrapeTokens};
 use crate::clock::unix_millis;
 use crate::directory::{Directory, SwapCell};
 use crate::http::{self, Body, ListenerSettings, empty, with_body};
 use crate::metrics::Metrics;
-use crate::store::{CallQuery, Readers};
+use crate::store::{CallQuery, Readers, Selection};
 
 /// The customer endpoint's path.
 pub const OUTGOING_ACTIVE_CALLS: &str = "/api/rest/customer/v1/outgoing-active-calls";
@@ -66,6 +67,14 @@ pub struct ApiState {
     pub scrapes: Arc<tokio::sync::Semaphore>,
     /// The customer answers in flight, shared and within their budget.
     pub answers: Answers,
+    /// What each commit changed, for live streams ([`stream`]).
+    pub live: crate::live::Feed,
+    /// Turns for live streams, `api.max_streams` of them.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Counts directory reloads (and SIGHUPs): a stream checks its holder again at each.
+    pub reloads: watch::Receiver<u64>,
+    /// Becomes true when the agent stops: every stream ends first.
+    pub stopping: watch::Receiver<bool>,
 }
 
 /// What a listener answers besides the health endpoints.
@@ -93,7 +102,7 @@ pub async fn serve(
 }
 
 /// Routes one request.
-async fn handle(state: &ApiState, routes: Routes, req: Request<Incoming>) -> Response<Body> {
+async fn handle(state: &Arc<ApiState>, routes: Routes, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
     let path = req.uri().path();
@@ -133,7 +142,7 @@ fn not_allowed() -> Response<Body> {
 }
 
 async fn outgoing_active_calls(
-    state: &ApiState,
+    state: &Arc<ApiState>,
     req: &Request<Incoming>,
     request_id: &str,
 ) -> Response<Body> {
@@ -147,7 +156,7 @@ async fn outgoing_active_calls(
         }
     };
     let now = SystemTime::now();
-    let mut response = authorized(state, req, &auth.context, &directory, now, request_id).await;
+    let mut response = authorized(state, req, &auth, &directory, now, request_id).await;
     // As the central API (an after-action), every answer past authentication refreshes a
     // cookie session: 200 and 304, and 400 too.
     if auth.from_cookie
@@ -161,13 +170,14 @@ async fn outgoing_active_calls(
 
 /// The answer to an authenticated request: 400 for a bad parameter, else the calls.
 async fn authorized(
-    state: &ApiState,
+    state: &Arc<ApiState>,
     req: &Request<Incoming>,
-    context: &AuthContext,
+    auth: &Authenticated,
     directory: &Directory,
     now: SystemTime,
     request_id: &str,
 ) -> Response<Body> {
+    let context = &auth.context;
     let query = req.uri().query().unwrap_or("").as_bytes();
     let (account_id, filters) = match params::parse(query, context, directory) {
         Ok(parsed) => parsed,
@@ -179,6 +189,16 @@ async fn authorized(
         filters,
         now_ms: unix_millis(now),
     };
+    if req.method() == Method::GET && stream::wanted(req.headers()) {
+        let holder = stream::Holder::Customer {
+            headers: req.headers().clone(),
+            query: query.to_vec(),
+            customer_id: context.customer_id,
+            account_id,
+            expires: auth.expires,
+        };
+        return stream::open(state, Selection::Customer(call_query), holder);
+    }
     let answer = match state
         .answers
         .get(&state.readers, &call_query, etag_of)

@@ -102,6 +102,8 @@ pub struct AuthContext {
 pub struct Authenticated {
     pub context: AuthContext,
     pub from_cookie: bool,
+    /// When the token expires (its `exp`), if it does: a live stream ends then.
+    pub expires: Option<SystemTime>,
 }
 
 /// The configured secret and token lifetime.
@@ -161,10 +163,11 @@ impl Authenticator {
             // Absent or blank: the session cookie, if any.
             _ => (session_cookie(headers).ok_or(Unauthorized::NoToken)?, true),
         };
-        let context = self.verify(&token, directory, SystemTime::now())?;
+        let (context, expires) = self.verify_until(&token, directory, SystemTime::now())?;
         Ok(Authenticated {
             context,
             from_cookie,
+            expires,
         })
     }
 
@@ -175,6 +178,17 @@ impl Authenticator {
         directory: &Directory,
         now: SystemTime,
     ) -> Result<AuthContext, Unauthorized> {
+        self.verify_until(token, directory, now)
+            .map(|(context, _)| context)
+    }
+
+    /// [`verify`](Self::verify), and when the token expires, if it does.
+    fn verify_until(
+        &self,
+        token: &str,
+        directory: &Directory,
+        now: SystemTime,
+    ) -> Result<(AuthContext, Option<SystemTime>), Unauthorized> {
         let (decoding, _) = self.keys.as_ref().ok_or(Unauthorized::NoSecret)?;
         let claims = jsonwebtoken::decode::<Map<String, Value>>(token, decoding, &self.validation)
             .map_err(|e| match e.kind() {
@@ -192,6 +206,7 @@ impl Authenticator {
         if !audience_ok {
             return Err(Unauthorized::WrongAudience);
         }
+        let mut expires = None;
         if let Some(exp) = claims.get("exp") {
             let now = now
                 .duration_since(UNIX_EPOCH)
@@ -200,22 +215,26 @@ impl Authenticator {
             if exp <= now.as_secs_f64() {
                 return Err(Unauthorized::Expired);
             }
+            expires = Duration::try_from_secs_f64(exp)
+                .ok()
+                .and_then(|exp| UNIX_EPOCH.checked_add(exp));
         }
         let sub = claims.get("sub").ok_or(Unauthorized::Malformed)?;
         if sub.as_str() == Some(DYNAMIC_SUBJECT) {
             let cfg = claims.get("cfg").ok_or(Unauthorized::Malformed)?;
-            return dynamic_context(sub, cfg, directory);
+            return dynamic_context(sub, cfg, directory).map(|context| (context, expires));
         }
         let access_id = integer(sub).ok_or(Unauthorized::Malformed)?;
         let access = directory
             .api_access(access_id)
             .ok_or(Unauthorized::UnknownAccess)?;
-        Ok(AuthContext {
+        let context = AuthContext {
             customer_id: access.customer_id,
             account_ids: access.account_ids.clone(),
             sub: sub.clone(),
             cfg: None,
-        })
+        };
+        Ok((context, expires))
     }
 
     /// A freshly signed token for the same context: header `{"alg":"HS256"}`, `exp` only

@@ -42,6 +42,8 @@ pub struct ApiConfig {
     /// Bytes the customer answers being built or sent may hold together (beyond 64 KB
     /// each); past it, a new large answer gets 503 with `Retry-After`.
     pub max_answer_bytes: usize,
+    /// Live streams (SPEC 7) open at most; past it, a new one gets 503 with `Retry-After`.
+    pub max_streams: usize,
 }
 
 /// `[store]`: where the SQLite database lives.
@@ -195,6 +197,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("token_lifetime", &self.token_lifetime)
             .field("max_connections", &self.max_connections)
             .field("max_answer_bytes", &self.max_answer_bytes)
+            .field("max_streams", &self.max_streams)
             .finish()
     }
 }
@@ -302,6 +305,7 @@ impl Default for ApiConfig {
             token_lifetime: 0,
             max_connections: 1024,
             max_answer_bytes: crate::api::answers::BUDGET_BYTES,
+            max_streams: 256,
         }
     }
 }
@@ -417,6 +421,9 @@ impl Config {
         }
         if self.api.max_answer_bytes != new.api.max_answer_bytes {
             changed.push("api.max_answer_bytes");
+        }
+        if self.api.max_streams != new.api.max_streams {
+            changed.push("api.max_streams");
         }
         if self.store != new.store {
             changed.push("[store]");

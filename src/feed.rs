@@ -89,6 +89,8 @@ pub struct ApplyReport {
     pub rows: u64,
     pub skipped: u64,
     pub nodes: Vec<i64>,
+    /// Nodes a snapshot file fed before and no longer names (their calls are gone).
+    pub dropped: Vec<i64>,
     pub written: u64,
     pub removed: u64,
     /// The store held this snapshot already (`store::Changes::repeat`): not relayed.
@@ -512,6 +514,7 @@ pub fn apply_snapshot_teed(
     }
     let changes = tx.commit()?;
     report.nodes = changes.nodes;
+    report.dropped = changes.dropped;
     report.written = changes.written;
     report.removed = changes.removed;
     report.repeat = changes.repeat;

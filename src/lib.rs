@@ -62,6 +62,7 @@ pub mod demo;
 pub mod directory;
 pub mod feed;
 pub mod http;
+pub mod live;
 pub mod logs;
 pub mod metrics;
 pub mod relay;
@@ -88,7 +89,7 @@ use crate::config::Config;
 use crate::directory::{Directory, SwapCell};
 use crate::feed::Forward;
 use crate::feed::socket::SocketSettings;
-use crate::feed::writer::{Job, WriterThread};
+use crate::feed::writer::{Committed, Job, WriterThread};
 use crate::http::ListenerSettings;
 use crate::logs::LogControl;
 use crate::metrics::Metrics;
@@ -203,6 +204,7 @@ impl Agent {
             None => None,
         };
         metrics.relay_running(relay.is_some());
+        let live = live::Feed::default();
         let writer = WriterThread::spawn(
             store,
             watch_path.clone(),
@@ -210,9 +212,12 @@ impl Agent {
             metrics.clone(),
             health.writer_running.clone(),
             readers.health().clone(),
-            relay
-                .as_ref()
-                .map(|relay| Box::new(relay.spool()) as Box<dyn Forward>),
+            Committed {
+                relay: relay
+                    .as_ref()
+                    .map(|relay| Box::new(relay.spool()) as Box<dyn Forward>),
+                live: live.clone(),
+            },
         )?;
 
         // A reader that finds the store damaged tells the writer, which replaces it.
@@ -313,6 +318,10 @@ impl Agent {
             scrape_tokens: SwapCell::new(scrape_tokens(config)),
             scrapes: Arc::new(tokio::sync::Semaphore::new(api::scrape::MAX_SCRAPES)),
             answers: api::answers::Answers::new(config.api.max_answer_bytes),
+            live,
+            streams: Arc::new(tokio::sync::Semaphore::new(config.api.max_streams)),
+            reloads: directory_reloads.clone(),
+            stopping: shutdown_rx.clone(),
         });
         let separate_metrics = !config.metrics.listen.is_empty();
         let metrics_addr = if separate_metrics {

@@ -19,6 +19,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+mod streams;
+
+pub use streams::{OpenStream, StreamMetrics};
+
 use crate::call::EventKind;
 use crate::logs::Throttled;
 use crate::store::{NodeStats, Origin, StoreSize};
@@ -216,6 +220,8 @@ pub struct Metrics {
     relay_running: Gauge,
     /// Per URL, when its oldest spooled snapshot was spooled: the age gauge's source.
     relay_oldest: Mutex<Vec<(UrlLabels, Arc<AtomicI64>)>>,
+    /// The live streams' series.
+    pub streams: StreamMetrics,
 }
 
 impl Default for Metrics {
@@ -278,7 +284,9 @@ impl Metrics {
             relay_pending_bytes: Gauge::default(),
             relay_running: Gauge::default(),
             relay_oldest: Mutex::new(Vec::new()),
+            streams: StreamMetrics::default(),
         };
+        metrics.streams.register(&mut registry);
         registry.register(
             "calls",
             "Current calls stored per node",

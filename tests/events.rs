@@ -17,16 +17,7 @@ const SCRAPE: &str = "/api/rest/node/v1/active-calls";
 const SCRAPE_TOKEN: &str = "scrape-token-events-0123456789";
 const BEARER: &str = "Bearer scrape-token-events-0123456789";
 
-/// The seven events of `samples/events/`, in posting order.
-const EVENTS: [&str; 7] = [
-    include_str!("fixtures/events/01-started-EPH.json"),
-    include_str!("fixtures/events/02-disconnected-EPH.json"),
-    include_str!("fixtures/events/03-started-LIVE.json"),
-    include_str!("fixtures/events/04-disconnected-922631C6.json"),
-    include_str!("fixtures/events/05-disconnected-81CC8265.json"),
-    include_str!("fixtures/events/06-connected-LIVE.json"),
-    include_str!("fixtures/events/07-connected-9F66AD57.json"),
-];
+const EVENTS: [&str; 7] = SAMPLE_EVENTS;
 const EPH: &str = "EPH-A6233255-0D46-00000000";
 const LIVE: &str = "LIVE-C27DB4EC-BC1E-00000000";
 const TALKING: &str = "922631C6-DCD0-00000005";

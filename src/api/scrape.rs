@@ -39,7 +39,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::{ApiState, header_value, if_none_match, json};
 use crate::clock::unix_millis;
 use crate::http::{self, Body, empty, form_pairs};
-use crate::store::NodeGeneration;
+use crate::store::{NodeGeneration, Selection};
 
 /// The scrape's path.
 pub const ACTIVE_CALLS: &str = "/api/rest/node/v1/active-calls";
@@ -119,7 +119,7 @@ impl Nodes {
 }
 
 /// Answers a scrape (SPEC 6).
-pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response<Body> {
+pub async fn active_calls(state: &Arc<ApiState>, req: &Request<Incoming>) -> Response<Body> {
     if !state.scrape_tokens.load().admit(req.headers()) {
         return refused(state, req.headers());
     }
@@ -129,6 +129,12 @@ pub async fn active_calls(state: &ApiState, req: &Request<Incoming>) -> Response
             br#"{"error":"invalid value format"}"#.to_vec(),
         );
     };
+    if req.method() == Method::GET && super::stream::wanted(req.headers()) {
+        let holder = super::stream::Holder::Node {
+            headers: req.headers().clone(),
+        };
+        return super::stream::open(state, Selection::Node, holder);
+    }
     let gzip = accepts_gzip(req.headers());
     let now_ms = unix_millis(SystemTime::now());
     // Revalidations and HEAD need only the nodes: one small read, no turn to wait for.

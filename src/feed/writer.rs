@@ -41,6 +41,7 @@ use crate::feed::{
     ApplyReport, Arrivals, FileRead, Forward, InsertLine, SnapshotError, Tee, apply_file,
     apply_snapshot_teed,
 };
+use crate::live;
 use crate::metrics::Metrics;
 use crate::store::{EventChanges, Origin, StoreHealth, Writer, is_damage};
 
@@ -152,6 +153,14 @@ impl WriterHandle {
     }
 }
 
+/// Where what the writer commits goes on, once committed.
+pub struct Committed {
+    /// The applied snapshots' rows: the relay's spool, if the relay is on.
+    pub relay: Option<Box<dyn Forward>>,
+    /// Where each commit changed the store: the live streams' feed.
+    pub live: live::Feed,
+}
+
 /// The running writer thread.
 pub struct WriterThread {
     pub handle: WriterHandle,
@@ -161,9 +170,9 @@ pub struct WriterThread {
 
 impl WriterThread {
     /// Starts the thread; `watch_path` is the snapshot file, if the file source is on,
-    /// and `relay` where applied snapshots go on (the relay's spool), if the relay is on.
-    /// `running` is set while the thread runs, and cleared as it ends, however it ends.
-    /// At most `max_queued_events` call events wait for it at once.
+    /// and `committed` where each commit goes on. `running` is set while the thread
+    /// runs, and cleared as it ends, however it ends. At most `max_queued_events` call
+    /// events wait for it at once.
     pub fn spawn(
         writer: Writer,
         watch_path: Option<PathBuf>,
@@ -171,7 +180,7 @@ impl WriterThread {
         metrics: Arc<Metrics>,
         running: Arc<AtomicBool>,
         health: Arc<StoreHealth>,
-        relay: Option<Box<dyn Forward>>,
+        committed: Committed,
     ) -> std::io::Result<WriterThread> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (status_tx, status) = watch::channel(FeedStatus::default());
@@ -183,10 +192,11 @@ impl WriterThread {
             metrics,
             applied_file: None,
             file_retry: None,
-            relay,
+            relay: committed.relay,
             events: events.clone(),
             health,
             damage_checked: None,
+            live: committed.live,
         };
         running.store(true, Ordering::Release);
         let thread = std::thread::Builder::new()
@@ -243,6 +253,8 @@ struct Worker {
     health: Arc<StoreHealth>,
     /// The store generation a reader's report of damage was last checked for, and when.
     damage_checked: Option<(u64, Instant)>,
+    /// Where each commit's scope goes, for live streams: published after the commit.
+    live: live::Feed,
 }
 
 impl Worker {
@@ -375,6 +387,7 @@ impl Worker {
         let result = self.writer.apply_events(batch);
         match result {
             Ok(changes) => {
+                self.publish(std::iter::empty(), &changes);
                 self.events_committed(batch, changes);
                 self.write_succeeded();
             }
@@ -388,6 +401,17 @@ impl Worker {
                 });
             }
         }
+    }
+
+    /// Tells live streams where a commit changed the store: `nodes` whole, and what
+    /// `events` touched.
+    fn publish(&self, nodes: impl Iterator<Item = i64>, events: &EventChanges) {
+        let mut scope = live::Scope {
+            nodes: nodes.chain(events.cleared.iter().copied()).collect(),
+            ..live::Scope::default()
+        };
+        scope.calls = events.calls.clone();
+        self.live.publish(scope);
     }
 
     /// Counts call events committed (on their own, or with a snapshot).
@@ -483,6 +507,12 @@ impl Worker {
                 if let Some(copy) = copy {
                     copy.commit(&report.nodes, report.repeat);
                 }
+                // A repeat changed no row of its nodes; its events may have.
+                let nodes = (!report.repeat)
+                    .then_some(&report.nodes)
+                    .into_iter()
+                    .flatten();
+                self.publish(nodes.chain(&report.dropped).copied(), &report.events);
                 self.events_committed(&events, report.events.clone());
                 self.health.snapshot_applied();
                 // A whole snapshot went in: the disk has room for bodies too.
@@ -551,6 +581,7 @@ impl Worker {
                 self.metrics.store_replaced();
                 self.health
                     .replaced(replaced_line(self.writer.path(), &aside));
+                self.live.publish(live::Scope::everything());
                 self.applied_file = None;
                 if self.watch_path.is_some() {
                     self.file_retry = Some((Instant::now(), FILE_RETRY));
@@ -599,7 +630,11 @@ impl Worker {
     fn expire(&mut self) {
         match self.writer.expire(SystemTime::now()) {
             Ok(nodes) if !nodes.is_empty() => {
-                tracing::info!(?nodes, "silent nodes expired: their calls are gone")
+                tracing::info!(?nodes, "silent nodes expired: their calls are gone");
+                self.live.publish(live::Scope {
+                    nodes: nodes.into_iter().collect(),
+                    ..live::Scope::default()
+                });
             }
             Ok(_) => {}
             Err(e) => {

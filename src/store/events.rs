@@ -63,6 +63,19 @@ pub struct EventChanges {
     pub unchanged: u64,
     /// The nodes the events came from.
     pub nodes: Vec<i64>,
+    /// The calls the events changed, in their order: what live streams look at again.
+    pub calls: Vec<ChangedCall>,
+    /// Nodes an event found expired, whose old calls it removed before applying itself.
+    pub cleared: Vec<i64>,
+}
+
+/// A call an event made, answered or ended, and the account it was on (live streams of
+/// other accounts need not look at it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedCall {
+    pub node_id: i64,
+    pub local_tag: String,
+    pub account: i64,
 }
 
 impl Writer {
@@ -85,8 +98,8 @@ impl Writer {
                 &mut retired,
                 &mut self.periods,
                 &|_| false,
+                &mut changes,
             )?;
-            changes.count(changed);
             heard.note(event, changed);
         }
         let generation: i64 = tx
@@ -119,12 +132,23 @@ impl Writer {
 }
 
 impl EventChanges {
-    pub(super) fn count(&mut self, changed: bool) {
-        *(if changed {
-            &mut self.changed
-        } else {
-            &mut self.unchanged
-        }) += 1;
+    /// Counts `event`, and notes the call it changed (on `account`), if it did.
+    fn count(&mut self, event: &Event, changed: Option<i64>) -> bool {
+        match changed {
+            Some(account) => {
+                self.changed += 1;
+                self.calls.push(ChangedCall {
+                    node_id: event.node_id,
+                    local_tag: event.local_tag.clone(),
+                    account,
+                });
+                true
+            }
+            None => {
+                self.unchanged += 1;
+                false
+            }
+        }
     }
 }
 
@@ -156,7 +180,7 @@ impl Heard {
     }
 }
 
-/// Applies one event; whether it changed a call. The line keys of the calls it changed go
+/// Applies one event and counts it in `changes`; whether it changed a call. The line keys of the calls it changed go
 /// into `retired` (the lines no longer stand for them), for the caller to forget once
 /// committed: a snapshot's reader may hold the line keys meanwhile.
 ///
@@ -170,11 +194,24 @@ pub(super) fn apply(
     retired: &mut IntSet<i64>,
     periods: &mut Periods,
     fresh: &dyn Fn(i64) -> bool,
+    changes: &mut EventChanges,
 ) -> rusqlite::Result<bool> {
     if !fresh(event.node_id) && nodes::expired(tx, event.node_id, unix_millis(event.received_at))? {
         nodes::remove(tx, periods, event.node_id, i64::MAX)?;
         retired.extend(calls.remove_node(event.node_id));
+        changes.cleared.push(event.node_id);
     }
+    let changed = apply_one(tx, calls, event, retired)?;
+    Ok(changes.count(event, changed))
+}
+
+/// Applies one event to its call; the account of the call it changed, if it did.
+fn apply_one(
+    tx: &rusqlite::Transaction<'_>,
+    calls: &mut Stored,
+    event: &Event,
+    retired: &mut IntSet<i64>,
+) -> rusqlite::Result<Option<i64>> {
     let tag = calls.tag_hash(event.node_id, event.local_tag.as_bytes());
     let known = calls.find(tag);
     match (event.kind, known) {
@@ -193,21 +230,21 @@ pub(super) fn apply(
             ])?;
             let ended = calls.ended.entry(tag).or_insert(event.at_ms);
             *ended = (*ended).max(event.at_ms);
-            Ok(known.is_some())
+            Ok(known.map(|(_, call)| call.account))
         }
         // A late start or answer of a call that has ended already changes nothing.
-        _ if calls.ended.contains_key(&tag) => Ok(false),
-        (EventKind::Started, Some(_)) => Ok(false),
+        _ if calls.ended.contains_key(&tag) => Ok(None),
+        (EventKind::Started, Some(_)) => Ok(None),
         (EventKind::Connected, Some((call_id, call))) => {
             let changed = answer(tx, calls, event, call_id, call)?;
             if changed {
                 retired.extend(call.line_key);
             }
-            Ok(changed)
+            Ok(changed.then_some(call.account))
         }
         (EventKind::Started | EventKind::Connected, None) => {
             let Some(made) = &event.call else {
-                return Ok(false);
+                return Ok(None);
             };
             let row = made.row();
             let values = CallValues::of(
@@ -232,7 +269,7 @@ pub(super) fn apply(
                     event_ms: Some(event.at_ms),
                 },
             );
-            Ok(true)
+            Ok(Some(row.customer_acc_id))
         }
     }
 }

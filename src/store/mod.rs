@@ -34,25 +34,49 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+/// The 26 output columns of SPEC 1.3, in its order (`c`: calls, `n`: its node).
+macro_rules! answer_columns {
+    () => {
+        "COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
+    c.connect_time, c.destination_prefix, c.destination_initial_interval, c.destination_initial_rate,
+    c.destination_next_interval, c.destination_next_rate, c.destination_fee,
+    c.src_name_in, c.src_prefix_in, c.dst_prefix_in, c.src_prefix_routing, c.dst_prefix_routing,
+    c.from_domain, c.to_domain, c.ruri_domain,
+    c.diversion_in, c.pai_in, c.ppi_in, c.privacy_in, c.rpid_in, c.rpid_privacy_in,
+    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port"
+    };
+}
+
+/// What a customer query reads: one account of one customer, of the nodes not stale at
+/// the third value bound. Its filters follow (`read::add_filters`).
+macro_rules! customer_calls_from {
+    () => {
+        " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
+  WHERE c.customer_acc_id = ? AND c.customer_id = ? AND n.expires_at_ms > ?"
+    };
+}
+
 mod damage;
 mod events;
 mod nodes;
 mod read;
 mod stored;
+mod stream;
 mod write;
 
 pub use damage::{KEEP_SET_ASIDE, SetAside, StoreHealth, is_damage, is_damage_in};
-pub use events::EventChanges;
+pub use events::{ChangedCall, EventChanges};
 pub use read::{
     CallListing, CallQuery, CountBy, Filter, MAX_OPEN_READERS, NodeGeneration, NodeStats, Readers,
     StoreSize, TextColumn, TextMatch, write_json_string,
 };
+pub use stream::{Selection, StreamRow, Within};
 pub use write::{Changes, LineKeys, SnapshotTx, Writer};
 
 /// The whole schema, applied to a new database.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 /// The `user_version` that [`SCHEMA`] sets.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Which feed sent a snapshot; a file's content replaces every node the file fed before.
 /// (A node heard from only by its call events has `events` as its source.)

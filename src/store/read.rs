@@ -86,28 +86,10 @@ pub struct CallQuery {
     pub now_ms: i64,
 }
 
-/// The 26 output columns of SPEC 1.3, in its order (`c`: calls, `n`: its node).
-macro_rules! answer_columns {
-    () => {
-        "COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
-    c.connect_time, c.destination_prefix, c.destination_initial_interval, c.destination_initial_rate,
-    c.destination_next_interval, c.destination_next_rate, c.destination_fee,
-    c.src_name_in, c.src_prefix_in, c.dst_prefix_in, c.src_prefix_routing, c.dst_prefix_routing,
-    c.from_domain, c.to_domain, c.ruri_domain,
-    c.diversion_in, c.pai_in, c.ppi_in, c.privacy_in, c.rpid_in, c.rpid_privacy_in,
-    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port"
-    };
-}
-
-const SELECT_CALLS: &str = concat!(
-    "SELECT ",
-    answer_columns!(),
-    " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
-  WHERE c.customer_acc_id = ? AND c.customer_id = ? AND n.expires_at_ms > ?"
-);
-const ORDER_CALLS: &str = " ORDER BY c.start_time DESC, c.local_tag, c.node_id";
+const SELECT_CALLS: &str = concat!("SELECT ", answer_columns!(), customer_calls_from!());
+pub(super) const ORDER_CALLS: &str = " ORDER BY c.start_time DESC, c.local_tag, c.node_id";
 /// The JSON keys of [`answer_columns`], each with what precedes it in a row object.
-const ROW_KEYS: [&str; 26] = [
+pub(super) const ROW_KEYS: [&str; 26] = [
     "{\"snapshot_timestamp\":",
     ",\"start_time\":",
     ",\"connect_time\":",
@@ -220,7 +202,7 @@ const COUNT_BY_ACCOUNT: &str = concat!("SELECT c.customer_acc_id, count(*)", lis
 
 /// A value bound to a statement: bytes as TEXT (which may be invalid UTF-8, as a
 /// `%FF` in a query string is) or as BLOB, or an integer.
-enum Bound {
+pub(super) enum Bound {
     Int(i64),
     Text(Vec<u8>),
     Blob(Vec<u8>),
@@ -260,14 +242,21 @@ fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
 
 /// The SQL text and bound values of a query.
 fn build(query: &CallQuery) -> (String, Vec<Bound>) {
-    let mut sql = String::from(SELECT_CALLS);
+    let (mut sql, values) = build_from(SELECT_CALLS, query);
+    sql += ORDER_CALLS;
+    (sql, values)
+}
+
+/// `select` (which ends with [`customer_calls_from`]) with the conditions of `query`, not
+/// yet ordered: the one place a customer's filters become SQL, for answers and streams.
+pub(super) fn build_from(select: &str, query: &CallQuery) -> (String, Vec<Bound>) {
+    let mut sql = String::from(select);
     let mut values = vec![
         Bound::Int(query.account_id),
         Bound::Int(query.customer_id),
         Bound::Int(query.now_ms),
     ];
     add_filters(&query.filters, &mut sql, &mut values);
-    sql += ORDER_CALLS;
     (sql, values)
 }
 
@@ -475,7 +464,7 @@ impl Readers {
         wal_of(path).exists()
     }
 
-    fn with_connection<T>(
+    pub(super) fn with_connection<T>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
@@ -692,7 +681,10 @@ impl Readers {
 
 /// The WAL file beside the database at `path`.
 /// The nodes not stale at `now_ms`, by node id.
-fn current_nodes(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<NodeGeneration>> {
+pub(super) fn current_nodes(
+    conn: &Connection,
+    now_ms: i64,
+) -> rusqlite::Result<Vec<NodeGeneration>> {
     conn.prepare_cached(SCRAPE_NODES)?
         .query_map([now_ms], |r| {
             Ok(NodeGeneration {
@@ -706,14 +698,22 @@ fn current_nodes(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<NodeGen
 
 /// Writes a row of [`SCRAPE_CALLS`] or [`LISTED_CALLS`] as a JSON object.
 fn write_scrape_row(out: &mut Vec<u8>, row: &rusqlite::Row<'_>) -> rusqlite::Result<()> {
-    write_row(out, row, &SCRAPE_KEYS, 0)?;
-    write_row(out, row, &ROW_KEYS[1..], SCRAPE_KEYS.len())?;
+    write_scrape_row_open(out, row)?;
     out.push(b'}');
     Ok(())
 }
 
+/// [`write_scrape_row`] without the closing brace, for a stream to add its `call`.
+pub(super) fn write_scrape_row_open(
+    out: &mut Vec<u8>,
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<()> {
+    write_row(out, row, &SCRAPE_KEYS, 0)?;
+    write_row(out, row, &ROW_KEYS[1..], SCRAPE_KEYS.len())
+}
+
 /// Writes columns `first..` of `row`, each after its key from `keys`.
-fn write_row(
+pub(super) fn write_row(
     out: &mut Vec<u8>,
     row: &rusqlite::Row<'_>,
     keys: &[&str],

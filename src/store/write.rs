@@ -133,6 +133,7 @@ impl Writer {
             conn.execute_batch(&format!(
                 "BEGIN; DROP TABLE IF EXISTS calls; DROP TABLE IF EXISTS nodes;
                  DROP TABLE IF EXISTS generation; DROP TABLE IF EXISTS ended_calls;
+                 DROP TABLE IF EXISTS stream_key;
                  {SCHEMA} COMMIT;"
             ))
             .context("applying schema.sql")?;
@@ -312,6 +313,8 @@ impl Writer {
 #[derive(Debug, Default)]
 pub struct Changes {
     pub nodes: Vec<i64>,
+    /// Nodes the snapshot file fed before and no longer names, whose calls it removed.
+    pub dropped: Vec<i64>,
     pub written: u64,
     pub removed: u64,
     /// Rows of calls an event ended that the snapshot would have brought back (SPEC 2.4).
@@ -526,8 +529,8 @@ impl SnapshotTx<'_> {
                 &mut self.retired_lines,
                 self.periods,
                 &|node| snapshot_nodes.contains_key(&node),
+                &mut self.events,
             )?;
-            self.events.count(changed);
             self.heard.note(event, changed);
             if changed {
                 self.changed_nodes.insert(event.node_id);
@@ -635,6 +638,7 @@ impl SnapshotTx<'_> {
         self.events.nodes = self.heard.touch(&self.tx, self.staleness, generation)?;
         events::trim_ended(&self.tx, &mut self.stored, self.ended_most)?;
         changes.events = std::mem::take(&mut self.events);
+        changes.dropped = dropped;
         self.tx.commit()?;
         if !forget {
             // The reader thread has ended: the line keys are the writer's alone again.

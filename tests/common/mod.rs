@@ -62,6 +62,17 @@ pub const SAMPLE_SNAPSHOT_2: &str = include_str!("../fixtures/snapshot-2.jsonl")
 /// no entry it lacks): accounts 101, 102 of customer 1001 and 103, 104 of customer 1002;
 /// API accesses 5001 (1001, every account), 6001 (1001, account 101 only), 5002 (1002),
 /// 6002 (1002, account 103 only); portal access profiles 1 and 2.
+/// The seven call events of `samples/events/`, in the order the node posts them between
+/// snapshot-2 and snapshot-3.
+pub const SAMPLE_EVENTS: [&str; 7] = [
+    include_str!("../fixtures/events/01-started-EPH.json"),
+    include_str!("../fixtures/events/02-disconnected-EPH.json"),
+    include_str!("../fixtures/events/03-started-LIVE.json"),
+    include_str!("../fixtures/events/04-disconnected-922631C6.json"),
+    include_str!("../fixtures/events/05-disconnected-81CC8265.json"),
+    include_str!("../fixtures/events/06-connected-LIVE.json"),
+    include_str!("../fixtures/events/07-connected-9F66AD57.json"),
+];
 pub const SAMPLE_DIRECTORY: &str = include_str!("../fixtures/directory.json");
 /// The node the sample snapshots come from.
 pub const SAMPLE_NODE: i64 = 7;
@@ -562,7 +573,7 @@ pub fn dechunked(mut raw: &[u8]) -> Vec<u8> {
     }
 }
 
-fn parse_reply(raw: &[u8], head_only: bool) -> Reply {
+pub fn parse_reply(raw: &[u8], head_only: bool) -> Reply {
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -1,0 +1,342 @@
+//! Live streams (SPEC 7): the customer endpoint and the node scrape as Server-Sent Events.
+//!
+//! A stream is the endpoint's request kept open. It is authenticated and checked exactly
+//! as the plain request (401 and 400 come before any stream), then answers `snapshot`: the
+//! rows a plain request would get, each with its opaque `call` id. From then on a task of
+//! its own follows the change feed ([`live::Feed`]): for each commit that may touch what
+//! it selects it reads the store there, through its [`View`], and sends the difference as
+//! `changes` (nothing when nothing it selects changed).
+//!
+//! What a stream may hold is bounded: its client's unread bytes are counted, and while
+//! they are past [`MAX_UNSENT`] the stream reads nothing more; the changes meanwhile merge
+//! into one scope, read once the client has caught up. A client that stays behind for
+//! [`SLOW_AFTER`] is ended as `slow`: what was queued for it is dropped, and it gets the
+//! `end` event alone. So a stream holds at most [`MAX_UNSENT`] plus the event being
+//! queued, and its view (a few dozen bytes per call it shows).
+//!
+//! It also ends, with `event: end` and a one-word reason, when its token expires
+//! (`expired`), when a directory reload or a SIGHUP takes away its access, account or
+//! scrape token (`revoked`), when the agent stops (`stopping`), and when the store cannot
+//! be read (`error`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Frame};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Response, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
+
+use super::{ApiState, params};
+use crate::clock::unix_millis;
+use crate::http::{Body, empty};
+use crate::live::{Change, Scope, View};
+use crate::metrics::OpenStream;
+use crate::store::Selection;
+
+/// A comment goes out after this long without an event (SPEC 7: at most 15 s).
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// What `retry:` asks of a client that lost the stream (ms).
+pub const RETRY_MS: u64 = 2000;
+/// Bytes a stream's client may leave unread before the stream stops reading changes for
+/// it (they merge meanwhile).
+pub const MAX_UNSENT: usize = 256 * 1024;
+/// How long a client may stay past [`MAX_UNSENT`], with changes waiting, before its stream
+/// is ended as `slow`.
+pub const SLOW_AFTER: Duration = Duration::from_secs(10);
+/// How often a stream whose client is behind looks whether it caught up.
+const BEHIND_POLL: Duration = Duration::from_millis(50);
+
+/// Whether a request asks for a stream: `Accept` names `text/event-stream`.
+pub fn wanted(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|media| {
+            let media = media.split(';').next().unwrap_or("").trim();
+            media.eq_ignore_ascii_case("text/event-stream")
+        })
+}
+
+/// Who holds a stream open, checked again at every reload of the directory or the
+/// configuration.
+pub enum Holder {
+    /// A customer, with the request's headers and query, and what they gave then.
+    Customer {
+        headers: HeaderMap,
+        query: Vec<u8>,
+        customer_id: i64,
+        account_id: i64,
+        expires: Option<SystemTime>,
+    },
+    /// An aggregator, with the request's headers (its scrape token).
+    Node { headers: HeaderMap },
+}
+
+impl Holder {
+    fn kind(&self) -> &'static str {
+        match self {
+            Holder::Customer { .. } => "customer",
+            Holder::Node { .. } => "node",
+        }
+    }
+
+    /// Whether the request would still be answered as it was.
+    fn still_allowed(&self, state: &ApiState) -> bool {
+        match self {
+            Holder::Customer {
+                headers,
+                query,
+                customer_id,
+                account_id,
+                ..
+            } => {
+                let directory = state.directory.load();
+                let Ok(auth) = state.auth.load().authenticate(headers, &directory) else {
+                    return false;
+                };
+                auth.context.customer_id == *customer_id
+                    && params::parse(query, &auth.context, &directory)
+                        .is_ok_and(|(account, _)| account == *account_id)
+            }
+            Holder::Node { headers } => state.scrape_tokens.load().admit(headers),
+        }
+    }
+
+    fn expires(&self) -> Option<SystemTime> {
+        match self {
+            Holder::Customer { expires, .. } => *expires,
+            Holder::Node { .. } => None,
+        }
+    }
+}
+
+/// Opens a stream of `selection` for `holder`: 503 past `api.max_streams`, else 200 with
+/// the `snapshot` event, the rest sent by a task of its own.
+pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Response<Body> {
+    let Ok(permit) = state.streams.clone().try_acquire_owned() else {
+        state.metrics.streams.refused();
+        let mut busy = empty(StatusCode::SERVICE_UNAVAILABLE);
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return busy;
+    };
+    // Before the snapshot is read: a commit after it is in the feed.
+    let changes = state.live.subscribe();
+    let mut view = View::new(selection);
+    let now_ms = unix_millis(SystemTime::now());
+    let snapshot = tokio::task::block_in_place(|| view.snapshot(&state.readers, now_ms));
+    let data = match snapshot {
+        Ok(data) => data,
+        Err(e) => {
+            tracing::error!(error = %e, "reading a live stream's snapshot failed");
+            return empty(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    };
+    let (pieces, received) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared::default());
+    let kind = holder.kind();
+    let mut stream = Stream {
+        state: state.clone(),
+        view,
+        holder,
+        pieces,
+        shared: shared.clone(),
+        next_id: 1,
+        last_sent: Instant::now(),
+        _open: state.metrics.streams.opened(kind),
+        _permit: permit,
+    };
+    stream.send("snapshot", &data, false);
+    tokio::spawn(stream.run(changes));
+    let body = SseBody { received, shared }.boxed();
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::VARY, HeaderValue::from_static("Accept"));
+    // A proxy (nginx) in front must pass each event on as it comes.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// What a stream and its body share.
+#[derive(Default)]
+struct Shared {
+    /// Bytes queued and not yet taken by the connection.
+    unsent: AtomicUsize,
+    /// The stream ended as slow: what is queued is dropped, but its `end`.
+    abandon: AtomicBool,
+}
+
+/// One event (or comment), whole; `last` marks the `end`.
+struct Piece {
+    bytes: Bytes,
+    last: bool,
+}
+
+/// The stream's body: the pieces its task queues, counted out as the connection takes them.
+struct SseBody {
+    received: mpsc::UnboundedReceiver<Piece>,
+    shared: Arc<Shared>,
+}
+
+impl hyper::body::Body for SseBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        loop {
+            let Some(piece) = std::task::ready!(self.received.poll_recv(cx)) else {
+                return Poll::Ready(None);
+            };
+            self.shared
+                .unsent
+                .fetch_sub(piece.bytes.len(), Ordering::AcqRel);
+            if piece.last || !self.shared.abandon.load(Ordering::Acquire) {
+                return Poll::Ready(Some(Ok(Frame::data(piece.bytes))));
+            }
+        }
+    }
+}
+
+/// A stream's task: it follows the change feed until the stream ends.
+struct Stream {
+    state: Arc<ApiState>,
+    view: View,
+    holder: Holder,
+    pieces: mpsc::UnboundedSender<Piece>,
+    shared: Arc<Shared>,
+    next_id: u64,
+    last_sent: Instant,
+    _open: OpenStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Stream {
+    async fn run(mut self, mut changes: broadcast::Receiver<Arc<Change>>) {
+        let mut reloads = self.state.reloads.clone();
+        reloads.borrow_and_update();
+        let mut stopping = self.state.stopping.clone();
+        let expires = self.holder.expires().map(|at| {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::Instant::now() + left
+        });
+        // Changes not yet read, since the publication of the oldest of them.
+        let mut pending = Scope::default();
+        let mut oldest: Option<Instant> = None;
+        let mut behind_since: Option<Instant> = None;
+        let reason = loop {
+            if !pending.is_empty() {
+                if self.shared.unsent.load(Ordering::Acquire) <= MAX_UNSENT {
+                    behind_since = None;
+                    if let Err(e) = self.send_changes(&pending, oldest) {
+                        tracing::error!(error = %e, "reading a live stream's changes failed");
+                        break "error";
+                    }
+                    (pending, oldest) = (Scope::default(), None);
+                } else if behind_since.get_or_insert_with(Instant::now).elapsed() >= SLOW_AFTER {
+                    break "slow";
+                }
+            }
+            let heartbeat = tokio::time::sleep_until((self.last_sent + HEARTBEAT).into());
+            let expiry = async {
+                match expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let behind = async {
+                if pending.is_empty() {
+                    std::future::pending().await
+                } else {
+                    tokio::time::sleep(BEHIND_POLL).await
+                }
+            };
+            tokio::select! {
+                _ = stopping.wait_for(|stop| *stop) => break "stopping",
+                _ = expiry => break "expired",
+                _ = reloads.changed() => {
+                    if !self.holder.still_allowed(&self.state) {
+                        break "revoked";
+                    }
+                }
+                change = changes.recv() => match change {
+                    Ok(change) => {
+                        oldest.get_or_insert(change.published);
+                        pending.merge(&change.scope);
+                        while let Ok(more) = changes.try_recv() {
+                            pending.merge(&more.scope);
+                        }
+                    }
+                    // Fallen behind the feed itself: everything is read again.
+                    Err(broadcast::error::RecvError::Lagged(_)) => pending = Scope::everything(),
+                    Err(broadcast::error::RecvError::Closed) => break "stopping",
+                },
+                _ = self.pieces.closed() => {
+                    self.state.metrics.streams.ended("client");
+                    return;
+                }
+                _ = heartbeat => self.queue(Bytes::from_static(b":\n\n"), false),
+                _ = behind => {}
+            }
+        };
+        self.end(reason);
+    }
+
+    /// Reads what `scope` changed for this stream, and sends it unless nothing did.
+    fn send_changes(&mut self, scope: &Scope, published: Option<Instant>) -> rusqlite::Result<()> {
+        let now_ms = unix_millis(SystemTime::now());
+        let delta =
+            tokio::task::block_in_place(|| self.view.read(&self.state.readers, now_ms, scope))?;
+        if !delta.is_empty() {
+            self.send("changes", &delta.json(), false);
+            if let Some(published) = published {
+                (self.state.metrics.streams).publish_to_send(published.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the stream with `event: end`; a slow client's queue is dropped first.
+    fn end(mut self, reason: &'static str) {
+        if reason == "slow" {
+            self.shared.abandon.store(true, Ordering::Release);
+        }
+        self.send("end", reason.as_bytes(), true);
+        self.state.metrics.streams.ended(reason);
+    }
+
+    /// Queues one event: `retry:` with the first, then `id:`, `event:` and `data:`.
+    fn send(&mut self, event: &'static str, data: &[u8], last: bool) {
+        let mut out = Vec::with_capacity(data.len() + 64);
+        if self.next_id == 1 {
+            out.extend_from_slice(format!("retry: {RETRY_MS}\n").as_bytes());
+        }
+        out.extend_from_slice(format!("id: {}\nevent: {event}\ndata: ", self.next_id).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\n\n");
+        self.next_id += 1;
+        self.state.metrics.streams.sent(event);
+        self.queue(Bytes::from(out), last);
+    }
+
+    fn queue(&mut self, bytes: Bytes, last: bool) {
+        self.shared.unsent.fetch_add(bytes.len(), Ordering::AcqRel);
+        self.last_sent = Instant::now();
+        // A client gone: the task sees the channel closed at its next turn.
+        let _ = self.pieces.send(Piece { bytes, last });
+    }
+}

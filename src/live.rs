@@ -1,0 +1,330 @@
+//! Live: one feed of what each commit changed, and what a stream keeps to turn it into
+//! the `changes` it sends (SPEC 7).
+//!
+//! The writer publishes each commit's [`Scope`] (the nodes a snapshot or an expiry
+//! replaced, the calls events touched) once, after the commit, on a broadcast channel: a
+//! stream that reads the store because of a change sees at least that change. A scope
+//! names *where* things changed, not the rows: every stream then reads, within its scope,
+//! exactly the rows its own query selects, through the store's one filter engine, and
+//! compares them with what it has sent ([`View`]): a row it has not sent is `added`, one
+//! whose bytes differ is `changed`, one it sent and no longer reads there is `removed`.
+//! So a stream that merges several scopes (it was busy, or its client was behind), or
+//! reads a change it saw already in its first snapshot, still sends each difference once,
+//! and its running state is always what a fresh query answers.
+//!
+//! A call's opaque id ([`CallIds`]) is an HMAC-SHA-256 of its node and `local_tag` under
+//! a random key kept in the store: stable for the call's life, across streams and
+//! restarts, and telling nothing of the `local_tag`.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::sync::broadcast;
+
+use crate::store::{ChangedCall, Readers, Selection, StreamRow, Within};
+
+/// Commits the feed holds for a stream that has not looked yet; one that falls further
+/// behind reads everything again (which it can: scopes only say where to look).
+pub const FEED_CAPACITY: usize = 1024;
+/// Calls a merged scope names one by one at most; past it, it names their nodes instead.
+const MAX_SCOPE_CALLS: usize = 4096;
+
+/// Where one commit (or several, merged) changed the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Everything may have changed (the store was replaced, or a stream fell behind).
+    pub everything: bool,
+    /// Nodes whose calls may all have changed: a snapshot (every row's
+    /// `snapshot_timestamp` is new), an expiry, a file that no longer names a node.
+    pub nodes: BTreeSet<i64>,
+    /// Calls events made, answered or ended.
+    pub calls: Vec<ChangedCall>,
+}
+
+impl Scope {
+    pub fn everything() -> Scope {
+        Scope {
+            everything: true,
+            ..Scope::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.everything && self.nodes.is_empty() && self.calls.is_empty()
+    }
+
+    /// Adds `other`'s places to this scope's.
+    pub fn merge(&mut self, other: &Scope) {
+        if self.everything {
+            return;
+        }
+        if other.everything {
+            *self = Scope::everything();
+            return;
+        }
+        self.nodes.extend(other.nodes.iter().copied());
+        self.calls.extend(other.calls.iter().cloned());
+        if self.calls.len() > MAX_SCOPE_CALLS {
+            self.nodes.extend(self.calls.drain(..).map(|c| c.node_id));
+        }
+    }
+}
+
+/// One commit's scope, numbered, with the instant it was published.
+#[derive(Debug)]
+pub struct Change {
+    pub seq: u64,
+    pub published: Instant,
+    pub scope: Scope,
+}
+
+/// The change feed: the writer publishes, every stream subscribes. Cheap to clone.
+#[derive(Clone)]
+pub struct Feed {
+    sender: broadcast::Sender<Arc<Change>>,
+    seq: Arc<AtomicU64>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed {
+            sender: broadcast::channel(FEED_CAPACITY).0,
+            seq: Arc::default(),
+        }
+    }
+}
+
+impl Feed {
+    /// Publishes a committed scope (nothing when it is empty or nobody listens). Never
+    /// waits: the writer calls it.
+    pub fn publish(&self, scope: Scope) {
+        if scope.is_empty() || self.sender.receiver_count() == 0 {
+            return;
+        }
+        let change = Change {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            published: Instant::now(),
+            scope,
+        };
+        let _ = self.sender.send(Arc::new(change));
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.sender.subscribe()
+    }
+}
+
+/// A call's opaque id: 128 bits of an HMAC, shown as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CallId(u128);
+
+impl std::fmt::Display for CallId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Makes call ids under one store's key.
+#[derive(Clone)]
+pub struct CallIds {
+    key: Vec<u8>,
+    mac: Hmac<Sha256>,
+}
+
+impl CallIds {
+    pub fn new(key: &[u8]) -> CallIds {
+        CallIds {
+            key: key.to_vec(),
+            // An HMAC takes a key of any length.
+            mac: Hmac::new_from_slice(key).unwrap_or_else(|_| unreachable!()),
+        }
+    }
+
+    pub fn id(&self, node_id: i64, local_tag: &[u8]) -> CallId {
+        let mut mac = self.mac.clone();
+        mac.update(&node_id.to_be_bytes());
+        mac.update(local_tag);
+        let digest = mac.finalize().into_bytes();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        CallId(u128::from_be_bytes(first))
+    }
+}
+
+/// What a stream has sent of one call.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    node_id: i64,
+    /// A hash of the row's bytes.
+    hash: u64,
+}
+
+/// The differences one read found, as the `changes` event's JSON parts.
+#[derive(Debug, Default)]
+pub struct Delta {
+    added: Vec<u8>,
+    changed: Vec<u8>,
+    removed: Vec<CallId>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+
+    /// `{"added":[…],"changed":[…],"removed":[…]}`.
+    pub fn json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.added.len() + self.changed.len() + 64);
+        out.extend_from_slice(b"{\"added\":[");
+        out.extend_from_slice(&self.added);
+        out.extend_from_slice(b"],\"changed\":[");
+        out.extend_from_slice(&self.changed);
+        out.extend_from_slice(b"],\"removed\":[");
+        for (i, id) in self.removed.iter().enumerate() {
+            let comma = if i > 0 { "," } else { "" };
+            let mut text = String::with_capacity(36);
+            let _ = write!(text, "{comma}\"{id}\"");
+            out.extend_from_slice(text.as_bytes());
+        }
+        out.extend_from_slice(b"]}");
+        out
+    }
+}
+
+/// What one stream selects and what it has sent: each change is read through it.
+pub struct View {
+    selection: Selection,
+    /// A customer stream's account (the calls of other accounts it need not read).
+    account: Option<i64>,
+    /// The ids under the store's key, once a read has found it.
+    ids: Option<CallIds>,
+    sent: HashMap<CallId, Sent>,
+}
+
+impl View {
+    pub fn new(selection: Selection) -> View {
+        let account = match &selection {
+            Selection::Customer(query) => Some(query.account_id),
+            Selection::Node => None,
+        };
+        View {
+            selection,
+            account,
+            ids: None,
+            sent: HashMap::new(),
+        }
+    }
+
+    /// Calls sent and still shown.
+    pub fn len(&self) -> usize {
+        self.sent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    /// The first event's data: every row the selection shows at `now_ms`, in the
+    /// endpoint's order, as `{"data":[…],"rows":N}`.
+    pub fn snapshot(&mut self, readers: &Readers, now_ms: i64) -> rusqlite::Result<Vec<u8>> {
+        self.sent.clear();
+        let delta = self.read(readers, now_ms, &Scope::everything())?;
+        // Nothing was sent before: every row is added, in the order read.
+        let mut out = Vec::with_capacity(delta.added.len() + 32);
+        out.extend_from_slice(b"{\"data\":[");
+        out.extend_from_slice(&delta.added);
+        out.extend_from_slice(format!("],\"rows\":{}}}", self.sent.len()).as_bytes());
+        Ok(out)
+    }
+
+    /// Reads what `scope` may have changed among the calls this stream selects, and
+    /// returns how that differs from what it has sent (now counted as sent).
+    pub fn read(
+        &mut self,
+        readers: &Readers,
+        now_ms: i64,
+        scope: &Scope,
+    ) -> rusqlite::Result<Delta> {
+        // A call of another account matters only when this stream has sent it (its
+        // account changed); each call is read where it is, by its key.
+        let mut candidates: HashSet<CallId> = HashSet::new();
+        let mut calls = Vec::new();
+        for call in scope
+            .calls
+            .iter()
+            .filter(|c| !scope.nodes.contains(&c.node_id))
+        {
+            let id = (self.ids.as_ref()).map(|ids| ids.id(call.node_id, call.local_tag.as_bytes()));
+            let was_sent = id.is_some_and(|id| self.sent.contains_key(&id));
+            if was_sent || self.account.is_none_or(|a| a == call.account) {
+                candidates.extend(id.filter(|_| was_sent));
+                calls.push(Within::Call(call.node_id, &call.local_tag));
+            }
+        }
+        let parts: Vec<Within<'_>> = if scope.everything {
+            candidates.extend(self.sent.keys().copied());
+            vec![Within::Everything]
+        } else {
+            candidates.extend(
+                (self.sent.iter())
+                    .filter(|(_, s)| scope.nodes.contains(&s.node_id))
+                    .map(|(id, _)| *id),
+            );
+            (scope.nodes.iter().map(|&n| Within::Node(n)))
+                .chain(calls)
+                .collect()
+        };
+        if parts.is_empty() {
+            return Ok(Delta::default());
+        }
+        let had_key = self.ids.as_ref().map(|ids| ids.key.clone());
+        let mut delta = Delta::default();
+        let mut seen: HashSet<CallId> = HashSet::new();
+        let (ids, sent) = (&mut self.ids, &mut self.sent);
+        let key = readers.stream_rows(&self.selection, now_ms, &parts, |row: StreamRow<'_>| {
+            let ids = match ids {
+                Some(ids) if ids.key == row.key => ids,
+                _ => ids.insert(CallIds::new(row.key)),
+            };
+            let id = ids.id(row.node_id, row.local_tag);
+            if !seen.insert(id) {
+                return;
+            }
+            let hash = xxhash_rust::xxh3::xxh3_64(row.json);
+            let out = match sent.insert(
+                id,
+                Sent {
+                    node_id: row.node_id,
+                    hash,
+                },
+            ) {
+                None => &mut delta.added,
+                Some(before) if before.hash != hash => &mut delta.changed,
+                Some(_) => return,
+            };
+            if !out.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(row.json);
+            out.extend_from_slice(format!(",\"call\":\"{id}\"}}").as_bytes());
+        })?;
+        if had_key.as_deref().is_some_and(|had| had != key) && !scope.everything {
+            // The store was made anew under another key: every id changed.
+            return self.read(readers, now_ms, &Scope::everything());
+        }
+        if self.ids.is_none() {
+            self.ids = Some(CallIds::new(&key));
+        }
+        for id in candidates {
+            if !seen.contains(&id) && self.sent.remove(&id).is_some() {
+                delta.removed.push(id);
+            }
+        }
+        Ok(delta)
+    }
+}

@@ -1,0 +1,663 @@
+//! Live streams (SPEC 7, issue 21), from outside: real agents over HTTP, fed the sample
+//! snapshots and the seven sample events byte for byte. A stream sees exactly the calls
+//! the endpoint answers, then one `changes` event per event that touches what it selects
+//! and none for the rest; its running state equals a fresh GET at every step. Then how a
+//! stream ends: token expiry, directory removal, SIGTERM, a reader that stops reading; and
+//! `api.max_streams`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const SCRAPE: &str = "/api/rest/node/v1/active-calls";
+const SCRAPE_TOKEN: &str = "scrape-token-streams-0123456789";
+const EVENTS: [&str; 7] = SAMPLE_EVENTS;
+const SNAPSHOT_3: &str = include_str!("fixtures/snapshot-3.jsonl");
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default)]
+struct Event {
+    id: Option<u64>,
+    event: String,
+    data: String,
+    retry: Option<String>,
+}
+
+/// A stream read as a client reads it: the head, then events as they come.
+struct Sse {
+    socket: TcpStream,
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// Bytes read and not yet de-chunked, and the de-chunked text not yet parsed.
+    raw: Vec<u8>,
+    text: Vec<u8>,
+    ended: bool,
+}
+
+impl Sse {
+    fn open(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Sse {
+        let mut head =
+            format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut socket = TcpStream::connect(addr).unwrap();
+        socket.write_all(head.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        while !raw.ends_with(b"\r\n\r\n") {
+            socket.read_exact(&mut byte).expect("an answer head");
+            raw.push(byte[0]);
+        }
+        let Reply {
+            status, headers, ..
+        } = parse_reply(&raw, true);
+        Sse {
+            socket,
+            status,
+            headers,
+            raw: Vec::new(),
+            text: Vec::new(),
+            ended: false,
+        }
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        (self.headers.iter())
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The next event (comments skipped), within `limit`; `None` when the body ended.
+    fn next_within(&mut self, limit: Duration) -> Option<Event> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(event) = self.parse_one() {
+                return Some(event);
+            }
+            if self.ended {
+                return None;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no event within {limit:?}");
+            self.socket.set_read_timeout(Some(left)).unwrap();
+            let mut buf = [0u8; 65536];
+            match self.socket.read(&mut buf) {
+                Ok(0) => self.ended = true,
+                Ok(n) => {
+                    self.raw.extend_from_slice(&buf[..n]);
+                    self.dechunk();
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => self.ended = true,
+            }
+        }
+    }
+
+    fn next(&mut self) -> Event {
+        self.next_within(Duration::from_secs(10))
+            .expect("an event before the stream ended")
+    }
+
+    fn dechunk(&mut self) {
+        loop {
+            let Some(end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size_text = std::str::from_utf8(&self.raw[..end]).unwrap();
+            let size = usize::from_str_radix(size_text.trim(), 16).unwrap();
+            if size == 0 {
+                self.ended = true;
+                return;
+            }
+            if self.raw.len() < end + 2 + size + 2 {
+                return;
+            }
+            self.text
+                .extend_from_slice(&self.raw[end + 2..end + 2 + size]);
+            self.raw.drain(..end + 2 + size + 2);
+        }
+    }
+
+    /// One whole event out of the parsed text, skipping comments.
+    fn parse_one(&mut self) -> Option<Event> {
+        loop {
+            let end = self.text.windows(2).position(|w| w == b"\n\n")?;
+            let block: Vec<u8> = self.text.drain(..end + 2).collect();
+            let block = String::from_utf8(block).expect("UTF-8 events");
+            let mut event = Event::default();
+            for line in block.lines() {
+                match line.split_once(": ") {
+                    _ if line.is_empty() || line.starts_with(':') => {}
+                    Some(("id", v)) => event.id = Some(v.parse().unwrap()),
+                    Some(("event", v)) => event.event = v.to_owned(),
+                    Some(("data", v)) => event.data = v.to_owned(),
+                    Some(("retry", v)) => event.retry = Some(v.to_owned()),
+                    _ => panic!("a line SSE does not know: {line:?}"),
+                }
+            }
+            if !event.event.is_empty() {
+                return Some(event);
+            }
+        }
+    }
+}
+
+/// What a client keeps of a stream: its rows by `call` id.
+#[derive(Default)]
+struct Running {
+    rows: BTreeMap<String, Value>,
+    last_id: u64,
+    changes: u64,
+}
+
+impl Running {
+    /// Starts from the `snapshot` event, which must come first, with `retry:`.
+    fn from_snapshot(sse: &mut Sse) -> Running {
+        let first = sse.next();
+        assert_eq!(first.event, "snapshot");
+        assert!(first.retry.is_some(), "retry: with the first event");
+        let body: Value = serde_json::from_str(&first.data).unwrap();
+        let rows = body["data"].as_array().unwrap();
+        assert_eq!(body["rows"], rows.len());
+        let mut running = Running {
+            last_id: first.id.expect("an id"),
+            ..Running::default()
+        };
+        for row in rows {
+            running.put(row);
+        }
+        running
+    }
+
+    fn put(&mut self, row: &Value) {
+        let id = row["call"].as_str().expect("a call id").to_owned();
+        assert_eq!(id.len(), 32, "{id}");
+        self.rows.insert(id, row.clone());
+    }
+
+    /// Applies the next `changes` event.
+    fn apply(&mut self, sse: &mut Sse) -> Event {
+        let event = sse.next();
+        assert_eq!(event.event, "changes", "{event:?}");
+        let id = event.id.expect("an id");
+        assert!(id > self.last_id, "ids grow: {id} after {}", self.last_id);
+        self.last_id = id;
+        self.changes += 1;
+        let delta: Value = serde_json::from_str(&event.data).unwrap();
+        for row in delta["added"].as_array().unwrap() {
+            let call = row["call"].as_str().unwrap();
+            assert!(!self.rows.contains_key(call), "added twice: {call}");
+            self.put(row);
+        }
+        for row in delta["changed"].as_array().unwrap() {
+            let call = row["call"].as_str().unwrap();
+            assert!(self.rows.contains_key(call), "changed before added: {call}");
+            self.put(row);
+        }
+        for call in delta["removed"].as_array().unwrap() {
+            let call = call.as_str().unwrap();
+            assert!(self.rows.remove(call).is_some(), "removed unknown: {call}");
+        }
+        event
+    }
+
+    /// The rows without their `call`, sorted: what a GET's rows are compared with.
+    fn shown(&self) -> Vec<String> {
+        let mut rows: Vec<String> = (self.rows.values())
+            .map(|row| {
+                let mut row = row.clone();
+                row.as_object_mut().unwrap().remove("call");
+                row.to_string()
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+}
+
+fn sorted(rows: &[Value]) -> Vec<String> {
+    let mut rows: Vec<String> = rows.iter().map(Value::to_string).collect();
+    rows.sort();
+    rows
+}
+
+/// One stream of the test, and the plain request it must always agree with.
+struct Watched {
+    name: &'static str,
+    sse: Sse,
+    running: Running,
+    /// A fresh GET of the same rows.
+    fetch: Box<dyn Fn() -> Vec<Value>>,
+}
+
+impl Watched {
+    fn open(
+        name: &'static str,
+        addr: SocketAddr,
+        target: String,
+        auth: String,
+        fetch_target: String,
+    ) -> Watched {
+        let mut sse = Sse::open(addr, &target, &[("Authorization", &auth)]);
+        assert_eq!(sse.status, 200, "{name}");
+        assert_eq!(
+            sse.header("content-type"),
+            Some("text/event-stream; charset=utf-8")
+        );
+        let running = Running::from_snapshot(&mut sse);
+        let fetch = Box::new(move || {
+            let reply = request(addr, "GET", &fetch_target, &[("Authorization", &auth)]);
+            reply.rows()
+        });
+        let watched = Watched {
+            name,
+            sse,
+            running,
+            fetch,
+        };
+        watched.agrees("its snapshot");
+        watched
+    }
+
+    fn agrees(&self, step: &str) {
+        assert_eq!(
+            self.running.shown(),
+            sorted(&(self.fetch)()),
+            "{}: the stream's state after {step} is not a fresh GET's",
+            self.name
+        );
+    }
+}
+
+fn start() -> TestAgent {
+    TestAgent::start_with(|c| {
+        let tokens = c.directory.path.with_file_name("scrape-tokens");
+        std::fs::write(&tokens, format!("{SCRAPE_TOKEN}\n")).unwrap();
+        c.upstream.scrape_tokens_file = tokens;
+        c.feed.listen = "127.0.0.1:0".into();
+    })
+}
+
+fn post_snapshot(agent: &TestAgent, body: &str) {
+    let mut status = agent.agent().feed_status();
+    let before = status.borrow_and_update().applied;
+    let reply = post(
+        agent.agent().feed_addr().unwrap(),
+        "/",
+        &[],
+        body.as_bytes(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    agent.wait_for(&mut status, |s| s.applied > before);
+}
+
+fn post_event(agent: &TestAgent, body: &str) {
+    let mut status = agent.agent().feed_status();
+    let before = status.borrow_and_update().events;
+    let reply = post(
+        agent.agent().feed_addr().unwrap(),
+        "/events",
+        &[],
+        body.as_bytes(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    agent.wait_for(&mut status, |s| s.events > before);
+}
+
+#[test]
+fn streams_follow_the_sample_events_exactly() {
+    let agent = start();
+    post_snapshot(&agent, SAMPLE_SNAPSHOT_2);
+    let addr = agent.addr();
+    let customer = |name, uuid: &str, filters: &str, access| {
+        let target = format!("{ENDPOINT}?account-id={uuid}{filters}");
+        Watched::open(name, addr, target.clone(), token_for(access), target)
+    };
+    let mut streams = [
+        customer("101", ACCOUNT_101, "", 5001),
+        customer("101 ringing", ACCOUNT_101, "&connect-time-null=true", 5001),
+        customer("102", ACCOUNT_102, "", 5001),
+        customer("103", ACCOUNT_103, "", 5002),
+        customer("104", ACCOUNT_104, "", 5002),
+        Watched::open(
+            "node",
+            addr,
+            SCRAPE.into(),
+            format!("Bearer {SCRAPE_TOKEN}"),
+            format!("{SCRAPE}?format=JSON"),
+        ),
+    ];
+    // Which streams each sample event touches (samples/README.md): 01–02 an attempt of
+    // account 103; 03, 04, 06 account 101 (04 ends an answered call, 06 answers the new
+    // one, which then leaves the ringing stream); 05 and 07 account 104.
+    let touches: [&[&str]; 7] = [
+        &["103", "node"],
+        &["103", "node"],
+        &["101", "101 ringing", "node"],
+        &["101", "node"],
+        &["104", "node"],
+        &["101", "101 ringing", "node"],
+        &["104", "node"],
+    ];
+    for (i, (event, touched)) in EVENTS.iter().zip(touches).enumerate() {
+        post_event(&agent, event);
+        for stream in streams.iter_mut().filter(|s| touched.contains(&s.name)) {
+            stream.running.apply(&mut stream.sse);
+            stream.agrees(&format!("event {:02}", i + 1));
+        }
+    }
+    // Snapshot-3 changes every stream's rows (their snapshot_timestamp at least): one
+    // event each, whose id says how many came before it. None came for an event that did
+    // not touch the stream, and the state is the snapshot's.
+    post_snapshot(&agent, SNAPSHOT_3);
+    for stream in &mut streams {
+        let before = stream.running.changes;
+        let event = stream.running.apply(&mut stream.sse);
+        let touched = touches.iter().filter(|t| t.contains(&stream.name)).count() as u64;
+        assert_eq!(before, touched, "{}", stream.name);
+        assert_eq!(
+            event.id,
+            Some(touched + 2),
+            "{}: an event no event called for",
+            stream.name
+        );
+        stream.agrees("snapshot-3");
+    }
+    // The same snapshot without account 104's call: only what shows it hears of it. Then
+    // the next period (a new snapshot_timestamp) changes every row: one event each, whose
+    // id proves that no stream got an event of unchanged rows.
+    let without_104: String = (SNAPSHOT_3.lines())
+        .filter(|line| !line.contains("9F66AD57"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    post_snapshot(&agent, &without_104);
+    for stream in streams
+        .iter_mut()
+        .filter(|s| ["104", "node"].contains(&s.name))
+    {
+        let event = stream.running.apply(&mut stream.sse);
+        let delta: Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(
+            delta["removed"].as_array().unwrap().len(),
+            1,
+            "{}",
+            stream.name
+        );
+        assert_eq!(
+            delta["added"].as_array().unwrap().len(),
+            0,
+            "{}",
+            stream.name
+        );
+        assert_eq!(
+            delta["changed"].as_array().unwrap().len(),
+            0,
+            "{}",
+            stream.name
+        );
+        stream.agrees("the call's removal");
+    }
+    let stamp = r#""snapshot_timestamp":"2025-11-25 14:30:10""#;
+    post_snapshot(
+        &agent,
+        &without_104.replace(stamp, &stamp.replace(":10", ":15")),
+    );
+    // (Account 104 has no call left to change.)
+    for stream in streams.iter_mut().filter(|s| !s.running.rows.is_empty()) {
+        let before = stream.running.last_id;
+        let event = stream.running.apply(&mut stream.sse);
+        assert_eq!(
+            event.id,
+            Some(before + 1),
+            "{}: an event of unchanged rows",
+            stream.name
+        );
+        stream.agrees("the next period");
+    }
+    // A call keeps its id across streams and reconnects; the ids say nothing of the tags.
+    let node = &streams[5].running;
+    let again = Watched::open(
+        "node again",
+        addr,
+        SCRAPE.into(),
+        format!("Bearer {SCRAPE_TOKEN}"),
+        format!("{SCRAPE}?format=JSON"),
+    );
+    assert_eq!(
+        node.rows.keys().collect::<Vec<_>>(),
+        again.running.rows.keys().collect::<Vec<_>>()
+    );
+    for (call, row) in &node.rows {
+        let tag = row["local_tag"].as_str().unwrap();
+        assert!(
+            !call.contains(&tag.to_ascii_lowercase()),
+            "{call} shows {tag}"
+        );
+    }
+    let of_101: Vec<&String> = streams[0].running.rows.keys().collect();
+    assert!(of_101.iter().all(|id| node.rows.contains_key(*id)));
+}
+
+#[test]
+fn a_stream_answers_errors_as_the_endpoint_and_other_accepts_are_untouched() {
+    let agent = start();
+    post_snapshot(&agent, SAMPLE_SNAPSHOT_2);
+    let stream = [("Accept", "text/event-stream")];
+    let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+    let reply = agent.request("GET", &target, &stream);
+    assert_eq!((reply.status, reply.body.len()), (401, 0));
+    let token = token_for(5001);
+    let with = |accept: &'static str| [("Accept", accept), ("Authorization", token.as_str())];
+    let reply = agent.request(
+        "GET",
+        &format!("{ENDPOINT}?x=1"),
+        &with("text/event-stream"),
+    );
+    assert_eq!(reply.status, 400);
+    assert_eq!(
+        reply.text(),
+        r#"{"error":"missing required param(s) account-id"}"#
+    );
+    let reply = agent.request("GET", SCRAPE, &with("text/event-stream"));
+    assert_eq!(reply.status, 403, "a customer token on the node stream");
+    for accept in ["application/json", "*/*", "text/plain"] {
+        let reply = agent.request("GET", &target, &with(accept));
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/json; charset=utf-8")
+        );
+        assert_eq!(reply.rows().len(), 6);
+    }
+}
+
+#[test]
+fn streams_end_on_token_expiry_and_directory_removal() {
+    let agent = start();
+    post_snapshot(&agent, SAMPLE_SNAPSHOT_2);
+    let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+    let expiring =
+        sign(&serde_json::json!({"aud": "customer-v1", "sub": 5001, "exp": unix_now() + 2}));
+    let mut expires = Sse::open(agent.addr(), &target, &[("Authorization", &expiring)]);
+    assert_eq!(expires.status, 200);
+    let mut removed = Sse::open(
+        agent.addr(),
+        &format!("{ENDPOINT}?account-id={ACCOUNT_103}"),
+        &[("Authorization", &token_for(5002))],
+    );
+    let mut stays = Sse::open(
+        agent.addr(),
+        &target,
+        &[("Authorization", &token_for(5001))],
+    );
+    for sse in [&mut expires, &mut removed, &mut stays] {
+        assert_eq!(sse.next().event, "snapshot");
+    }
+    let end = expires.next();
+    assert_eq!((end.event.as_str(), end.data.as_str()), ("end", "expired"));
+    assert!(
+        expires.next_within(Duration::from_secs(10)).is_none(),
+        "the body ends"
+    );
+
+    // The access of customer 1002 leaves the directory: its stream ends at the reload.
+    let mut directory: Value = serde_json::from_str(SAMPLE_DIRECTORY).unwrap();
+    let accesses = directory["api_accesses"].as_array_mut().unwrap();
+    accesses.retain(|a| a["id"] != 5002);
+    let mut reloads = agent.agent().directory_reloads();
+    let before = *reloads.borrow_and_update();
+    write_file(
+        &agent.config.directory.path,
+        directory.to_string().as_bytes(),
+    );
+    agent.runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), reloads.wait_for(|n| *n > before))
+            .await
+            .unwrap()
+            .unwrap();
+    });
+    let end = removed.next();
+    assert_eq!((end.event.as_str(), end.data.as_str()), ("end", "revoked"));
+    // The other stream goes on: the next change reaches it.
+    post_event(&agent, EVENTS[2]);
+    assert_eq!(stays.next().event, "changes");
+    let metrics = agent.request("GET", "/metrics", &[]).text();
+    for (reason, count) in [("expired", 1.0), ("revoked", 1.0), ("slow", 0.0)] {
+        let series = format!("active_calls_agent_streams_ended_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&metrics, &series), Some(count), "{series}");
+    }
+    assert_eq!(
+        metric(
+            &metrics,
+            "active_calls_agent_streams_open{kind=\"customer\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn past_max_streams_the_answer_is_503() {
+    let agent = TestAgent::start_with(|c| c.api.max_streams = 2);
+    let target = format!("{ENDPOINT}?account-id={ACCOUNT_101}");
+    let token = token_for(5001);
+    let auth = [("Authorization", token.as_str())];
+    let mut first = Sse::open(agent.addr(), &target, &auth);
+    let mut second = Sse::open(agent.addr(), &target, &auth);
+    assert_eq!((first.status, second.status), (200, 200));
+    assert_eq!(first.next().event, "snapshot");
+    assert_eq!(second.next().event, "snapshot");
+    let third = Sse::open(agent.addr(), &target, &auth);
+    assert_eq!(third.status, 503);
+    assert!(third.header("retry-after").is_some());
+    // A plain request still gets its answer.
+    assert_eq!(agent.get(&format!("account-id={ACCOUNT_101}")).status, 200);
+    // Once a client leaves, its turn is free again.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = Sse::open(agent.addr(), &target, &auth);
+        if again.status == 200 {
+            assert_eq!(again.next().event, "snapshot");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the left stream's turn never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent's resident memory (the real binary's, from /proc).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn a_reader_that_stops_reading_is_ended_as_slow_and_sigterm_ends_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("scrape-tokens");
+    std::fs::write(&tokens, format!("{SCRAPE_TOKEN}\n")).unwrap();
+    let config = write_process_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + &format!("[upstream]\nscrape_tokens_file = {tokens:?}\n");
+    std::fs::write(&config, text).unwrap();
+    let mut agent = Process::start(&config);
+    let auth = format!("Bearer {SCRAPE_TOKEN}");
+    let mut stalled = Sse::open(agent.api, SCRAPE, &[("Authorization", &auth)]);
+    let mut reading = Sse::open(agent.api, SCRAPE, &[("Authorization", &auth)]);
+    assert_eq!((stalled.status, reading.status), (200, 200));
+    // The stalled client never reads again; the kernel buffers fill, then its stream
+    // holds what the agent queues for it, up to its bound.
+    let before = rss_bytes(agent.child.id());
+    let mut posted = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut highest = before;
+    loop {
+        let body = named_snapshot(&format!("slow{}", posted % 2), 2000);
+        let reply = post(agent.feed, "/", &[], &body);
+        assert_eq!(reply.status, 200);
+        posted += 1;
+        // The reading client keeps up.
+        while reading
+            .next_within(Duration::from_secs(10))
+            .is_some_and(|e| e.event != "changes")
+        {}
+        highest = highest.max(rss_bytes(agent.child.id()));
+        let metrics = request(agent.api, "GET", "/metrics", &[]).text();
+        let slow = metric(
+            &metrics,
+            "active_calls_agent_streams_ended_total{reason=\"slow\"}",
+        );
+        if slow == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled stream was not ended as slow"
+        );
+    }
+    // Each post changed 2,000 rows (~600 KB to send) for each stream: the stalled one was
+    // ended holding at most its bound, not everything posted meanwhile.
+    assert!(posted >= 3, "{posted} posts");
+    assert!(
+        highest < before + (64 << 20),
+        "RSS rose from {before} to {highest} over {posted} posts"
+    );
+    // The stalled client, reading at last, finds the end after what it had received.
+    let mut last = None;
+    while let Some(event) = stalled.next_within(Duration::from_secs(30)) {
+        last = Some(event);
+    }
+    let last = last.expect("the end event");
+    assert_eq!((last.event.as_str(), last.data.as_str()), ("end", "slow"));
+
+    // SIGTERM: the open stream gets its end before the agent exits.
+    agent.signal(libc::SIGTERM);
+    let mut last = None;
+    while let Some(event) = reading.next_within(Duration::from_secs(20)) {
+        last = Some(event);
+    }
+    let last = last.expect("the end event");
+    assert_eq!(
+        (last.event.as_str(), last.data.as_str()),
+        ("end", "stopping")
+    );
+    assert!(agent.wait_exit(Duration::from_secs(20)).success());
+}
