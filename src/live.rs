@@ -164,12 +164,14 @@ struct Sent {
     hash: u64,
 }
 
-/// The differences one read found, as the `changes` event's JSON parts.
+/// The differences one read found, as the `changes` event's JSON parts, and what the
+/// stream will have sent once it sends them.
 #[derive(Debug, Default)]
 pub struct Delta {
     added: Vec<u8>,
     changed: Vec<u8>,
     removed: Vec<CallId>,
+    updates: Vec<(CallId, Option<Sent>)>,
 }
 
 impl Delta {
@@ -230,7 +232,7 @@ impl View {
     }
 
     /// The first event's data: every row the selection shows at `now_ms`, in the
-    /// endpoint's order, as `{"data":[…],"rows":N}`.
+    /// endpoint's order, as `{"data":[…],"rows":N}`; from then on they count as sent.
     pub fn snapshot(&mut self, readers: &Readers, now_ms: i64) -> rusqlite::Result<Vec<u8>> {
         self.sent.clear();
         let delta = self.read(readers, now_ms, &Scope::everything())?;
@@ -238,12 +240,24 @@ impl View {
         let mut out = Vec::with_capacity(delta.added.len() + 32);
         out.extend_from_slice(b"{\"data\":[");
         out.extend_from_slice(&delta.added);
-        out.extend_from_slice(format!("],\"rows\":{}}}", self.sent.len()).as_bytes());
+        out.extend_from_slice(format!("],\"rows\":{}}}", delta.updates.len()).as_bytes());
+        self.accept(delta);
         Ok(out)
     }
 
+    /// Counts what `delta` says as sent: the caller has sent it.
+    pub fn accept(&mut self, delta: Delta) {
+        for (id, sent) in delta.updates {
+            match sent {
+                Some(sent) => self.sent.insert(id, sent),
+                None => self.sent.remove(&id),
+            };
+        }
+    }
+
     /// Reads what `scope` may have changed among the calls this stream selects, and
-    /// returns how that differs from what it has sent (now counted as sent).
+    /// returns how that differs from what it has sent. Nothing counts as sent until the
+    /// caller [`accept`](Self::accept)s it: a stream that cannot send it now reads again.
     pub fn read(
         &mut self,
         readers: &Readers,
@@ -254,11 +268,7 @@ impl View {
         // account changed); each call is read where it is, by its key.
         let mut candidates: HashSet<CallId> = HashSet::new();
         let mut calls = Vec::new();
-        for call in scope
-            .calls
-            .iter()
-            .filter(|c| !scope.nodes.contains(&c.node_id))
-        {
+        for call in (scope.calls.iter()).filter(|c| !scope.nodes.contains(&c.node_id)) {
             let id = (self.ids.as_ref()).map(|ids| ids.id(call.node_id, call.local_tag.as_bytes()));
             let was_sent = id.is_some_and(|id| self.sent.contains_key(&id));
             if was_sent || self.account.is_none_or(|a| a == call.account) {
@@ -285,7 +295,7 @@ impl View {
         let had_key = self.ids.as_ref().map(|ids| ids.key.clone());
         let mut delta = Delta::default();
         let mut seen: HashSet<CallId> = HashSet::new();
-        let (ids, sent) = (&mut self.ids, &mut self.sent);
+        let (ids, sent) = (&mut self.ids, &self.sent);
         let key = readers.stream_rows(&self.selection, now_ms, &parts, |row: StreamRow<'_>| {
             let ids = match ids {
                 Some(ids) if ids.key == row.key => ids,
@@ -296,17 +306,13 @@ impl View {
                 return;
             }
             let hash = xxhash_rust::xxh3::xxh3_64(row.json);
-            let out = match sent.insert(
-                id,
-                Sent {
-                    node_id: row.node_id,
-                    hash,
-                },
-            ) {
+            let out = match sent.get(&id) {
                 None => &mut delta.added,
                 Some(before) if before.hash != hash => &mut delta.changed,
                 Some(_) => return,
             };
+            let node_id = row.node_id;
+            delta.updates.push((id, Some(Sent { node_id, hash })));
             if !out.is_empty() {
                 out.push(b',');
             }
@@ -321,8 +327,9 @@ impl View {
             self.ids = Some(CallIds::new(&key));
         }
         for id in candidates {
-            if !seen.contains(&id) && self.sent.remove(&id).is_some() {
+            if !seen.contains(&id) {
                 delta.removed.push(id);
+                delta.updates.push((id, None));
             }
         }
         Ok(delta)

@@ -108,6 +108,24 @@ impl Answers {
         (self.budget.clone(), self.scrape_share.clone(), self.units)
     }
 
+    /// The share of the budget a stream's event of `bytes` holds until it is written
+    /// (`None`: it is small enough to be free of it), or [`Failed::Busy`] when the
+    /// budget has no room for it now. An event larger than the whole budget takes all.
+    pub fn hold(&self, bytes: usize) -> Result<Option<OwnedSemaphorePermit>, Failed> {
+        let need = bytes
+            .saturating_sub(FREE_BYTES)
+            .div_ceil(UNIT)
+            .min(self.units);
+        if need == 0 {
+            return Ok(None);
+        }
+        let need = u32::try_from(need).unwrap_or(u32::MAX);
+        match self.budget.clone().try_acquire_many_owned(need) {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => Err(Failed::Busy),
+        }
+    }
+
     /// The answer to `query`, shared with every request for the same thing of the same
     /// state of the store; built here (with `etag_of`) if none is in flight.
     pub async fn get(

@@ -11,8 +11,11 @@
 //! they are past [`MAX_UNSENT`] the stream reads nothing more; the changes meanwhile merge
 //! into one scope, read once the client has caught up. A client that stays behind for
 //! [`SLOW_AFTER`] is ended as `slow`: what was queued for it is dropped, and it gets the
-//! `end` event alone. So a stream holds at most [`MAX_UNSENT`] plus the event being
-//! queued, and its view (a few dozen bytes per call it shows).
+//! `end` event alone. An event past 64 KiB (the snapshot too) holds its bytes out of the
+//! customer answers' budget (`api.max_answer_bytes`) until it is written; when the budget
+//! has no room, the stream waits (its changes merge) and reads again, and a snapshot is
+//! answered 503. So all streams together hold at most that budget, plus [`MAX_UNSENT`]
+//! and 64 KiB each, plus their views (a few dozen bytes per call shown).
 //!
 //! It also ends, with `event: end` and a one-word reason, when its token expires
 //! (`expired`), when a directory reload or a SIGHUP takes away its access, account or
@@ -50,6 +53,8 @@ pub const MAX_UNSENT: usize = 256 * 1024;
 pub const SLOW_AFTER: Duration = Duration::from_secs(10);
 /// How often a stream whose client is behind looks whether it caught up.
 const BEHIND_POLL: Duration = Duration::from_millis(50);
+/// How long a stream whose event found no room in the budget waits to read again.
+const BUDGET_WAIT: Duration = Duration::from_millis(500);
 
 /// Whether a request asks for a stream: `Accept` names `text/event-stream`.
 pub fn wanted(headers: &HeaderMap) -> bool {
@@ -121,11 +126,7 @@ impl Holder {
 /// the `snapshot` event, the rest sent by a task of its own.
 pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Response<Body> {
     let Ok(permit) = state.streams.clone().try_acquire_owned() else {
-        state.metrics.streams.refused();
-        let mut busy = empty(StatusCode::SERVICE_UNAVAILABLE);
-        busy.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-        return busy;
+        return busy(state);
     };
     // Before the snapshot is read: a commit after it is in the feed.
     let changes = state.live.subscribe();
@@ -138,6 +139,9 @@ pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Resp
             tracing::error!(error = %e, "reading a live stream's snapshot failed");
             return empty(StatusCode::INTERNAL_SERVER_ERROR);
         }
+    };
+    let Ok(share) = state.answers.hold(data.len()) else {
+        return busy(state);
     };
     let (pieces, received) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared::default());
@@ -153,7 +157,7 @@ pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Resp
         _open: state.metrics.streams.opened(kind),
         _permit: permit,
     };
-    stream.send("snapshot", &data, false);
+    stream.send("snapshot", data, share, false);
     tokio::spawn(stream.run(changes));
     let body = SseBody { received, shared }.boxed();
     let mut response = Response::new(body);
@@ -167,6 +171,28 @@ pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Resp
     // A proxy (nginx) in front must pass each event on as it comes.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+/// 503 with `Retry-After`: no turn for another stream, or no room for its snapshot.
+fn busy(state: &ApiState) -> Response<Body> {
+    state.metrics.streams.refused();
+    let mut busy = empty(StatusCode::SERVICE_UNAVAILABLE);
+    busy.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    busy
+}
+
+/// An event's bytes and its share of the answers' budget, held until hyper has written
+/// them (a `Bytes` made from it lives until then).
+struct Held {
+    bytes: Vec<u8>,
+    _share: Option<OwnedSemaphorePermit>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// What a stream and its body share.
@@ -238,15 +264,22 @@ impl Stream {
         let mut pending = Scope::default();
         let mut oldest: Option<Instant> = None;
         let mut behind_since: Option<Instant> = None;
+        let mut starved_until: Option<Instant> = None;
         let reason = loop {
-            if !pending.is_empty() {
+            let starved = starved_until.is_some_and(|until| Instant::now() < until);
+            if !pending.is_empty() && !starved {
                 if self.shared.unsent.load(Ordering::Acquire) <= MAX_UNSENT {
                     behind_since = None;
-                    if let Err(e) = self.send_changes(&pending, oldest) {
-                        tracing::error!(error = %e, "reading a live stream's changes failed");
-                        break "error";
+                    match self.send_changes(&pending, oldest) {
+                        Ok(true) => {
+                            (pending, oldest, starved_until) = (Scope::default(), None, None)
+                        }
+                        Ok(false) => starved_until = Some(Instant::now() + BUDGET_WAIT),
+                        Err(e) => {
+                            tracing::error!(error = %e, "reading a live stream's changes failed");
+                            break "error";
+                        }
                     }
-                    (pending, oldest) = (Scope::default(), None);
                 } else if behind_since.get_or_insert_with(Instant::now).elapsed() >= SLOW_AFTER {
                     break "slow";
                 }
@@ -297,17 +330,29 @@ impl Stream {
     }
 
     /// Reads what `scope` changed for this stream, and sends it unless nothing did.
-    fn send_changes(&mut self, scope: &Scope, published: Option<Instant>) -> rusqlite::Result<()> {
+    /// `false`: the budget had no room for it (nothing was sent, nor counted as sent).
+    fn send_changes(
+        &mut self,
+        scope: &Scope,
+        published: Option<Instant>,
+    ) -> rusqlite::Result<bool> {
         let now_ms = unix_millis(SystemTime::now());
         let delta =
             tokio::task::block_in_place(|| self.view.read(&self.state.readers, now_ms, scope))?;
-        if !delta.is_empty() {
-            self.send("changes", &delta.json(), false);
-            if let Some(published) = published {
-                (self.state.metrics.streams).publish_to_send(published.elapsed());
-            }
+        if delta.is_empty() {
+            self.view.accept(delta);
+            return Ok(true);
         }
-        Ok(())
+        let json = delta.json();
+        let Ok(share) = self.state.answers.hold(json.len()) else {
+            return Ok(false);
+        };
+        self.view.accept(delta);
+        self.send("changes", json, share, false);
+        if let Some(published) = published {
+            (self.state.metrics.streams).publish_to_send(published.elapsed());
+        }
+        Ok(true)
     }
 
     /// Ends the stream with `event: end`; a slow client's queue is dropped first.
@@ -315,22 +360,35 @@ impl Stream {
         if reason == "slow" {
             self.shared.abandon.store(true, Ordering::Release);
         }
-        self.send("end", reason.as_bytes(), true);
+        self.send("end", reason.as_bytes().to_vec(), None, true);
         self.state.metrics.streams.ended(reason);
     }
 
-    /// Queues one event: `retry:` with the first, then `id:`, `event:` and `data:`.
-    fn send(&mut self, event: &'static str, data: &[u8], last: bool) {
-        let mut out = Vec::with_capacity(data.len() + 64);
-        if self.next_id == 1 {
-            out.extend_from_slice(format!("retry: {RETRY_MS}\n").as_bytes());
-        }
-        out.extend_from_slice(format!("id: {}\nevent: {event}\ndata: ", self.next_id).as_bytes());
-        out.extend_from_slice(data);
-        out.extend_from_slice(b"\n\n");
+    /// Queues one event (`retry:` with the first, then `id:`, `event:` and `data:`),
+    /// holding `share` of the budget until it is written.
+    fn send(
+        &mut self,
+        event: &'static str,
+        data: Vec<u8>,
+        share: Option<OwnedSemaphorePermit>,
+        last: bool,
+    ) {
+        let retry = if self.next_id == 1 {
+            format!("retry: {RETRY_MS}\n")
+        } else {
+            String::new()
+        };
+        let head = format!("{retry}id: {}\nevent: {event}\ndata: ", self.next_id);
+        let mut bytes = data;
+        bytes.splice(0..0, head.bytes());
+        bytes.extend_from_slice(b"\n\n");
         self.next_id += 1;
         self.state.metrics.streams.sent(event);
-        self.queue(Bytes::from(out), last);
+        let held = Held {
+            bytes,
+            _share: share,
+        };
+        self.queue(Bytes::from_owner(held), last);
     }
 
     fn queue(&mut self, bytes: Bytes, last: bool) {
