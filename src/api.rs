@@ -197,7 +197,8 @@ async fn authorized(
             account_id,
             expires: auth.expires,
         };
-        return stream::open(state, Selection::Customer(call_query), holder);
+        let socket = req.extensions().get();
+        return stream::open(state, socket, Selection::Customer(call_query), holder);
     }
     let answer = match state
         .answers

@@ -124,6 +124,32 @@ pub fn channel(
     .boxed()
 }
 
+/// The socket of the connection a request came on (in the request's extensions), for
+/// an answer that must tune it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionSocket(std::os::fd::RawFd);
+
+impl ConnectionSocket {
+    /// Caps what the kernel buffers for the client at about `bytes` (`SO_SNDBUF`): a
+    /// long-lived answer then counts what its client has not taken in its own memory,
+    /// where it is bounded and seen, not in the kernel's (up to 4 MB a socket).
+    pub fn limit_send_buffer(self, bytes: usize) {
+        let size = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: setsockopt reads `size` (a live c_int, its length given) and changes an
+        // option of the socket; it touches no other memory. The descriptor is the
+        // connection's, open while hyper runs the service that has this request.
+        unsafe {
+            libc::setsockopt(
+                self.0,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
 /// Binds a listener (port 0 picks a free port).
 pub async fn bind(listen: &str, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
     use anyhow::Context;
@@ -182,6 +208,7 @@ pub async fn serve<H, F>(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let socket = ConnectionSocket(std::os::fd::AsRawFd::as_raw_fd(&stream));
         let handler = handler.clone();
         let settings = settings.clone();
         let mut shutdown = shutdown.clone();
@@ -191,7 +218,8 @@ pub async fn serve<H, F>(
         tokio::spawn(async move {
             let activity = slot.entry.activity.clone();
             let mut watched = activity.subscribe();
-            let service = service_fn(move |req| {
+            let service = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(socket);
                 activity.send_modify(|a| {
                     a.begun += 1;
                     a.busy = true;

@@ -18,17 +18,17 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 
 use crate::store::{ChangedCall, Readers, Selection, StreamRow, Within};
 
-/// Commits the feed holds for a stream that has not looked yet; one that falls further
+/// Changes a stream's inbox holds that it has not looked at yet; one that falls further
 /// behind reads everything again (which it can: scopes only say where to look).
 pub const FEED_CAPACITY: usize = 1024;
 /// Calls a merged scope names one by one at most; past it, it names their nodes instead.
@@ -84,38 +84,156 @@ pub struct Change {
 }
 
 /// The change feed: the writer publishes, every stream subscribes. Cheap to clone.
-#[derive(Clone)]
+///
+/// A change goes only to the streams it may concern: a snapshot's or an expiry's nodes
+/// concern every stream, an event's call only the streams of its account (events never
+/// move a call to another account) and the node's. So a thousand customers' streams cost
+/// an event one lookup and a wake-up or two, not a thousand wake-ups.
+#[derive(Clone, Default)]
 pub struct Feed {
-    sender: broadcast::Sender<Arc<Change>>,
+    subscribers: Arc<Mutex<Subscribers>>,
     seq: Arc<AtomicU64>,
 }
 
-impl Default for Feed {
-    fn default() -> Self {
-        Feed {
-            sender: broadcast::channel(FEED_CAPACITY).0,
-            seq: Arc::default(),
+#[derive(Default)]
+struct Subscribers {
+    next: u64,
+    /// Customer streams, by account.
+    by_account: HashMap<i64, Vec<Inbox>>,
+    /// Streams of every call (the node's).
+    every: Vec<Inbox>,
+}
+
+/// Where one subscriber's changes wait.
+#[derive(Clone)]
+struct Inbox {
+    id: u64,
+    changes: mpsc::Sender<Arc<Change>>,
+    /// Set when a change found the inbox full (it was dropped): the subscriber then reads
+    /// everything again.
+    lagged: Arc<AtomicBool>,
+}
+
+impl Inbox {
+    fn put(&self, change: &Arc<Change>) {
+        if self.changes.try_send(change.clone()).is_err() {
+            self.lagged.store(true, Ordering::Release);
         }
     }
 }
 
+/// One stream's end of the feed; leaving it unsubscribes.
+pub struct Subscription {
+    id: u64,
+    account: Option<i64>,
+    changes: mpsc::Receiver<Arc<Change>>,
+    lagged: Arc<AtomicBool>,
+    subscribers: Arc<Mutex<Subscribers>>,
+}
+
+impl Subscription {
+    /// The next change (`None`: the feed is gone). A subscriber that fell behind gets a
+    /// change of everything instead of those it missed.
+    pub async fn recv(&mut self) -> Option<Arc<Change>> {
+        if self.lagged.swap(false, Ordering::AcqRel) {
+            return Some(Arc::new(Change {
+                seq: 0,
+                published: Instant::now(),
+                scope: Scope::everything(),
+            }));
+        }
+        self.changes.recv().await
+    }
+
+    /// A change already waiting, if any.
+    pub fn try_recv(&mut self) -> Option<Arc<Change>> {
+        self.changes.try_recv().ok()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut subscribers = lock(&self.subscribers);
+        let list = match self.account {
+            Some(account) => subscribers.by_account.entry(account).or_default(),
+            None => &mut subscribers.every,
+        };
+        list.retain(|inbox| inbox.id != self.id);
+        if let Some(account) = self.account
+            && subscribers
+                .by_account
+                .get(&account)
+                .is_some_and(Vec::is_empty)
+        {
+            subscribers.by_account.remove(&account);
+        }
+    }
+}
+
+fn lock(subscribers: &Mutex<Subscribers>) -> std::sync::MutexGuard<'_, Subscribers> {
+    subscribers.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Feed {
-    /// Publishes a committed scope (nothing when it is empty or nobody listens). Never
-    /// waits: the writer calls it.
+    /// Publishes a committed scope to the streams it may concern. Never waits: the
+    /// writer calls it.
     pub fn publish(&self, scope: Scope) {
-        if scope.is_empty() || self.sender.receiver_count() == 0 {
+        if scope.is_empty() {
             return;
         }
-        let change = Change {
+        let subscribers = lock(&self.subscribers);
+        if subscribers.every.is_empty() && subscribers.by_account.is_empty() {
+            return;
+        }
+        let change = Arc::new(Change {
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             published: Instant::now(),
             scope,
-        };
-        let _ = self.sender.send(Arc::new(change));
+        });
+        for inbox in &subscribers.every {
+            inbox.put(&change);
+        }
+        if change.scope.everything || !change.scope.nodes.is_empty() {
+            for inbox in subscribers.by_account.values().flatten() {
+                inbox.put(&change);
+            }
+            return;
+        }
+        let accounts: BTreeSet<i64> = change.scope.calls.iter().map(|c| c.account).collect();
+        for account in accounts {
+            for inbox in subscribers.by_account.get(&account).into_iter().flatten() {
+                inbox.put(&change);
+            }
+        }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
-        self.sender.subscribe()
+    /// Subscribes a stream of `account`'s calls (`None`: of every call).
+    pub fn subscribe(&self, account: Option<i64>) -> Subscription {
+        let (sender, changes) = mpsc::channel(FEED_CAPACITY);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let mut subscribers = lock(&self.subscribers);
+        subscribers.next += 1;
+        let id = subscribers.next;
+        let inbox = Inbox {
+            id,
+            changes: sender,
+            lagged: lagged.clone(),
+        };
+        match account {
+            Some(account) => subscribers
+                .by_account
+                .entry(account)
+                .or_default()
+                .push(inbox),
+            None => subscribers.every.push(inbox),
+        }
+        Subscription {
+            id,
+            account,
+            changes,
+            lagged,
+            subscribers: self.subscribers.clone(),
+        }
     }
 }
 
@@ -222,6 +340,11 @@ impl View {
         }
     }
 
+    /// The account this stream shows (`None`: every call of the node).
+    pub fn account(&self) -> Option<i64> {
+        self.account
+    }
+
     /// Calls sent and still shown.
     pub fn len(&self) -> usize {
         self.sent.len()
@@ -264,17 +387,18 @@ impl View {
         now_ms: i64,
         scope: &Scope,
     ) -> rusqlite::Result<Delta> {
-        // A call of another account matters only when this stream has sent it (its
-        // account changed); each call is read where it is, by its key.
+        // Each call of this stream's account is read where it is, by its key (an event
+        // never moves a call to another account: a snapshot does, and its node is read).
         let mut candidates: HashSet<CallId> = HashSet::new();
         let mut calls = Vec::new();
-        for call in (scope.calls.iter()).filter(|c| !scope.nodes.contains(&c.node_id)) {
+        let mine = |c: &&ChangedCall| self.account.is_none_or(|a| a == c.account);
+        for call in (scope.calls.iter())
+            .filter(|c| !scope.nodes.contains(&c.node_id))
+            .filter(mine)
+        {
             let id = (self.ids.as_ref()).map(|ids| ids.id(call.node_id, call.local_tag.as_bytes()));
-            let was_sent = id.is_some_and(|id| self.sent.contains_key(&id));
-            if was_sent || self.account.is_none_or(|a| a == call.account) {
-                candidates.extend(id.filter(|_| was_sent));
-                calls.push(Within::Call(call.node_id, &call.local_tag));
-            }
+            candidates.extend(id.filter(|id| self.sent.contains_key(id)));
+            calls.push(Within::Call(call.node_id, &call.local_tag));
         }
         let parts: Vec<Within<'_>> = if scope.everything {
             candidates.extend(self.sent.keys().copied());

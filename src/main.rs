@@ -80,6 +80,10 @@ enum Command {
         /// minute's CPU with a 60 s period and events against a 5 s one without.
         #[arg(long, conflicts_with = "hostile")]
         events: bool,
+        /// Only the live streams' figures (issue 21): an event's latency to 100 streams,
+        /// RSS and CPU with 1,000, a period's reach, and 50 streams that never read.
+        #[arg(long, conflicts_with_all = ["hostile", "events"])]
+        streams: bool,
     },
     /// A bounded soak: mixed queries while snapshots arrive every second; fails on any
     /// 5xx, torn answer or memory growth (see RELIABILITY.md).
@@ -209,6 +213,7 @@ fn run() -> anyhow::Result<ExitCode> {
             dump,
             hostile,
             events,
+            streams,
         } => active_calls_agent::bench::run(active_calls_agent::bench::BenchOptions {
             calls,
             small_calls,
@@ -218,6 +223,7 @@ fn run() -> anyhow::Result<ExitCode> {
             dump,
             hostile,
             events,
+            streams,
         })?,
         Command::Soak {
             seconds,

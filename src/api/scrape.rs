@@ -133,7 +133,8 @@ pub async fn active_calls(state: &Arc<ApiState>, req: &Request<Incoming>) -> Res
         let holder = super::stream::Holder::Node {
             headers: req.headers().clone(),
         };
-        return super::stream::open(state, Selection::Node, holder);
+        let socket = req.extensions().get();
+        return super::stream::open(state, socket, Selection::Node, holder);
     }
     let gzip = accepts_gzip(req.headers());
     let now_ms = unix_millis(SystemTime::now());

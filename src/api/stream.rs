@@ -7,11 +7,11 @@
 //! it selects it reads the store there, through its [`View`], and sends the difference as
 //! `changes` (nothing when nothing it selects changed).
 //!
-//! What a stream may hold is bounded: its client's unread bytes are counted, and while
-//! they are past [`MAX_UNSENT`] the stream reads nothing more; the changes meanwhile merge
-//! into one scope, read once the client has caught up. A client that stays behind for
-//! [`SLOW_AFTER`] is ended as `slow`: what was queued for it is dropped, and it gets the
-//! `end` event alone. An event past 64 KiB (the snapshot too) holds its bytes out of the
+//! What a stream may hold is bounded: the bytes its socket has not taken (queued here, or
+//! held by hyper) are counted, and while they are past [`MAX_UNSENT`] the stream reads
+//! nothing more; the changes meanwhile merge into one scope, read once the client has
+//! caught up. A client that has not taken an event [`SLOW_AFTER`] after it was queued is
+//! ended as `slow`: what was queued for it is dropped, and it gets the `end` event alone. An event past 64 KiB (the snapshot too) holds its bytes out of the
 //! customer answers' budget (`api.max_answer_bytes`) until it is written; when the budget
 //! has no room, the stream waits (its changes merge) and reads again, and a snapshot is
 //! answered 503. So all streams together hold at most that budget, plus [`MAX_UNSENT`]
@@ -22,9 +22,10 @@
 //! scrape token (`revoked`), when the agent stops (`stopping`), and when the store cannot
 //! be read (`error`).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,12 +33,12 @@ use http_body_util::BodyExt;
 use hyper::body::{Bytes, Frame};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Response, StatusCode};
-use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::{ApiState, params};
 use crate::clock::unix_millis;
-use crate::http::{Body, empty};
-use crate::live::{Change, Scope, View};
+use crate::http::{Body, ConnectionSocket, empty};
+use crate::live::{Scope, Subscription, View};
 use crate::metrics::OpenStream;
 use crate::store::Selection;
 
@@ -48,11 +49,14 @@ pub const RETRY_MS: u64 = 2000;
 /// Bytes a stream's client may leave unread before the stream stops reading changes for
 /// it (they merge meanwhile).
 pub const MAX_UNSENT: usize = 256 * 1024;
-/// How long a client may stay past [`MAX_UNSENT`], with changes waiting, before its stream
-/// is ended as `slow`.
+/// How long an event may wait for its client to take it before the stream is ended as
+/// `slow` (below the connection's write timeout, so that `slow` is what the client hears).
 pub const SLOW_AFTER: Duration = Duration::from_secs(10);
 /// How often a stream whose client is behind looks whether it caught up.
 const BEHIND_POLL: Duration = Duration::from_millis(50);
+/// What the kernel buffers for a stream's client (`SO_SNDBUF`; Linux doubles it): past
+/// it, what the client has not taken is counted as unsent.
+const SEND_BUFFER: usize = 64 * 1024;
 /// How long a stream whose event found no room in the budget waits to read again.
 const BUDGET_WAIT: Duration = Duration::from_millis(500);
 
@@ -124,13 +128,18 @@ impl Holder {
 
 /// Opens a stream of `selection` for `holder`: 503 past `api.max_streams`, else 200 with
 /// the `snapshot` event, the rest sent by a task of its own.
-pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Response<Body> {
+pub fn open(
+    state: &Arc<ApiState>,
+    socket: Option<&ConnectionSocket>,
+    selection: Selection,
+    holder: Holder,
+) -> Response<Body> {
     let Ok(permit) = state.streams.clone().try_acquire_owned() else {
         return busy(state);
     };
-    // Before the snapshot is read: a commit after it is in the feed.
-    let changes = state.live.subscribe();
     let mut view = View::new(selection);
+    // Before the snapshot is read: a commit after it is in the feed.
+    let changes = state.live.subscribe(view.account());
     let now_ms = unix_millis(SystemTime::now());
     let snapshot = tokio::task::block_in_place(|| view.snapshot(&state.readers, now_ms));
     let data = match snapshot {
@@ -143,6 +152,9 @@ pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Resp
     let Ok(share) = state.answers.hold(data.len()) else {
         return busy(state);
     };
+    if let Some(socket) = socket {
+        socket.limit_send_buffer(SEND_BUFFER);
+    }
     let (pieces, received) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared::default());
     let kind = holder.kind();
@@ -154,6 +166,8 @@ pub fn open(state: &Arc<ApiState>, selection: Selection, holder: Holder) -> Resp
         shared: shared.clone(),
         next_id: 1,
         last_sent: Instant::now(),
+        queued: 0,
+        queued_at: VecDeque::new(),
         _open: state.metrics.streams.opened(kind),
         _permit: permit,
     };
@@ -183,10 +197,18 @@ fn busy(state: &ApiState) -> Response<Body> {
 }
 
 /// An event's bytes and its share of the answers' budget, held until hyper has written
-/// them (a `Bytes` made from it lives until then).
+/// them (a `Bytes` made from it lives until then): only then are they no longer unsent.
 struct Held {
     bytes: Vec<u8>,
     _share: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        (self.shared.unsent).fetch_sub(self.bytes.len(), Ordering::AcqRel);
+        self.shared.written.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl AsRef<[u8]> for Held {
@@ -198,8 +220,10 @@ impl AsRef<[u8]> for Held {
 /// What a stream and its body share.
 #[derive(Default)]
 struct Shared {
-    /// Bytes queued and not yet taken by the connection.
+    /// Bytes queued and not yet written to the connection's socket.
     unsent: AtomicUsize,
+    /// Pieces written (or dropped), of those queued.
+    written: AtomicU64,
     /// The stream ended as slow: what is queued is dropped, but its `end`.
     abandon: AtomicBool,
 }
@@ -228,9 +252,6 @@ impl hyper::body::Body for SseBody {
             let Some(piece) = std::task::ready!(self.received.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
-            self.shared
-                .unsent
-                .fetch_sub(piece.bytes.len(), Ordering::AcqRel);
             if piece.last || !self.shared.abandon.load(Ordering::Acquire) {
                 return Poll::Ready(Some(Ok(Frame::data(piece.bytes))));
             }
@@ -247,12 +268,15 @@ struct Stream {
     shared: Arc<Shared>,
     next_id: u64,
     last_sent: Instant,
+    /// Pieces queued, and when each not yet written was.
+    queued: u64,
+    queued_at: VecDeque<Instant>,
     _open: OpenStream,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Stream {
-    async fn run(mut self, mut changes: broadcast::Receiver<Arc<Change>>) {
+    async fn run(mut self, mut changes: Subscription) {
         let mut reloads = self.state.reloads.clone();
         reloads.borrow_and_update();
         let mut stopping = self.state.stopping.clone();
@@ -263,25 +287,23 @@ impl Stream {
         // Changes not yet read, since the publication of the oldest of them.
         let mut pending = Scope::default();
         let mut oldest: Option<Instant> = None;
-        let mut behind_since: Option<Instant> = None;
         let mut starved_until: Option<Instant> = None;
         let reason = loop {
+            // A client that has not taken an event queued SLOW_AFTER ago is not keeping up.
+            let unwritten = self.oldest_unwritten();
+            if unwritten.is_some_and(|at| at.elapsed() >= SLOW_AFTER) {
+                break "slow";
+            }
             let starved = starved_until.is_some_and(|until| Instant::now() < until);
-            if !pending.is_empty() && !starved {
-                if self.shared.unsent.load(Ordering::Acquire) <= MAX_UNSENT {
-                    behind_since = None;
-                    match self.send_changes(&pending, oldest) {
-                        Ok(true) => {
-                            (pending, oldest, starved_until) = (Scope::default(), None, None)
-                        }
-                        Ok(false) => starved_until = Some(Instant::now() + BUDGET_WAIT),
-                        Err(e) => {
-                            tracing::error!(error = %e, "reading a live stream's changes failed");
-                            break "error";
-                        }
+            let room = self.shared.unsent.load(Ordering::Acquire) <= MAX_UNSENT;
+            if !pending.is_empty() && room && !starved {
+                match self.send_changes(&pending, oldest) {
+                    Ok(true) => (pending, oldest, starved_until) = (Scope::default(), None, None),
+                    Ok(false) => starved_until = Some(Instant::now() + BUDGET_WAIT),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading a live stream's changes failed");
+                        break "error";
                     }
-                } else if behind_since.get_or_insert_with(Instant::now).elapsed() >= SLOW_AFTER {
-                    break "slow";
                 }
             }
             let heartbeat = tokio::time::sleep_until((self.last_sent + HEARTBEAT).into());
@@ -291,11 +313,13 @@ impl Stream {
                     None => std::future::pending().await,
                 }
             };
-            let behind = async {
-                if pending.is_empty() {
-                    std::future::pending().await
-                } else {
-                    tokio::time::sleep(BEHIND_POLL).await
+            // Changes wait: for room (the client reads) or for the budget.
+            let unwritten = self.oldest_unwritten();
+            let look_again = async {
+                match (pending.is_empty(), unwritten) {
+                    (false, _) => tokio::time::sleep(BEHIND_POLL).await,
+                    (true, Some(at)) => tokio::time::sleep_until((at + SLOW_AFTER).into()).await,
+                    (true, None) => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -307,23 +331,21 @@ impl Stream {
                     }
                 }
                 change = changes.recv() => match change {
-                    Ok(change) => {
+                    Some(change) => {
                         oldest.get_or_insert(change.published);
                         pending.merge(&change.scope);
-                        while let Ok(more) = changes.try_recv() {
+                        while let Some(more) = changes.try_recv() {
                             pending.merge(&more.scope);
                         }
                     }
-                    // Fallen behind the feed itself: everything is read again.
-                    Err(broadcast::error::RecvError::Lagged(_)) => pending = Scope::everything(),
-                    Err(broadcast::error::RecvError::Closed) => break "stopping",
+                    None => break "stopping",
                 },
                 _ = self.pieces.closed() => {
                     self.state.metrics.streams.ended("client");
                     return;
                 }
-                _ = heartbeat => self.queue(Bytes::from_static(b":\n\n"), false),
-                _ = behind => {}
+                _ = heartbeat => self.queue(b":\n\n".to_vec(), None, false),
+                _ = look_again => {}
             }
         };
         self.end(reason);
@@ -384,15 +406,29 @@ impl Stream {
         bytes.extend_from_slice(b"\n\n");
         self.next_id += 1;
         self.state.metrics.streams.sent(event);
-        let held = Held {
-            bytes,
-            _share: share,
-        };
-        self.queue(Bytes::from_owner(held), last);
+        self.queue(bytes, share, last);
     }
 
-    fn queue(&mut self, bytes: Bytes, last: bool) {
-        self.shared.unsent.fetch_add(bytes.len(), Ordering::AcqRel);
+    /// When the oldest piece the socket has not taken yet was queued.
+    fn oldest_unwritten(&mut self) -> Option<Instant> {
+        let written = self.shared.written.load(Ordering::Acquire);
+        // Pieces are written in the order they were queued.
+        while self.queued - (self.queued_at.len() as u64) < written {
+            self.queued_at.pop_front();
+        }
+        self.queued_at.front().copied()
+    }
+
+    /// Queues bytes, unsent until written (holding `share` of the budget until then).
+    fn queue(&mut self, bytes: Vec<u8>, share: Option<OwnedSemaphorePermit>, last: bool) {
+        (self.shared.unsent).fetch_add(bytes.len(), Ordering::AcqRel);
+        self.queued += 1;
+        self.queued_at.push_back(Instant::now());
+        let bytes = Bytes::from_owner(Held {
+            bytes,
+            _share: share,
+            shared: self.shared.clone(),
+        });
         self.last_sent = Instant::now();
         // A client gone: the task sees the channel closed at its next turn.
         let _ = self.pieces.send(Piece { bytes, last });

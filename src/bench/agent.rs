@@ -31,6 +31,15 @@ impl AgentProcess {
 
     /// [`start`](Self::start) with more `[upstream]` keys.
     pub(crate) fn start_with(dir: &Path, upstream: &str) -> anyhow::Result<AgentProcess> {
+        Self::start_configured(dir, "", upstream)
+    }
+
+    /// [`start`](Self::start) with more `[api]` and `[upstream]` keys.
+    pub(crate) fn start_configured(
+        dir: &Path,
+        api: &str,
+        upstream: &str,
+    ) -> anyhow::Result<AgentProcess> {
         std::fs::create_dir_all(dir)?;
         let snapshot_file = dir.join("snapshot.jsonl");
         let config = dir.join("config.toml");
@@ -39,7 +48,7 @@ impl AgentProcess {
         std::fs::write(
             &config,
             format!(
-                "[api]\nlisten = \"127.0.0.1:0\"\njwt_secret = \"{SECRET}\"\n[store]\npath = {:?}\n\
+                "[api]\nlisten = \"127.0.0.1:0\"\njwt_secret = \"{SECRET}\"\n{api}[store]\npath = {:?}\n\
                  [feed]\nwatch = {:?}\nlisten = \"127.0.0.1:0\"\nstale_after = 0\n\
                  [directory]\npath = {:?}\n[upstream]\nscrape_tokens_file = {:?}\n{upstream}\n",
                 dir.join("active-calls.db"),

@@ -21,6 +21,7 @@ use anyhow::bail;
 mod agent;
 mod events;
 mod hostile;
+mod streams;
 
 use crate::client::{Conn, post_snapshot};
 pub(crate) use agent::{AgentProcess, rss_mb};
@@ -55,6 +56,9 @@ pub struct BenchOptions {
     /// Only the call events' figures (issue 19): answers, visibility, the sustained rate,
     /// and the CPU of a long period with events against a short one without.
     pub events: bool,
+    /// Only the live streams' figures (issue 21): latency, memory and CPU with 100 and
+    /// 1,000 streams, a period's reach, and streams whose clients never read.
+    pub streams: bool,
 }
 
 pub(crate) const SECRET: &str = "bench-secret";
@@ -375,6 +379,12 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
     if options.events {
         events::run(&[options.small_calls, options.calls], &base, &mut add)?;
         events::cpu_per_minute(options.small_calls, &base, &mut add)?;
+        let _ = std::fs::remove_dir_all(&base);
+        print_rows(rows);
+        return Ok(());
+    }
+    if options.streams {
+        streams::run(&[options.small_calls, options.calls], &base, &mut add)?;
         let _ = std::fs::remove_dir_all(&base);
         print_rows(rows);
         return Ok(());

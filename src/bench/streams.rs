@@ -1,0 +1,469 @@
+//! Issue 21's figures (`bench --streams`): live streams on a node of 10k and of 100k
+//! calls, SEMS's bytes, events posted as the simulated switch posts them (its own bodies,
+//! at the instants they carry).
+//!
+//! - an event posted until every stream of its account has the `changes` it makes, with
+//!   100 streams open (the client's clock: an upper bound of publish-to-receive, which
+//!   the agent's own `stream_publish_to_send` histogram gives from the other side);
+//! - the agent's RSS with 1,000 streams open, against the same agent before them;
+//! - the agent's CPU for the same ten seconds of events with no stream, 100 and 1,000;
+//! - a period's snapshot of the node: from its commit (the POST's answer) until every
+//!   stream has its `changes`;
+//! - 50 streams (of 50 accounts) whose clients never read, while periods go on: the
+//!   agent's peak RSS over the same agent before them, and when the last was ended as slow.
+//!
+//! The streams' clients run on one thread of their own (tokio), beside the agent on the
+//! same two cores.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::agent::AgentProcess;
+use super::{ENDPOINT, PERIOD, p50_p99, sleep_until, small_buffer_connection};
+use crate::client::{EventPoster, post_snapshot};
+use crate::clock::unix_now;
+use crate::sems::{ACCOUNTS, BIG_ACCOUNT, CallEvent, Switch, customer_of, uuid_of};
+
+/// How long each run of events lasts.
+const EVENTS_FOR: Duration = Duration::from_secs(10);
+/// The share of a node's calls that end in a minute (as `bench --events`).
+const ENDED_PER_MINUTE: f64 = 0.36;
+/// The agent's settings for this: room for the streams, and their connections.
+const API: &str = "max_streams = 2000\nmax_connections = 4096\n";
+
+/// A `changes` event, or the `snapshot`, as a client received it.
+struct Seen {
+    stream: usize,
+    at: Instant,
+    changes: bool,
+}
+
+/// Streams followed by a client thread until dropped.
+struct Clients {
+    runtime: Option<tokio::runtime::Runtime>,
+    seen: mpsc::Receiver<Seen>,
+    sender: mpsc::Sender<Seen>,
+    /// Each stream's account (`None`: the node's).
+    accounts: Vec<Option<i64>>,
+}
+
+impl Clients {
+    fn new() -> anyhow::Result<Clients> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let (sender, seen) = mpsc::channel();
+        Ok(Clients {
+            runtime: Some(runtime),
+            seen,
+            sender,
+            accounts: Vec::new(),
+        })
+    }
+
+    /// Opens a stream of `account`'s calls, and waits for its snapshot.
+    fn open(
+        &mut self,
+        api: SocketAddr,
+        account: i64,
+        tokens: &HashMap<i64, String>,
+    ) -> anyhow::Result<()> {
+        let target = format!("{ENDPOINT}?account-id={}", uuid_of(account));
+        let token = tokens[&customer_of(account)].clone();
+        let stream = self.accounts.len();
+        self.accounts.push(Some(account));
+        let sender = self.sender.clone();
+        let runtime = self.runtime.as_ref().context("clients stopped")?;
+        runtime.spawn(async move {
+            if let Err(e) = follow(api, &target, &token, stream, sender).await {
+                eprintln!("stream {stream}: {e:#}");
+            }
+        });
+        // Its snapshot, before the next is opened.
+        loop {
+            let seen = self
+                .seen
+                .recv_timeout(Duration::from_secs(30))
+                .context("a stream's snapshot")?;
+            if seen.stream == stream {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Drops what was seen so far.
+    fn drain(&self) {
+        while self.seen.try_recv().is_ok() {}
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Reads one stream, telling `seen` of each event as it arrives.
+async fn follow(
+    api: SocketAddr,
+    target: &str,
+    token: &str,
+    stream: usize,
+    seen: mpsc::Sender<Seen>,
+) -> anyhow::Result<()> {
+    let mut socket = tokio::net::TcpStream::connect(api).await?;
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {api}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    socket.write_all(request.as_bytes()).await?;
+    let mut events = EventText::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let at = Instant::now();
+        for name in events.feed(&buf[..n])? {
+            let changes = name == "changes";
+            if changes || name == "snapshot" {
+                let _ = seen.send(Seen {
+                    stream,
+                    at,
+                    changes,
+                });
+            }
+        }
+    }
+}
+
+/// A stream's bytes as they come: the head, then the chunked body, then the events.
+#[derive(Default)]
+struct EventText {
+    head_done: bool,
+    raw: Vec<u8>,
+    text: Vec<u8>,
+    /// Where in `text` to look for the next event's end.
+    scanned: usize,
+}
+
+impl EventText {
+    /// The names of the events `bytes` completed.
+    fn feed(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<String>> {
+        self.raw.extend_from_slice(bytes);
+        if !self.head_done {
+            let Some(end) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return Ok(Vec::new());
+            };
+            if !self.raw.starts_with(b"HTTP/1.1 200") {
+                bail!("{}", String::from_utf8_lossy(&self.raw[..end]));
+            }
+            self.raw.drain(..end + 4);
+            self.head_done = true;
+        }
+        // Whole chunks into the text.
+        let mut used = 0;
+        while let Some(line) = self.raw[used..].windows(2).position(|w| w == b"\r\n") {
+            let size_text = std::str::from_utf8(&self.raw[used..used + line])?;
+            let size = usize::from_str_radix(size_text.trim(), 16)?;
+            let start = used + line + 2;
+            if self.raw.len() < start + size + 2 {
+                break;
+            }
+            self.text.extend_from_slice(&self.raw[start..start + size]);
+            used = start + size + 2;
+        }
+        self.raw.drain(..used);
+        let mut names = Vec::new();
+        while let Some(end) = self.text[self.scanned..]
+            .windows(2)
+            .position(|w| w == b"\n\n")
+        {
+            let block = &self.text[..self.scanned + end];
+            if let Some(at) = block.windows(7).position(|w| w == b"event: ") {
+                let rest = &block[at + 7..];
+                let name = rest.split(|&b| b == b'\n').next().unwrap_or_default();
+                names.push(String::from_utf8_lossy(name).into_owned());
+            }
+            self.text.drain(..self.scanned + end + 2);
+            self.scanned = 0;
+        }
+        self.scanned = self.text.len().saturating_sub(1);
+        Ok(names)
+    }
+}
+
+/// Runs the stream figures for `sizes` (calls), each on an agent of its own in `base`.
+pub(super) fn run(
+    sizes: &[usize],
+    base: &Path,
+    add: &mut impl FnMut(&str, String, &'static str),
+) -> anyhow::Result<()> {
+    let tokens = super::tokens();
+    for &calls in sizes {
+        let size = format!("{}k calls", calls / 1000);
+        let agent =
+            AgentProcess::start_configured(&base.join(format!("streams-{calls}")), API, "")?;
+        let mut switch = Switch::new(calls as u64);
+        let mut now = unix_now() / PERIOD * PERIOD;
+        switch.fill(calls, now);
+        agent.post(&switch.render(now))?;
+        let mut poster = EventPoster::new(agent.feed);
+
+        // Ten seconds of events with no stream, then with 100, then with 1,000.
+        let (posted, cpu_none) = post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
+        let rss_none = settled_rss(&agent);
+        let mut clients = Clients::new()?;
+        let hundred: Vec<i64> = std::iter::once(BIG_ACCOUNT).chain(2..=100).collect();
+        for &account in &hundred {
+            clients.open(agent.api, account, &tokens)?;
+        }
+        clients.drain();
+        let (posted_100, cpu_100) = post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
+        let latencies = received_after(&clients, &posted_100);
+        add(
+            &format!(
+                "{size}, 100 streams: an event posted until each stream of its account has it (p50 / p99)"
+            ),
+            format!(
+                "{} ({} receipts)",
+                p50_p99(latencies.clone()),
+                latencies.len()
+            ),
+            "≤ 5 / 50 ms",
+        );
+        for account in 101..=ACCOUNTS {
+            clients.open(agent.api, account, &tokens)?;
+        }
+        clients.drain();
+        let rss_with = settled_rss(&agent);
+        add(
+            &format!("{size}: the agent's RSS with 1,000 streams open"),
+            format!(
+                "{rss_with:.1} MB, {:+.1} MB over the same agent without them ({rss_none:.1} MB)",
+                rss_with - rss_none
+            ),
+            "≤ +40 MB",
+        );
+        let (posted_1000, cpu_1000) =
+            post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
+        let per = |cpu: f64, n: usize| cpu / n.max(1) as f64 * 1e6;
+        add(
+            &format!("{size}: agent CPU per event posted, with 0 / 100 / 1,000 streams"),
+            format!(
+                "{:.0} / {:.0} / {:.0} µs ({} / {} / {} events in {} s)",
+                per(cpu_none, posted.len()),
+                per(cpu_100, posted_100.len()),
+                per(cpu_1000, posted_1000.len()),
+                posted.len(),
+                posted_100.len(),
+                posted_1000.len(),
+                EVENTS_FOR.as_secs(),
+            ),
+            "",
+        );
+
+        // A period of the node, with 1,000 streams open.
+        clients.drain();
+        now += PERIOD;
+        switch.period(now, PERIOD);
+        let body = switch.render(now);
+        let (apply, _) = agent.post(&body)?;
+        let committed = Instant::now();
+        let mut last = committed;
+        // Every stream of an account with calls has their new snapshot_timestamp.
+        let mut have: Vec<bool> = (clients.accounts.iter())
+            .map(|account| account.is_some_and(|a| switch.count_in(a) == 0))
+            .collect();
+        let mut left = have.iter().filter(|have| !**have).count();
+        let streams_with_calls = left;
+        let deadline = committed + Duration::from_secs(120);
+        while left > 0 {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let seen = clients
+                .seen
+                .recv_timeout(wait)
+                .context("a stream without the period")?;
+            if seen.changes && !have[seen.stream] {
+                have[seen.stream] = true;
+                left -= 1;
+                last = last.max(seen.at);
+            }
+        }
+        add(
+            &format!("{size}: a period's snapshot, from its commit until every stream has it"),
+            format!(
+                "{:.0} ms for the {streams_with_calls} of 1,000 streams whose account has calls \
+                 (the POST took {:.0} ms)",
+                last.duration_since(committed).as_secs_f64() * 1000.0,
+                apply.as_secs_f64() * 1000.0
+            ),
+            "",
+        );
+        drop(clients);
+        non_readers(&agent, &mut switch, &mut now, &tokens, &size, add)?;
+    }
+    Ok(())
+}
+
+/// Posts ten seconds of the switch's events at the instants they carry; each one posted
+/// (when, and its account) and the agent's CPU seconds meanwhile.
+fn post_events(
+    agent: &AgentProcess,
+    poster: &mut EventPoster,
+    switch: &mut Switch,
+    now: &mut i64,
+    calls: usize,
+) -> anyhow::Result<(Vec<(Instant, i64)>, f64)> {
+    let per_run =
+        (calls as f64 * ENDED_PER_MINUTE * 20.0 / 7.0 * EVENTS_FOR.as_secs_f64() / 60.0) as usize;
+    let from = *now * 1000 + 1;
+    *now += EVENTS_FOR.as_secs() as i64;
+    let events = switch.events(per_run, from, *now * 1000);
+    let cpu = agent.settled_cpu();
+    let started = Instant::now();
+    let mut posted = Vec::with_capacity(events.len());
+    for event in &events {
+        sleep_until(started + Duration::from_millis((event.at_ms - from).max(0) as u64));
+        let at = Instant::now();
+        if poster.post(&event.body)? != 200 {
+            bail!("an event was refused");
+        }
+        posted.push((at, account_of(event)?));
+    }
+    Ok((posted, agent.settled_cpu() - cpu))
+}
+
+fn account_of(event: &CallEvent) -> anyhow::Result<i64> {
+    let body: Value = serde_json::from_slice(&event.body)?;
+    body["data"]["routing"]["customer_acc_id"]
+        .as_i64()
+        .context("an event without its account")
+}
+
+/// For each posted event and each stream of its account: the time until that stream's
+/// first `changes` after the post (ms).
+fn received_after(clients: &Clients, posted: &[(Instant, i64)]) -> Vec<f64> {
+    let mut received: HashMap<usize, Vec<Instant>> = HashMap::new();
+    // The last events' changes may still be on their way.
+    let quiet = Duration::from_millis(500);
+    while let Ok(seen) = clients.seen.recv_timeout(quiet) {
+        if seen.changes {
+            received.entry(seen.stream).or_default().push(seen.at);
+        }
+    }
+    let mut by_account: HashMap<i64, Vec<usize>> = HashMap::new();
+    for (stream, account) in clients.accounts.iter().enumerate() {
+        if let Some(account) = account {
+            by_account.entry(*account).or_default().push(stream);
+        }
+    }
+    let mut latencies = Vec::new();
+    for (at, account) in posted {
+        for stream in by_account.get(account).into_iter().flatten() {
+            let times = received.get(stream).map(Vec::as_slice).unwrap_or_default();
+            let first = times.partition_point(|t| t < at);
+            if let Some(got) = times.get(first) {
+                latencies.push(got.duration_since(*at).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    latencies
+}
+
+/// The agent's RSS (MB) once it has released what an apply holds (10 s after a write).
+fn settled_rss(agent: &AgentProcess) -> f64 {
+    std::thread::sleep(Duration::from_secs(11));
+    agent.rss_mb()
+}
+
+/// 50 streams whose clients never read (of 50 accounts with calls), while periods go on: the
+/// agent's peak RSS over its peak for the same periods without them, and when the last
+/// was ended as slow.
+fn non_readers(
+    agent: &AgentProcess,
+    switch: &mut Switch,
+    now: &mut i64,
+    tokens: &HashMap<i64, String>,
+    size: &str,
+    add: &mut impl FnMut(&str, String, &'static str),
+) -> anyhow::Result<()> {
+    let period = |switch: &mut Switch, now: &mut i64| -> anyhow::Result<()> {
+        *now += PERIOD;
+        switch.period(*now, PERIOD);
+        post_snapshot(agent.feed, &switch.render(*now))
+    };
+    agent.reset_peak();
+    for _ in 0..10 {
+        period(switch, now)?;
+    }
+    let without = agent.peak_mb();
+    let mut stalled = Vec::new();
+    // Accounts with calls: a stream of none would never hear of a change.
+    let accounts: Vec<i64> = (2..=ACCOUNTS)
+        .filter(|&a| switch.count_in(a) > 0)
+        .take(50)
+        .collect();
+    for &account in &accounts {
+        let mut socket = small_buffer_connection(agent.api)?;
+        write!(
+            socket,
+            "GET {ENDPOINT}?account-id={} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\
+             Authorization: Bearer {}\r\n\r\n",
+            uuid_of(account),
+            tokens[&customer_of(account)],
+        )?;
+        stalled.push(socket);
+    }
+    agent.reset_peak();
+    let started = Instant::now();
+    let mut ended_at = None;
+    while started.elapsed() < Duration::from_secs(90) {
+        period(switch, now)?;
+        if slow_ended(agent)? >= accounts.len() as f64 {
+            ended_at = Some(started.elapsed());
+            break;
+        }
+    }
+    let peak = agent.peak_mb();
+    add(
+        &format!("{size}: 50 streams that never read, periods going on"),
+        format!(
+            "peak RSS {peak:.1} MB, {:+.1} MB over ten periods without them; all {} ended \
+             as slow {}",
+            peak - without,
+            accounts.len(),
+            match ended_at {
+                Some(at) => format!("within {:.0} s", at.as_secs_f64()),
+                None => "NOT within 90 s".into(),
+            }
+        ),
+        "bounded; ended slow",
+    );
+    drop(stalled);
+    Ok(())
+}
+
+/// How many streams the agent has ended as slow, from its metrics.
+fn slow_ended(agent: &AgentProcess) -> anyhow::Result<f64> {
+    let mut conn = crate::client::Conn::open(agent.api)?;
+    let reply = conn.get("/metrics", "")?;
+    let text = String::from_utf8_lossy(&reply.body);
+    let series = "active_calls_agent_streams_ended_total{reason=\"slow\"} ";
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(series))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
+}
