@@ -191,7 +191,7 @@ async fn authorized(
     };
     if req.method() == Method::GET && stream::wanted(req.headers()) {
         let holder = stream::Holder::Customer {
-            headers: req.headers().clone(),
+            headers: stream::credentials(req.headers()),
             query: query.to_vec(),
             customer_id: context.customer_id,
             account_id,

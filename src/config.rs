@@ -368,6 +368,11 @@ impl Config {
         if config.api.max_connections == 0 || config.feed.max_connections == 0 {
             bail!("api.max_connections and feed.max_connections must be at least 1");
         }
+        // 0 turns live streams off (every one gets 503); more than a semaphore can count
+        // is a typo.
+        if config.api.max_streams > 1_000_000 {
+            bail!("api.max_streams must be at most 1000000 (0 turns live streams off)");
+        }
         if config.feed.max_queued_events == 0 {
             bail!("feed.max_queued_events must be at least 1");
         }

@@ -297,9 +297,12 @@ impl Delta {
         self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
     }
 
-    /// `{"added":[…],"changed":[…],"removed":[…]}`.
-    pub fn json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.added.len() + self.changed.len() + 64);
+    /// `head`, then `{"added":[…],"changed":[…],"removed":[…]}`.
+    pub fn json_after(&self, head: &[u8]) -> Vec<u8> {
+        let ids = self.removed.len() * 35;
+        let mut out =
+            Vec::with_capacity(head.len() + self.added.len() + self.changed.len() + ids + 64);
+        out.extend_from_slice(head);
         out.extend_from_slice(b"{\"added\":[");
         out.extend_from_slice(&self.added);
         out.extend_from_slice(b"],\"changed\":[");
@@ -354,13 +357,19 @@ impl View {
         self.sent.is_empty()
     }
 
-    /// The first event's data: every row the selection shows at `now_ms`, in the
-    /// endpoint's order, as `{"data":[…],"rows":N}`; from then on they count as sent.
-    pub fn snapshot(&mut self, readers: &Readers, now_ms: i64) -> rusqlite::Result<Vec<u8>> {
+    /// `head`, then the first event's data: every row the selection shows at `now_ms`, in
+    /// the endpoint's order, as `{"data":[…],"rows":N}`; from then on they count as sent.
+    pub fn snapshot(
+        &mut self,
+        readers: &Readers,
+        now_ms: i64,
+        head: &[u8],
+    ) -> rusqlite::Result<Vec<u8>> {
         self.sent.clear();
         let delta = self.read(readers, now_ms, &Scope::everything())?;
         // Nothing was sent before: every row is added, in the order read.
-        let mut out = Vec::with_capacity(delta.added.len() + 32);
+        let mut out = Vec::with_capacity(head.len() + delta.added.len() + 32);
+        out.extend_from_slice(head);
         out.extend_from_slice(b"{\"data\":[");
         out.extend_from_slice(&delta.added);
         out.extend_from_slice(format!("],\"rows\":{}}}", delta.updates.len()).as_bytes());
@@ -447,7 +456,7 @@ impl View {
             // The store was made anew under another key: every id changed.
             return self.read(readers, now_ms, &Scope::everything());
         }
-        if self.ids.is_none() {
+        if self.ids.as_ref().is_none_or(|ids| ids.key != key) {
             self.ids = Some(CallIds::new(&key));
         }
         for id in candidates {

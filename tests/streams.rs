@@ -437,15 +437,68 @@ fn streams_follow_the_sample_events_exactly() {
         node.rows.keys().collect::<Vec<_>>(),
         again.running.rows.keys().collect::<Vec<_>>()
     );
-    for (call, row) in &node.rows {
-        let tag = row["local_tag"].as_str().unwrap();
-        assert!(
-            !call.contains(&tag.to_ascii_lowercase()),
-            "{call} shows {tag}"
-        );
-    }
     let of_101: Vec<&String> = streams[0].running.rows.keys().collect();
     assert!(of_101.iter().all(|id| node.rows.contains_key(*id)));
+    // The ids are keyed by the store, not made of the tag alone: another agent with the
+    // same calls names them otherwise.
+    let other = start();
+    post_snapshot(&other, SAMPLE_SNAPSHOT_2);
+    let elsewhere = Watched::open(
+        "another agent",
+        other.addr(),
+        SCRAPE.into(),
+        format!("Bearer {SCRAPE_TOKEN}"),
+        format!("{SCRAPE}?format=JSON"),
+    );
+    let tags = |running: &Running| -> BTreeMap<String, String> {
+        (running.rows.iter())
+            .map(|(id, row)| (row["local_tag"].as_str().unwrap().to_owned(), id.clone()))
+            .collect()
+    };
+    let (here, there) = (tags(node), tags(&elsewhere.running));
+    for (tag, id) in &here {
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        if let Some(theirs) = there.get(tag) {
+            assert_ne!(id, theirs, "{tag}: the same id under another store's key");
+        }
+    }
+}
+
+#[test]
+fn a_call_moved_to_another_account_leaves_one_stream_for_the_other() {
+    let agent = start();
+    post_snapshot(&agent, SAMPLE_SNAPSHOT_2);
+    let open = |uuid: &str| {
+        let target = format!("{ENDPOINT}?account-id={uuid}");
+        Watched::open(
+            "moved",
+            agent.addr(),
+            target.clone(),
+            token_for(5001),
+            target,
+        )
+    };
+    let (mut from, mut to) = (open(ACCOUNT_101), open(ACCOUNT_102));
+    // The same snapshot, but one call of 101 is now on 102 (same customer).
+    let moved = "0948F14B-FF09-00000007";
+    let body: String = (SAMPLE_SNAPSHOT_2.lines())
+        .map(|line| match line.contains(moved) {
+            true => line.replace("\"customer_acc_id\":101", "\"customer_acc_id\":102"),
+            false => line.to_owned(),
+        } + "\n")
+        .collect();
+    assert_ne!(body, SAMPLE_SNAPSHOT_2);
+    post_snapshot(&agent, &body);
+    let left: Value = serde_json::from_str(&from.running.apply(&mut from.sse).data).unwrap();
+    let came: Value = serde_json::from_str(&to.running.apply(&mut to.sse).data).unwrap();
+    assert_eq!(left["removed"].as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(came["added"].as_array().unwrap().len(), 1, "{came}");
+    assert_eq!(
+        came["added"][0]["call"], left["removed"][0],
+        "one call, one id"
+    );
+    from.agrees("the move");
+    to.agrees("the move");
 }
 
 #[test]

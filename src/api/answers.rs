@@ -55,6 +55,13 @@ struct Built {
     _held: Option<OwnedSemaphorePermit>,
 }
 
+/// A stream event's share of the budget (and of the scrapes' share, for a node's stream),
+/// given back when dropped.
+pub struct Held {
+    _budget: OwnedSemaphorePermit,
+    _share: Option<OwnedSemaphorePermit>,
+}
+
 /// Why an answer could not be built.
 #[derive(Debug, Clone)]
 pub enum Failed {
@@ -111,7 +118,9 @@ impl Answers {
     /// The share of the budget a stream's event of `bytes` holds until it is written
     /// (`None`: it is small enough to be free of it), or [`Failed::Busy`] when the
     /// budget has no room for it now. An event larger than the whole budget takes all.
-    pub fn hold(&self, bytes: usize) -> Result<Option<OwnedSemaphorePermit>, Failed> {
+    /// A node's stream (an aggregator's) takes from the scrapes' share too, as a scrape
+    /// does: aggregators never hold more than half of it.
+    pub fn hold(&self, bytes: usize, node: bool) -> Result<Option<Held>, Failed> {
         let need = bytes
             .saturating_sub(FREE_BYTES)
             .div_ceil(UNIT)
@@ -119,11 +128,21 @@ impl Answers {
         if need == 0 {
             return Ok(None);
         }
-        let need = u32::try_from(need).unwrap_or(u32::MAX);
-        match self.budget.clone().try_acquire_many_owned(need) {
-            Ok(permit) => Ok(Some(permit)),
-            Err(_) => Err(Failed::Busy),
-        }
+        let take = |from: &Arc<Semaphore>, most: usize| {
+            let units = u32::try_from(need.min(most)).unwrap_or(u32::MAX);
+            from.clone()
+                .try_acquire_many_owned(units)
+                .map_err(|_| Failed::Busy)
+        };
+        let share = if node {
+            Some(take(&self.scrape_share, (self.units / 2).max(1))?)
+        } else {
+            None
+        };
+        Ok(Some(Held {
+            _budget: take(&self.budget, self.units)?,
+            _share: share,
+        }))
     }
 
     /// The answer to `query`, shared with every request for the same thing of the same

@@ -131,7 +131,7 @@ pub async fn active_calls(state: &Arc<ApiState>, req: &Request<Incoming>) -> Res
     };
     if req.method() == Method::GET && super::stream::wanted(req.headers()) {
         let holder = super::stream::Holder::Node {
-            headers: req.headers().clone(),
+            headers: super::stream::credentials(req.headers()),
         };
         let socket = req.extensions().get();
         return super::stream::open(state, socket, Selection::Node, holder);

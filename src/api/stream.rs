@@ -35,6 +35,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Response, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
+use super::answers::Held;
 use super::{ApiState, params};
 use crate::clock::unix_millis;
 use crate::http::{Body, ConnectionSocket, empty};
@@ -73,10 +74,22 @@ pub fn wanted(headers: &HeaderMap) -> bool {
         })
 }
 
+/// The request headers a stream's holder is checked by again: its token, wherever it came
+/// from (the rest of the request is not kept).
+pub fn credentials(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for name in [header::AUTHORIZATION, header::COOKIE] {
+        for value in headers.get_all(&name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
+}
+
 /// Who holds a stream open, checked again at every reload of the directory or the
 /// configuration.
 pub enum Holder {
-    /// A customer, with the request's headers and query, and what they gave then.
+    /// A customer, with the request's credentials and query, and what they gave then.
     Customer {
         headers: HeaderMap,
         query: Vec<u8>,
@@ -84,7 +97,7 @@ pub enum Holder {
         account_id: i64,
         expires: Option<SystemTime>,
     },
-    /// An aggregator, with the request's headers (its scrape token).
+    /// An aggregator, with the request's credentials (its scrape token).
     Node { headers: HeaderMap },
 }
 
@@ -141,15 +154,18 @@ pub fn open(
     // Before the snapshot is read: a commit after it is in the feed.
     let changes = state.live.subscribe(view.account());
     let now_ms = unix_millis(SystemTime::now());
-    let snapshot = tokio::task::block_in_place(|| view.snapshot(&state.readers, now_ms));
-    let data = match snapshot {
-        Ok(data) => data,
+    let head = event_head(1, "snapshot");
+    let snapshot = tokio::task::block_in_place(|| view.snapshot(&state.readers, now_ms, &head));
+    let mut event = match snapshot {
+        Ok(event) => event,
         Err(e) => {
             tracing::error!(error = %e, "reading a live stream's snapshot failed");
             return empty(StatusCode::INTERNAL_SERVER_ERROR);
         }
     };
-    let Ok(share) = state.answers.hold(data.len()) else {
+    event.extend_from_slice(b"\n\n");
+    let node = matches!(holder, Holder::Node { .. });
+    let Ok(held) = state.answers.hold(event.len(), node) else {
         return busy(state);
     };
     if let Some(socket) = socket {
@@ -164,16 +180,22 @@ pub fn open(
         holder,
         pieces,
         shared: shared.clone(),
-        next_id: 1,
+        next_id: 2,
         last_sent: Instant::now(),
         queued: 0,
         queued_at: VecDeque::new(),
         _open: state.metrics.streams.opened(kind),
         _permit: permit,
     };
-    stream.send("snapshot", data, share, false);
+    stream.state.metrics.streams.sent("snapshot");
+    stream.queue(event, held, false);
     tokio::spawn(stream.run(changes));
-    let body = SseBody { received, shared }.boxed();
+    let body = SseBody {
+        received,
+        shared,
+        mid_event: false,
+    }
+    .boxed();
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
@@ -196,24 +218,48 @@ fn busy(state: &ApiState) -> Response<Body> {
     busy
 }
 
-/// An event's bytes and its share of the answers' budget, held until hyper has written
-/// them (a `Bytes` made from it lives until then): only then are they no longer unsent.
-struct Held {
-    bytes: Vec<u8>,
-    _share: Option<OwnedSemaphorePermit>,
-    shared: Arc<Shared>,
+/// The head of event `id` (`retry:` before the first).
+fn event_head(id: u64, event: &str) -> Vec<u8> {
+    let retry = if id == 1 {
+        format!("retry: {RETRY_MS}\n")
+    } else {
+        String::new()
+    };
+    format!("{retry}id: {id}\nevent: {event}\ndata: ").into_bytes()
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
-        (self.shared.unsent).fetch_sub(self.bytes.len(), Ordering::AcqRel);
-        self.shared.written.fetch_add(1, Ordering::AcqRel);
+/// What a connection takes of an event at a time: a client's progress shows piece by
+/// piece, however large the event.
+const PIECE_BYTES: usize = 64 * 1024;
+
+/// An event's bytes and its share of the answers' budget, until every piece is written.
+struct Whole {
+    bytes: Vec<u8>,
+    _held: Option<Held>,
+}
+
+impl AsRef<[u8]> for Whole {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
-impl AsRef<[u8]> for Held {
+/// One piece of an event, unsent until hyper has written it (and dropped it).
+struct Tracked {
+    bytes: Bytes,
+    shared: Arc<Shared>,
+}
+
+impl AsRef<[u8]> for Tracked {
     fn as_ref(&self) -> &[u8] {
         &self.bytes
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        (self.shared.unsent).fetch_sub(self.bytes.len(), Ordering::AcqRel);
+        self.shared.written.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -224,20 +270,24 @@ struct Shared {
     unsent: AtomicUsize,
     /// Pieces written (or dropped), of those queued.
     written: AtomicU64,
-    /// The stream ended as slow: what is queued is dropped, but its `end`.
+    /// The stream ended as slow: what is queued is dropped, but the rest of an event
+    /// begun and the `end`.
     abandon: AtomicBool,
 }
 
-/// One event (or comment), whole; `last` marks the `end`.
+/// A piece of an event: whether it ends its event, and whether that event is the `end`.
 struct Piece {
     bytes: Bytes,
+    ends_event: bool,
     last: bool,
 }
 
-/// The stream's body: the pieces its task queues, counted out as the connection takes them.
+/// The stream's body: the pieces its task queues.
 struct SseBody {
     received: mpsc::UnboundedReceiver<Piece>,
     shared: Arc<Shared>,
+    /// The last piece given to the connection did not end its event.
+    mid_event: bool,
 }
 
 impl hyper::body::Body for SseBody {
@@ -252,7 +302,9 @@ impl hyper::body::Body for SseBody {
             let Some(piece) = std::task::ready!(self.received.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
-            if piece.last || !self.shared.abandon.load(Ordering::Acquire) {
+            let abandoned = self.shared.abandon.load(Ordering::Acquire);
+            if piece.last || self.mid_event || !abandoned {
+                self.mid_event = !piece.ends_event;
                 return Poll::Ready(Some(Ok(Frame::data(piece.bytes))));
             }
         }
@@ -279,6 +331,10 @@ impl Stream {
     async fn run(mut self, mut changes: Subscription) {
         let mut reloads = self.state.reloads.clone();
         reloads.borrow_and_update();
+        // A reload between the request's own check and now would otherwise go unseen.
+        if !self.holder.still_allowed(&self.state) {
+            return self.end("revoked");
+        }
         let mut stopping = self.state.stopping.clone();
         let expires = self.holder.expires().map(|at| {
             let left = at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -365,12 +421,16 @@ impl Stream {
             self.view.accept(delta);
             return Ok(true);
         }
-        let json = delta.json();
-        let Ok(share) = self.state.answers.hold(json.len()) else {
+        let mut event = delta.json_after(&event_head(self.next_id, "changes"));
+        event.extend_from_slice(b"\n\n");
+        let node = matches!(self.holder, Holder::Node { .. });
+        let Ok(held) = self.state.answers.hold(event.len(), node) else {
             return Ok(false);
         };
         self.view.accept(delta);
-        self.send("changes", json, share, false);
+        self.next_id += 1;
+        self.state.metrics.streams.sent("changes");
+        self.queue(event, held, false);
         if let Some(published) = published {
             (self.state.metrics.streams).publish_to_send(published.elapsed());
         }
@@ -382,31 +442,12 @@ impl Stream {
         if reason == "slow" {
             self.shared.abandon.store(true, Ordering::Release);
         }
-        self.send("end", reason.as_bytes().to_vec(), None, true);
+        let mut event = event_head(self.next_id, "end");
+        event.extend_from_slice(reason.as_bytes());
+        event.extend_from_slice(b"\n\n");
+        self.state.metrics.streams.sent("end");
+        self.queue(event, None, true);
         self.state.metrics.streams.ended(reason);
-    }
-
-    /// Queues one event (`retry:` with the first, then `id:`, `event:` and `data:`),
-    /// holding `share` of the budget until it is written.
-    fn send(
-        &mut self,
-        event: &'static str,
-        data: Vec<u8>,
-        share: Option<OwnedSemaphorePermit>,
-        last: bool,
-    ) {
-        let retry = if self.next_id == 1 {
-            format!("retry: {RETRY_MS}\n")
-        } else {
-            String::new()
-        };
-        let head = format!("{retry}id: {}\nevent: {event}\ndata: ", self.next_id);
-        let mut bytes = data;
-        bytes.splice(0..0, head.bytes());
-        bytes.extend_from_slice(b"\n\n");
-        self.next_id += 1;
-        self.state.metrics.streams.sent(event);
-        self.queue(bytes, share, last);
     }
 
     /// When the oldest piece the socket has not taken yet was queued.
@@ -419,18 +460,32 @@ impl Stream {
         self.queued_at.front().copied()
     }
 
-    /// Queues bytes, unsent until written (holding `share` of the budget until then).
-    fn queue(&mut self, bytes: Vec<u8>, share: Option<OwnedSemaphorePermit>, last: bool) {
-        (self.shared.unsent).fetch_add(bytes.len(), Ordering::AcqRel);
-        self.queued += 1;
-        self.queued_at.push_back(Instant::now());
-        let bytes = Bytes::from_owner(Held {
-            bytes,
-            _share: share,
-            shared: self.shared.clone(),
+    /// Queues an event in pieces, each unsent until written; `held` (its share of the
+    /// budget) is given back once all are.
+    fn queue(&mut self, event: Vec<u8>, held: Option<Held>, last: bool) {
+        let whole = Bytes::from_owner(Whole {
+            bytes: event,
+            _held: held,
         });
+        let mut start = 0;
+        while start < whole.len() {
+            let end = (start + PIECE_BYTES).min(whole.len());
+            (self.shared.unsent).fetch_add(end - start, Ordering::AcqRel);
+            self.queued += 1;
+            self.queued_at.push_back(Instant::now());
+            let bytes = Bytes::from_owner(Tracked {
+                bytes: whole.slice(start..end),
+                shared: self.shared.clone(),
+            });
+            let ends_event = end == whole.len();
+            // A client gone: the task sees the channel closed at its next turn.
+            let _ = self.pieces.send(Piece {
+                bytes,
+                ends_event,
+                last: last && ends_event,
+            });
+            start = end;
+        }
         self.last_sent = Instant::now();
-        // A client gone: the task sees the channel closed at its next turn.
-        let _ = self.pieces.send(Piece { bytes, last });
     }
 }

@@ -507,12 +507,10 @@ impl Worker {
                 if let Some(copy) = copy {
                     copy.commit(&report.nodes, report.repeat);
                 }
-                // A repeat changed no row of its nodes; its events may have.
-                let nodes = (!report.repeat)
-                    .then_some(&report.nodes)
-                    .into_iter()
-                    .flatten();
-                self.publish(nodes.chain(&report.dropped).copied(), &report.events);
+                // A repeat too: it may bring back the calls of a node that had expired
+                // (streams read it and find nothing else changed).
+                let nodes = report.nodes.iter().chain(&report.dropped).copied();
+                self.publish(nodes, &report.events);
                 self.events_committed(&events, report.events.clone());
                 self.health.snapshot_applied();
                 // A whole snapshot went in: the disk has room for bodies too.
