@@ -2,7 +2,7 @@
 //! calls, SEMS's bytes, events posted as the simulated switch posts them (its own bodies,
 //! at the instants they carry).
 //!
-//! - an event posted until every stream of its account has the `changes` it makes, with
+//! - a `started` event posted until the stream of its account has the row it adds, with
 //!   100 streams open (the client's clock: an upper bound of publish-to-receive, which
 //!   the agent's own `stream_publish_to_send` histogram gives from the other side);
 //! - the agent's RSS with 1,000 streams open, against the same agent before them;
@@ -44,6 +44,9 @@ struct Seen {
     stream: usize,
     at: Instant,
     changes: bool,
+    /// The `dst_prefix_in` of each row a small `changes` added (how a started call is
+    /// told apart).
+    added: Vec<String>,
 }
 
 /// Streams followed by a client thread until dropped.
@@ -135,13 +138,19 @@ async fn follow(
             return Ok(());
         }
         let at = Instant::now();
-        for name in events.feed(&buf[..n])? {
+        for (name, data) in events.feed(&buf[..n])? {
             let changes = name == "changes";
             if changes || name == "snapshot" {
+                let added = if changes && data.len() < 64 * 1024 {
+                    added_prefixes(&data)
+                } else {
+                    Vec::new()
+                };
                 let _ = seen.send(Seen {
                     stream,
                     at,
                     changes,
+                    added,
                 });
             }
         }
@@ -159,8 +168,8 @@ struct EventText {
 }
 
 impl EventText {
-    /// The names of the events `bytes` completed.
-    fn feed(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<String>> {
+    /// The events `bytes` completed: each one's name and data.
+    fn feed(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         self.raw.extend_from_slice(bytes);
         if !self.head_done {
             let Some(end) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -194,7 +203,11 @@ impl EventText {
             if let Some(at) = block.windows(7).position(|w| w == b"event: ") {
                 let rest = &block[at + 7..];
                 let name = rest.split(|&b| b == b'\n').next().unwrap_or_default();
-                names.push(String::from_utf8_lossy(name).into_owned());
+                let data = match rest.windows(6).position(|w| w == b"data: ") {
+                    Some(d) if rest.len() < 64 * 1024 => rest[d + 6..].to_vec(),
+                    _ => Vec::new(),
+                };
+                names.push((String::from_utf8_lossy(name).into_owned(), data));
             }
             self.text.drain(..self.scanned + end + 2);
             self.scanned = 0;
@@ -222,7 +235,15 @@ pub(super) fn run(
         let mut poster = EventPoster::new(agent.feed);
 
         // Ten seconds of events with no stream, then with 100, then with 1,000.
-        let (posted, cpu_none) = post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
+        let (posted, _, cpu_none) = post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
+        // The same reads as the streams' snapshots, as plain requests: the read pool's
+        // page cache (bounded, and the same whoever reads) is then warm in both figures.
+        let mut conn = crate::client::Conn::open(agent.api)?;
+        for account in 1..=ACCOUNTS {
+            let target = format!("{ENDPOINT}?account-id={}", uuid_of(account));
+            conn.get(&target, &tokens[&customer_of(account)])?;
+        }
+        drop(conn);
         let rss_none = settled_rss(&agent);
         let mut clients = Clients::new()?;
         let hundred: Vec<i64> = std::iter::once(BIG_ACCOUNT).chain(2..=100).collect();
@@ -230,14 +251,15 @@ pub(super) fn run(
             clients.open(agent.api, account, &tokens)?;
         }
         clients.drain();
-        let (posted_100, cpu_100) = post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
-        let latencies = received_after(&clients, &posted_100);
+        let (posted_100, made, cpu_100) =
+            post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
+        let latencies = received_after(&clients, &made);
         add(
             &format!(
-                "{size}, 100 streams: an event posted until each stream of its account has it (p50 / p99)"
+                "{size}, 100 streams: a started call posted until its account's stream has its row (p50 / p99)"
             ),
             format!(
-                "{} ({} receipts)",
+                "{} ({} calls)",
                 p50_p99(latencies.clone()),
                 latencies.len()
             ),
@@ -251,24 +273,25 @@ pub(super) fn run(
         add(
             &format!("{size}: the agent's RSS with 1,000 streams open"),
             format!(
-                "{rss_with:.1} MB, {:+.1} MB over the same agent without them ({rss_none:.1} MB)",
+                "{rss_with:.1} MB, {:+.1} MB over the same agent without them, having \
+                 answered the same 1,000 accounts ({rss_none:.1} MB)",
                 rss_with - rss_none
             ),
             "≤ +40 MB",
         );
-        let (posted_1000, cpu_1000) =
+        let (posted_1000, _, cpu_1000) =
             post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
         let per = |cpu: f64, n: usize| cpu / n.max(1) as f64 * 1e6;
         add(
             &format!("{size}: agent CPU per event posted, with 0 / 100 / 1,000 streams"),
             format!(
                 "{:.0} / {:.0} / {:.0} µs ({} / {} / {} events in {} s)",
-                per(cpu_none, posted.len()),
-                per(cpu_100, posted_100.len()),
-                per(cpu_1000, posted_1000.len()),
-                posted.len(),
-                posted_100.len(),
-                posted_1000.len(),
+                per(cpu_none, posted),
+                per(cpu_100, posted_100),
+                per(cpu_1000, posted_1000),
+                posted,
+                posted_100,
+                posted_1000,
                 EVENTS_FOR.as_secs(),
             ),
             "",
@@ -317,15 +340,16 @@ pub(super) fn run(
     Ok(())
 }
 
-/// Posts ten seconds of the switch's events at the instants they carry; each one posted
-/// (when, and its account) and the agent's CPU seconds meanwhile.
+/// Posts ten seconds of the switch's events at the instants they carry: how many, the
+/// calls the `started` ones make (when each was posted, its account and `dst_prefix_in`),
+/// and the agent's CPU seconds meanwhile.
 fn post_events(
     agent: &AgentProcess,
     poster: &mut EventPoster,
     switch: &mut Switch,
     now: &mut i64,
     calls: usize,
-) -> anyhow::Result<(Vec<(Instant, i64)>, f64)> {
+) -> anyhow::Result<(usize, Vec<(Instant, i64, String)>, f64)> {
     let per_run =
         (calls as f64 * ENDED_PER_MINUTE * 20.0 / 7.0 * EVENTS_FOR.as_secs_f64() / 60.0) as usize;
     let from = *now * 1000 + 1;
@@ -333,34 +357,53 @@ fn post_events(
     let events = switch.events(per_run, from, *now * 1000);
     let cpu = agent.settled_cpu();
     let started = Instant::now();
-    let mut posted = Vec::with_capacity(events.len());
+    let mut made = Vec::new();
     for event in &events {
         sleep_until(started + Duration::from_millis((event.at_ms - from).max(0) as u64));
         let at = Instant::now();
         if poster.post(&event.body)? != 200 {
             bail!("an event was refused");
         }
-        posted.push((at, account_of(event)?));
+        if let Some((account, prefix)) = started_call(event)? {
+            made.push((at, account, prefix));
+        }
     }
-    Ok((posted, agent.settled_cpu() - cpu))
+    Ok((events.len(), made, agent.settled_cpu() - cpu))
 }
 
-fn account_of(event: &CallEvent) -> anyhow::Result<i64> {
+/// A `started` event's account and the `dst_prefix_in` of the call it makes.
+fn started_call(event: &CallEvent) -> anyhow::Result<Option<(i64, String)>> {
+    if event.kind != crate::call::EventKind::Started {
+        return Ok(None);
+    }
     let body: Value = serde_json::from_slice(&event.body)?;
-    body["data"]["routing"]["customer_acc_id"]
-        .as_i64()
-        .context("an event without its account")
+    let routing = &body["data"]["routing"];
+    let account = routing["customer_acc_id"].as_i64().context("no account")?;
+    let prefix = routing["dst_prefix_in"]
+        .as_str()
+        .context("no dst_prefix_in")?;
+    Ok(Some((account, prefix.to_owned())))
 }
 
-/// For each posted event and each stream of its account: the time until that stream's
-/// first `changes` after the post (ms).
-fn received_after(clients: &Clients, posted: &[(Instant, i64)]) -> Vec<f64> {
-    let mut received: HashMap<usize, Vec<Instant>> = HashMap::new();
+/// The `dst_prefix_in` of each row a `changes` event's data adds.
+fn added_prefixes(data: &[u8]) -> Vec<String> {
+    let Ok(changes) = serde_json::from_slice::<Value>(data) else {
+        return Vec::new();
+    };
+    (changes["added"].as_array().into_iter().flatten())
+        .filter_map(|row| Some(row["dst_prefix_in"].as_str()?.to_owned()))
+        .collect()
+}
+
+/// For each call a posted `started` made and each stream of its account: the time until
+/// that stream received the row (ms).
+fn received_after(clients: &Clients, made: &[(Instant, i64, String)]) -> Vec<f64> {
+    let mut received: HashMap<(usize, String), Instant> = HashMap::new();
     // The last events' changes may still be on their way.
     let quiet = Duration::from_millis(500);
     while let Ok(seen) = clients.seen.recv_timeout(quiet) {
-        if seen.changes {
-            received.entry(seen.stream).or_default().push(seen.at);
+        for prefix in seen.added {
+            received.entry((seen.stream, prefix)).or_insert(seen.at);
         }
     }
     let mut by_account: HashMap<i64, Vec<usize>> = HashMap::new();
@@ -370,11 +413,9 @@ fn received_after(clients: &Clients, posted: &[(Instant, i64)]) -> Vec<f64> {
         }
     }
     let mut latencies = Vec::new();
-    for (at, account) in posted {
-        for stream in by_account.get(account).into_iter().flatten() {
-            let times = received.get(stream).map(Vec::as_slice).unwrap_or_default();
-            let first = times.partition_point(|t| t < at);
-            if let Some(got) = times.get(first) {
+    for (at, account, prefix) in made {
+        for &stream in by_account.get(account).into_iter().flatten() {
+            if let Some(got) = received.get(&(stream, prefix.clone())) {
                 latencies.push(got.duration_since(*at).as_secs_f64() * 1000.0);
             }
         }

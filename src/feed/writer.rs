@@ -43,7 +43,7 @@ use crate::feed::{
 };
 use crate::live;
 use crate::metrics::Metrics;
-use crate::store::{EventChanges, Origin, StoreHealth, Writer, is_damage};
+use crate::store::{Checkpointer, EventChanges, Origin, StoreHealth, Writer, is_damage};
 
 /// How often the writer looks for nodes gone silent.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
@@ -185,6 +185,7 @@ impl WriterThread {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (status_tx, status) = watch::channel(FeedStatus::default());
         let events = Arc::new((std::sync::atomic::AtomicUsize::new(0), max_queued_events));
+        let path = writer.path().to_owned();
         let worker = Worker {
             writer,
             watch_path,
@@ -197,6 +198,7 @@ impl WriterThread {
             health,
             damage_checked: None,
             live: committed.live,
+            checkpointer: Some(Checkpointer::start(&path)?),
         };
         running.store(true, Ordering::Release);
         let thread = std::thread::Builder::new()
@@ -255,6 +257,8 @@ struct Worker {
     damage_checked: Option<(u64, Instant)>,
     /// Where each commit's scope goes, for live streams: published after the commit.
     live: live::Feed,
+    /// Copies the WAL back beside the writer (`None` once stopped, at the end).
+    checkpointer: Option<Checkpointer>,
 }
 
 impl Worker {
@@ -349,8 +353,8 @@ impl Worker {
             if queue.is_empty()
                 && (wal_held || copy_due && (copy_now || last_copy.elapsed() >= COPY_BACK_EVERY))
             {
-                if let Err(e) = self.writer.copy_back() {
-                    tracing::warn!(error = %e, "checkpointing the WAL failed");
+                if let Some(checkpointer) = &self.checkpointer {
+                    checkpointer.nudge();
                 }
                 (copy_due, copy_now, last_copy) = (false, false, Instant::now());
             }
@@ -373,6 +377,8 @@ impl Worker {
                 self.check_file(&mut arriving(&mut queue, &jobs));
             }
         }
+        // Its last copy back ends before the writer's own, which empties the WAL.
+        drop(self.checkpointer.take());
         if let Err(e) = self.writer.checkpoint() {
             tracing::warn!(error = %e, "checkpointing the store at shutdown failed");
         }

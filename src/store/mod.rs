@@ -56,6 +56,7 @@ macro_rules! customer_calls_from {
     };
 }
 
+mod checkpoint;
 mod damage;
 mod events;
 mod nodes;
@@ -64,6 +65,7 @@ mod stored;
 mod stream;
 mod write;
 
+pub use checkpoint::Checkpointer;
 pub use damage::{KEEP_SET_ASIDE, SetAside, StoreHealth, is_damage, is_damage_in};
 pub use events::{ChangedCall, EventChanges};
 pub use read::{

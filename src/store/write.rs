@@ -259,31 +259,10 @@ impl Writer {
         self.conn.execute_batch(CHECKPOINT_TRUNCATE)
     }
 
-    /// Copies what the WAL holds back into the database file, without waiting for
-    /// readers (they keep what they read): the writer's work between two snapshots. A WAL
-    /// grown past [`WAL_KEEP_BYTES`] (a read held open while snapshots applied) is emptied
-    /// once no reader is in it, so its disk is given back.
-    pub fn copy_back(&self) -> rusqlite::Result<()> {
-        let (busy, frames, copied): (i64, i64, i64) =
-            self.conn.query_row(CHECKPOINT_PASSIVE, [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
-        let wal = std::fs::metadata(super::wal_of(&self.path)).map_or(0, |m| m.len());
-        if busy == 0 && frames == copied && wal > WAL_KEEP_BYTES {
-            self.empty_wal()?;
-        }
-        Ok(())
-    }
-
     /// Copies the WAL back and cuts it to nothing, unless a reader is still in it: then it
     /// is left for the next try, without waiting for the reader.
     fn empty_wal(&self) -> rusqlite::Result<()> {
-        self.conn.busy_timeout(std::time::Duration::ZERO)?;
-        let truncated = self
-            .conn
-            .query_row(CHECKPOINT_TRUNCATE, [], |r| r.get::<_, i64>(0));
-        self.conn.busy_timeout(super::BUSY_TIMEOUT)?;
-        truncated.map(drop)
+        empty_wal(&self.conn)
     }
 
     /// Whether the WAL is larger than it is kept (a reader held it): worth a copy back.
@@ -307,6 +286,30 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Copies what the WAL holds back into the database file at `path` through `conn`,
+/// without waiting for readers (they keep what they read) or the writer. A WAL grown past
+/// [`WAL_KEEP_BYTES`] (a read held open while snapshots applied) is emptied once no
+/// reader is in it, so its disk is given back.
+pub(super) fn copy_back(conn: &Connection, path: &Path) -> rusqlite::Result<()> {
+    let (busy, frames, copied): (i64, i64, i64) = conn.query_row(CHECKPOINT_PASSIVE, [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    let wal = std::fs::metadata(super::wal_of(path)).map_or(0, |m| m.len());
+    if busy == 0 && frames == copied && wal > WAL_KEEP_BYTES {
+        empty_wal(conn)?;
+    }
+    Ok(())
+}
+
+/// Copies the WAL back and cuts it to nothing, unless a reader (or the writer) is in it:
+/// then it is left for the next try, without waiting.
+fn empty_wal(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::ZERO)?;
+    let truncated = conn.query_row(CHECKPOINT_TRUNCATE, [], |r| r.get::<_, i64>(0));
+    conn.busy_timeout(super::BUSY_TIMEOUT)?;
+    truncated.map(drop)
 }
 
 /// What a committed snapshot changed.
