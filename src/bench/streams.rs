@@ -258,11 +258,7 @@ pub(super) fn run(
             &format!(
                 "{size}, 100 streams: a started call posted until its account's stream has its row (p50 / p99)"
             ),
-            format!(
-                "{} ({} calls)",
-                p50_p99(latencies.clone()),
-                latencies.len()
-            ),
+            format!("{} ({} calls)", p50_p99(latencies.clone()), latencies.len()),
             "≤ 5 / 50 ms",
         );
         for account in 101..=ACCOUNTS {
@@ -340,6 +336,10 @@ pub(super) fn run(
     Ok(())
 }
 
+/// A call a posted `started` event made: when it was posted, its account and its
+/// `dst_prefix_in`.
+type Made = (Instant, i64, String);
+
 /// Posts ten seconds of the switch's events at the instants they carry: how many, the
 /// calls the `started` ones make (when each was posted, its account and `dst_prefix_in`),
 /// and the agent's CPU seconds meanwhile.
@@ -349,7 +349,7 @@ fn post_events(
     switch: &mut Switch,
     now: &mut i64,
     calls: usize,
-) -> anyhow::Result<(usize, Vec<(Instant, i64, String)>, f64)> {
+) -> anyhow::Result<(usize, Vec<Made>, f64)> {
     let per_run =
         (calls as f64 * ENDED_PER_MINUTE * 20.0 / 7.0 * EVENTS_FOR.as_secs_f64() / 60.0) as usize;
     let from = *now * 1000 + 1;
@@ -397,7 +397,7 @@ fn added_prefixes(data: &[u8]) -> Vec<String> {
 
 /// For each call a posted `started` made and each stream of its account: the time until
 /// that stream received the row (ms).
-fn received_after(clients: &Clients, made: &[(Instant, i64, String)]) -> Vec<f64> {
+fn received_after(clients: &Clients, made: &[Made]) -> Vec<f64> {
     let mut received: HashMap<(usize, String), Instant> = HashMap::new();
     // The last events' changes may still be on their way.
     let quiet = Duration::from_millis(500);
