@@ -259,6 +259,12 @@ impl Writer {
         self.conn.execute_batch(CHECKPOINT_TRUNCATE)
     }
 
+    /// Copies the WAL back into the database file on the writer's own connection (the
+    /// agent does it on the [`Checkpointer`](super::Checkpointer)'s thread instead).
+    pub fn copy_back(&self) -> rusqlite::Result<()> {
+        copy_back(&self.conn, &self.path)
+    }
+
     /// Copies the WAL back and cuts it to nothing, unless a reader is still in it: then it
     /// is left for the next try, without waiting for the reader.
     fn empty_wal(&self) -> rusqlite::Result<()> {
