@@ -6,6 +6,7 @@
 //! switch ──HTTP POST (ClickHouse-ish)────┤→ feed ──one write txn──→ store (SQLite, WAL)
 //! switch ──HTTP POST /events (per call)──┘                              │ read pool
 //! customer ──GET …/outgoing-active-calls──→ api ──auth, params──────────┘ → JSON
+//! customer ──same, Accept: text/event-stream──→ snapshot, then live's changes it selects
 //!                            feed ──each committed snapshot──→ relay ──spool──→ ClickHouse
 //! ```
 //!
@@ -22,7 +23,10 @@
 //! * [`call`]: one call, as the feed reads it and the store keeps it, and a call event.
 //! * [`clock`]: the UTC date-time text and the unix milliseconds the others share.
 //! * [`api`]: the HTTP endpoint on hyper, with the exact answers of the central API, and
-//!   [`api::scrape`], every call of the node streamed to an aggregator.
+//!   [`api::scrape`], every call of the node streamed to an aggregator; [`api::stream`]
+//!   answers both as live streams (Server-Sent Events) when asked.
+//! * [`live`]: the change feed the writer publishes after each commit, routed to the
+//!   streams it may concern, and what each stream keeps to send only what changed.
 //! * [`auth`]: customer JWTs (header or session cookie) resolved into a customer context.
 //! * [`directory`]: the accounts and API accesses file, reloaded when it changes.
 //! * [`config`]: the TOML configuration, and [`check`], which validates it for an operator.
