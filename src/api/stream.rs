@@ -7,15 +7,18 @@
 //! it selects it reads the store there, through its [`View`], and sends the difference as
 //! `changes` (nothing when nothing it selects changed).
 //!
-//! What a stream may hold is bounded: the bytes its socket has not taken (queued here, or
-//! held by hyper) are counted, and while they are past [`MAX_UNSENT`] the stream reads
-//! nothing more; the changes meanwhile merge into one scope, read once the client has
-//! caught up. A client that has not taken an event [`SLOW_AFTER`] after it was queued is
-//! ended as `slow`: what was queued for it is dropped, and it gets the `end` event alone. An event past 64 KiB (the snapshot too) holds its bytes out of the
-//! customer answers' budget (`api.max_answer_bytes`) until it is written; when the budget
-//! has no room, the stream waits (its changes merge) and reads again, and a snapshot is
-//! answered 503. So all streams together hold at most that budget, plus [`MAX_UNSENT`]
-//! and 64 KiB each, plus their views (a few dozen bytes per call shown).
+//! What a stream may hold is bounded. Its socket buffers little ([`SEND_BUFFER`]); the
+//! bytes the socket has not taken (queued here, or held by hyper) are counted, and while
+//! they are past [`MAX_UNSENT`] the stream reads nothing more: the changes meanwhile merge
+//! into one scope, read once the client has caught up. Events go out in pieces of 64 KiB,
+//! and a client that has not taken a piece [`SLOW_AFTER`] after it was queued is ended as
+//! `slow`: what was queued for it is dropped (but the rest of an event begun), and it gets
+//! the `end` event. An event past 64 KiB (the snapshot too) holds its bytes out of the
+//! customer answers' budget (`api.max_answer_bytes`; a node's stream out of the scrapes'
+//! half too) until it is written; when the budget has no room, the stream waits (its
+//! changes merge) and reads again, and a snapshot is answered 503. So all streams together
+//! hold at most that budget, plus [`MAX_UNSENT`] and 64 KiB each, plus their views (a few
+//! dozen bytes per call shown).
 //!
 //! It also ends, with `event: end` and a one-word reason, when its token expires
 //! (`expired`), when a directory reload or a SIGHUP takes away its access, account or
