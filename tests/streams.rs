@@ -701,7 +701,25 @@ fn a_reader_that_stops_reading_is_ended_as_slow_and_sigterm_ends_the_rest() {
     let last = last.expect("the end event");
     assert_eq!((last.event.as_str(), last.data.as_str()), ("end", "slow"));
 
-    // SIGTERM: the open stream gets its end before the agent exits.
+    // A second client stops reading, and is still stuck (behind by more than its socket
+    // holds, not yet ended) when SIGTERM comes: it must not hold the stop up.
+    let mut stuck = Sse::open(agent.api, SCRAPE, &[("Authorization", &auth)]);
+    assert_eq!(stuck.status, 200);
+    for i in 0..3 {
+        let reply = post(
+            agent.feed,
+            "/",
+            &[],
+            &named_snapshot(&format!("stuck{i}"), 2000),
+        );
+        assert_eq!(reply.status, 200);
+        while reading
+            .next_within(Duration::from_secs(10))
+            .is_some_and(|e| e.event != "changes")
+        {}
+    }
+    // SIGTERM: the reading stream gets its end before the agent exits, within its budget.
+    let stopping = Instant::now();
     agent.signal(libc::SIGTERM);
     let mut last = None;
     while let Some(event) = reading.next_within(Duration::from_secs(20)) {
@@ -713,4 +731,10 @@ fn a_reader_that_stops_reading_is_ended_as_slow_and_sigterm_ends_the_rest() {
         ("end", "stopping")
     );
     assert!(agent.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        stopping.elapsed()
+    );
+    drop(stuck.socket);
 }
