@@ -703,7 +703,7 @@ fn a_reader_that_stops_reading_is_ended_as_slow_and_sigterm_ends_the_rest() {
 
     // A second client stops reading, and is still stuck (behind by more than its socket
     // holds, not yet ended) when SIGTERM comes: it must not hold the stop up.
-    let mut stuck = Sse::open(agent.api, SCRAPE, &[("Authorization", &auth)]);
+    let stuck = Sse::open(agent.api, SCRAPE, &[("Authorization", &auth)]);
     assert_eq!(stuck.status, 200);
     for i in 0..3 {
         let reply = post(
