@@ -133,6 +133,15 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     println!();
     println!("Add filters such as &dst-prefix-in-starts-with=44 or &src-name-in-contains=ali.");
     println!();
+    println!("The same account live: its calls, then each change as it happens (Ctrl-C ends it):");
+    println!();
+    println!(
+        "  curl -sN -H 'Accept: text/event-stream' -H 'Authorization: Bearer {token}' 'http://{}{}?account-id={}'",
+        agent.api_addr(),
+        crate::api::OUTGOING_ACTIVE_CALLS,
+        account_uuid
+    );
+    println!();
     println!("Every call of the node, as an aggregator scrapes it (one JSON object a line):");
     println!();
     println!(
