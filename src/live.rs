@@ -468,3 +468,99 @@ impl View {
         Ok(delta)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(node_id: i64, tag: &str, account: i64) -> ChangedCall {
+        ChangedCall {
+            node_id,
+            local_tag: tag.into(),
+            account,
+        }
+    }
+
+    fn calls(list: &[ChangedCall]) -> Scope {
+        Scope {
+            calls: list.to_vec(),
+            ..Scope::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_change_reaches_only_the_streams_it_may_concern() {
+        let feed = Feed::default();
+        let (mut a, mut b, mut node) = (
+            feed.subscribe(Some(101)),
+            feed.subscribe(Some(102)),
+            feed.subscribe(None),
+        );
+        // An event of account 101: its stream and the node's, not 102's.
+        feed.publish(calls(&[call(7, "x", 101)]));
+        assert_eq!(a.try_recv().map(|c| c.scope.calls.len()), Some(1));
+        assert!(node.try_recv().is_some());
+        assert!(b.try_recv().is_none());
+        // A snapshot's node: every stream.
+        feed.publish(Scope {
+            nodes: [7].into(),
+            ..Scope::default()
+        });
+        for sub in [&mut a, &mut b, &mut node] {
+            assert_eq!(sub.try_recv().map(|c| c.scope.nodes.len()), Some(1));
+        }
+        // A stream that left is no longer fed, and the others still are.
+        drop(b);
+        feed.publish(calls(&[call(7, "y", 102)]));
+        assert!(a.try_recv().is_none());
+        assert!(node.try_recv().is_some());
+        assert!(lock(&feed.subscribers).by_account.get(&102).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_inbox_overflows_reads_everything_again() {
+        let feed = Feed::default();
+        let mut sub = feed.subscribe(Some(1));
+        for i in 0..FEED_CAPACITY + 1 {
+            feed.publish(calls(&[call(1, &i.to_string(), 1)]));
+        }
+        // Lost one: the next change it gets is "everything".
+        let first = sub.recv().await.unwrap();
+        assert!(first.scope.everything);
+    }
+
+    #[test]
+    fn merged_scopes_keep_every_place_and_stay_bounded() {
+        let mut scope = calls(&[call(1, "a", 5)]);
+        scope.merge(&Scope {
+            nodes: [2].into(),
+            ..Scope::default()
+        });
+        assert_eq!((scope.nodes.len(), scope.calls.len()), (1, 1));
+        let many: Vec<ChangedCall> = (0..MAX_SCOPE_CALLS)
+            .map(|i| call(3, &i.to_string(), 5))
+            .collect();
+        scope.merge(&calls(&many));
+        // Past the bound, the calls give way to their nodes.
+        assert!(scope.calls.is_empty());
+        assert_eq!(scope.nodes, [1, 2, 3].into());
+        scope.merge(&Scope::everything());
+        assert!(scope.everything && !scope.is_empty());
+    }
+
+    #[test]
+    fn call_ids_are_keyed_stable_and_opaque() {
+        let (one, other) = (CallIds::new(b"key one"), CallIds::new(b"key two"));
+        let id = one.id(7, b"922631C6-DCD0-00000005");
+        assert_eq!(id, one.id(7, b"922631C6-DCD0-00000005"));
+        assert_ne!(
+            id,
+            one.id(8, b"922631C6-DCD0-00000005"),
+            "the node is part of it"
+        );
+        assert_ne!(id, other.id(7, b"922631C6-DCD0-00000005"), "so is the key");
+        let text = id.to_string();
+        assert_eq!(text.len(), 32);
+        assert!(text.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+}
