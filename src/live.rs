@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -75,10 +75,9 @@ impl Scope {
     }
 }
 
-/// One commit's scope, numbered, with the instant it was published.
+/// One commit's scope, with the instant it was published.
 #[derive(Debug)]
 pub struct Change {
-    pub seq: u64,
     pub published: Instant,
     pub scope: Scope,
 }
@@ -92,7 +91,6 @@ pub struct Change {
 #[derive(Clone, Default)]
 pub struct Feed {
     subscribers: Arc<Mutex<Subscribers>>,
-    seq: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -137,7 +135,6 @@ impl Subscription {
     pub async fn recv(&mut self) -> Option<Arc<Change>> {
         if self.lagged.swap(false, Ordering::AcqRel) {
             return Some(Arc::new(Change {
-                seq: 0,
                 published: Instant::now(),
                 scope: Scope::everything(),
             }));
@@ -186,7 +183,6 @@ impl Feed {
             return;
         }
         let change = Arc::new(Change {
-            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             published: Instant::now(),
             scope,
         });
@@ -346,15 +342,6 @@ impl View {
     /// The account this stream shows (`None`: every call of the node).
     pub fn account(&self) -> Option<i64> {
         self.account
-    }
-
-    /// Calls sent and still shown.
-    pub fn len(&self) -> usize {
-        self.sent.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.sent.is_empty()
     }
 
     /// `head`, then the first event's data: every row the selection shows at `now_ms`, in

@@ -269,6 +269,18 @@ impl Watched {
         watched
     }
 
+    /// The node's stream, agreeing with the scrape's `format=JSON` rows.
+    fn node(name: &'static str, addr: SocketAddr) -> Watched {
+        let target = format!("{SCRAPE}?format=JSON");
+        Watched::open(
+            name,
+            addr,
+            SCRAPE.into(),
+            format!("Bearer {SCRAPE_TOKEN}"),
+            target,
+        )
+    }
+
     fn agrees(&self, step: &str) {
         assert_eq!(
             self.running.shown(),
@@ -329,13 +341,7 @@ fn streams_follow_the_sample_events_exactly() {
         customer("102", ACCOUNT_102, "", 5001),
         customer("103", ACCOUNT_103, "", 5002),
         customer("104", ACCOUNT_104, "", 5002),
-        Watched::open(
-            "node",
-            addr,
-            SCRAPE.into(),
-            format!("Bearer {SCRAPE_TOKEN}"),
-            format!("{SCRAPE}?format=JSON"),
-        ),
+        Watched::node("node", addr),
     ];
     // Which streams each sample event touches (samples/README.md): 01–02 an attempt of
     // account 103; 03, 04, 06 account 101 (04 ends an answered call, 06 answers the new
@@ -426,13 +432,7 @@ fn streams_follow_the_sample_events_exactly() {
     }
     // A call keeps its id across streams and reconnects; the ids say nothing of the tags.
     let node = &streams[5].running;
-    let again = Watched::open(
-        "node again",
-        addr,
-        SCRAPE.into(),
-        format!("Bearer {SCRAPE_TOKEN}"),
-        format!("{SCRAPE}?format=JSON"),
-    );
+    let again = Watched::node("node again", addr);
     assert_eq!(
         node.rows.keys().collect::<Vec<_>>(),
         again.running.rows.keys().collect::<Vec<_>>()
@@ -443,13 +443,7 @@ fn streams_follow_the_sample_events_exactly() {
     // same calls names them otherwise.
     let other = start();
     post_snapshot(&other, SAMPLE_SNAPSHOT_2);
-    let elsewhere = Watched::open(
-        "another agent",
-        other.addr(),
-        SCRAPE.into(),
-        format!("Bearer {SCRAPE_TOKEN}"),
-        format!("{SCRAPE}?format=JSON"),
-    );
+    let elsewhere = Watched::node("another agent", other.addr());
     let tags = |running: &Running| -> BTreeMap<String, String> {
         (running.rows.iter())
             .map(|(id, row)| (row["local_tag"].as_str().unwrap().to_owned(), id.clone()))

@@ -105,11 +105,13 @@ pub enum Holder {
 }
 
 impl Holder {
+    /// An aggregator's: its large events take from the scrapes' share of the budget too.
+    fn is_node(&self) -> bool {
+        matches!(self, Holder::Node { .. })
+    }
+
     fn kind(&self) -> &'static str {
-        match self {
-            Holder::Customer { .. } => "customer",
-            Holder::Node { .. } => "node",
-        }
+        if self.is_node() { "node" } else { "customer" }
     }
 
     /// Whether the request would still be answered as it was.
@@ -167,8 +169,7 @@ pub fn open(
         }
     };
     event.extend_from_slice(b"\n\n");
-    let node = matches!(holder, Holder::Node { .. });
-    let Ok(held) = state.answers.hold(event.len(), node) else {
+    let Ok(held) = state.answers.hold(event.len(), holder.is_node()) else {
         return busy(state);
     };
     if let Some(socket) = socket {
@@ -426,8 +427,7 @@ impl Stream {
         }
         let mut event = delta.json_after(&event_head(self.next_id, "changes"));
         event.extend_from_slice(b"\n\n");
-        let node = matches!(self.holder, Holder::Node { .. });
-        let Ok(held) = self.state.answers.hold(event.len(), node) else {
+        let Ok(held) = self.state.answers.hold(event.len(), self.holder.is_node()) else {
             return Ok(false);
         };
         self.view.accept(delta);
