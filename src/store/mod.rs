@@ -61,6 +61,7 @@ mod damage;
 mod events;
 mod nodes;
 mod read;
+mod rows;
 mod stored;
 mod stream;
 mod write;
@@ -70,8 +71,9 @@ pub use damage::{KEEP_SET_ASIDE, SetAside, StoreHealth, is_damage, is_damage_in}
 pub use events::{ChangedCall, EventChanges};
 pub use read::{
     CallListing, CallQuery, CountBy, Filter, MAX_OPEN_READERS, NodeGeneration, NodeStats, Readers,
-    StoreSize, TextColumn, TextMatch, write_json_string,
+    StoreSize, TextColumn, TextMatch,
 };
+pub use rows::write_json_string;
 pub use stream::{Selection, StreamRow, Within};
 pub use write::{Changes, LineKeys, SnapshotTx, Writer};
 

@@ -11,9 +11,8 @@
 
 use rusqlite::Connection;
 
-use super::read::{
-    Bound, CallQuery, ORDER_CALLS, ROW_KEYS, Readers, build_from, write_row, write_scrape_row_open,
-};
+use super::read::{Bound, CallQuery, ORDER_CALLS, Readers, build_from};
+use super::rows::{ROW_KEYS, write_row, write_scrape_row_open};
 
 /// A customer's rows, then the identity of each.
 const STREAM_CUSTOMER_CALLS: &str = concat!(
