@@ -34,46 +34,25 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
-/// The 26 output columns of SPEC 1.3, in its order (`c`: calls, `n`: its node).
-macro_rules! answer_columns {
-    () => {
-        "COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
-    c.connect_time, c.destination_prefix, c.destination_initial_interval, c.destination_initial_rate,
-    c.destination_next_interval, c.destination_next_rate, c.destination_fee,
-    c.src_name_in, c.src_prefix_in, c.dst_prefix_in, c.src_prefix_routing, c.dst_prefix_routing,
-    c.from_domain, c.to_domain, c.ruri_domain,
-    c.diversion_in, c.pai_in, c.ppi_in, c.privacy_in, c.rpid_in, c.rpid_privacy_in,
-    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port"
-    };
-}
-
-/// What a customer query reads: one account of one customer, of the nodes not stale at
-/// the third value bound. Its filters follow (`read::add_filters`).
-macro_rules! customer_calls_from {
-    () => {
-        " FROM calls AS c CROSS JOIN nodes AS n ON n.node_id = c.node_id
-  WHERE c.customer_acc_id = ? AND c.customer_id = ? AND n.expires_at_ms > ?"
-    };
-}
-
+#[macro_use]
+mod answer;
 mod checkpoint;
 mod damage;
 mod events;
 mod nodes;
+#[macro_use]
+mod query;
 mod read;
-mod rows;
 mod stored;
 mod stream;
 mod write;
 
+pub use answer::write_json_string;
 pub use checkpoint::Checkpointer;
 pub use damage::{KEEP_SET_ASIDE, SetAside, StoreHealth, is_damage, is_damage_in};
 pub use events::{ChangedCall, EventChanges};
-pub use read::{
-    CallListing, CallQuery, CountBy, Filter, MAX_OPEN_READERS, NodeGeneration, NodeStats, Readers,
-    StoreSize, TextColumn, TextMatch,
-};
-pub use rows::write_json_string;
+pub use query::{CallListing, CallQuery, CountBy, Filter, TextColumn, TextMatch};
+pub use read::{MAX_OPEN_READERS, NodeGeneration, NodeStats, Readers, StoreSize};
 pub use stream::{Selection, StreamRow, Within};
 pub use write::{Changes, LineKeys, SnapshotTx, Writer};
 

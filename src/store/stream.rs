@@ -11,8 +11,9 @@
 
 use rusqlite::Connection;
 
-use super::read::{Bound, CallQuery, ORDER_CALLS, Readers, build_from};
-use super::rows::{ROW_KEYS, write_row, write_scrape_row_open};
+use super::answer::{ROW_KEYS, write_row, write_scrape_row_open};
+use super::query::{Bound, CallQuery, ORDER_CALLS, build_from};
+use super::read::Readers;
 
 /// A customer's rows, then the identity of each.
 const STREAM_CUSTOMER_CALLS: &str = concat!(

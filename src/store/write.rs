@@ -19,7 +19,7 @@ use rusqlite::{Connection, OpenFlags, params};
 
 use super::events::{self, EventChanges, Heard};
 use super::nodes::{self, Periods, STALE_NODES};
-use super::read::Blob;
+use super::query::Blob;
 use super::stored::{IntMap, IntSet, Stored, StoredCall};
 use super::{Origin, SCHEMA, SCHEMA_VERSION, Staleness, open};
 use crate::call::{CallRow, Event, LineKey};

@@ -7,6 +7,19 @@ use std::io::Write as _;
 
 use rusqlite::types::ValueRef;
 
+/// The 26 output columns of SPEC 1.3, in its order (`c`: calls, `n`: its node).
+macro_rules! answer_columns {
+    () => {
+        "COALESCE(c.snapshot_timestamp, n.snapshot_timestamp), c.start_time,
+    c.connect_time, c.destination_prefix, c.destination_initial_interval, c.destination_initial_rate,
+    c.destination_next_interval, c.destination_next_rate, c.destination_fee,
+    c.src_name_in, c.src_prefix_in, c.dst_prefix_in, c.src_prefix_routing, c.dst_prefix_routing,
+    c.from_domain, c.to_domain, c.ruri_domain,
+    c.diversion_in, c.pai_in, c.ppi_in, c.privacy_in, c.rpid_in, c.rpid_privacy_in,
+    c.auth_orig_transport_protocol_id, c.auth_orig_ip, c.auth_orig_port"
+    };
+}
+
 /// The JSON keys of the 26 answer columns (`answer_columns!`), each with what precedes it
 /// in a row object.
 pub(super) const ROW_KEYS: [&str; 26] = [
