@@ -10,7 +10,7 @@ use std::io::Cursor;
 use std::time::{Duration, Instant, SystemTime};
 
 use active_calls_agent::feed::{InsertLine, apply_snapshot, line_key};
-use active_calls_agent::sems::Switch;
+use active_calls_agent::lab::sems::Switch;
 use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
 };

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 
-use active_calls_agent::sems::{self, Switch};
+use active_calls_agent::lab::sems::{self, Switch};
 
 const PERIOD: i64 = 5;
 

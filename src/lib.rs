@@ -39,11 +39,11 @@
 //! * [`http`]: the accept loop and small answers both HTTP listeners share.
 //! * [`relay`]: every applied snapshot forwarded to the central ClickHouse, through an
 //!   on-disk spool that outlives outages and restarts.
-//! * [`sems`]: a simulated switch, writing snapshots byte for byte as a yeti node does.
-//! * [`demo`]: a newcomer's first run, fed by that simulated switch.
-//! * [`client`]: the small HTTP client the tools drive the agent with, as a switch posts.
-//! * [`bench`]: the performance benchmark, driving the real agent as a child process, and
-//!   [`soak`], a bounded run under load that checks every answer.
+//!
+//! Apart from the product, [`lab`] is the workshop: a simulated switch ([`lab::sems`]),
+//! the `demo` it feeds, the `bench` and `soak` that drive the real agent as a child
+//! process ([`lab::agent`], which the integration tests drive it with too). The product
+//! never imports it (`tests/house.rs` says so).
 //!
 //! [`Agent`] wires them together: one writer thread owns the write connection and applies
 //! snapshot files, posted snapshots, call events and expiry in turn; the file watcher and the socket
@@ -55,23 +55,19 @@
 
 pub mod api;
 pub mod auth;
-pub mod bench;
 pub mod call;
 pub mod calls;
 pub mod check;
-pub mod client;
 pub mod clock;
 pub mod config;
-pub mod demo;
 pub mod directory;
 pub mod feed;
 pub mod http;
+pub mod lab;
 pub mod live;
 pub mod logs;
 pub mod metrics;
 pub mod relay;
-pub mod sems;
-pub mod soak;
 pub mod store;
 pub mod watch;
 

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 use active_calls_agent::auth::Authenticator;
 use active_calls_agent::config::Config;
-use active_calls_agent::demo::{self, DemoOptions};
+use active_calls_agent::lab::demo::{self, DemoOptions};
 
 #[derive(Parser)]
 #[command(
@@ -214,7 +214,7 @@ fn run() -> anyhow::Result<ExitCode> {
             hostile,
             events,
             streams,
-        } => active_calls_agent::bench::run(active_calls_agent::bench::BenchOptions {
+        } => active_calls_agent::lab::bench::run(active_calls_agent::lab::bench::BenchOptions {
             calls,
             small_calls,
             seconds: seconds.max(1),
@@ -231,7 +231,7 @@ fn run() -> anyhow::Result<ExitCode> {
             rate,
             min_calls,
             max_calls,
-        } => active_calls_agent::soak::run(active_calls_agent::soak::SoakOptions {
+        } => active_calls_agent::lab::soak::run(active_calls_agent::lab::soak::SoakOptions {
             seconds: seconds.max(1),
             connections: connections.max(1),
             rate,

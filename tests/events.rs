@@ -503,7 +503,7 @@ fn a_flood_of_events_past_the_bound_gets_503_and_the_rest_apply() {
     let agent = start_with(|c| c.feed.max_queued_events = 1);
     let feed = agent.agent().feed_addr().unwrap();
     // A large snapshot keeps the writer busy for a while: events queue behind it.
-    let mut switch = active_calls_agent::sems::Switch::new(3);
+    let mut switch = active_calls_agent::lab::sems::Switch::new(3);
     switch.fill(10_000, 1_764_081_000);
     let big = switch.render(1_764_081_000);
     let posting = std::thread::spawn(move || post(feed, "/", &[], &big).status);
@@ -548,7 +548,7 @@ fn a_flood_of_events_past_the_bound_gets_503_and_the_rest_apply() {
 fn a_node_posting_every_two_seconds_is_empty_within_nine_once_silent() {
     // The default, feed.stale_after = "auto".
     let agent = start_with(|c| c.feed.stale_after = Default::default());
-    let mut switch = active_calls_agent::sems::Switch::new(11);
+    let mut switch = active_calls_agent::lab::sems::Switch::new(11);
     let first = unix_now() as i64;
     switch.fill(50, first);
     // When the last snapshot was sent (it is received after that) and answered.
@@ -715,7 +715,7 @@ fn a_switchs_events_leave_the_state_its_next_snapshot_has_among_other_nodes() {
     for buffering in [false, true] {
         let agent = start();
         let feed = agent.agent().feed_addr().unwrap();
-        let mut switch = active_calls_agent::sems::Switch::new(21).buffering(buffering);
+        let mut switch = active_calls_agent::lab::sems::Switch::new(21).buffering(buffering);
         let at = 1_764_081_000;
         switch.fill(300, at);
         agent.post_snapshot(std::str::from_utf8(&switch.render(at)).unwrap());
@@ -723,7 +723,7 @@ fn a_switchs_events_leave_the_state_its_next_snapshot_has_among_other_nodes() {
         // Node 1's period and node 7's sample events, interleaved as they arrive.
         let generated = switch.period_with_events(at + 5, 5);
         assert!(generated.len() > 20, "{}", generated.len());
-        let mut poster = active_calls_agent::client::EventPoster::new(feed);
+        let mut poster = active_calls_agent::lab::client::EventPoster::new(feed);
         let mut status = agent.agent().feed_status();
         let before = status.borrow_and_update().events;
         let samples = EVENTS.iter().map(|e| e.as_bytes());
@@ -775,14 +775,14 @@ fn events_that_come_while_a_snapshot_applies_are_kept_even_when_it_is_rejected()
         let feed = agent.agent().feed_addr().unwrap();
         agent.post_snapshot(SAMPLE_SNAPSHOT_2);
         // A large snapshot of another node, taking a while; rejected at its last line.
-        let mut switch = active_calls_agent::sems::Switch::new(4);
+        let mut switch = active_calls_agent::lab::sems::Switch::new(4);
         switch.fill(8_000, 1_764_081_000);
         let mut big = switch.render(1_764_081_000);
         if rejected {
             big.extend_from_slice(b"not a row\n");
         }
         let posting = std::thread::spawn(move || post(feed, "/", &[], &big).status);
-        let mut poster = active_calls_agent::client::EventPoster::new(feed);
+        let mut poster = active_calls_agent::lab::client::EventPoster::new(feed);
         let mut taken = Vec::new();
         while !posting.is_finished() {
             let tag = format!("DURING-{}", taken.len());
@@ -836,7 +836,7 @@ fn an_event_does_not_bring_back_the_calls_of_a_node_that_expired() {
 fn a_file_that_drops_a_node_keeps_the_calls_events_made_after_it() {
     let agent = start();
     let feed = agent.agent().feed_addr().unwrap();
-    let mut switch = active_calls_agent::sems::Switch::new(8);
+    let mut switch = active_calls_agent::lab::sems::Switch::new(8);
     let now = unix_now() as i64;
     switch.fill(30, now - 10);
     let mut status = agent.agent().feed_status();
@@ -845,7 +845,7 @@ fn a_file_that_drops_a_node_keeps_the_calls_events_made_after_it() {
     assert_eq!(scraped(&agent).len(), 30);
     // Events dated after the next file is written (the agent's clock is the switch's).
     let events = switch.events(30, (now + 1) * 1000, (now + 2) * 1000);
-    let mut poster = active_calls_agent::client::EventPoster::new(feed);
+    let mut poster = active_calls_agent::lab::client::EventPoster::new(feed);
     let before = status.borrow_and_update().events;
     for event in &events {
         assert_eq!(poster.post(&event.body).unwrap(), 200);

@@ -460,7 +460,7 @@ fn a_scrape_client_that_stops_reading_holds_no_read_open_and_still_gets_its_answ
     // back: a third scrape is answered. Then the switch rewrites every call six times, and
     // the WAL is copied back and started again each time rather than grown by each.
     let stalled_scrape = || {
-        let mut slow = active_calls_agent::bench::small_buffer_connection(agent.api).unwrap();
+        let mut slow = active_calls_agent::lab::bench::small_buffer_connection(agent.api).unwrap();
         slow.write_all(
             b"GET /api/rest/node/v1/active-calls HTTP/1.1\r\nHost: x\r\n\
               Authorization: Bearer scrape-token-0123456789abcdef\r\nConnection: close\r\n\r\n",

@@ -270,7 +270,7 @@ fn a_client_that_never_reads_is_closed_after_the_write_timeout() {
 
 /// Sends a GET for `query` and reads its status line only.
 fn begin_get(addr: SocketAddr, query: &str) -> (TcpStream, String) {
-    let mut stream = active_calls_agent::bench::small_buffer_connection(addr).unwrap();
+    let mut stream = active_calls_agent::lab::bench::small_buffer_connection(addr).unwrap();
     let request = format!(
         "GET {ENDPOINT}?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n\r\n",
         token_for(5001)

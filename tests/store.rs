@@ -5,7 +5,7 @@ use std::io::Cursor;
 use std::time::SystemTime;
 
 use active_calls_agent::feed::{InsertLine, apply_snapshot};
-use active_calls_agent::sems::Switch;
+use active_calls_agent::lab::sems::Switch;
 use active_calls_agent::store::{
     CallQuery, Filter, Origin, Readers, TextColumn, TextMatch, Writer,
 };

@@ -1,6 +1,6 @@
 //! `active-calls-agent soak`: a bounded soak under load (RELIABILITY.md).
 //!
-//! The real agent runs as a child process, as in [`crate::bench`]. A simulated switch
+//! The real agent runs as a child process, as in [`crate::lab::bench`]. A simulated switch
 //! sends a snapshot of 10k–100k calls every second (or as soon as the previous one is
 //! in, when an apply takes longer), over the socket and through the file in turn, while
 //! several keep-alive connections send a mix of customer queries. It fails (exit 1) on any
@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 
-use crate::bench::{AgentProcess, random_query, rss_mb, tokens};
-use crate::client::Conn;
 use crate::clock::format_datetime;
 use crate::clock::unix_now;
-use crate::sems::{Switch, customer_of, uuid_of};
+use crate::lab::bench::{AgentProcess, random_query, rss_mb, tokens};
+use crate::lab::client::Conn;
+use crate::lab::sems::{Switch, customer_of, uuid_of};
 
 /// The soak's options (the `soak` command's flags).
 #[derive(Debug, Clone)]

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{SCRAPE_TOKEN, SECRET};
-use crate::client::post_snapshot;
-use crate::sems::directory_json;
+use crate::lab::bench::{SCRAPE_TOKEN, SECRET};
+use crate::lab::client::post_snapshot;
+use crate::lab::sems::directory_json;
 
 pub(crate) struct AgentProcess {
     child: Child,

@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use super::agent::AgentProcess;
 use super::sleep_until;
 use super::{ENDPOINT, PERIOD, latencies, p50_p99, percentile, sorted, tokens};
 use crate::call::EventKind;
-use crate::client::{Conn, EventPoster, post_snapshot};
 use crate::clock::unix_now;
-use crate::sems::{CallEvent, Switch, customer_of, uuid_of};
+use crate::lab::agent::AgentProcess;
+use crate::lab::client::{Conn, EventPoster, post_snapshot};
+use crate::lab::sems::{CallEvent, Switch, customer_of, uuid_of};
 
 /// Events timed for their answer, and `started` ones timed until they show.
 const ANSWERED: usize = 3000;

@@ -26,11 +26,11 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::agent::AgentProcess;
 use super::{ENDPOINT, PERIOD, p50_p99, sleep_until, small_buffer_connection};
-use crate::client::{EventPoster, post_snapshot};
 use crate::clock::unix_now;
-use crate::sems::{ACCOUNTS, BIG_ACCOUNT, CallEvent, Switch, customer_of, uuid_of};
+use crate::lab::agent::AgentProcess;
+use crate::lab::client::{EventPoster, post_snapshot};
+use crate::lab::sems::{ACCOUNTS, BIG_ACCOUNT, CallEvent, Switch, customer_of, uuid_of};
 
 /// How long each run of events lasts.
 const EVENTS_FOR: Duration = Duration::from_secs(10);
@@ -238,7 +238,7 @@ pub(super) fn run(
         let (posted, _, cpu_none) = post_events(&agent, &mut poster, &mut switch, &mut now, calls)?;
         // The same reads as the streams' snapshots, as plain requests: the read pool's
         // page cache (bounded, and the same whoever reads) is then warm in both figures.
-        let mut conn = crate::client::Conn::open(agent.api)?;
+        let mut conn = crate::lab::client::Conn::open(agent.api)?;
         for account in 1..=ACCOUNTS {
             let target = format!("{ENDPOINT}?account-id={}", uuid_of(account));
             conn.get(&target, &tokens[&customer_of(account)])?;
@@ -498,7 +498,7 @@ fn non_readers(
 
 /// How many streams the agent has ended as slow, from its metrics.
 fn slow_ended(agent: &AgentProcess) -> anyhow::Result<f64> {
-    let mut conn = crate::client::Conn::open(agent.api)?;
+    let mut conn = crate::lab::client::Conn::open(agent.api)?;
     let reply = conn.get("/metrics", "")?;
     let text = String::from_utf8_lossy(&reply.body);
     let series = "active_calls_agent_streams_ended_total{reason=\"slow\"} ";

@@ -187,7 +187,7 @@ fn template(mut entries: Vec<(&str, Source)>) -> Template {
 /// makes has the same keys (with `buffered` or without), so the byte order of an event's
 /// keys and where each value comes from are worked out once; an event is then text and
 /// values copied in a fixed order, with no key looked up or compared.
-pub(in crate::sems) struct Layout {
+pub(in crate::lab::sems) struct Layout {
     /// The row's keys, in its order.
     keys: Vec<&'static str>,
     routing: Template,

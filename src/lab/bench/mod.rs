@@ -18,19 +18,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::bail;
 
-mod agent;
 mod events;
 mod hostile;
 mod streams;
 
-use crate::client::{Conn, post_snapshot};
-pub(crate) use agent::{AgentProcess, rss_mb};
-use agent::{scrape, wait_for_spooled};
+pub(crate) use crate::lab::agent::{AgentProcess, rss_mb};
+use crate::lab::agent::{scrape, wait_for_spooled};
+use crate::lab::client::{Conn, post_snapshot};
 pub use hostile::small_buffer_connection;
 
 use crate::auth::Authenticator;
 use crate::clock::unix_now;
-use crate::sems::{
+use crate::lab::sems::{
     ACCOUNTS, BIG_ACCOUNT, CUSTOMERS, Style, Switch, customer_of, directory_json, uuid_of,
 };
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use super::agent::AgentProcess;
 use super::{BenchOptions, ENDPOINT, SCRAPE_TOKEN, Series, tokens};
-use crate::sems::{BIG_ACCOUNT, customer_of, uuid_of};
+use crate::lab::agent::AgentProcess;
+use crate::lab::sems::{BIG_ACCOUNT, customer_of, uuid_of};
 
 /// How many slow readers, feed tricklers, and for how long the readers read.
 const SLOW_READERS: usize = 50;
@@ -135,7 +135,7 @@ fn wal_beside_a_slow_scrape(
     let dir = base.join("hostile-wal");
     let agent = AgentProcess::start(&dir)?;
     let wal = || std::fs::metadata(dir.join("active-calls.db-wal")).map_or(0, |m| m.len());
-    let mut switch = crate::sems::Switch::new(7);
+    let mut switch = crate::lab::sems::Switch::new(7);
     let mut now = crate::clock::unix_now();
     switch.fill(CALLS, now);
     agent.post(&switch.render(now))?;

@@ -1,7 +1,7 @@
 //! `active-calls-agent demo`: a newcomer's first run.
 //!
 //! The demo writes a directory and a configuration into a folder, starts a simulated
-//! switch ([`crate::sems::Switch`], SEMS's own bytes) that rewrites the snapshot file every
+//! switch ([`crate::lab::sems::Switch`], SEMS's own bytes) that rewrites the snapshot file every
 //! period (temporary file, then rename, as a real writer should) and, between snapshots,
 //! posts each call's events to the feed listener as a node with `http_events_destination`
 //! does (so a call can be seen to start and end between two snapshots), serves, and prints
@@ -15,10 +15,10 @@ use anyhow::Context;
 
 use crate::Agent;
 use crate::auth::Authenticator;
-use crate::client::EventPoster;
 use crate::clock::unix_now;
 use crate::config::Config;
-use crate::sems::{BIG_ACCOUNT, Switch, customer_of, directory_json, uuid_of};
+use crate::lab::client::EventPoster;
+use crate::lab::sems::{BIG_ACCOUNT, Switch, customer_of, directory_json, uuid_of};
 
 /// Writes `content` to `path` atomically: a temporary file in the same directory, then a
 /// rename over the target, so a reader never sees it half-written.

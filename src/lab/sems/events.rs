@@ -240,7 +240,7 @@ mod tests {
     use super::body::{CONNECTED_KEYS, ROUTING_FLAGS, ROUTING_KEYS, ROUTING_NULLS, STARTED_KEYS};
     use super::*;
     use crate::clock::format_datetime;
-    use crate::sems::tests::{NOW, rows, spaced, value};
+    use crate::lab::sems::tests::{NOW, rows, spaced, value};
 
     /// Any JSON value, accepted only if every object in it, at every level, has its keys
     /// in strictly increasing byte order.
@@ -295,12 +295,13 @@ mod tests {
         }
     }
 
-    const STARTED: &str = include_str!("../../tests/fixtures/events/01-started-EPH.json");
-    const REFUSED: &str = include_str!("../../tests/fixtures/events/02-disconnected-EPH.json");
-    const HUNG_UP: &str = include_str!("../../tests/fixtures/events/04-disconnected-922631C6.json");
+    const STARTED: &str = include_str!("../../../tests/fixtures/events/01-started-EPH.json");
+    const REFUSED: &str = include_str!("../../../tests/fixtures/events/02-disconnected-EPH.json");
+    const HUNG_UP: &str =
+        include_str!("../../../tests/fixtures/events/04-disconnected-922631C6.json");
     const CANCELLED: &str =
-        include_str!("../../tests/fixtures/events/05-disconnected-81CC8265.json");
-    const CONNECTED: &str = include_str!("../../tests/fixtures/events/06-connected-LIVE.json");
+        include_str!("../../../tests/fixtures/events/05-disconnected-81CC8265.json");
+    const CONNECTED: &str = include_str!("../../../tests/fixtures/events/06-connected-LIVE.json");
 
     /// The data keys that hold instants.
     const TIMES: [&str; 8] = [
