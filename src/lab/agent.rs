@@ -1,11 +1,13 @@
-//! The agent under test, and the client side of the benchmark: the agent run as a child
-//! process over its own folder, a minimal keep-alive HTTP/1.1 client (the load generator
-//! must not be the bottleneck), and what is read of the process from `/proc`.
+//! The one driver of the real agent from outside: the release or test binary run as a
+//! child process (so its memory and CPU are its own), the addresses and lines it logs,
+//! signals, and what is read of it from `/proc`. `bench`, `soak` and the integration tests
+//! all start the agent through [`AgentProcess`], so they agree on how a start is
+//! recognised and how a run is stopped.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -15,16 +17,75 @@ use crate::lab::bench::{SCRAPE_TOKEN, SECRET};
 use crate::lab::client::post_snapshot;
 use crate::lab::sems::directory_json;
 
-pub(crate) struct AgentProcess {
-    child: Child,
-    pub(crate) api: SocketAddr,
-    pub(crate) feed: SocketAddr,
-    /// Server-side apply durations (ms) from the agent's log lines, as they come.
-    applied: mpsc::Receiver<f64>,
+/// How long a start may take before its listeners are logged.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// The agent as a child process, with the addresses it logged and the rest of its log.
+/// Dropped, it is killed: a run that fails leaves no agent behind.
+pub struct AgentProcess {
+    pub child: Child,
+    pub api: SocketAddr,
+    pub feed: SocketAddr,
+    /// The metrics listener, when the configuration has one.
+    pub metrics: Option<SocketAddr>,
+    /// The lines logged since the start, as they come.
+    pub log: mpsc::Receiver<String>,
+    /// The lines logged until both listeners were (what a start logs about itself).
+    pub start_log: Vec<String>,
+    /// The watched snapshot file, for an agent of [`start`](Self::start)'s folder.
     snapshot_file: PathBuf,
 }
 
 impl AgentProcess {
+    /// Runs `binary serve --config <config>` (at `info`, with `env` added), and waits until
+    /// it has logged its API and feed listeners.
+    pub fn spawn(binary: &Path, config: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stderr = child.stderr.take().context("the agent's stderr")?;
+        let (lines_tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut api, mut feed, mut metrics) = (None, None, None);
+        let mut start_log = Vec::new();
+        while api.is_none() || feed.is_none() {
+            let line = log
+                .recv_timeout(START_LIMIT)
+                .with_context(|| format!("the agent did not log its listeners: {start_log:#?}"))?;
+            let addr = line.rsplit('=').next().and_then(|a| a.trim().parse().ok());
+            if line.contains("serving /api") {
+                api = addr;
+            } else if line.contains("taking snapshots over HTTP") {
+                feed = addr;
+            } else if line.contains("serving /metrics") {
+                metrics = addr;
+            }
+            start_log.push(line);
+        }
+        Ok(AgentProcess {
+            child,
+            api: api.context("no API address")?,
+            feed: feed.context("no feed address")?,
+            metrics,
+            log,
+            start_log,
+            snapshot_file: config.with_file_name("snapshot.jsonl"),
+        })
+    }
+
+    /// The benchmark's agent: this binary over `dir` (created), fed by the simulated
+    /// switch's directory, a watched snapshot file and an HTTP feed.
     pub(crate) fn start(dir: &Path) -> anyhow::Result<AgentProcess> {
         Self::start_with(dir, "")
     }
@@ -41,7 +102,6 @@ impl AgentProcess {
         upstream: &str,
     ) -> anyhow::Result<AgentProcess> {
         std::fs::create_dir_all(dir)?;
-        let snapshot_file = dir.join("snapshot.jsonl");
         let config = dir.join("config.toml");
         std::fs::write(dir.join("directory.json"), directory_json())?;
         std::fs::write(dir.join("scrape-tokens"), SCRAPE_TOKEN)?;
@@ -52,63 +112,87 @@ impl AgentProcess {
                  [feed]\nwatch = {:?}\nlisten = \"127.0.0.1:0\"\nstale_after = 0\n\
                  [directory]\npath = {:?}\n[upstream]\nscrape_tokens_file = {:?}\n{upstream}\n",
                 dir.join("active-calls.db"),
-                snapshot_file,
+                dir.join("snapshot.jsonl"),
                 dir.join("directory.json"),
                 dir.join("scrape-tokens"),
             ),
         )?;
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the agent")?;
-        let stderr = child.stderr.take().context("the agent's stderr")?;
-        let (lines_tx, lines) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let (mut api, mut feed) = (None, None);
-        while api.is_none() || feed.is_none() {
-            let line = lines
-                .recv_timeout(Duration::from_secs(30))
-                .context("the agent did not start")?;
-            let addr = || line.rsplit('=').next()?.trim().parse::<SocketAddr>().ok();
-            if line.contains("serving") {
-                api = addr();
-            } else if line.contains("taking snapshots over HTTP") {
-                feed = addr();
-            }
+        Self::spawn(&std::env::current_exe()?, &config, &[])
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(mut self) -> std::io::Result<ExitStatus> {
+        self.child.kill()?;
+        self.child.wait()
+    }
+
+    /// Sends `signal` (libc's number) to it.
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        let pid = i32::try_from(self.child.id()).map_err(std::io::Error::other)?;
+        // SAFETY: kill() only sends a signal to our own child; it touches no memory.
+        match unsafe { libc::kill(pid, signal) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
         }
-        let (applied_tx, applied) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in lines {
-                if line.contains("snapshot rejected") {
-                    eprintln!("agent: {line}");
-                }
-                let ms = line
-                    .split("duration_ms=")
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok());
-                if let Some(ms) = ms
-                    && applied_tx.send(ms).is_err()
-                {
-                    break;
-                }
+    }
+
+    /// Waits (at most `limit`) for it to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
             }
-        });
-        Ok(AgentProcess {
-            child,
-            api: api.context("no API address")?,
-            feed: feed.context("no feed address")?,
-            applied,
-            snapshot_file,
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the agent did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (at most `limit`) for a log line containing `text`, and returns it.
+    pub fn wait_log(&self, text: &str, limit: Duration) -> anyhow::Result<String> {
+        self.wait_log_for(limit, |line| line.contains(text).then(|| line.to_owned()))
+            .with_context(|| format!("no log line with {text:?} within {limit:?}"))
+    }
+
+    /// The first log line (within `limit`) that `found` makes something of; the lines
+    /// passed over are in the error.
+    fn wait_log_for<T>(
+        &self,
+        limit: Duration,
+        found: impl Fn(&str) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.log.recv_timeout(left) else {
+                anyhow::bail!("it logged:\n{}", seen.join("\n"));
+            };
+            if let Some(found) = found(&line) {
+                return Ok(found);
+            }
+            if line.contains("snapshot rejected") {
+                eprintln!("agent: {line}");
+            }
+            seen.push(line);
+        }
+    }
+
+    /// The apply duration (ms) of the next snapshot the agent logs as applied.
+    fn next_applied_ms(&self) -> anyhow::Result<f64> {
+        self.wait_log_for(Duration::from_secs(120), |line| {
+            let rest = line.split("duration_ms=").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
         })
+        .context("no snapshot was logged as applied")
+    }
+
+    /// Forgets the lines logged so far, so that what is waited for next is new.
+    fn skip_log(&self) {
+        while self.log.try_recv().is_ok() {}
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -133,13 +217,10 @@ impl AgentProcess {
     /// `Content-Type`, and `Expect: 100-continue` answered before the body goes); the
     /// client-observed time until the 200, and the apply time the agent logged.
     pub(crate) fn post(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
-        while self.applied.try_recv().is_ok() {}
+        self.skip_log();
         let started = Instant::now();
         post_snapshot(self.feed, body)?;
-        let ms = self
-            .applied
-            .recv_timeout(Duration::from_secs(120))
-            .context("the snapshot was not logged as applied")?;
+        let ms = self.next_applied_ms()?;
         Ok((started.elapsed(), ms))
     }
 
@@ -184,13 +265,10 @@ impl AgentProcess {
     pub(crate) fn feed_file(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
         let tmp = self.snapshot_file.with_extension("writing");
         std::fs::write(&tmp, body)?;
-        while self.applied.try_recv().is_ok() {}
+        self.skip_log();
         let started = Instant::now();
         std::fs::rename(&tmp, &self.snapshot_file)?;
-        let ms = self
-            .applied
-            .recv_timeout(Duration::from_secs(120))
-            .context("the file was not applied")?;
+        let ms = self.next_applied_ms()?;
         Ok((started.elapsed(), ms))
     }
 }

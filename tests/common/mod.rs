@@ -4,15 +4,16 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, SystemTime};
 
 use active_calls_agent::config::{Config, StaleAfter};
 use active_calls_agent::feed::ApplyReport;
+use active_calls_agent::lab::agent::AgentProcess;
 use active_calls_agent::{Agent, FeedStatus};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;
@@ -257,24 +258,21 @@ pub fn check(config: &Path) -> (bool, String) {
     )
 }
 
-/// The agent as a child process (the real binary), with the addresses it logged and the
-/// rest of its log lines.
-pub struct Process {
-    pub child: Child,
-    pub api: SocketAddr,
-    pub feed: SocketAddr,
-    /// The metrics listener, when the configuration has one.
-    pub metrics: Option<SocketAddr>,
-    pub log: mpsc::Receiver<String>,
-    /// The lines logged before both listeners were (what a start logs about itself).
-    pub start_log: Vec<String>,
+/// The agent as a child process (the real binary), through the lab's driver, which
+/// `bench` and `soak` start it with too; what a test waits for is a failure if it does not
+/// come.
+pub struct Process(AgentProcess);
+
+impl Deref for Process {
+    type Target = AgentProcess;
+    fn deref(&self) -> &AgentProcess {
+        &self.0
+    }
 }
 
-/// A test that fails leaves no agent behind.
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut AgentProcess {
+        &mut self.0
     }
 }
 
@@ -286,100 +284,29 @@ impl Process {
     /// Starts the binary with extra environment variables, and waits until it has logged
     /// both listeners.
     pub fn start_with_env(config: &Path, env: &[(&str, &str)]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_active-calls-agent"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let stderr = child.stderr.take().unwrap();
-        let (lines_tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = lines_tx.send(line);
-            }
-        });
-        let (mut api, mut feed, mut metrics) = (None, None, None);
-        let mut start_log = Vec::new();
-        while api.is_none() || feed.is_none() {
-            let line = log
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the agent logs its listeners within 30 s");
-            start_log.push(line.clone());
-            let addr = || {
-                line.rsplit('=')
-                    .next()
-                    .unwrap()
-                    .trim()
-                    .parse::<SocketAddr>()
-                    .ok()
-            };
-            if line.contains("serving /api") {
-                api = addr();
-            } else if line.contains("taking snapshots over HTTP") {
-                feed = addr();
-            } else if line.contains("serving /metrics") {
-                metrics = addr();
-            }
-        }
-        Process {
-            child,
-            api: api.unwrap(),
-            feed: feed.unwrap(),
-            metrics,
-            log,
-            start_log,
-        }
+        let binary = Path::new(env!("CARGO_BIN_EXE_active-calls-agent"));
+        Process(AgentProcess::spawn(binary, config, env).expect("the agent starts"))
     }
 
-    pub fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
+    pub fn kill(self) {
+        self.0.kill().expect("SIGKILL");
     }
 
     /// Sends `signal` (libc's number) to the process.
     pub fn signal(&self, signal: i32) {
-        let pid = i32::try_from(self.child.id()).unwrap();
-        // SAFETY: kill() only sends a signal to our own child; it touches no memory.
-        assert_eq!(
-            unsafe { libc::kill(pid, signal) },
-            0,
-            "kill({pid}, {signal})"
-        );
+        self.0.signal(signal).expect("kill()");
     }
 
     /// Waits (at most `limit`) for the process to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0.wait_exit(limit).unwrap()
     }
 
     /// Waits (at most 10 s) for a log line containing `text`, and returns it.
     pub fn wait_log(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!(
-                    "no log line with {text:?} within 10 s; it logged:\n{}",
-                    seen.join("\n")
-                ),
-            }
-        }
+        self.0
+            .wait_log(text, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The names of account 101's calls, and how many there are.
