@@ -142,173 +142,44 @@ impl Agent {
     /// Opens the store, starts the writer, watches and reads the directory and snapshot
     /// files, and binds the listeners. Returns once the directory has been read and the
     /// listeners are bound (the snapshot file may still be applying).
+    ///
+    /// Each step is one function below, in the order they must happen: what one starts, the
+    /// next is handed.
     pub async fn start(config: &Config) -> anyhow::Result<Agent> {
         // A wrong `[upstream]` stops the start, before anything is opened or created: that
         // is a configuration to fix, and `check` names it. (The configuration does not
         // check it when read: the relay builds on the configuration, not the other way.)
         let relay_settings = relay::Settings::from_config(&config.upstream)?;
-        // Without a secret the agent still serves (every token gets 401, /readyz says why),
-        // so that the operator sees it running and its logs say why.
-        let auth = match authenticator(config) {
-            Ok(auth) => {
-                if !auth.has_secret() {
-                    tracing::warn!("{}: every request will get 401", config.missing_secret());
-                }
-                auth
-            }
-            Err(e) => {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    "no usable JWT secret: every request will get 401"
-                );
-                Authenticator::new(None, Duration::ZERO)
-            }
-        };
-
+        let auth = authenticator_or_refusing(config);
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
-        // A store SQLite cannot read does not keep the node down: it holds nothing the
-        // switch does not send again, so it is set aside and the agent starts on a new one.
-        let (mut store, replaced) = Writer::open_or_replace(&config.store.path)?;
-        store
-            .set_staleness(config.staleness())
-            .context("setting the nodes' expiry from feed.stale_after")?;
-        let readers = Arc::new(Readers::new(&config.store.path));
-        if let Some(aside) = replaced {
-            tracing::error!(
-                store = %config.store.path.display(),
-                error = %aside.why,
-                set_aside = %aside.to.display(),
-                "the store could not be read: it was set aside and a new one created; not ready until the next snapshot"
-            );
-            metrics.store_replaced();
-            (readers.health()).replaced(feed::writer::replaced_line(&config.store.path, &aside));
-        }
-        let watch_path =
-            (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone());
-        // Before the writer: the snapshot file it applies first is relayed too. A relay
-        // that cannot start (its spool cannot be made: a full disk, permissions) must not
-        // keep the customer API down: the agent runs without it, and says so (an error
-        // line, `relay_running 0`).
-        let relay = match relay_settings {
-            Some(settings) => match relay::Relay::start(&settings, &metrics) {
-                Ok(relay) => Some(relay),
-                Err(e) => {
-                    tracing::error!(
-                        error = format!("{e:#}"),
-                        "the relay could not start: snapshots are applied and served, but not relayed to ClickHouse until a restart"
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
+        let (store, readers) = open_store(config, &metrics)?;
+        // Before the writer: the snapshot file it applies first is relayed too.
+        let relay = relay_settings.and_then(|settings| start_relay(&settings, &metrics));
         metrics.relay_running(relay.is_some());
         let live = live::Feed::default();
-        let writer = WriterThread::spawn(
-            store,
-            watch_path.clone(),
-            config.feed.max_queued_events,
-            metrics.clone(),
-            health.writer_running.clone(),
-            readers.health().clone(),
-            Committed {
-                relay: relay
-                    .as_ref()
-                    .map(|relay| Box::new(relay.spool()) as Box<dyn Forward>),
-                live: live.clone(),
-            },
-        )?;
-
-        // A reader that finds the store damaged tells the writer, which replaces it.
-        readers.health().on_damage({
-            let handle = writer.handle.clone();
-            move |generation| {
-                handle.send(Job::Damage(generation));
-            }
-        });
-
-        // The watcher also does the first read of both files.
-        let directory = Arc::new(SwapCell::new(Directory::default()));
-        let (reloads_tx, mut directory_reloads) = signal::channel(0u64);
-        let reread_directory: Arc<dyn Fn() + Send + Sync> = Arc::new({
-            let directory = directory.clone();
-            let path = config.directory.path.clone();
-            let (metrics, health) = (metrics.clone(), health.clone());
-            // The watcher and SIGHUP may both re-read: one at a time, so that a slow read
-            // of the old file cannot land after a fast read of the new one.
-            let one_at_a_time = std::sync::Mutex::new(());
-            move || {
-                let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
-                let loaded = reload_directory(&directory, &path);
-                metrics.directory_load(loaded);
-                if loaded {
-                    health.directory_loaded.store(true, Ordering::Release);
-                }
-                // Last: whoever waits on the count sees the health and metrics of this read.
-                reloads_tx.send_modify(|n| *n += 1);
-            }
-        });
-        let mut targets = vec![watch::Target {
-            path: config.directory.path.clone(),
-            on_change: Box::new({
-                let reread = reread_directory.clone();
-                move || reread()
-            }),
-        }];
-        if let Some(path) = watch_path {
-            let handle = writer.handle.clone();
-            targets.push(watch::Target {
-                path,
-                on_change: Box::new(move || {
-                    handle.send(Job::ApplyFile);
-                }),
-            });
-        }
-        let watcher = watch::watch(targets).context("starting the file watch")?;
+        let committed = Committed {
+            relay: (relay.as_ref()).map(|relay| Box::new(relay.spool()) as Box<dyn Forward>),
+            live: live.clone(),
+        };
+        let writer = start_writer(config, store, &readers, &metrics, &health, committed)?;
+        let directory = DirectoryReader::new(config, &metrics, &health);
+        let watcher = watch_files(config, &directory, &writer)?;
+        let DirectoryReader {
+            directory,
+            reloads: mut directory_reloads,
+            reread: reread_directory,
+        } = directory;
         // Serve only once the directory has been read: before it, every account is unknown.
         directory_reloads
             .wait_for(|n| *n > 0)
             .await
             .context("the file watch stopped before reading the directory")?;
 
-        let (shutdown, shutdown_rx) = signal::channel(false);
+        let (shutdown, stopping) = signal::channel(false);
         let mut servers = Vec::new();
-        if let Some(why) = config.feed_exposed() {
-            tracing::warn!("{why}");
-        }
-        let feed_addr = if config.feed.listen.is_empty() {
-            None
-        } else {
-            let (listener, addr) = http::bind(&config.feed.listen, "feed").await?;
-            let settings = Arc::new(SocketSettings {
-                user: config.feed.user.clone(),
-                password: config.feed.password.clone(),
-                max_body_bytes: config.feed.max_body_bytes,
-                // Beside the store: a folder the agent may write, under systemd too.
-                spill_dir: match config.store.path.parent() {
-                    Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-                    _ => ".".into(),
-                },
-                store: readers.health().clone(),
-            });
-            let counted = ListenerSettings {
-                name: "feed",
-                metrics: metrics.clone(),
-                max_connections: config.feed.max_connections,
-                routes: &ROUTES,
-            };
-            servers.push(tokio::spawn(feed::socket::serve(
-                listener,
-                writer.handle.clone(),
-                settings,
-                counted,
-                shutdown_rx.clone(),
-            )));
-            tracing::info!(%addr, "taking snapshots over HTTP (ClickHouse-compatible)");
-            Some(addr)
-        };
-
+        let feed_addr =
+            serve_feed(config, &writer, &readers, &metrics, &stopping, &mut servers).await?;
         let state = Arc::new(ApiState {
             readers,
             directory,
@@ -321,51 +192,9 @@ impl Agent {
             live,
             streams: Arc::new(tokio::sync::Semaphore::new(config.api.max_streams)),
             reloads: directory_reloads.clone(),
-            stopping: shutdown_rx.clone(),
+            stopping: stopping.clone(),
         });
-        let separate_metrics = !config.metrics.listen.is_empty();
-        let metrics_addr = if separate_metrics {
-            let (listener, addr) = http::bind(&config.metrics.listen, "metrics").await?;
-            let routes = Routes {
-                customer: false,
-                metrics: true,
-            };
-            servers.push(tokio::spawn(api::serve(
-                listener,
-                state.clone(),
-                routes,
-                ListenerSettings {
-                    name: "metrics",
-                    metrics: state.metrics.clone(),
-                    max_connections: METRICS_MAX_CONNECTIONS,
-                    routes: &ROUTES,
-                },
-                shutdown_rx.clone(),
-            )));
-            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-            Some(addr)
-        } else {
-            None
-        };
-        let (listener, api_addr) = http::bind(&config.api.listen, "API").await?;
-        let routes = Routes {
-            customer: true,
-            metrics: !separate_metrics,
-        };
-        servers.push(tokio::spawn(api::serve(
-            listener,
-            state.clone(),
-            routes,
-            ListenerSettings {
-                name: "api",
-                metrics: state.metrics.clone(),
-                max_connections: config.api.max_connections,
-                routes: &ROUTES,
-            },
-            shutdown_rx,
-        )));
-        tracing::info!(%api_addr, "serving {}", api::OUTGOING_ACTIVE_CALLS);
-
+        let (api_addr, metrics_addr) = serve_api(config, &state, &stopping, &mut servers).await?;
         Ok(Agent {
             api_addr,
             feed_addr,
@@ -457,6 +286,245 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop_inner();
     }
+}
+
+/// The configured authenticator; without a usable secret, one that refuses every token
+/// (401): the agent still serves, so that the operator sees it running, and `/readyz` and
+/// its log say why.
+fn authenticator_or_refusing(config: &Config) -> Authenticator {
+    match authenticator(config) {
+        Ok(auth) => {
+            if !auth.has_secret() {
+                tracing::warn!("{}: every request will get 401", config.missing_secret());
+            }
+            auth
+        }
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "no usable JWT secret: every request will get 401"
+            );
+            Authenticator::new(None, Duration::ZERO)
+        }
+    }
+}
+
+/// The store's writer and its read pool. A store SQLite cannot read does not keep the node
+/// down: it holds nothing the switch does not send again, so it is set aside and the agent
+/// starts on a new one.
+fn open_store(config: &Config, metrics: &Metrics) -> anyhow::Result<(Writer, Arc<Readers>)> {
+    let (mut store, replaced) = Writer::open_or_replace(&config.store.path)?;
+    store
+        .set_staleness(config.staleness())
+        .context("setting the nodes' expiry from feed.stale_after")?;
+    let readers = Arc::new(Readers::new(&config.store.path));
+    if let Some(aside) = replaced {
+        tracing::error!(
+            store = %config.store.path.display(),
+            error = %aside.why,
+            set_aside = %aside.to.display(),
+            "the store could not be read: it was set aside and a new one created; not ready until the next snapshot"
+        );
+        metrics.store_replaced();
+        (readers.health()).replaced(feed::writer::replaced_line(&config.store.path, &aside));
+    }
+    Ok((store, readers))
+}
+
+/// The relay, if it starts. One that cannot (its spool cannot be made: a full disk,
+/// permissions) must not keep the customer API down: the agent runs without it, and says
+/// so (an error line, `relay_running 0`).
+fn start_relay(settings: &relay::Settings, metrics: &Arc<Metrics>) -> Option<relay::Relay> {
+    relay::Relay::start(settings, metrics)
+        .inspect_err(|e| {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "the relay could not start: snapshots are applied and served, but not relayed to ClickHouse until a restart"
+            );
+        })
+        .ok()
+}
+
+/// The writer thread, which owns `store` and hands each commit to `committed`; a reader
+/// that finds the store damaged tells it, and it replaces the store.
+fn start_writer(
+    config: &Config,
+    store: Writer,
+    readers: &Readers,
+    metrics: &Arc<Metrics>,
+    health: &Health,
+    committed: Committed,
+) -> anyhow::Result<WriterThread> {
+    let writer = WriterThread::spawn(
+        store,
+        watched_snapshot(config),
+        config.feed.max_queued_events,
+        metrics.clone(),
+        health.writer_running.clone(),
+        readers.health().clone(),
+        committed,
+    )?;
+    readers.health().on_damage({
+        let handle = writer.handle.clone();
+        move |generation| {
+            handle.send(Job::Damage(generation));
+        }
+    });
+    Ok(writer)
+}
+
+/// The snapshot file the feed watches, unless `feed.watch` is empty.
+fn watched_snapshot(config: &Config) -> Option<PathBuf> {
+    (!config.feed.watch.as_os_str().is_empty()).then(|| config.feed.watch.clone())
+}
+
+/// The directory as the API reads it, and what re-reads it (the watcher and SIGHUP), with
+/// a count of the reads done, which the start and the tests wait on.
+struct DirectoryReader {
+    directory: Arc<SwapCell<Directory>>,
+    reloads: signal::Receiver<u64>,
+    reread: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl DirectoryReader {
+    fn new(config: &Config, metrics: &Arc<Metrics>, health: &Arc<Health>) -> DirectoryReader {
+        let directory = Arc::new(SwapCell::new(Directory::default()));
+        let (reloads_tx, reloads) = signal::channel(0u64);
+        let reread: Arc<dyn Fn() + Send + Sync> = Arc::new({
+            let directory = directory.clone();
+            let path = config.directory.path.clone();
+            let (metrics, health) = (metrics.clone(), health.clone());
+            // The watcher and SIGHUP may both re-read: one at a time, so that a slow read
+            // of the old file cannot land after a fast read of the new one.
+            let one_at_a_time = std::sync::Mutex::new(());
+            move || {
+                let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
+                let loaded = reload_directory(&directory, &path);
+                metrics.directory_load(loaded);
+                if loaded {
+                    health.directory_loaded.store(true, Ordering::Release);
+                }
+                // Last: whoever waits on the count sees the health and metrics of this read.
+                reloads_tx.send_modify(|n| *n += 1);
+            }
+        });
+        DirectoryReader {
+            directory,
+            reloads,
+            reread,
+        }
+    }
+}
+
+/// Watches the directory (re-read on change) and the snapshot file (applied on change by
+/// the writer); the watcher also does the first read of both.
+fn watch_files(
+    config: &Config,
+    directory: &DirectoryReader,
+    writer: &WriterThread,
+) -> anyhow::Result<watch::FileWatcher> {
+    let reread = directory.reread.clone();
+    let mut targets = vec![watch::Target {
+        path: config.directory.path.clone(),
+        on_change: Box::new(move || reread()),
+    }];
+    if let Some(path) = watched_snapshot(config) {
+        let handle = writer.handle.clone();
+        targets.push(watch::Target {
+            path,
+            on_change: Box::new(move || {
+                handle.send(Job::ApplyFile);
+            }),
+        });
+    }
+    watch::watch(targets).context("starting the file watch")
+}
+
+/// The socket feed (posted snapshots and call events), unless `feed.listen` is empty: its
+/// address, its server pushed on `servers`.
+async fn serve_feed(
+    config: &Config,
+    writer: &WriterThread,
+    readers: &Readers,
+    metrics: &Arc<Metrics>,
+    stopping: &signal::Receiver<bool>,
+    servers: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    if let Some(why) = config.feed_exposed() {
+        tracing::warn!("{why}");
+    }
+    if config.feed.listen.is_empty() {
+        return Ok(None);
+    }
+    let (listener, addr) = http::bind(&config.feed.listen, "feed").await?;
+    let settings = Arc::new(SocketSettings {
+        user: config.feed.user.clone(),
+        password: config.feed.password.clone(),
+        max_body_bytes: config.feed.max_body_bytes,
+        // Beside the store: a folder the agent may write, under systemd too.
+        spill_dir: match config.store.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => ".".into(),
+        },
+        store: readers.health().clone(),
+    });
+    let counted = ListenerSettings {
+        name: "feed",
+        metrics: metrics.clone(),
+        max_connections: config.feed.max_connections,
+        routes: &ROUTES,
+    };
+    servers.push(tokio::spawn(feed::socket::serve(
+        listener,
+        writer.handle.clone(),
+        settings,
+        counted,
+        stopping.clone(),
+    )));
+    tracing::info!(%addr, "taking snapshots over HTTP (ClickHouse-compatible)");
+    Ok(Some(addr))
+}
+
+/// The customer API's listener, and the metrics listener when `metrics.listen` asks for
+/// one apart (else the API's serves `/metrics` too): their addresses, their servers pushed
+/// on `servers`.
+async fn serve_api(
+    config: &Config,
+    state: &Arc<ApiState>,
+    stopping: &signal::Receiver<bool>,
+    servers: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
+    let apart = !config.metrics.listen.is_empty();
+    let mut listen = |listener, name, routes, max_connections| {
+        let counted = ListenerSettings {
+            name,
+            metrics: state.metrics.clone(),
+            max_connections,
+            routes: &ROUTES,
+        };
+        let server = api::serve(listener, state.clone(), routes, counted, stopping.clone());
+        servers.push(tokio::spawn(server));
+    };
+    let metrics_addr = if apart {
+        let (listener, addr) = http::bind(&config.metrics.listen, "metrics").await?;
+        let routes = Routes {
+            customer: false,
+            metrics: true,
+        };
+        listen(listener, "metrics", routes, METRICS_MAX_CONNECTIONS);
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        Some(addr)
+    } else {
+        None
+    };
+    let (listener, api_addr) = http::bind(&config.api.listen, "API").await?;
+    let routes = Routes {
+        customer: true,
+        metrics: !apart,
+    };
+    listen(listener, "api", routes, config.api.max_connections);
+    tracing::info!(%api_addr, "serving {}", api::OUTGOING_ACTIVE_CALLS);
+    Ok((api_addr, metrics_addr))
 }
 
 /// The scrape tokens `config` names; none (logged) when its file cannot be read, so that a
