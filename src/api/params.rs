@@ -7,6 +7,8 @@
 //! an array or a hash), because the central API is a Rails application and its answers
 //! are the reference.
 
+use std::sync::LazyLock;
+
 use crate::auth::AuthContext;
 use crate::directory::Directory;
 use crate::http::form_pairs;
@@ -58,105 +60,47 @@ const FIXED_PARAMS: [(&str, Param); 5] = [
     ("connect-time-null", Param::ConnectTimeNull),
 ];
 
-/// The 20 string filters: `<column>-eq`, `-starts-with`, `-ends-with`, `-contains`.
-const TEXT_PARAMS: [(&str, Param); 20] = [
-    (
-        "src-name-in-eq",
-        Param::Text(TextColumn::SrcNameIn, TextMatch::Equals),
-    ),
-    (
-        "src-name-in-starts-with",
-        Param::Text(TextColumn::SrcNameIn, TextMatch::StartsWith),
-    ),
-    (
-        "src-name-in-ends-with",
-        Param::Text(TextColumn::SrcNameIn, TextMatch::EndsWith),
-    ),
-    (
-        "src-name-in-contains",
-        Param::Text(TextColumn::SrcNameIn, TextMatch::Contains),
-    ),
-    (
-        "src-prefix-in-eq",
-        Param::Text(TextColumn::SrcPrefixIn, TextMatch::Equals),
-    ),
-    (
-        "src-prefix-in-starts-with",
-        Param::Text(TextColumn::SrcPrefixIn, TextMatch::StartsWith),
-    ),
-    (
-        "src-prefix-in-ends-with",
-        Param::Text(TextColumn::SrcPrefixIn, TextMatch::EndsWith),
-    ),
-    (
-        "src-prefix-in-contains",
-        Param::Text(TextColumn::SrcPrefixIn, TextMatch::Contains),
-    ),
-    (
-        "dst-prefix-in-eq",
-        Param::Text(TextColumn::DstPrefixIn, TextMatch::Equals),
-    ),
-    (
-        "dst-prefix-in-starts-with",
-        Param::Text(TextColumn::DstPrefixIn, TextMatch::StartsWith),
-    ),
-    (
-        "dst-prefix-in-ends-with",
-        Param::Text(TextColumn::DstPrefixIn, TextMatch::EndsWith),
-    ),
-    (
-        "dst-prefix-in-contains",
-        Param::Text(TextColumn::DstPrefixIn, TextMatch::Contains),
-    ),
-    (
-        "src-prefix-routing-eq",
-        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::Equals),
-    ),
-    (
-        "src-prefix-routing-starts-with",
-        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::StartsWith),
-    ),
-    (
-        "src-prefix-routing-ends-with",
-        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::EndsWith),
-    ),
-    (
-        "src-prefix-routing-contains",
-        Param::Text(TextColumn::SrcPrefixRouting, TextMatch::Contains),
-    ),
-    (
-        "dst-prefix-routing-eq",
-        Param::Text(TextColumn::DstPrefixRouting, TextMatch::Equals),
-    ),
-    (
-        "dst-prefix-routing-starts-with",
-        Param::Text(TextColumn::DstPrefixRouting, TextMatch::StartsWith),
-    ),
-    (
-        "dst-prefix-routing-ends-with",
-        Param::Text(TextColumn::DstPrefixRouting, TextMatch::EndsWith),
-    ),
-    (
-        "dst-prefix-routing-contains",
-        Param::Text(TextColumn::DstPrefixRouting, TextMatch::Contains),
-    ),
-];
+/// What a string filter's parameter name ends with, after its column's.
+fn match_suffix(how: TextMatch) -> &'static str {
+    match how {
+        TextMatch::Equals => "eq",
+        TextMatch::StartsWith => "starts-with",
+        TextMatch::EndsWith => "ends-with",
+        TextMatch::Contains => "contains",
+    }
+}
+
+/// The 20 string filters: every column by every match, `<column>-<match>`, the column's
+/// name dashed (`src-name-in-eq`, `dst-prefix-routing-starts-with`, ...).
+static TEXT_PARAMS: LazyLock<Vec<(String, Param)>> = LazyLock::new(|| {
+    let name = |column: TextColumn, how| {
+        format!("{}-{}", column.name().replace('_', "-"), match_suffix(how))
+    };
+    TextColumn::ALL
+        .into_iter()
+        .flat_map(|column| {
+            (TextMatch::ALL.into_iter())
+                .map(move |how| (name(column, how), Param::Text(column, how)))
+        })
+        .collect()
+});
+
+/// Every parameter the endpoint knows, with what it filters on.
+fn params() -> impl Iterator<Item = (&'static str, Param)> {
+    let text = TEXT_PARAMS
+        .iter()
+        .map(|(name, param)| (name.as_str(), *param));
+    FIXED_PARAMS.into_iter().chain(text)
+}
 
 /// The names of every parameter the endpoint knows (for the OpenAPI document's check).
 pub fn names() -> impl Iterator<Item = &'static str> {
-    FIXED_PARAMS
-        .iter()
-        .chain(TEXT_PARAMS.iter())
-        .map(|(n, _)| *n)
+    params().map(|(name, _)| name)
 }
 
 /// The known parameter called `name`, with its name as a static string for messages.
 fn known(name: &[u8]) -> Option<(&'static str, Param)> {
-    FIXED_PARAMS
-        .iter()
-        .chain(TEXT_PARAMS.iter())
-        .find(|(n, _)| n.as_bytes() == name)
-        .copied()
+    params().find(|(n, _)| n.as_bytes() == name)
 }
 
 /// The last value given for a known parameter: a scalar, or an array/hash.
@@ -482,19 +426,15 @@ mod tests {
     #[test]
     fn all_twenty_text_filters_are_known() {
         for column in TextColumn::ALL {
-            for how in [
-                TextMatch::Equals,
-                TextMatch::StartsWith,
-                TextMatch::EndsWith,
-                TextMatch::Contains,
-            ] {
-                assert!(
-                    TEXT_PARAMS
-                        .iter()
-                        .any(|(_, p)| *p == Param::Text(column, how))
-                );
+            for how in TextMatch::ALL {
+                assert!(params().any(|(_, p)| p == Param::Text(column, how)));
             }
         }
+        let names: std::collections::BTreeSet<_> = names().collect();
+        assert_eq!(names.len(), 25, "{names:?}");
+        assert!(names.contains("src-name-in-eq"));
+        assert!(names.contains("src-prefix-routing-ends-with"));
+        assert!(names.contains("dst-prefix-in-contains"));
         assert_eq!(
             known(b"dst-prefix-routing-starts-with").map(|k| k.0),
             Some("dst-prefix-routing-starts-with")

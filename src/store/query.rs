@@ -59,6 +59,15 @@ pub enum TextMatch {
     Contains,
 }
 
+impl TextMatch {
+    pub const ALL: [TextMatch; 4] = [
+        TextMatch::Equals,
+        TextMatch::StartsWith,
+        TextMatch::EndsWith,
+        TextMatch::Contains,
+    ];
+}
+
 /// One condition of a customer query; all are ANDed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Filter {
