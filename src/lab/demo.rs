@@ -47,7 +47,45 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     // Kept across runs, so that an earlier run's curl line still works.
     let secret = kept_or_new(&dir.join("jwt_secret"), "demo")?;
     let scrape_token = kept_or_new(&dir.join("scrape-tokens"), "scrape")?;
+    let config = configure(&options, &secret)?;
 
+    let now = unix_now();
+    switch.fill(options.calls, now);
+    write_atomically(&config.feed.watch, &switch.render(now))?;
+
+    let agent = Agent::start(&config).await?;
+    let mut status = agent.feed_status();
+    tokio::time::timeout(Duration::from_secs(30), status.wait_for(|s| s.applied > 0))
+        .await
+        .context("the first snapshot was not applied within 30 s")??;
+
+    let auth = Authenticator::new(Some(secret.as_bytes()), Duration::ZERO);
+    let token = auth
+        .issue_for_access(customer_of(BIG_ACCOUNT), SystemTime::now())
+        .context("signing the demo token")?;
+    print_try_it(&agent, &options, &token, &scrape_token);
+
+    let events = agent.feed_addr().map(EventPoster::new);
+    let snapshot_path = config.feed.watch.clone();
+    let period = options.period;
+    std::thread::Builder::new()
+        .name("demo-switch".into())
+        .spawn(move || be_the_switch(switch, period, &snapshot_path, events))?;
+
+    let _ = tokio::signal::ctrl_c().await;
+    tokio::task::spawn_blocking(move || agent.stop()).await?;
+    println!();
+    println!(
+        "demo stopped. Its files stay in {} (the next run keeps the same tokens).",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// The demo agent's configuration, in its folder, and written there as `config.toml` so
+/// that `serve --config` reruns it.
+fn configure(options: &DemoOptions, secret: &str) -> anyhow::Result<Config> {
+    let dir = &options.dir;
     let mut config = Config::default();
     config.api.listen = options.listen.clone();
     if std::net::TcpListener::bind(&config.api.listen).is_err() {
@@ -58,7 +96,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         );
         config.api.listen = "127.0.0.1:0".into();
     }
-    config.api.jwt_secret = Some(secret.clone());
+    config.api.jwt_secret = Some(secret.to_owned());
     config.store.path = dir.join("active-calls.db");
     config.feed.watch = dir.join("snapshot.jsonl");
     // The socket source too, on any free port: the demo's switch writes the file, and a
@@ -85,20 +123,12 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         ),
     )?;
 
-    let now = unix_now();
-    switch.fill(options.calls, now);
-    write_atomically(&config.feed.watch, &switch.render(now))?;
+    Ok(config)
+}
 
-    let agent = Agent::start(&config).await?;
-    let mut status = agent.feed_status();
-    tokio::time::timeout(Duration::from_secs(30), status.wait_for(|s| s.applied > 0))
-        .await
-        .context("the first snapshot was not applied within 30 s")??;
-
-    let auth = Authenticator::new(Some(secret.as_bytes()), Duration::ZERO);
-    let token = auth
-        .issue_for_access(customer_of(BIG_ACCOUNT), SystemTime::now())
-        .context("signing the demo token")?;
+/// What the demo runs, and the lines to try it with.
+fn print_try_it(agent: &Agent, options: &DemoOptions, token: &str, scrape_token: &str) {
+    let dir = &options.dir;
     let account_uuid = uuid_of(BIG_ACCOUNT);
     println!();
     println!(
@@ -162,44 +192,37 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         "{}` runs the same agent with every log line.",
         dir.join("config.toml").display()
     );
+}
 
-    let period = options.period;
-    let snapshot_path = config.feed.watch.clone();
-    let mut events = agent.feed_addr().map(EventPoster::new);
-    std::thread::Builder::new()
-        .name("demo-switch".into())
-        .spawn(move || {
-            let seconds = period.as_secs().max(1) as i64;
-            loop {
-                // A switch stamps its snapshot with the period-aligned time; until then it
-                // posts each call's changes as they happen.
-                let next = (unix_now() / seconds + 1) * seconds;
-                let changes = switch.period_with_events(next, seconds);
-                if let Some(poster) = &mut events {
-                    for event in changes {
-                        sleep_until_ms(event.at_ms);
-                        match poster.post(&event.body) {
-                            Ok(200) => {}
-                            Ok(status) => tracing::warn!(status, "the demo switch's event was refused"),
-                            Err(e) => tracing::warn!(error = %e, "the demo switch could not post an event"),
-                        }
-                    }
-                }
-                sleep_until_ms(next * 1000);
-                if let Err(e) = write_atomically(&snapshot_path, &switch.render(next)) {
-                    tracing::error!(error = %e, "the demo switch could not write its snapshot");
+/// The simulated switch, forever: each call's events posted as they happen (when the feed
+/// listens), and a snapshot written at each period's end.
+fn be_the_switch(
+    mut switch: Switch,
+    period: Duration,
+    snapshot_path: &Path,
+    mut events: Option<EventPoster>,
+) {
+    let seconds = period.as_secs().max(1) as i64;
+    loop {
+        // A switch stamps its snapshot with the period-aligned time; until then it
+        // posts each call's changes as they happen.
+        let next = (unix_now() / seconds + 1) * seconds;
+        let changes = switch.period_with_events(next, seconds);
+        if let Some(poster) = &mut events {
+            for event in changes {
+                sleep_until_ms(event.at_ms);
+                match poster.post(&event.body) {
+                    Ok(200) => {}
+                    Ok(status) => tracing::warn!(status, "the demo switch's event was refused"),
+                    Err(e) => tracing::warn!(error = %e, "the demo switch could not post an event"),
                 }
             }
-        })?;
-
-    let _ = tokio::signal::ctrl_c().await;
-    tokio::task::spawn_blocking(move || agent.stop()).await?;
-    println!();
-    println!(
-        "demo stopped. Its files stay in {} (the next run keeps the same tokens).",
-        dir.display()
-    );
-    Ok(())
+        }
+        sleep_until_ms(next * 1000);
+        if let Err(e) = write_atomically(snapshot_path, &switch.render(next)) {
+            tracing::error!(error = %e, "the demo switch could not write its snapshot");
+        }
+    }
 }
 
 /// Sleeps until unix time `ms` (at once if it has passed).
