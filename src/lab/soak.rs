@@ -94,49 +94,8 @@ fn soak(options: &SoakOptions, dir: &std::path::Path) -> anyhow::Result<()> {
     let clients: Vec<_> = (0..options.connections)
         .map(|c| {
             let (expected, stop, tokens) = (expected.clone(), stop.clone(), tokens.clone());
-            std::thread::spawn(move || -> anyhow::Result<QueryCounts> {
-                let mut rng = fastrand::Rng::with_seed(200 + c as u64);
-                let mut conn = Conn::open(api)?;
-                let mut counts = QueryCounts::default();
-                let period = Duration::from_secs_f64(1.0 / per_connection);
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    next += period;
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                    let watched = rng.usize(..WATCHED.len() * 2);
-                    let (target, customer) = match WATCHED.get(watched) {
-                        Some(&account) => (
-                            format!(
-                                "{}?account-id={}",
-                                crate::api::OUTGOING_ACTIVE_CALLS,
-                                uuid_of(account)
-                            ),
-                            customer_of(account),
-                        ),
-                        None => random_query(&mut rng),
-                    };
-                    let reply = conn.get(&target, &tokens[&customer])?;
-                    counts.answered += 1;
-                    match reply.status {
-                        200 => {}
-                        500..=599 => {
-                            counts.server_errors += 1;
-                            continue;
-                        }
-                        _ => {
-                            counts.unexpected += 1;
-                            continue;
-                        }
-                    }
-                    if watched < WATCHED.len() {
-                        counts.checked += 1;
-                        if let Some(problem) = torn(&reply.body, watched, &expected) {
-                            counts.torn.push(problem);
-                        }
-                    }
-                }
-                Ok(counts)
-            })
+            let period = Duration::from_secs_f64(1.0 / per_connection);
+            std::thread::spawn(move || ask(c, api, period, &expected, &stop, &tokens))
         })
         .collect();
 
@@ -152,7 +111,6 @@ fn soak(options: &SoakOptions, dir: &std::path::Path) -> anyhow::Result<()> {
     let (_agent, sent) = switch
         .join()
         .map_err(|_| anyhow::anyhow!("the switch thread panicked"))?;
-    let (by_socket, by_file) = sent?;
     let mut total = QueryCounts::default();
     for client in clients {
         let counts = client
@@ -164,7 +122,68 @@ fn soak(options: &SoakOptions, dir: &std::path::Path) -> anyhow::Result<()> {
         total.unexpected += counts.unexpected;
         total.torn.extend(counts.torn);
     }
+    report(options, &samples, sent?, &total)
+}
 
+/// One client connection until `stop`: a query every `period`, each answer of a watched
+/// account checked against the snapshot it says it is from.
+fn ask(
+    c: usize,
+    api: std::net::SocketAddr,
+    period: Duration,
+    expected: &Expected,
+    stop: &AtomicBool,
+    tokens: &HashMap<i64, String>,
+) -> anyhow::Result<QueryCounts> {
+    let mut rng = fastrand::Rng::with_seed(200 + c as u64);
+    let mut conn = Conn::open(api)?;
+    let mut counts = QueryCounts::default();
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        next += period;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        let watched = rng.usize(..WATCHED.len() * 2);
+        let (target, customer) = match WATCHED.get(watched) {
+            Some(&account) => (
+                format!(
+                    "{}?account-id={}",
+                    crate::api::OUTGOING_ACTIVE_CALLS,
+                    uuid_of(account)
+                ),
+                customer_of(account),
+            ),
+            None => random_query(&mut rng),
+        };
+        let reply = conn.get(&target, &tokens[&customer])?;
+        counts.answered += 1;
+        match reply.status {
+            200 => {}
+            500..=599 => {
+                counts.server_errors += 1;
+                continue;
+            }
+            _ => {
+                counts.unexpected += 1;
+                continue;
+            }
+        }
+        if watched < WATCHED.len() {
+            counts.checked += 1;
+            if let Some(problem) = torn(&reply.body, watched, expected) {
+                counts.torn.push(problem);
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// Prints the soak's table; an error when a check failed.
+fn report(
+    options: &SoakOptions,
+    samples: &[(Duration, f64)],
+    (by_socket, by_file): (u64, u64),
+    total: &QueryCounts,
+) -> anyhow::Result<()> {
     let warm: Vec<f64> = samples
         .iter()
         .filter(|(t, _)| *t >= WARM_UP)
