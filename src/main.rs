@@ -241,30 +241,34 @@ fn run() -> anyhow::Result<ExitCode> {
         Command::Token {
             access_id,
             lifetime,
-        } => {
-            let secret = config
-                .jwt_secret()?
-                .with_context(|| config.missing_secret())?;
-            let auth = Authenticator::new(Some(&secret), Duration::from_secs(lifetime));
-            let token = auth
-                .issue_for_access(access_id, SystemTime::now())
-                .context("signing the token")?;
-            // Still printed: the directory may be about to get the access. But a token
-            // the agent would refuse today is said so, on stderr.
-            match active_calls_agent::directory::Directory::load(&config.directory.path) {
-                Ok(directory) if directory.api_access(access_id).is_none() => eprintln!(
-                    "warning: API access {access_id} is not in the directory {}: the agent \
-                     answers this token 401 (unknown_access) until it is",
-                    config.directory.path.display()
-                ),
-                Ok(_) => {}
-                Err(e) => eprintln!(
-                    "warning: cannot read the directory {} ({e:#}): access {access_id} not checked",
-                    config.directory.path.display()
-                ),
-            }
-            println!("{token}");
-        }
+        } => print_token(&config, access_id, lifetime)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `token`: prints a customer token for API access `access_id`, valid `lifetime` seconds.
+fn print_token(config: &Config, access_id: i64, lifetime: u64) -> anyhow::Result<()> {
+    let secret = config
+        .jwt_secret()?
+        .with_context(|| config.missing_secret())?;
+    let auth = Authenticator::new(Some(&secret), Duration::from_secs(lifetime));
+    let token = auth
+        .issue_for_access(access_id, SystemTime::now())
+        .context("signing the token")?;
+    // Still printed: the directory may be about to get the access. But a token
+    // the agent would refuse today is said so, on stderr.
+    match active_calls_agent::directory::Directory::load(&config.directory.path) {
+        Ok(directory) if directory.api_access(access_id).is_none() => eprintln!(
+            "warning: API access {access_id} is not in the directory {}: the agent \
+             answers this token 401 (unknown_access) until it is",
+            config.directory.path.display()
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!(
+            "warning: cannot read the directory {} ({e:#}): access {access_id} not checked",
+            config.directory.path.display()
+        ),
+    }
+    println!("{token}");
+    Ok(())
 }
