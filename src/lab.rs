@@ -8,7 +8,8 @@
 //! * [`demo`]: a newcomer's first run (`active-calls-agent demo`), fed by that switch;
 //! * [`agent`]: the one driver of the real agent as a child process, its log and its
 //!   memory, which `bench`, `soak` and the integration tests share;
-//! * [`client`]: the small HTTP client that posts as a switch posts;
+//! * [`client`]: the small HTTP client that posts as a switch posts, and [`sse`], the
+//!   reader of a live stream's bytes;
 //! * [`bench`]: the performance benchmark (BENCHMARKS.md), one file per scenario, and
 //!   [`soak`], a bounded run under load that checks every answer.
 
@@ -18,3 +19,4 @@ pub mod client;
 pub mod demo;
 pub mod sems;
 pub mod soak;
+pub mod sse;

@@ -7,11 +7,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use active_calls_agent::lab::sse::{Event, EventReader};
 use common::*;
 use serde_json::Value;
 
@@ -20,24 +21,15 @@ const SCRAPE_TOKEN: &str = "scrape-token-streams-0123456789";
 const EVENTS: [&str; 7] = SAMPLE_EVENTS;
 const SNAPSHOT_3: &str = include_str!("fixtures/snapshot-3.jsonl");
 
-/// One Server-Sent Event.
-#[derive(Debug, Clone, Default)]
-struct Event {
-    id: Option<u64>,
-    event: String,
-    data: String,
-    retry: Option<String>,
-}
-
-/// A stream read as a client reads it: the head, then events as they come.
+/// A stream read as a client reads it, through the lab's reader: the head, then events
+/// as they come.
 struct Sse {
     socket: TcpStream,
     status: u16,
     headers: Vec<(String, String)>,
-    /// Bytes read and not yet de-chunked, and the de-chunked text not yet parsed.
-    raw: Vec<u8>,
-    text: Vec<u8>,
-    ended: bool,
+    reader: EventReader,
+    /// Events read and not yet taken.
+    ready: VecDeque<Event>,
 }
 
 impl Sse {
@@ -50,22 +42,23 @@ impl Sse {
         head.push_str("\r\n");
         let mut socket = TcpStream::connect(addr).unwrap();
         socket.write_all(head.as_bytes()).unwrap();
-        let mut raw = Vec::new();
+        let mut reader = EventReader::new(usize::MAX);
+        let mut ready = VecDeque::new();
         let mut byte = [0u8; 1];
-        while !raw.ends_with(b"\r\n\r\n") {
+        // Byte by byte until the head is whole, so that an error's body stays unread.
+        while reader.head().is_none() {
             socket.read_exact(&mut byte).expect("an answer head");
-            raw.push(byte[0]);
+            ready.extend(reader.feed(&byte).unwrap());
         }
         let Reply {
             status, headers, ..
-        } = parse_reply(&raw, true);
+        } = parse_reply(reader.head().unwrap(), true);
         Sse {
             socket,
             status,
             headers,
-            raw: Vec::new(),
-            text: Vec::new(),
-            ended: false,
+            reader,
+            ready,
         }
     }
 
@@ -78,11 +71,12 @@ impl Sse {
     /// The next event (comments skipped), within `limit`; `None` when the body ended.
     fn next_within(&mut self, limit: Duration) -> Option<Event> {
         let deadline = Instant::now() + limit;
+        let mut ended = false;
         loop {
-            if let Some(event) = self.parse_one() {
+            if let Some(event) = self.ready.pop_front() {
                 return Some(event);
             }
-            if self.ended {
+            if ended || self.reader.ended() {
                 return None;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -90,15 +84,12 @@ impl Sse {
             self.socket.set_read_timeout(Some(left)).unwrap();
             let mut buf = [0u8; 65536];
             match self.socket.read(&mut buf) {
-                Ok(0) => self.ended = true,
-                Ok(n) => {
-                    self.raw.extend_from_slice(&buf[..n]);
-                    self.dechunk();
-                }
+                Ok(0) => ended = true,
+                Ok(n) => self.ready.extend(self.reader.feed(&buf[..n]).unwrap()),
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(_) => self.ended = true,
+                Err(_) => ended = true,
             }
         }
     }
@@ -106,49 +97,6 @@ impl Sse {
     fn next(&mut self) -> Event {
         self.next_within(Duration::from_secs(10))
             .expect("an event before the stream ended")
-    }
-
-    fn dechunk(&mut self) {
-        loop {
-            let Some(end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
-                return;
-            };
-            let size_text = std::str::from_utf8(&self.raw[..end]).unwrap();
-            let size = usize::from_str_radix(size_text.trim(), 16).unwrap();
-            if size == 0 {
-                self.ended = true;
-                return;
-            }
-            if self.raw.len() < end + 2 + size + 2 {
-                return;
-            }
-            self.text
-                .extend_from_slice(&self.raw[end + 2..end + 2 + size]);
-            self.raw.drain(..end + 2 + size + 2);
-        }
-    }
-
-    /// One whole event out of the parsed text, skipping comments.
-    fn parse_one(&mut self) -> Option<Event> {
-        loop {
-            let end = self.text.windows(2).position(|w| w == b"\n\n")?;
-            let block: Vec<u8> = self.text.drain(..end + 2).collect();
-            let block = String::from_utf8(block).expect("UTF-8 events");
-            let mut event = Event::default();
-            for line in block.lines() {
-                match line.split_once(": ") {
-                    _ if line.is_empty() || line.starts_with(':') => {}
-                    Some(("id", v)) => event.id = Some(v.parse().unwrap()),
-                    Some(("event", v)) => event.event = v.to_owned(),
-                    Some(("data", v)) => event.data = v.to_owned(),
-                    Some(("retry", v)) => event.retry = Some(v.to_owned()),
-                    _ => panic!("a line SSE does not know: {line:?}"),
-                }
-            }
-            if !event.event.is_empty() {
-                return Some(event);
-            }
-        }
     }
 }
 

@@ -31,6 +31,7 @@ use crate::clock::unix_now;
 use crate::lab::agent::AgentProcess;
 use crate::lab::client::{EventPoster, post_snapshot};
 use crate::lab::sems::{ACCOUNTS, BIG_ACCOUNT, CallEvent, Switch, customer_of, uuid_of};
+use crate::lab::sse::EventReader;
 
 /// How long each run of events lasts.
 const EVENTS_FOR: Duration = Duration::from_secs(10);
@@ -130,7 +131,8 @@ async fn follow(
         "GET {target} HTTP/1.1\r\nHost: {api}\r\nAccept: text/event-stream\r\nAuthorization: Bearer {token}\r\n\r\n"
     );
     socket.write_all(request.as_bytes()).await?;
-    let mut events = EventText::default();
+    // A snapshot's data is not kept: only a change's added rows are read.
+    let mut events = EventReader::new(64 * 1024 - 1);
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = socket.read(&mut buf).await?;
@@ -138,11 +140,17 @@ async fn follow(
             return Ok(());
         }
         let at = Instant::now();
-        for (name, data) in events.feed(&buf[..n])? {
-            let changes = name == "changes";
-            if changes || name == "snapshot" {
-                let added = if changes && data.len() < 64 * 1024 {
-                    added_prefixes(&data)
+        let completed = events.feed(&buf[..n])?;
+        if let Some(head) = events.head()
+            && !head.starts_with(b"HTTP/1.1 200")
+        {
+            bail!("{}", String::from_utf8_lossy(head));
+        }
+        for event in completed {
+            let changes = event.event == "changes";
+            if changes || event.event == "snapshot" {
+                let added = if changes {
+                    added_prefixes(event.data.as_bytes())
                 } else {
                     Vec::new()
                 };
@@ -154,66 +162,6 @@ async fn follow(
                 });
             }
         }
-    }
-}
-
-/// A stream's bytes as they come: the head, then the chunked body, then the events.
-#[derive(Default)]
-struct EventText {
-    head_done: bool,
-    raw: Vec<u8>,
-    text: Vec<u8>,
-    /// Where in `text` to look for the next event's end.
-    scanned: usize,
-}
-
-impl EventText {
-    /// The events `bytes` completed: each one's name and data.
-    fn feed(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        self.raw.extend_from_slice(bytes);
-        if !self.head_done {
-            let Some(end) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-                return Ok(Vec::new());
-            };
-            if !self.raw.starts_with(b"HTTP/1.1 200") {
-                bail!("{}", String::from_utf8_lossy(&self.raw[..end]));
-            }
-            self.raw.drain(..end + 4);
-            self.head_done = true;
-        }
-        // Whole chunks into the text.
-        let mut used = 0;
-        while let Some(line) = self.raw[used..].windows(2).position(|w| w == b"\r\n") {
-            let size_text = std::str::from_utf8(&self.raw[used..used + line])?;
-            let size = usize::from_str_radix(size_text.trim(), 16)?;
-            let start = used + line + 2;
-            if self.raw.len() < start + size + 2 {
-                break;
-            }
-            self.text.extend_from_slice(&self.raw[start..start + size]);
-            used = start + size + 2;
-        }
-        self.raw.drain(..used);
-        let mut names = Vec::new();
-        while let Some(end) = self.text[self.scanned..]
-            .windows(2)
-            .position(|w| w == b"\n\n")
-        {
-            let block = &self.text[..self.scanned + end];
-            if let Some(at) = block.windows(7).position(|w| w == b"event: ") {
-                let rest = &block[at + 7..];
-                let name = rest.split(|&b| b == b'\n').next().unwrap_or_default();
-                let data = match rest.windows(6).position(|w| w == b"data: ") {
-                    Some(d) if rest.len() < 64 * 1024 => rest[d + 6..].to_vec(),
-                    _ => Vec::new(),
-                };
-                names.push((String::from_utf8_lossy(name).into_owned(), data));
-            }
-            self.text.drain(..self.scanned + end + 2);
-            self.scanned = 0;
-        }
-        self.scanned = self.text.len().saturating_sub(1);
-        Ok(names)
     }
 }
 
