@@ -10,23 +10,20 @@ and compares the answers. See README.md beside this file.
 """
 
 import argparse
-import base64
 import collections
-import hashlib
-import hmac
-import http.client
 import json
 import os
 import random
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.parse
 import uuid
 from decimal import Decimal
+
+# The checks' harness (the agent, tokens, the work folder), one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checklib import Agent, Failure, binaries, mint, run, say  # noqa: E402
 
 COLUMNS = [
     "snapshot_timestamp", "start_time", "connect_time", "destination_prefix",
@@ -224,95 +221,6 @@ def filter_condition(name):
         return p, "%s = {%s: %s}" % (p, p, typed[name])
     col, op = split_text_filter(name)
     return p, OPS[op].format(c=col, p=p)
-
-
-def b64url(b):
-    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
-
-
-def mint(secret, access_id):
-    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64url(json.dumps({"aud": ["customer-v1"], "sub": access_id}).encode())
-    sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64url(sig)}"
-
-
-class Agent:
-    def __init__(self, binary, workdir, port, secret):
-        self.binary, self.workdir, self.port, self.secret = binary, workdir, port, secret
-        self.run = os.path.join(workdir, "run")
-        self.config = os.path.join(workdir, "config.toml")
-        self.snapshot = os.path.join(self.run, "snapshot.jsonl")
-        self.proc = None
-        self.conn = None
-
-    def write_config(self):
-        with open(self.config, "w") as f:
-            f.write(f"""[api]
-listen = "127.0.0.1:{self.port}"
-jwt_secret = "{self.secret}"
-token_lifetime = 0
-
-[store]
-path = "{self.run}/active-calls.db"
-
-[feed]
-watch = "{self.snapshot}"
-listen = ""
-stale_after = 0
-
-[directory]
-path = "{self.run}/directory.json"
-""")
-
-    def start(self):
-        self.log = open(os.path.join(self.run, "agent.log"), "w")
-        self.proc = subprocess.Popen([self.binary, "serve", "--config", self.config],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                c.request("GET", "/api/rest/customer/v1/outgoing-active-calls")
-                c.getresponse().read()
-                c.close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise SystemExit("agent exited; see " + self.log.name)
-                time.sleep(0.1)
-        raise SystemExit("agent did not start listening")
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def get(self, path, token):
-        for attempt in range(3):
-            try:
-                if self.conn is None:
-                    self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                self.conn.putrequest("GET", path, skip_accept_encoding=True)
-                self.conn.putheader("Authorization", "Bearer " + token)
-                self.conn.endheaders()
-                r = self.conn.getresponse()
-                return r.status, r.read()
-            except (http.client.HTTPException, OSError):
-                self.conn = None
-                if attempt == 2:
-                    raise
-
-    def put_snapshot(self, lines):
-        tmp = self.snapshot + ".tmp"
-        with open(tmp, "w") as f:
-            f.write("INSERT INTO active_calls FORMAT JSONEachRow\n")
-            f.write("\n".join(lines) + "\n")
-        os.rename(tmp, self.snapshot)
 
 
 def encode_query(pairs, rng):
@@ -565,22 +473,21 @@ def main():
     ap.add_argument("--rate-type", default="String",
                     help="ClickHouse type of the rate columns: String (default) or e.g. "
                          "'Decimal(18, 6)'")
-    ap.add_argument("--binary", default="/tmp/diff/target/debug/active-calls-agent")
-    ap.add_argument("--workdir", default="/tmp/diff")
-    ap.add_argument("--port", type=int, default=18181)
-    ap.add_argument("--out", default=None, help="JSON report (default WORKDIR/report.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON report (default report.json in the work folder, which is "
+                         "kept when anything differs)")
     args = ap.parse_args()
+    binary, = binaries("agent")
+    return run(lambda work: differential(args, binary, work), "differential")
 
+
+def differential(args, binary, work):
     rng = random.Random(args.seed)
-    secret = "diff-" + hashlib.sha256(str(args.seed).encode()).hexdigest()[:32]
-    agent = Agent(args.binary, args.workdir, args.port, secret)
-    shutil.rmtree(agent.run, ignore_errors=True)
-    os.makedirs(agent.run)
-    agent.write_config()
+    agent = Agent(binary, os.path.join(work, "agent"), api="token_lifetime = 0")
     d, uuids = directory(rng)
-    with open(os.path.join(agent.run, "directory.json"), "w") as f:
+    with open(os.path.join(agent.folder, "directory.json"), "w") as f:
         json.dump(d, f, indent=1)
-    tokens = {c: mint(secret, ACCESS[c]) for c in CUSTOMERS}
+    tokens = {c: mint(agent.secret, ACCESS[c]) for c in CUSTOMERS}
 
     ch = ClickHouse(args.rate_type)
     self_check_unescape(ch, rng)
@@ -590,37 +497,35 @@ def main():
     classes = collections.defaultdict(list)
     t0 = time.time()
     agent.start()
-    try:
-        for rnd in range(args.rounds):
-            snap_ts, rows = gen_snapshot(rng, rnd, args.calls)
-            lines = [json.dumps(r, ensure_ascii=rng.random() < 0.5) for r in rows]
-            ch.insert(lines)
-            agent.put_snapshot(lines)
-            wait_visible(agent, tokens, uuids, rows, snap_ts)
-            by_acc = collections.defaultdict(list)
-            for r in rows:
-                by_acc[r["customer_acc_id"]].append(r)
-            for q in range(args.queries):
-                acc, cust = rng.choice(ACCOUNTS)
-                acc_rows = [r for r in by_acc[acc] if r["customer_id"] == cust] or rows
-                names = rng.sample(FILTER_NAMES, rng.choice([0, 1, 1, 1, 2, 2, 3, 4]))
-                filters = [(n, derive_value(rng, acc_rows, n)) for n in names]
-                stats["queries"] += 1
-                for n, _ in filters:
-                    per_filter[n] += 1
-                for escape in (False, True):
-                    res = run_one(agent, ch, tokens[cust], uuids[acc], cust, acc, filters, rng,
-                                  args.rate_type, escape)
-                    stats[res["mode"] + ":" + res["verdict"]] += 1
-                    if res["verdict"] not in ("match", "match-reject"):
-                        res["minimal"] = minimize(agent, ch, tokens[cust], uuids[acc], cust,
-                                                  acc, filters, rng, args.rate_type, escape)
-                        classes[classify(res)].append(res)
-            print(f"round {rnd + 1}/{args.rounds}: {stats['queries']} queries, "
-                  f"{sum(len(v) for v in classes.values())} mismatches, "
-                  f"{time.time() - t0:.0f}s", flush=True)
-    finally:
-        agent.stop()
+    for rnd in range(args.rounds):
+        snap_ts, rows = gen_snapshot(rng, rnd, args.calls)
+        lines = [json.dumps(r, ensure_ascii=rng.random() < 0.5) for r in rows]
+        ch.insert(lines)
+        agent.write_file(("INSERT INTO active_calls FORMAT JSONEachRow\n"
+                          + "\n".join(lines) + "\n").encode())
+        wait_visible(agent, tokens, uuids, rows, snap_ts)
+        by_acc = collections.defaultdict(list)
+        for r in rows:
+            by_acc[r["customer_acc_id"]].append(r)
+        for q in range(args.queries):
+            acc, cust = rng.choice(ACCOUNTS)
+            acc_rows = [r for r in by_acc[acc] if r["customer_id"] == cust] or rows
+            names = rng.sample(FILTER_NAMES, rng.choice([0, 1, 1, 1, 2, 2, 3, 4]))
+            filters = [(n, derive_value(rng, acc_rows, n)) for n in names]
+            stats["queries"] += 1
+            for n, _ in filters:
+                per_filter[n] += 1
+            for escape in (False, True):
+                res = run_one(agent, ch, tokens[cust], uuids[acc], cust, acc, filters, rng,
+                              args.rate_type, escape)
+                stats[res["mode"] + ":" + res["verdict"]] += 1
+                if res["verdict"] not in ("match", "match-reject"):
+                    res["minimal"] = minimize(agent, ch, tokens[cust], uuids[acc], cust,
+                                              acc, filters, rng, args.rate_type, escape)
+                    classes[classify(res)].append(res)
+        print(f"round {rnd + 1}/{args.rounds}: {stats['queries']} queries, "
+              f"{sum(len(v) for v in classes.values())} mismatches, "
+              f"{time.time() - t0:.0f}s", flush=True)
 
     report = {"seed": args.seed, "rounds": args.rounds, "rate_type": args.rate_type,
               "stats": dict(stats), "per_filter": dict(per_filter),
@@ -628,11 +533,13 @@ def main():
               "normalizations": dict(NORMALIZATIONS),
               "classes": {k: {"count": len(v), "examples": smallest(v, 3)}
                           for k, v in sorted(classes.items())}}
-    out = args.out or os.path.join(args.workdir, "report.json")
+    out = args.out or os.path.join(work, "report.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=1, ensure_ascii=False)
-    print_summary(report, out)
-    return 1 if classes else 0
+    # The report outlives the run only where it is kept.
+    print_summary(report, out if args.out or classes or os.environ.get("KEEP") else None)
+    if classes:
+        say("FAIL", f"the agent and ClickHouse differ: {len(classes)} mismatch classes")
 
 
 def self_check_unescape(ch, rng):
@@ -647,7 +554,7 @@ def self_check_unescape(ch, rng):
             got = None
         want = ch_unescape(v.encode())
         if got != want:
-            raise SystemExit(f"ch_unescape disagrees with ClickHouse on {v!r}: {got!r} {want!r}")
+            raise Failure(f"ch_unescape disagrees with ClickHouse on {v!r}: {got!r} {want!r}")
 
 
 def wait_visible(agent, tokens, uuids, rows, snap_ts, timeout=20):
@@ -662,7 +569,7 @@ def wait_visible(agent, tokens, uuids, rows, snap_ts, timeout=20):
             if b["rows"] == n and b["data"][0]["snapshot_timestamp"] == snap_ts:
                 return
         time.sleep(0.05)
-    raise SystemExit(f"snapshot {snap_ts} not visible after {timeout}s")
+    raise Failure(f"snapshot {snap_ts} not visible after {timeout}s")
 
 
 def run_one(agent, ch, token, acc_uuid, cust, acc, filters, rng, rate_type, escape):
@@ -763,7 +670,8 @@ def print_summary(report, out):
         print("   query:", m["query"])
         det = {k: v for k, v in m["detail"].items() if k not in ("only_agent", "only_ch")}
         print("   detail:", json.dumps(det, ensure_ascii=False)[:600])
-    print("\nfull report:", out)
+    if out:
+        print("\nfull report:", out)
 
 
 if __name__ == "__main__":
