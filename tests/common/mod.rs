@@ -302,10 +302,11 @@ impl Process {
         self.0.wait_exit(limit).unwrap()
     }
 
-    /// Waits (at most 10 s) for a log line containing `text`, and returns it.
+    /// Waits (at most 30 s: a loaded machine is slow, a passing test is not) for a log
+    /// line containing `text`, and returns it.
     pub fn wait_log(&self, text: &str) -> String {
         self.0
-            .wait_log(text, Duration::from_secs(10))
+            .wait_log(text, Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
