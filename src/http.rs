@@ -175,126 +175,180 @@ pub async fn serve<H, F>(
     let (open_tx, mut all_closed) = mpsc::channel::<()>(1);
     let slots = Arc::new(Slots::new(settings.max_connections));
     let mut stopping = false;
-    loop {
-        let accepted = if stopping {
-            // Connections already queued in the kernel are taken and answered like the
-            // others, rather than reset by the closing listener; then it closes.
-            match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
-                Ok(accepted) => accepted,
-                Err(_) => break,
-            }
-        } else {
-            tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stopped(&mut shutdown) => {
-                    stopping = true;
-                    continue;
-                }
-            }
-        };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(_) if stopping => break,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some((stream, peer)) = accept(&listener, &mut shutdown, &mut stopping).await {
         let Some(slot) = slots.admit(&settings) else {
             settings.metrics.connection_refused(settings.name);
             tokio::spawn(refuse(stream));
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let socket = ConnectionSocket(std::os::fd::AsRawFd::as_raw_fd(&stream));
-        let handler = handler.clone();
-        let settings = settings.clone();
-        let mut shutdown = shutdown.clone();
-        let open = open_tx.clone();
         let counted_open = settings.metrics.connection(settings.name);
-        let (name, metrics) = (settings.name, settings.metrics.clone());
-        tokio::spawn(async move {
-            let activity = slot.entry.activity.clone();
-            let mut watched = activity.subscribe();
-            let service = service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(socket);
-                activity.send_modify(|a| {
-                    a.begun += 1;
-                    a.busy = true;
-                });
-                let started = Instant::now();
-                let route = route_of(settings.routes, req.uri().path());
-                let answer = handler(req);
-                let (settings, activity) = (settings.clone(), activity.clone());
-                async move {
-                    let response = answer.await;
-                    let status = response.status().as_u16();
-                    settings
-                        .metrics
-                        .request(settings.name, route, status, started.elapsed());
-                    let response = response.map(|body| BusyUntilSent { body, activity });
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(
-                    WriteDeadline::new(TokioIo::new(stream), name, metrics),
-                    service,
-                );
-            tokio::pin!(conn);
-            let ending = tokio::select! {
-                served = conn.as_mut() => Ok(served),
-                _ = stopped(&mut shutdown) => Err(true),
-                _ = slot.entry.evict.notified() => Err(false),
-            };
-            let served = match ending {
-                Ok(served) => served,
-                Err(stopping) => {
-                    // Stopping, a connection with no request in progress gets a moment
-                    // for its next one (hyper would close it at once); an evicted one
-                    // does not. A request counts as begun once hyper has called the
-                    // service, even if it was answered within the same poll.
-                    let at_stop = watched.borrow_and_update().begun;
-                    let next_request = async {
-                        tokio::select! {
-                            served = conn.as_mut() => Some(served),
-                            _ = watched.wait_for(|a| a.busy || a.begun != at_stop) => None,
-                        }
-                    };
-                    let grace = if stopping {
-                        FIRST_REQUEST_GRACE
-                    } else {
-                        Duration::ZERO
-                    };
-                    match tokio::time::timeout(grace, next_request).await {
-                        Ok(Some(served)) => served,
-                        _ => {
-                            // Closes the connection if idle, else after the answer in
-                            // progress.
-                            conn.as_mut().graceful_shutdown();
-                            tokio::time::timeout(SHUTDOWN_GRACE, conn)
-                                .await
-                                .unwrap_or_else(|_| {
-                                    tracing::warn!(%peer, "a request was unanswered at the end of the grace");
-                                    Ok(())
-                                })
-                        }
-                    }
-                }
-            };
-            if let Err(e) = served {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop((open, counted_open, slot));
-        });
+        let held = (open_tx.clone(), counted_open, slot);
+        tokio::spawn(connection(
+            stream,
+            peer,
+            settings.clone(),
+            handler.clone(),
+            shutdown.clone(),
+            held,
+        ));
     }
     drop(listener);
     drop(open_tx);
     let _ = all_closed.recv().await;
+}
+
+/// The next connection to answer; `None` once the listener is to close. Once `shutdown`
+/// is true (`stopping`), the connections already queued in the kernel are taken and
+/// answered like the others, rather than reset by the closing listener; then it closes.
+async fn accept(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+    stopping: &mut bool,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = if *stopping {
+            match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                Ok(accepted) => accepted,
+                Err(_) => return None,
+            }
+        } else {
+            tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped(shutdown) => {
+                    *stopping = true;
+                    continue;
+                }
+            }
+        };
+        match accepted {
+            Ok(conn) => return Some(conn),
+            Err(_) if *stopping => return None,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One connection's task: answers its requests until it ends, is evicted, or the listener
+/// stops. `held` counts it (for the listener's wait, the gauge, and its slot) until then.
+async fn connection<H, F>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    settings: ListenerSettings,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    held: (mpsc::Sender<()>, crate::metrics::OpenConnection, Slot),
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let socket = ConnectionSocket(std::os::fd::AsRawFd::as_raw_fd(&stream));
+    let (name, metrics) = (settings.name, settings.metrics.clone());
+    let slot = &held.2;
+    let activity = slot.entry.activity.clone();
+    let mut watched = activity.subscribe();
+    let service = service_fn(move |req: Request<Incoming>| {
+        answer(req, socket, &activity, &settings, &handler)
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(
+            WriteDeadline::new(TokioIo::new(stream), name, metrics),
+            service,
+        );
+    tokio::pin!(conn);
+    let ending = tokio::select! {
+        served = conn.as_mut() => Ok(served),
+        _ = stopped(&mut shutdown) => Err(true),
+        _ = slot.entry.evict.notified() => Err(false),
+    };
+    let served = match ending {
+        Ok(served) => served,
+        Err(stopping) => close(conn, &mut watched, stopping, peer).await,
+    };
+    if let Err(e) = served {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    drop(held);
+}
+
+/// One request: marks the connection busy, answers with `handler`, and counts it; the
+/// answer's body keeps the connection busy until it is sent.
+fn answer<H, F>(
+    mut req: Request<Incoming>,
+    socket: ConnectionSocket,
+    activity: &watch::Sender<Activity>,
+    settings: &ListenerSettings,
+    handler: &H,
+) -> impl Future<Output = Result<Response<BusyUntilSent>, Infallible>> + Send + use<H, F>
+where
+    H: Fn(Request<Incoming>) -> F,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    req.extensions_mut().insert(socket);
+    activity.send_modify(|a| {
+        a.begun += 1;
+        a.busy = true;
+    });
+    let started = Instant::now();
+    let route = route_of(settings.routes, req.uri().path());
+    let answer = handler(req);
+    let (settings, activity) = (settings.clone(), activity.clone());
+    async move {
+        let response = answer.await;
+        let status = response.status().as_u16();
+        settings
+            .metrics
+            .request(settings.name, route, status, started.elapsed());
+        let response = response.map(|body| BusyUntilSent { body, activity });
+        Ok::<_, Infallible>(response)
+    }
+}
+
+/// Ends a connection the listener's stop (`stopping`) or an eviction interrupted.
+/// Stopping, a connection with no request in progress gets a moment for its next one
+/// (hyper would close it at once); an evicted one does not. A request counts as begun
+/// once hyper has called the service, even if it was answered within the same poll.
+async fn close<S>(
+    mut conn: Pin<&mut http1::Connection<WriteDeadline<TokioIo<TcpStream>>, S>>,
+    watched: &mut watch::Receiver<Activity>,
+    stopping: bool,
+    peer: SocketAddr,
+) -> hyper::Result<()>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = BusyUntilSent>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let at_stop = watched.borrow_and_update().begun;
+    let next_request = async {
+        tokio::select! {
+            served = conn.as_mut() => Some(served),
+            _ = watched.wait_for(|a| a.busy || a.begun != at_stop) => None,
+        }
+    };
+    let grace = if stopping {
+        FIRST_REQUEST_GRACE
+    } else {
+        Duration::ZERO
+    };
+    match tokio::time::timeout(grace, next_request).await {
+        Ok(Some(served)) => served,
+        _ => {
+            // Closes the connection if idle, else after the answer in progress.
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(SHUTDOWN_GRACE, conn)
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::warn!(%peer, "a request was unanswered at the end of the grace");
+                    Ok(())
+                })
+        }
+    }
 }
 
 /// An answer's body, which keeps its connection busy (see [`Slots`]) until it has been

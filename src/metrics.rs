@@ -7,6 +7,11 @@
 //! a second ago does not linger as a series. The relay's spool age is likewise computed at
 //! the scrape, from the time its oldest snapshot was spooled, so it grows while a URL is
 //! down even though nothing else happens.
+//!
+//! Each series is declared once, one line in a `series!` table (field, type, exposed name,
+//! unit, help), from which its field, construction and registration are made: the ~300
+//! lines of near-identical registrations this replaced let a field be added without being
+//! registered, or registered under another's help. The table's order is the exposition's.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -174,53 +179,212 @@ impl Drop for OpenConnection {
     }
 }
 
+/// Declares a struct of series once: each line gives a field, its type (and how it is
+/// built, where `Default` will not do), the name and unit it is exposed under, and its
+/// help. The struct, its constructor and its registration all come from that one line, so
+/// a new metric is one line, and registration follows the lines' order: the order of the
+/// exposition, which a diff of two scrapes sees.
+macro_rules! series {
+    (@init) => {
+        Default::default()
+    };
+    (@init $init:expr) => {
+        $init
+    };
+    (@register $registry:ident, $name:literal, $help:expr, $series:expr) => {
+        $registry.register($name, $help, $series)
+    };
+    (@register $registry:ident, $name:literal, $help:expr, $series:expr, $unit:ident) => {
+        $registry.register_with_unit($name, $help, Unit::$unit, $series)
+    };
+    (
+        $(#[$meta:meta])*
+        struct $struct:ident {
+            $(
+                $field:ident: $ty:ty $(= $init:expr)?
+                    => $name:literal $(in $unit:ident)?, $help:expr;
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        struct $struct {
+            $($field: $ty,)*
+        }
+
+        impl $struct {
+            fn new() -> Self {
+                $struct {
+                    $($field: series!(@init $($init)?),)*
+                }
+            }
+
+            fn register(&self, registry: &mut Registry) {
+                $(series!(@register registry, $name, $help, self.$field.clone() $(, $unit)?);)*
+            }
+        }
+    };
+}
+
+series! {
+    /// The agent's own series, under its prefix.
+    struct Series {
+        // Set from the store at each scrape (render), not as things happen.
+        node_calls: Family<NodeLabels, Gauge> => "calls", "Current calls stored per node";
+        snapshot_age: Family<NodeLabels, Gauge<f64, AtomicU64>> => "snapshot_age" in Seconds,
+            "Time since each node's last snapshot was received";
+        node_period: Family<NodeLabels, Gauge<f64, AtomicU64>> => "node_period" in Seconds,
+            "Each node's snapshot period, learned from its consecutive snapshot_timestamps \
+             (feed.stale_after = \"auto\" empties a node silent for two of them plus 5 s)";
+        snapshots: Family<SnapshotLabels, Counter> => "snapshots",
+            "Snapshots applied or rejected, per source";
+        events: Family<EventLabels, Counter> => "events",
+            "Call events posted to /events, per type and outcome (queued, ignored: a type the \
+             agent does not know, invalid: answered 400, overloaded: answered 503)";
+        // 100 µs to ~13 s: a batch committed at once, to events queued behind the apply of
+        // a large snapshot on a loaded host.
+        event_visible: Histogram = Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
+            => "event_visible" in Seconds,
+            "Time from a call event's arrival to its commit, after which every answer shows it";
+        rows_skipped: Family<SourceLabels, Counter> => "rows_skipped",
+            "Snapshot rows skipped as malformed, per source";
+        // 1 ms to ~65 s: a small node's apply to a huge snapshot on a loaded host.
+        apply_duration: Family<SourceLabels, Histogram> = Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 17))
+            })
+            => "apply_duration" in Seconds, "Time to apply a snapshot, per source";
+        requests: Family<RequestLabels, Counter> => "http_requests",
+            "HTTP requests answered, per listener, route and status";
+        // 25 µs to ~26 s: the endpoint answers in well under a millisecond, a posted
+        // snapshot in up to seconds.
+        request_duration: Family<RouteLabels, Histogram> = Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_025, 2.0, 21))
+            })
+            => "http_request_duration" in Seconds,
+            "Time to answer an HTTP request, per listener and route";
+        connections: Family<ListenerLabels, Gauge> => "http_connections",
+            "HTTP connections open now, per listener";
+        connections_refused: Family<ListenerLabels, Counter> => "http_connections_refused",
+            "Connections answered 503: the listener was at max_connections, all busy";
+        connections_evicted: Family<ListenerLabels, Counter> => "http_connections_evicted",
+            "Idle connections closed to make room for a new one at max_connections";
+        auth_refusals: Family<ReasonLabels, Counter> => "auth_refusals",
+            "Requests answered 401, by reason";
+        directory_loads: Family<ResultLabels, Counter> => "directory_loads",
+            "Reads of the directory file, per result (ok, failed)";
+        relay_sent: Family<UrlLabels, Counter> => "relay_sent",
+            "Snapshots relayed to a ClickHouse URL (answered 2xx)";
+        relay_failed: Family<UrlLabels, Counter> => "relay_failed",
+            "Snapshots a ClickHouse URL refused for good (a 4xx that no retry fixes); dropped";
+        relay_retried: Family<UrlLabels, Counter> => "relay_retried",
+            "Failed attempts to relay a snapshot that will be retried, per URL";
+        relay_dropped: Family<UrlLabels, Counter> => "relay_dropped",
+            "Snapshots dropped before a URL took them: past upstream.spool_max_bytes, or a spool error";
+        relay_spool_bytes: Family<UrlLabels, Gauge> => "relay_spool" in Bytes,
+            "Size of the snapshots spooled for a URL";
+        relay_blocked: Family<UrlLabels, Gauge> => "relay_blocked",
+            "ClickHouse's exception code while a URL refuses every snapshot for a cause of \
+             its own (unknown table or database, authentication, read-only, too many parts, \
+             memory; -1: an HTTP refusal without a code): they stay spooled and are retried; \
+             0 while it takes them";
+        relay_dedup_token: Family<UrlLabels, Gauge> => "relay_dedup_token",
+            "1 while snapshots go to a URL with insert_deduplication_token, 0 where the server \
+             does not know that setting (older ClickHouse: a snapshot resent after a crash may \
+             be stored twice)";
+        // Set at each scrape, from `Metrics::relay_oldest`.
+        relay_spool_oldest_age: Family<UrlLabels, Gauge<f64, AtomicU64>>
+            => "relay_spool_oldest_age" in Seconds,
+            "Time since the oldest snapshot spooled for a URL was spooled (0: none)";
+        relay_pending_bytes: Gauge => "relay_pending" in Bytes,
+            "Raw bytes of applied snapshots waiting for the relay's spooler (all URLs); past \
+             upstream.spool_max_bytes new snapshots are not relayed (relay_dropped_total)";
+        relay_running: Gauge => "relay_running",
+            "1 while the relay runs; 0 when it is off, or configured but could not start (the log says why)";
+        store_bytes: Gauge => "store" in Bytes, "Size of the store's database file and its WAL";
+        store_wal_bytes: Gauge => "store_wal" in Bytes,
+            "Size of the store's WAL: a read held open keeps it from being copied back and \
+             started again; it is truncated to 64 MiB once readers leave";
+        store_readable: Gauge => "store_readable",
+            "1 while the store answers reads; 0 when this scrape could not read it (its \
+             per-node series are left out)";
+        store_replaced: Counter => "store_replaced",
+            "Stores SQLite could not read, set aside as <name>.corrupt-<time> and created anew";
+        snapshots_rejected: Family<RejectedLabels, Counter> => "snapshots_rejected",
+            "Snapshots rejected, per source and reason (malformed: a bad line; input: the \
+             body or file could not be read; spill: the body could not be received into its \
+             file; disk: the store could not be written, a full disk; store: another store \
+             error; damaged: the store could not be read, and was replaced)";
+        answers_cut: Family<ReasonLabels, Counter> => "answers_cut",
+            "Answers cut short, per reason (slow: the client read nothing for the write \
+             timeout; budget: what it had not read yet outgrew api.max_answer_bytes; time: a \
+             streamed answer took longer than its time limit)";
+    }
+}
+
+series! {
+    /// The process metrics every Prometheus exporter has, under their standard names (no
+    /// prefix), read from `/proc/self` at each scrape.
+    struct ProcessSeries {
+        rss: Gauge => "process_resident_memory" in Bytes, "Resident memory size in bytes";
+        cpu: Counter<f64, AtomicU64> => "process_cpu" in Seconds,
+            "Total user and system CPU time spent in seconds";
+        fds: Gauge => "process_open_fds", "Number of open file descriptors";
+        start: Gauge<f64, AtomicU64> => "process_start_time" in Seconds,
+            "Start time of the process since unix epoch in seconds";
+    }
+}
+
+impl Series {
+    /// Creates, at 0, the series that must exist before their first event: a rate or an
+    /// `increase()` over a counter that appears at 1 misses that first one, and the alert
+    /// on it stays silent.
+    fn start_at_zero(&self) {
+        for (kind, outcomes) in EVENT_SERIES {
+            for outcome in outcomes {
+                let _ = self.events.get_or_create(&EventLabels {
+                    r#type: kind,
+                    outcome,
+                });
+            }
+        }
+        for reason in crate::auth::Unauthorized::ALL {
+            let _ = self.auth_refusals.get_or_create(&ReasonLabels {
+                reason: reason.reason(),
+            });
+        }
+        for origin in Origin::ALL {
+            let source = origin.as_str();
+            for result in ["applied", "rejected"] {
+                let _ = self
+                    .snapshots
+                    .get_or_create(&SnapshotLabels { source, result });
+            }
+            let _ = self.rows_skipped.get_or_create(&SourceLabels { source });
+            for reason in REJECTED_REASONS {
+                let _ = self
+                    .snapshots_rejected
+                    .get_or_create(&RejectedLabels { source, reason });
+            }
+        }
+        for reason in CUT_REASONS {
+            let _ = self.answers_cut.get_or_create(&ReasonLabels { reason });
+        }
+    }
+}
+
 /// Every metric of one agent.
 pub struct Metrics {
+    /// `series` and the streams', under the agent's prefix.
     registry: Registry,
-    /// The process metrics every Prometheus exporter has, under their standard names
-    /// (no prefix), read from `/proc/self` at each scrape.
-    process: Registry,
-    process_rss: Gauge,
-    process_cpu: Counter<f64, AtomicU64>,
-    process_fds: Gauge,
-    process_start: Gauge<f64, AtomicU64>,
-    store_bytes: Gauge,
-    store_wal_bytes: Gauge,
-    store_readable: Gauge,
-    store_replaced: Counter,
-    snapshots_rejected: Family<RejectedLabels, Counter>,
-    answers_cut: Family<ReasonLabels, Counter>,
+    series: Series,
+    /// `process`'s, without the prefix.
+    process_registry: Registry,
+    process: ProcessSeries,
     /// Scrapes refill the per-node gauges; two at once must not interleave.
     scrape: Mutex<()>,
-    node_calls: Family<NodeLabels, Gauge>,
-    snapshot_age: Family<NodeLabels, Gauge<f64, AtomicU64>>,
-    node_period: Family<NodeLabels, Gauge<f64, AtomicU64>>,
-    events: Family<EventLabels, Counter>,
-    event_visible: Histogram,
-    snapshots: Family<SnapshotLabels, Counter>,
-    rows_skipped: Family<SourceLabels, Counter>,
-    apply_duration: Family<SourceLabels, Histogram>,
-    requests: Family<RequestLabels, Counter>,
-    request_duration: Family<RouteLabels, Histogram>,
-    connections: Family<ListenerLabels, Gauge>,
-    connections_refused: Family<ListenerLabels, Counter>,
-    connections_evicted: Family<ListenerLabels, Counter>,
-    directory_loads: Family<ResultLabels, Counter>,
-    auth_refusals: Family<ReasonLabels, Counter>,
     /// Refusals are logged at most once a second, with how many went unlogged.
     refusals_logged: Mutex<Throttled>,
     /// Cut answers too, every ten seconds.
     cuts_logged: Mutex<Throttled>,
-    relay_sent: Family<UrlLabels, Counter>,
-    relay_failed: Family<UrlLabels, Counter>,
-    relay_retried: Family<UrlLabels, Counter>,
-    relay_dropped: Family<UrlLabels, Counter>,
-    relay_spool_bytes: Family<UrlLabels, Gauge>,
-    relay_blocked: Family<UrlLabels, Gauge>,
-    relay_dedup_token: Family<UrlLabels, Gauge>,
-    relay_spool_oldest_age: Family<UrlLabels, Gauge<f64, AtomicU64>>,
-    relay_pending_bytes: Gauge,
-    relay_running: Gauge,
     /// Per URL, when its oldest spooled snapshot was spooled: the age gauge's source.
     relay_oldest: Mutex<Vec<(UrlLabels, Arc<AtomicI64>)>>,
     /// The live streams' series.
@@ -235,325 +399,44 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let series = Series::new();
+        series.start_at_zero();
+        let streams = StreamMetrics::default();
         let mut registry = Registry::with_prefix("active_calls_agent");
-        let metrics = Metrics {
-            registry: Registry::default(),
-            process: Registry::default(),
-            process_rss: Gauge::default(),
-            process_cpu: Counter::default(),
-            process_fds: Gauge::default(),
-            process_start: Gauge::default(),
-            store_bytes: Gauge::default(),
-            store_wal_bytes: Gauge::default(),
-            store_readable: Gauge::default(),
-            store_replaced: Counter::default(),
-            snapshots_rejected: Family::default(),
-            answers_cut: Family::default(),
-            scrape: Mutex::new(()),
-            node_calls: Family::default(),
-            snapshot_age: Family::default(),
-            node_period: Family::default(),
-            events: Family::default(),
-            // 100 µs to ~13 s: a batch committed at once, to events queued behind the apply
-            // of a large snapshot on a loaded host.
-            event_visible: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
-            snapshots: Family::default(),
-            rows_skipped: Family::default(),
-            // 1 ms to ~65 s: a small node's apply to a huge snapshot on a loaded host.
-            apply_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.001, 2.0, 17))
-            }),
-            requests: Family::default(),
-            // 25 µs to ~26 s: the endpoint answers in well under a millisecond, a posted
-            // snapshot in up to seconds.
-            request_duration: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_025, 2.0, 21))
-            }),
-            connections: Family::default(),
-            connections_refused: Family::default(),
-            connections_evicted: Family::default(),
-            directory_loads: Family::default(),
-            auth_refusals: Family::default(),
-            refusals_logged: Mutex::new(Throttled::every(Duration::from_secs(1))),
-            cuts_logged: Mutex::new(Throttled::every(Duration::from_secs(10))),
-            relay_sent: Family::default(),
-            relay_failed: Family::default(),
-            relay_retried: Family::default(),
-            relay_dropped: Family::default(),
-            relay_spool_bytes: Family::default(),
-            relay_blocked: Family::default(),
-            relay_dedup_token: Family::default(),
-            relay_spool_oldest_age: Family::default(),
-            relay_pending_bytes: Gauge::default(),
-            relay_running: Gauge::default(),
-            relay_oldest: Mutex::new(Vec::new()),
-            streams: StreamMetrics::default(),
-        };
-        metrics.streams.register(&mut registry);
-        registry.register(
-            "calls",
-            "Current calls stored per node",
-            metrics.node_calls.clone(),
-        );
-        registry.register_with_unit(
-            "snapshot_age",
-            "Time since each node's last snapshot was received",
-            Unit::Seconds,
-            metrics.snapshot_age.clone(),
-        );
-        registry.register_with_unit(
-            "node_period",
-            "Each node's snapshot period, learned from its consecutive snapshot_timestamps \
-             (feed.stale_after = \"auto\" empties a node silent for two of them plus 5 s)",
-            Unit::Seconds,
-            metrics.node_period.clone(),
-        );
-        registry.register(
-            "snapshots",
-            "Snapshots applied or rejected, per source",
-            metrics.snapshots.clone(),
-        );
-        registry.register(
-            "events",
-            "Call events posted to /events, per type and outcome (queued, ignored: a type the \
-             agent does not know, invalid: answered 400, overloaded: answered 503)",
-            metrics.events.clone(),
-        );
-        for (kind, outcomes) in EVENT_SERIES {
-            for outcome in outcomes {
-                let _ = metrics.events.get_or_create(&EventLabels {
-                    r#type: kind,
-                    outcome,
-                });
-            }
-        }
-        registry.register_with_unit(
-            "event_visible",
-            "Time from a call event's arrival to its commit, after which every answer shows it",
-            Unit::Seconds,
-            metrics.event_visible.clone(),
-        );
-        registry.register(
-            "rows_skipped",
-            "Snapshot rows skipped as malformed, per source",
-            metrics.rows_skipped.clone(),
-        );
-        registry.register_with_unit(
-            "apply_duration",
-            "Time to apply a snapshot, per source",
-            Unit::Seconds,
-            metrics.apply_duration.clone(),
-        );
-        registry.register(
-            "http_requests",
-            "HTTP requests answered, per listener, route and status",
-            metrics.requests.clone(),
-        );
-        registry.register_with_unit(
-            "http_request_duration",
-            "Time to answer an HTTP request, per listener and route",
-            Unit::Seconds,
-            metrics.request_duration.clone(),
-        );
-        registry.register(
-            "http_connections",
-            "HTTP connections open now, per listener",
-            metrics.connections.clone(),
-        );
-        registry.register(
-            "http_connections_refused",
-            "Connections answered 503: the listener was at max_connections, all busy",
-            metrics.connections_refused.clone(),
-        );
-        registry.register(
-            "http_connections_evicted",
-            "Idle connections closed to make room for a new one at max_connections",
-            metrics.connections_evicted.clone(),
-        );
-        registry.register(
-            "auth_refusals",
-            "Requests answered 401, by reason",
-            metrics.auth_refusals.clone(),
-        );
-        for reason in crate::auth::Unauthorized::ALL {
-            // Every reason from the start: a rate over a series that appears only with its
-            // first refusal misses that one.
-            let _ = metrics.auth_refusals.get_or_create(&ReasonLabels {
-                reason: reason.reason(),
-            });
-        }
-        // Both sources' counts too, from the start: `increase()` over a counter that
-        // appears at 1 with the first rejected snapshot would not see that one, and the
-        // alert on it would stay silent.
-        for origin in Origin::ALL {
-            let source = origin.as_str();
-            for result in ["applied", "rejected"] {
-                let _ = metrics
-                    .snapshots
-                    .get_or_create(&SnapshotLabels { source, result });
-            }
-            let _ = metrics.rows_skipped.get_or_create(&SourceLabels { source });
-        }
-        registry.register(
-            "directory_loads",
-            "Reads of the directory file, per result (ok, failed)",
-            metrics.directory_loads.clone(),
-        );
-        registry.register(
-            "relay_sent",
-            "Snapshots relayed to a ClickHouse URL (answered 2xx)",
-            metrics.relay_sent.clone(),
-        );
-        registry.register(
-            "relay_failed",
-            "Snapshots a ClickHouse URL refused for good (a 4xx that no retry fixes); dropped",
-            metrics.relay_failed.clone(),
-        );
-        registry.register(
-            "relay_retried",
-            "Failed attempts to relay a snapshot that will be retried, per URL",
-            metrics.relay_retried.clone(),
-        );
-        registry.register(
-            "relay_dropped",
-            "Snapshots dropped before a URL took them: past upstream.spool_max_bytes, or a spool error",
-            metrics.relay_dropped.clone(),
-        );
-        registry.register_with_unit(
-            "relay_spool",
-            "Size of the snapshots spooled for a URL",
-            Unit::Bytes,
-            metrics.relay_spool_bytes.clone(),
-        );
-        registry.register(
-            "relay_blocked",
-            "ClickHouse's exception code while a URL refuses every snapshot for a cause of \
-             its own (unknown table or database, authentication, read-only, too many parts, \
-             memory; -1: an HTTP refusal without a code): they stay spooled and are retried; \
-             0 while it takes them",
-            metrics.relay_blocked.clone(),
-        );
-        registry.register(
-            "relay_dedup_token",
-            "1 while snapshots go to a URL with insert_deduplication_token, 0 where the server \
-             does not know that setting (older ClickHouse: a snapshot resent after a crash may \
-             be stored twice)",
-            metrics.relay_dedup_token.clone(),
-        );
-        registry.register_with_unit(
-            "relay_spool_oldest_age",
-            "Time since the oldest snapshot spooled for a URL was spooled (0: none)",
-            Unit::Seconds,
-            metrics.relay_spool_oldest_age.clone(),
-        );
-        registry.register_with_unit(
-            "relay_pending",
-            "Raw bytes of applied snapshots waiting for the relay's spooler (all URLs); past \
-             upstream.spool_max_bytes new snapshots are not relayed (relay_dropped_total)",
-            Unit::Bytes,
-            metrics.relay_pending_bytes.clone(),
-        );
-        registry.register(
-            "relay_running",
-            "1 while the relay runs; 0 when it is off, or configured but could not start (the log says why)",
-            metrics.relay_running.clone(),
-        );
-        registry.register_with_unit(
-            "store",
-            "Size of the store's database file and its WAL",
-            Unit::Bytes,
-            metrics.store_bytes.clone(),
-        );
-        registry.register_with_unit(
-            "store_wal",
-            "Size of the store's WAL: a read held open keeps it from being copied back and \
-             started again; it is truncated to 64 MiB once readers leave",
-            Unit::Bytes,
-            metrics.store_wal_bytes.clone(),
-        );
-        registry.register(
-            "store_readable",
-            "1 while the store answers reads; 0 when this scrape could not read it (its \
-             per-node series are left out)",
-            metrics.store_readable.clone(),
-        );
-        registry.register(
-            "store_replaced",
-            "Stores SQLite could not read, set aside as <name>.corrupt-<time> and created anew",
-            metrics.store_replaced.clone(),
-        );
-        registry.register(
-            "snapshots_rejected",
-            "Snapshots rejected, per source and reason (malformed: a bad line; input: the \
-             body or file could not be read; spill: the body could not be received into its \
-             file; disk: the store could not be written, a full disk; store: another store \
-             error; damaged: the store could not be read, and was replaced)",
-            metrics.snapshots_rejected.clone(),
-        );
-        registry.register(
-            "answers_cut",
-            "Answers cut short, per reason (slow: the client read nothing for the write \
-             timeout; budget: what it had not read yet outgrew api.max_answer_bytes; time: a \
-             streamed answer took longer than its time limit)",
-            metrics.answers_cut.clone(),
-        );
-        for reason in CUT_REASONS {
-            let _ = metrics.answers_cut.get_or_create(&ReasonLabels { reason });
-        }
-        for source in Origin::ALL {
-            for reason in REJECTED_REASONS {
-                let _ = metrics.snapshots_rejected.get_or_create(&RejectedLabels {
-                    source: source.as_str(),
-                    reason,
-                });
-            }
-        }
-        let mut process = Registry::default();
-        process.register_with_unit(
-            "process_resident_memory",
-            "Resident memory size in bytes",
-            Unit::Bytes,
-            metrics.process_rss.clone(),
-        );
-        process.register_with_unit(
-            "process_cpu",
-            "Total user and system CPU time spent in seconds",
-            Unit::Seconds,
-            metrics.process_cpu.clone(),
-        );
-        process.register(
-            "process_open_fds",
-            "Number of open file descriptors",
-            metrics.process_fds.clone(),
-        );
-        process.register_with_unit(
-            "process_start_time",
-            "Start time of the process since unix epoch in seconds",
-            Unit::Seconds,
-            metrics.process_start.clone(),
-        );
+        streams.register(&mut registry);
+        series.register(&mut registry);
+        let process = ProcessSeries::new();
+        let mut process_registry = Registry::default();
+        process.register(&mut process_registry);
         Metrics {
             registry,
+            series,
+            process_registry,
             process,
-            ..metrics
+            scrape: Mutex::new(()),
+            refusals_logged: Mutex::new(Throttled::every(Duration::from_secs(1))),
+            cuts_logged: Mutex::new(Throttled::every(Duration::from_secs(10))),
+            relay_oldest: Mutex::new(Vec::new()),
+            streams,
         }
     }
 
     /// Reads this process's figures from `/proc/self` (Linux), and the store's size.
     fn sample_process(&self, store_bytes: u64) {
-        self.store_bytes
+        self.series
+            .store_bytes
             .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));
         let Some(sample) = ProcessSample::read() else {
             return;
         };
-        self.process_rss.set(sample.rss_bytes);
+        self.process.rss.set(sample.rss_bytes);
         // A counter only goes up: it is moved to the kernel's figure.
-        let delta = sample.cpu_seconds - self.process_cpu.get();
+        let delta = sample.cpu_seconds - self.process.cpu.get();
         if delta > 0.0 {
-            self.process_cpu.inc_by(delta);
+            self.process.cpu.inc_by(delta);
         }
-        self.process_fds.set(sample.open_fds);
-        self.process_start.set(sample.start_time_seconds);
+        self.process.fds.set(sample.open_fds);
+        self.process.start.set(sample.start_time_seconds);
     }
 
     /// A snapshot applied (`Ok`: its skipped rows and duration) or rejected.
@@ -563,18 +446,24 @@ impl Metrics {
         } else {
             "rejected"
         };
-        self.snapshots
+        self.series
+            .snapshots
             .get_or_create(&SnapshotLabels { source, result })
             .inc();
         if let Err(reason) = applied {
-            self.snapshots_rejected
+            self.series
+                .snapshots_rejected
                 .get_or_create(&RejectedLabels { source, reason })
                 .inc();
         }
         if let Ok((skipped, duration)) = applied {
             let labels = SourceLabels { source };
-            self.rows_skipped.get_or_create(&labels).inc_by(skipped);
-            self.apply_duration
+            self.series
+                .rows_skipped
+                .get_or_create(&labels)
+                .inc_by(skipped);
+            self.series
+                .apply_duration
                 .get_or_create(&labels)
                 .observe(duration.as_secs_f64());
         }
@@ -583,7 +472,8 @@ impl Metrics {
     /// A posted call event of type `kind` (`None`: unreadable or unknown), and what came
     /// of it.
     pub fn event(&self, kind: Option<EventKind>, outcome: EventOutcome) {
-        self.events
+        self.series
+            .events
             .get_or_create(&EventLabels {
                 r#type: kind.map_or("other", EventKind::as_str),
                 outcome: outcome.as_str(),
@@ -593,7 +483,7 @@ impl Metrics {
 
     /// A call event committed `after` its arrival.
     pub fn event_visible(&self, after: Duration) {
-        self.event_visible.observe(after.as_secs_f64());
+        self.series.event_visible.observe(after.as_secs_f64());
     }
 
     /// One answered request; `route` is its path when the listener counts that path under
@@ -605,14 +495,16 @@ impl Metrics {
         status: u16,
         took: Duration,
     ) {
-        self.requests
+        self.series
+            .requests
             .get_or_create(&RequestLabels {
                 listener,
                 route,
                 status,
             })
             .inc();
-        self.request_duration
+        self.series
+            .request_duration
             .get_or_create(&RouteLabels { listener, route })
             .observe(took.as_secs_f64());
     }
@@ -620,6 +512,7 @@ impl Metrics {
     /// Counts a connection of `listener` as open until the returned guard drops.
     pub fn connection(&self, listener: &'static str) -> OpenConnection {
         let gauge = self
+            .series
             .connections
             .get_or_create(&ListenerLabels { listener })
             .clone();
@@ -629,14 +522,16 @@ impl Metrics {
 
     /// A connection refused at the cap of `listener`.
     pub fn connection_refused(&self, listener: &'static str) {
-        self.connections_refused
+        self.series
+            .connections_refused
             .get_or_create(&ListenerLabels { listener })
             .inc();
     }
 
     /// An idle connection of `listener` closed to make room at the cap.
     pub fn connection_evicted(&self, listener: &'static str) {
-        self.connections_evicted
+        self.series
+            .connections_evicted
             .get_or_create(&ListenerLabels { listener })
             .inc();
     }
@@ -644,7 +539,8 @@ impl Metrics {
     /// One read of the directory file.
     pub fn directory_load(&self, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
-        self.directory_loads
+        self.series
+            .directory_loads
             .get_or_create(&ResultLabels { result })
             .inc();
     }
@@ -659,16 +555,19 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((labels.clone(), oldest_ms.clone()));
-        self.relay_spool_oldest_age.get_or_create(&labels).set(0.0);
+        self.series
+            .relay_spool_oldest_age
+            .get_or_create(&labels)
+            .set(0.0);
         RelayMetrics {
-            sent: self.relay_sent.get_or_create(&labels).clone(),
-            failed: self.relay_failed.get_or_create(&labels).clone(),
-            retried: self.relay_retried.get_or_create(&labels).clone(),
-            dropped: self.relay_dropped.get_or_create(&labels).clone(),
-            spool_bytes: self.relay_spool_bytes.get_or_create(&labels).clone(),
-            blocked: self.relay_blocked.get_or_create(&labels).clone(),
+            sent: self.series.relay_sent.get_or_create(&labels).clone(),
+            failed: self.series.relay_failed.get_or_create(&labels).clone(),
+            retried: self.series.relay_retried.get_or_create(&labels).clone(),
+            dropped: self.series.relay_dropped.get_or_create(&labels).clone(),
+            spool_bytes: self.series.relay_spool_bytes.get_or_create(&labels).clone(),
+            blocked: self.series.relay_blocked.get_or_create(&labels).clone(),
             dedup_token: {
-                let gauge = self.relay_dedup_token.get_or_create(&labels).clone();
+                let gauge = self.series.relay_dedup_token.get_or_create(&labels).clone();
                 gauge.set(1);
                 gauge
             },
@@ -680,7 +579,8 @@ impl Metrics {
     /// reason and the request id, never the token), so that an operator can tell a
     /// customer why, and a flood of bad tokens cannot flood the log.
     pub fn auth_refused(&self, why: crate::auth::Unauthorized, request_id: &str) {
-        self.auth_refusals
+        self.series
+            .auth_refusals
             .get_or_create(&ReasonLabels {
                 reason: why.reason(),
             })
@@ -699,18 +599,19 @@ impl Metrics {
 
     /// The gauge of the raw bytes waiting for the relay's spooler.
     pub fn relay_pending_bytes(&self) -> Gauge {
-        self.relay_pending_bytes.clone()
+        self.series.relay_pending_bytes.clone()
     }
 
     /// A damaged store was set aside and created anew.
     pub fn store_replaced(&self) {
-        self.store_replaced.inc();
+        self.series.store_replaced.inc();
     }
 
     /// An answer on `listener` was cut short, for `reason` ([`CUT_REASONS`]): counted,
     /// and logged at most every ten seconds, with how many went unlogged.
     pub fn answer_cut(&self, listener: &'static str, reason: &'static str, what: &str) {
-        self.answers_cut
+        self.series
+            .answers_cut
             .get_or_create(&ReasonLabels { reason })
             .inc();
         let admitted = lock(&self.cuts_logged).admit();
@@ -727,7 +628,7 @@ impl Metrics {
 
     /// Whether the relay runs.
     pub fn relay_running(&self, running: bool) {
-        self.relay_running.set(i64::from(running));
+        self.series.relay_running.set(i64::from(running));
     }
 
     /// The text exposition, with the per-node gauges set from `nodes` as of `now_ms`
@@ -736,27 +637,35 @@ impl Metrics {
     pub fn render(&self, nodes: Option<&[NodeStats]>, now_ms: i64, store: StoreSize) -> String {
         let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.sample_process(store.total);
-        self.store_wal_bytes
+        self.series
+            .store_wal_bytes
             .set(i64::try_from(store.wal).unwrap_or(i64::MAX));
-        self.store_readable.set(i64::from(nodes.is_some()));
+        self.series.store_readable.set(i64::from(nodes.is_some()));
         let nodes = nodes.unwrap_or_default();
-        self.node_calls.clear();
-        self.snapshot_age.clear();
-        self.node_period.clear();
+        self.series.node_calls.clear();
+        self.series.snapshot_age.clear();
+        self.series.node_period.clear();
         let seconds = |ms: i64| ms.max(0) as f64 / 1000.0;
         for node in nodes {
             let labels = NodeLabels {
                 node_id: node.node_id,
             };
-            self.node_calls.get_or_create(&labels).set(node.calls);
+            self.series
+                .node_calls
+                .get_or_create(&labels)
+                .set(node.calls);
             // A node heard from only by its call events has no snapshot to be old.
             if let Some(received) = node.received_at_ms {
-                self.snapshot_age
+                self.series
+                    .snapshot_age
                     .get_or_create(&labels)
                     .set(seconds(now_ms - received));
             }
             if let Some(period) = node.period_ms {
-                self.node_period.get_or_create(&labels).set(seconds(period));
+                self.series
+                    .node_period
+                    .get_or_create(&labels)
+                    .set(seconds(period));
             }
         }
         for (labels, oldest_ms) in self
@@ -771,13 +680,16 @@ impl Metrics {
             } else {
                 (now_ms - oldest).max(0) as f64 / 1000.0
             };
-            self.relay_spool_oldest_age.get_or_create(labels).set(age);
+            self.series
+                .relay_spool_oldest_age
+                .get_or_create(labels)
+                .set(age);
         }
         let mut text = String::with_capacity(8192);
         // Writing into a String cannot fail.
         use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let _ = encode_registry(&mut text, &self.registry);
-        let _ = encode_registry(&mut text, &self.process);
+        let _ = encode_registry(&mut text, &self.process_registry);
         let _ = encode_eof(&mut text);
         text
     }

@@ -322,65 +322,23 @@ struct Sender {
 
 impl Sender {
     async fn run(mut self) {
-        let mut backoff = Backoff::new(self.retry_max);
-        let mut failing: Option<Failing> = None;
-        // Whether the server knows insert_deduplication_token: assumed until it says it
-        // does not, and assumed again once it has failed (it may come back upgraded).
-        let mut dedup_token = true;
-        loop {
-            while let Ok(news) = self.news.try_recv() {
-                self.add(news);
-            }
-            let Some(next) = self.queue.front() else {
-                match self.news.recv().await {
-                    Some(news) => self.add(news),
-                    None => return, // the relay stopped
-                }
-                continue;
-            };
-            let (name, bytes) = (next.name.clone(), next.bytes);
-            let path = self.dir.join(name.file_name(COMPRESSED));
-            let file = match blocking(move || std::fs::File::open(path)).await {
-                Ok(file) => file,
-                Err(e) => {
-                    tracing::error!(
-                        url = %self.endpoint.label,
-                        file = %name.file_name(COMPRESSED),
-                        error = %e,
-                        "relay: a spooled snapshot cannot be read; dropped"
-                    );
-                    self.metrics.dropped.inc();
-                    self.remove_front().await;
-                    continue;
-                }
-            };
-            let Some(outcome) = self
-                .attempt(
-                    &name,
-                    dedup_token.then_some(name.token.as_str()),
-                    file,
-                    bytes,
-                )
-                .await
-            else {
+        let mut url = UrlState {
+            backoff: Backoff::new(self.retry_max),
+            failing: None,
+            dedup_token: true,
+        };
+        while let Some((name, bytes, file)) = self.next_snapshot().await {
+            let token = url.dedup_token.then_some(name.token.as_str());
+            let Some(outcome) = self.attempt(&name, token, file, bytes).await else {
                 continue; // dropped under the bound while it was being sent
             };
-            let attempts = failing.as_ref().map_or(0, |f| f.attempts) + 1;
+            let attempts = url.failing.as_ref().map_or(0, |f| f.attempts) + 1;
             // An answer that is not to be retried means the URL works again.
             if matches!(
                 outcome,
                 Outcome::Sent | Outcome::Refused { .. } | Outcome::NoDedupToken
             ) {
-                self.metrics.blocked.set(0);
-                backoff = Backoff::new(self.retry_max);
-                if let Some(failing) = failing.take() {
-                    tracing::info!(
-                        url = %self.endpoint.label,
-                        failed_attempts = failing.attempts,
-                        down_s = failing.since.elapsed().as_secs(),
-                        "relay: the URL answers again"
-                    );
-                }
+                self.answers_again(&mut url);
             }
             match outcome {
                 Outcome::Sent => {
@@ -406,7 +364,7 @@ impl Sender {
                     self.remove_front().await;
                 }
                 Outcome::NoDedupToken => {
-                    dedup_token = false;
+                    url.dedup_token = false;
                     self.metrics.dedup_token.set(0);
                     tracing::warn!(
                         url = %self.endpoint.label,
@@ -416,54 +374,103 @@ impl Sender {
                     );
                 }
                 Outcome::Retry(_) | Outcome::Blocked { .. } => {
-                    self.metrics.retried.inc();
-                    let delay = backoff.next();
-                    let state = failing.get_or_insert_with(|| Failing {
-                        since: Instant::now(),
-                        attempts: 0,
-                        logged: Throttled::every(LOG_EVERY),
-                    });
-                    state.attempts += 1;
-                    let blocked = match &outcome {
-                        Outcome::Blocked { code, message } => {
-                            self.metrics.blocked.set(code.map_or(-1, i64::from));
-                            Some((*code, message.as_str()))
-                        }
-                        _ => {
-                            // Down: the server that answers next may be another version.
-                            if !dedup_token {
-                                dedup_token = true;
-                                self.metrics.dedup_token.set(1);
-                            }
-                            None
-                        }
-                    };
-                    if state.logged.due() {
-                        match (blocked, &outcome) {
-                            (Some((code, message)), _) => tracing::error!(
-                                url = %self.endpoint.label,
-                                code = code.map_or(-1, i64::from),
-                                %message,
-                                attempts = state.attempts,
-                                spooled = self.queue.len(),
-                                retry_in_ms = delay.as_millis() as u64,
-                                "relay blocked: ClickHouse refuses every snapshot for a cause of \
-                                 its own; they stay spooled and are retried until it is fixed"
-                            ),
-                            (None, Outcome::Retry(error)) => tracing::warn!(
-                                url = %self.endpoint.label,
-                                %error,
-                                attempts = state.attempts,
-                                spooled = self.queue.len(),
-                                retry_in_ms = delay.as_millis() as u64,
-                                "relay: sending failed; snapshots stay spooled and are retried"
-                            ),
-                            (None, _) => {}
-                        }
-                    }
+                    let delay = self.failed(&outcome, &mut url);
                     self.wait(delay).await;
                 }
             }
+        }
+    }
+
+    /// The front snapshot, its size and its file, opened, once there is one; `None` when
+    /// the relay stopped. One that cannot be opened is dropped (logged and counted), and
+    /// the next one taken.
+    async fn next_snapshot(&mut self) -> Option<(spool::SpoolName, u64, std::fs::File)> {
+        loop {
+            while let Ok(news) = self.news.try_recv() {
+                self.add(news);
+            }
+            let Some(next) = self.queue.front() else {
+                let news = self.news.recv().await?; // `None`: the relay stopped
+                self.add(news);
+                continue;
+            };
+            let (name, bytes) = (next.name.clone(), next.bytes);
+            let path = self.dir.join(name.file_name(COMPRESSED));
+            match blocking(move || std::fs::File::open(path)).await {
+                Ok(file) => return Some((name, bytes, file)),
+                Err(e) => {
+                    tracing::error!(
+                        url = %self.endpoint.label,
+                        file = %name.file_name(COMPRESSED),
+                        error = %e,
+                        "relay: a spooled snapshot cannot be read; dropped"
+                    );
+                    self.metrics.dropped.inc();
+                    self.remove_front().await;
+                }
+            }
+        }
+    }
+
+    /// The URL answered in a way that is not to be retried: it works again.
+    fn answers_again(&self, url: &mut UrlState) {
+        self.metrics.blocked.set(0);
+        url.backoff = Backoff::new(self.retry_max);
+        if let Some(failing) = url.failing.take() {
+            tracing::info!(
+                url = %self.endpoint.label,
+                failed_attempts = failing.attempts,
+                down_s = failing.since.elapsed().as_secs(),
+                "relay: the URL answers again"
+            );
+        }
+    }
+
+    /// An attempt that failed and will be retried (`Retry` or `Blocked`): counted, told
+    /// (at most every [`LOG_EVERY`]), and how long to wait before the next.
+    fn failed(&self, outcome: &Outcome, url: &mut UrlState) -> Duration {
+        self.metrics.retried.inc();
+        let delay = url.backoff.next();
+        let state = url.failing.get_or_insert_with(|| Failing {
+            since: Instant::now(),
+            attempts: 0,
+            logged: Throttled::every(LOG_EVERY),
+        });
+        state.attempts += 1;
+        if let Outcome::Blocked { code, .. } = outcome {
+            self.metrics.blocked.set(code.map_or(-1, i64::from));
+        } else if !url.dedup_token {
+            // Down: the server that answers next may be another version.
+            url.dedup_token = true;
+            self.metrics.dedup_token.set(1);
+        }
+        if state.logged.due() {
+            self.log_failure(outcome, state.attempts, delay);
+        }
+        delay
+    }
+
+    fn log_failure(&self, outcome: &Outcome, attempts: u64, delay: Duration) {
+        match outcome {
+            Outcome::Blocked { code, message } => tracing::error!(
+                url = %self.endpoint.label,
+                code = code.map_or(-1, i64::from),
+                %message,
+                attempts,
+                spooled = self.queue.len(),
+                retry_in_ms = delay.as_millis() as u64,
+                "relay blocked: ClickHouse refuses every snapshot for a cause of \
+                 its own; they stay spooled and are retried until it is fixed"
+            ),
+            Outcome::Retry(error) => tracing::warn!(
+                url = %self.endpoint.label,
+                %error,
+                attempts,
+                spooled = self.queue.len(),
+                retry_in_ms = delay.as_millis() as u64,
+                "relay: sending failed; snapshots stay spooled and are retried"
+            ),
+            _ => {}
         }
     }
 
@@ -591,6 +598,16 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+/// What a sender knows of its URL from one attempt to the next.
+struct UrlState {
+    backoff: Backoff,
+    /// Since when, and how often, the URL has failed; `None` while it answers.
+    failing: Option<Failing>,
+    /// Whether the server knows insert_deduplication_token: assumed until it says it
+    /// does not, and assumed again once it has failed (it may come back upgraded).
+    dedup_token: bool,
 }
 
 /// A URL failing since `since`.

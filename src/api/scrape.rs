@@ -39,7 +39,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::{ApiState, header_value, if_none_match, json};
 use crate::clock::unix_millis;
 use crate::http::{self, Body, empty, form_pairs};
-use crate::store::{NodeGeneration, Selection};
+use crate::metrics::Metrics;
+use crate::store::{NodeGeneration, Readers, Selection};
 
 /// The scrape's path.
 pub const ACTIVE_CALLS: &str = "/api/rest/node/v1/active-calls";
@@ -160,15 +161,34 @@ pub async fn active_calls(state: &Arc<ApiState>, req: &Request<Incoming>) -> Res
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return busy;
     };
-    let request_headers = req.headers().clone();
-    let readers = state.readers.clone();
     let (head_tx, head_rx) = oneshot::channel();
+    let read = ScrapeRead {
+        format,
+        gzip,
+        now_ms,
+        request_headers: req.headers().clone(),
+        readers: state.readers.clone(),
+        metrics: state.metrics.clone(),
+        head: head_tx,
+    };
+    let Some((chunks, chunks_rx)) = chunks(state) else {
+        return empty(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    tokio::task::spawn_blocking(move || read.run(chunks, permit));
+    match head_rx.await {
+        Ok(head) if head.not_modified => not_modified(&head.nodes),
+        Ok(head) => streamed(state, format, gzip, chunks_rx, &head.nodes),
+        Err(_) => empty(StatusCode::INTERNAL_SERVER_ERROR),
+    }
+}
+
+/// The chunks a scrape's rows go out in, within the customer answers' budget, and the
+/// connection's end of them; `None` if the final word cannot be reserved.
+fn chunks(state: &ApiState) -> Option<(Chunks, mpsc::Receiver<io::Result<Bytes>>)> {
     let (budget, share, units) = state.answers.scrape_budget();
     // Room for every chunk the budget may hold, those in flight, and the final word.
     let (chunks_tx, chunks_rx) = mpsc::channel(units + CHUNKS_IN_FLIGHT + 1);
-    let Ok(last_word) = chunks_tx.clone().try_reserve_owned() else {
-        return empty(StatusCode::INTERNAL_SERVER_ERROR);
-    };
+    let last_word = chunks_tx.clone().try_reserve_owned().ok()?;
     let chunks = Chunks {
         buffer: Vec::with_capacity(CHUNK_BYTES),
         to_connection: chunks_tx,
@@ -179,9 +199,33 @@ pub async fn active_calls(state: &Arc<ApiState>, req: &Request<Incoming>) -> Res
         wait_left: MAX_READ_WAIT,
         runtime: tokio::runtime::Handle::current(),
     };
-    let metrics = state.metrics.clone();
-    tokio::task::spawn_blocking(move || {
+    Some((chunks, chunks_rx))
+}
+
+/// One scrape's read, on a blocking thread, holding its turn: the nodes again and the
+/// rows, in one read transaction; what it decided (`head`) is sent before any row.
+struct ScrapeRead {
+    format: Format,
+    gzip: bool,
+    now_ms: i64,
+    request_headers: HeaderMap,
+    readers: Arc<Readers>,
+    metrics: Arc<Metrics>,
+    head: oneshot::Sender<Head>,
+}
+
+impl ScrapeRead {
+    fn run(self, chunks: Chunks, permit: OwnedSemaphorePermit) {
         let _permit = permit;
+        let ScrapeRead {
+            format,
+            gzip,
+            now_ms,
+            request_headers,
+            readers,
+            metrics,
+            head,
+        } = self;
         let mut out = Framed::new(format, gzip, chunks);
         let mut send_body = false;
         let mut client_gone = false;
@@ -192,7 +236,7 @@ pub async fn active_calls(state: &Arc<ApiState>, req: &Request<Incoming>) -> Res
                 let nodes = Nodes::of(format, nodes);
                 let not_modified = if_none_match(&request_headers, &nodes.etag);
                 send_body = !not_modified;
-                let _ = head_tx.send(Head {
+                let _ = head.send(Head {
                     nodes,
                     not_modified,
                 });
@@ -223,23 +267,27 @@ pub async fn active_calls(state: &Arc<ApiState>, req: &Request<Incoming>) -> Res
             }
             Ok(()) => {}
         }
-    });
-    match head_rx.await {
-        Ok(head) if head.not_modified => not_modified(&head.nodes),
-        Ok(head) => {
-            let metrics = state.metrics.clone();
-            let cut = move |limit: Duration| {
-                let what = format!(
-                    "a scrape took longer than its limit of {} s",
-                    limit.as_secs()
-                );
-                metrics.answer_cut("api", "time", &what);
-            };
-            let body = http::channel(chunks_rx, MAX_SCRAPE_TIME, cut);
-            with_calls(format, gzip, body, &head.nodes)
-        }
-        Err(_) => empty(StatusCode::INTERNAL_SERVER_ERROR),
     }
+}
+
+/// The answer whose body is the chunks the read sends, cut past [`MAX_SCRAPE_TIME`].
+fn streamed(
+    state: &ApiState,
+    format: Format,
+    gzip: bool,
+    chunks: mpsc::Receiver<io::Result<Bytes>>,
+    nodes: &Nodes,
+) -> Response<Body> {
+    let metrics = state.metrics.clone();
+    let cut = move |limit: Duration| {
+        let what = format!(
+            "a scrape took longer than its limit of {} s",
+            limit.as_secs()
+        );
+        metrics.answer_cut("api", "time", &what);
+    };
+    let body = http::channel(chunks, MAX_SCRAPE_TIME, cut);
+    with_calls(format, gzip, body, nodes)
 }
 
 /// The answer to a request without a scrape token: 403 for a customer, else 401.

@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::feed::event::{self, MAX_EVENT_BYTES, Posted};
-use crate::feed::writer::{Job, NotQueued, WriterHandle};
+use crate::feed::writer::{Job, NotQueued, StreamResult, WriterHandle};
 use crate::feed::{InsertLine, SnapshotError, is_disk_full, strip_insert};
 use crate::http::{self, Body, empty, form_pairs, text};
 use crate::metrics::{EventOutcome, Metrics};
@@ -240,68 +240,22 @@ enum BodyError {
     Spill(std::io::Error),
 }
 
+/// A posted snapshot: checked, received whole, handed to the writer, and answered once
+/// the writer has applied or refused it.
 async fn insert(
     req: Request<Incoming>,
     writer: &WriterHandle,
     settings: &SocketSettings,
     metrics: &Metrics,
 ) -> Response<Body> {
-    if !authorized(&req, settings) {
-        return unauthorized();
-    }
-    let query = url_param(&req, b"query");
-    let insert_line = match &query {
-        None => InsertLine::Required,
-        Some(query) => match strip_insert(query) {
-            Some((_, rest)) if rest.trim_ascii().is_empty() => InsertLine::Optional,
-            _ => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    "only INSERT INTO <table> FORMAT JSONEachRow is supported",
-                );
-            }
-        },
-    };
-    let gzip = match content_encoding(&req) {
-        Ok(gzip) => gzip,
+    let (insert_line, gzip) = match accepted_head(&req, settings) {
+        Ok(head) => head,
         Err(refused) => return refused,
     };
     let max = settings.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &BodyError::TooLarge(max).to_string(),
-        );
-    }
-
-    let wire = match receive(req.into_body(), max, &settings.spill_dir).await {
-        Ok(wire) => {
-            if matches!(wire, Received::Spilled(_)) {
-                settings.store.set_spill_failure(None);
-            }
-            wire.into_reader()
-        }
-        Err(e @ BodyError::TooLarge(_)) => {
-            return text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string());
-        }
-        Err(e @ BodyError::Slow) => return text(StatusCode::REQUEST_TIMEOUT, &e.to_string()),
-        Err(e @ BodyError::Cut(_)) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
-        Err(BodyError::Spill(e)) => {
-            let dir = settings.spill_dir.display();
-            tracing::error!(error = %e, %dir, "cannot receive a posted snapshot into a file");
-            metrics.snapshot(Origin::Socket.as_str(), Err("spill"));
-            settings.store.set_spill_failure(Some(format!(
-                "posted snapshots cannot be received into {dir} ({e}): they are refused with 507"
-            )));
-            return text(
-                StatusCode::INSUFFICIENT_STORAGE,
-                &format!("Cannot receive the snapshot into a file: {e}"),
-            );
-        }
+    let wire = match received(req.into_body(), settings, metrics).await {
+        Ok(wire) => wire,
+        Err(refused) => return refused,
     };
     let input: Box<dyn BufRead + Send> = if gzip {
         Box::new(BufReader::with_capacity(
@@ -325,7 +279,84 @@ async fn insert(
     if !writer.send(job) {
         return empty(StatusCode::SERVICE_UNAVAILABLE);
     }
-    match reply_rx.await {
+    applied(reply_rx.await)
+}
+
+/// What a post's head says of its body (whether an INSERT line must open it, and whether
+/// it is gzipped), or the answer refusing it before a byte of the body is read: bad
+/// credentials, another query, another encoding, a declared length past the bound.
+#[allow(clippy::result_large_err)]
+fn accepted_head(
+    req: &Request<Incoming>,
+    settings: &SocketSettings,
+) -> Result<(InsertLine, bool), Response<Body>> {
+    if !authorized(req, settings) {
+        return Err(unauthorized());
+    }
+    let query = url_param(req, b"query");
+    let insert_line = match &query {
+        None => InsertLine::Required,
+        Some(query) => match strip_insert(query) {
+            Some((_, rest)) if rest.trim_ascii().is_empty() => InsertLine::Optional,
+            _ => {
+                return Err(text(
+                    StatusCode::BAD_REQUEST,
+                    "only INSERT INTO <table> FORMAT JSONEachRow is supported",
+                ));
+            }
+        },
+    };
+    let gzip = content_encoding(req)?;
+    let max = settings.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &BodyError::TooLarge(max).to_string(),
+        ));
+    }
+    Ok((insert_line, gzip))
+}
+
+/// The body, received whole ([`receive`]), or the answer to a body that could not be:
+/// too large, too slow, cut, or not written to its file (counted and told as a spill
+/// failure, which a body that could be clears).
+async fn received(
+    body: Incoming,
+    settings: &SocketSettings,
+    metrics: &Metrics,
+) -> Result<Box<dyn BufRead + Send>, Response<Body>> {
+    match receive(body, settings.max_body_bytes, &settings.spill_dir).await {
+        Ok(wire) => {
+            if matches!(wire, Received::Spilled(_)) {
+                settings.store.set_spill_failure(None);
+            }
+            Ok(wire.into_reader())
+        }
+        Err(e @ BodyError::TooLarge(_)) => Err(text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string())),
+        Err(e @ BodyError::Slow) => Err(text(StatusCode::REQUEST_TIMEOUT, &e.to_string())),
+        Err(e @ BodyError::Cut(_)) => Err(text(StatusCode::BAD_REQUEST, &e.to_string())),
+        Err(BodyError::Spill(e)) => {
+            let dir = settings.spill_dir.display();
+            tracing::error!(error = %e, %dir, "cannot receive a posted snapshot into a file");
+            metrics.snapshot(Origin::Socket.as_str(), Err("spill"));
+            settings.store.set_spill_failure(Some(format!(
+                "posted snapshots cannot be received into {dir} ({e}): they are refused with 507"
+            )));
+            Err(text(
+                StatusCode::INSUFFICIENT_STORAGE,
+                &format!("Cannot receive the snapshot into a file: {e}"),
+            ))
+        }
+    }
+}
+
+/// The answer to a posted snapshot, from the writer's `reply`.
+fn applied(reply: Result<StreamResult, oneshot::error::RecvError>) -> Response<Body> {
+    match reply {
         Ok(Ok(_report)) => empty(StatusCode::OK),
         Ok(Err(SnapshotError::Malformed { line, reason })) => text(
             StatusCode::BAD_REQUEST,

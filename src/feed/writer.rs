@@ -27,6 +27,7 @@
 
 use std::collections::VecDeque;
 use std::io::BufRead;
+use std::ops::ControlFlow;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -261,17 +262,47 @@ struct Worker {
     checkpointer: Option<Checkpointer>,
 }
 
+/// The writer loop's own clock: when it last emptied expired nodes, wrote, released its
+/// cache and copied the WAL back.
+struct Pace {
+    last_expiry: Instant,
+    last_write: Instant,
+    released: bool,
+    /// The WAL is copied back once the queue is empty: at once after a snapshot
+    /// (`copy_now`), at most every COPY_BACK_EVERY after events alone.
+    copy_due: bool,
+    copy_now: bool,
+    last_copy: Instant,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        let now = Instant::now();
+        Pace {
+            last_expiry: now,
+            last_write: now,
+            released: true,
+            copy_due: false,
+            copy_now: false,
+            last_copy: now,
+        }
+    }
+
+    /// The writer wrote a snapshot (`snapshot`), or call events.
+    fn wrote(&mut self, snapshot: bool) {
+        (self.last_write, self.released, self.copy_due) = (Instant::now(), false, true);
+        if snapshot {
+            self.copy_now = true;
+        }
+    }
+}
+
 impl Worker {
     fn run(mut self, jobs: mpsc::Receiver<Job>) {
         // What expired while the agent was down goes before any job can see it.
         self.expire();
         let mut queue = VecDeque::new();
-        let mut last_expiry = Instant::now();
-        let mut last_write = Instant::now();
-        let mut released = true;
-        // The WAL is copied back once the queue is empty: at once after a snapshot, at
-        // most every COPY_BACK_EVERY after events alone.
-        let (mut copy_due, mut copy_now, mut last_copy) = (false, false, Instant::now());
+        let mut pace = Pace::new();
         loop {
             if queue.is_empty() {
                 match jobs.recv_timeout(EXPIRY_INTERVAL) {
@@ -281,106 +312,132 @@ impl Worker {
                 }
             }
             queue.extend(jobs.try_iter());
-            match queue.pop_front() {
-                Some(Job::ApplyFile) => {
-                    queue.retain(|job| !matches!(job, Job::ApplyFile));
-                    self.check_file(&mut arriving(&mut queue, &jobs));
-                    (last_write, released, copy_due, copy_now) =
-                        (Instant::now(), false, true, true);
-                }
-                Some(Job::ApplyStream {
-                    input,
-                    insert_line,
-                    received_at,
-                    reply,
-                }) => {
-                    let result =
-                        self.apply(&mut arriving(&mut queue, &jobs), |writer, tee, arrivals| {
-                            apply_snapshot_teed(
-                                writer,
-                                input,
-                                insert_line,
-                                Origin::Socket,
-                                received_at,
-                                tee,
-                                Some(arrivals),
-                            )
-                        });
-                    self.record(Origin::Socket, result.as_ref());
-                    let _ = reply.send(result);
-                    (last_write, released, copy_due, copy_now) =
-                        (Instant::now(), false, true, true);
-                }
-                Some(Job::Event(first)) => {
-                    let mut batch = vec![*first];
-                    take_events(&mut queue, &jobs, &mut batch, MAX_EVENT_BATCH);
-                    self.apply_events(&batch);
-                    (last_write, released, copy_due) = (Instant::now(), false, true);
-                }
-                Some(Job::Damage(generation)) => {
-                    // Many readers may meet the same damage: one check, and none for a
-                    // store replaced since, or checked sound within the minute.
-                    let recent = self.damage_checked.is_some_and(|(checked, at)| {
-                        checked == generation && at.elapsed() < DAMAGE_RECHECK
-                    });
-                    if generation == self.health.generation() && !recent {
-                        self.damage_checked = Some((generation, Instant::now()));
-                        self.confirm_damage();
-                    }
-                    self.health.damage_looked_at();
-                }
-                Some(Job::Stop) => {
-                    // The events answered already are applied before the writer ends.
-                    let left: Vec<Event> = queue
-                        .drain(..)
-                        .chain(jobs.try_iter())
-                        .filter_map(|job| match job {
-                            Job::Event(event) => Some(*event),
-                            _ => None,
-                        })
-                        .collect();
-                    for batch in left.chunks(MAX_EVENT_BATCH) {
-                        self.apply_events(batch);
-                    }
-                    break;
-                }
-                None => {}
+            if let Some(job) = queue.pop_front()
+                && self.work(job, &mut queue, &jobs, &mut pace).is_break()
+            {
+                break;
             }
             // What came in meanwhile (events queued behind a snapshot) goes first.
             queue.extend(jobs.try_iter());
-            // A WAL a reader made large is emptied once the reader leaves, writes or not.
-            let wal_held = last_copy.elapsed() >= COPY_BACK_EVERY && self.writer.wal_oversized();
-            if queue.is_empty()
-                && (wal_held || copy_due && (copy_now || last_copy.elapsed() >= COPY_BACK_EVERY))
-            {
-                if let Some(checkpointer) = &self.checkpointer {
-                    checkpointer.nudge();
-                }
-                (copy_due, copy_now, last_copy) = (false, false, Instant::now());
-            }
-            if queue.is_empty() && !released && last_write.elapsed() >= RELEASE_AFTER {
-                if let Err(e) = self.writer.release_memory() {
-                    tracing::warn!(error = %e, "releasing the store's cache failed");
-                }
-                released = true;
-            }
-            // Not while a snapshot waits: it may be the very one that keeps a node current
-            // (a node's limit is two of its periods, and a long apply may hold it back).
-            let snapshot_waits = queue
-                .iter()
-                .any(|job| matches!(job, Job::ApplyFile | Job::ApplyStream { .. }));
-            if last_expiry.elapsed() >= EXPIRY_INTERVAL && !snapshot_waits {
-                self.expire();
-                last_expiry = Instant::now();
-            }
-            if queue.is_empty() && self.file_retry.is_some_and(|(at, _)| Instant::now() >= at) {
-                self.check_file(&mut arriving(&mut queue, &jobs));
-            }
+            self.between_jobs(&mut queue, &jobs, &mut pace);
         }
         // Its last copy back ends before the writer's own, which empties the WAL.
         drop(self.checkpointer.take());
         if let Err(e) = self.writer.checkpoint() {
             tracing::warn!(error = %e, "checkpointing the store at shutdown failed");
+        }
+    }
+
+    /// Does one job; `Break` once the writer is to stop.
+    fn work(
+        &mut self,
+        job: Job,
+        queue: &mut VecDeque<Job>,
+        jobs: &mpsc::Receiver<Job>,
+        pace: &mut Pace,
+    ) -> ControlFlow<()> {
+        match job {
+            Job::ApplyFile => {
+                queue.retain(|job| !matches!(job, Job::ApplyFile));
+                self.check_file(&mut arriving(queue, jobs));
+                pace.wrote(true);
+            }
+            Job::ApplyStream {
+                input,
+                insert_line,
+                received_at,
+                reply,
+            } => {
+                let result = self.apply(&mut arriving(queue, jobs), |writer, tee, arrivals| {
+                    apply_snapshot_teed(
+                        writer,
+                        input,
+                        insert_line,
+                        Origin::Socket,
+                        received_at,
+                        tee,
+                        Some(arrivals),
+                    )
+                });
+                self.record(Origin::Socket, result.as_ref());
+                let _ = reply.send(result);
+                pace.wrote(true);
+            }
+            Job::Event(first) => {
+                let mut batch = vec![*first];
+                take_events(queue, jobs, &mut batch, MAX_EVENT_BATCH);
+                self.apply_events(&batch);
+                pace.wrote(false);
+            }
+            Job::Damage(generation) => self.damage_reported(generation),
+            Job::Stop => {
+                // The events answered already are applied before the writer ends.
+                let left: Vec<Event> = queue
+                    .drain(..)
+                    .chain(jobs.try_iter())
+                    .filter_map(|job| match job {
+                        Job::Event(event) => Some(*event),
+                        _ => None,
+                    })
+                    .collect();
+                for batch in left.chunks(MAX_EVENT_BATCH) {
+                    self.apply_events(batch);
+                }
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// A reader met damage in store `generation`. Many readers may meet the same damage:
+    /// one check, and none for a store replaced since, or checked sound within the minute.
+    fn damage_reported(&mut self, generation: u64) {
+        let recent = self
+            .damage_checked
+            .is_some_and(|(checked, at)| checked == generation && at.elapsed() < DAMAGE_RECHECK);
+        if generation == self.health.generation() && !recent {
+            self.damage_checked = Some((generation, Instant::now()));
+            self.confirm_damage();
+        }
+        self.health.damage_looked_at();
+    }
+
+    /// What the writer does between jobs, when it is due: the WAL copied back, the cache
+    /// released, expired nodes emptied, the snapshot file tried again.
+    fn between_jobs(
+        &mut self,
+        queue: &mut VecDeque<Job>,
+        jobs: &mpsc::Receiver<Job>,
+        pace: &mut Pace,
+    ) {
+        // A WAL a reader made large is emptied once the reader leaves, writes or not.
+        let wal_held = pace.last_copy.elapsed() >= COPY_BACK_EVERY && self.writer.wal_oversized();
+        if queue.is_empty()
+            && (wal_held
+                || pace.copy_due && (pace.copy_now || pace.last_copy.elapsed() >= COPY_BACK_EVERY))
+        {
+            if let Some(checkpointer) = &self.checkpointer {
+                checkpointer.nudge();
+            }
+            (pace.copy_due, pace.copy_now, pace.last_copy) = (false, false, Instant::now());
+        }
+        if queue.is_empty() && !pace.released && pace.last_write.elapsed() >= RELEASE_AFTER {
+            if let Err(e) = self.writer.release_memory() {
+                tracing::warn!(error = %e, "releasing the store's cache failed");
+            }
+            pace.released = true;
+        }
+        // Not while a snapshot waits: it may be the very one that keeps a node current
+        // (a node's limit is two of its periods, and a long apply may hold it back).
+        let snapshot_waits = queue
+            .iter()
+            .any(|job| matches!(job, Job::ApplyFile | Job::ApplyStream { .. }));
+        if pace.last_expiry.elapsed() >= EXPIRY_INTERVAL && !snapshot_waits {
+            self.expire();
+            pace.last_expiry = Instant::now();
+        }
+        if queue.is_empty() && self.file_retry.is_some_and(|(at, _)| Instant::now() >= at) {
+            self.check_file(&mut arriving(queue, jobs));
         }
     }
 

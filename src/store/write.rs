@@ -557,6 +557,55 @@ impl SnapshotTx<'_> {
             rebuilt_indexes: self.dropped_indexes.is_some(),
             ..Changes::default()
         };
+        changes.removed += self.delete_gone()?;
+        let dropped = self.drop_unnamed_nodes(&mut changes)?;
+        // Rare: the writer reads the calls anew with the next snapshot.
+        let forget = !dropped.is_empty();
+        // After the deletes, which then had no index entries to remove.
+        if let Some(dropped) = &self.dropped_indexes {
+            rebuild_secondary_indexes(&self.tx, dropped)?;
+        }
+        let generation: i64 = self
+            .tx
+            .prepare_cached(NEXT_GENERATION)?
+            .query_row([], |r| r.get(0))?;
+        self.record_nodes(&mut changes, &dropped, generation)?;
+        // After the snapshot's own: a node both sent is heard at the later of the two.
+        self.events.nodes = self.heard.touch(&self.tx, self.staleness, generation)?;
+        events::trim_ended(&self.tx, &mut self.stored, self.ended_most)?;
+        changes.events = std::mem::take(&mut self.events);
+        changes.dropped = dropped;
+        self.tx.commit()?;
+        if !forget {
+            // The reader thread has ended: the line keys are the writer's alone again.
+            renew_line_keys(&mut self.stored, &self.retired_lines, &self.new_lines);
+            *self.keep = Some(self.stored);
+        }
+        changes.nodes.sort_unstable();
+        Ok(changes)
+    }
+
+    /// Deletes the calls of its nodes that the snapshot no longer has (but those an event
+    /// started or answered after it was taken); how many.
+    fn delete_gone(&mut self) -> rusqlite::Result<u64> {
+        let mut removed = 0;
+        let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
+        for (_, call_id) in self.gone() {
+            removed += delete.execute([call_id])? as u64;
+            if let Some(call) = self.stored.remove(call_id) {
+                self.changed_nodes.insert(call.node_id);
+                if let Some(line) = call.line_key {
+                    self.retired_lines.insert(line);
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The calls [`delete_gone`](Self::delete_gone) deletes, as (account, id), in account
+    /// order: consecutive deletes then touch neighbouring entries of every (account, …)
+    /// index.
+    fn gone(&self) -> Vec<(i64, i64)> {
         // Each node's date, against which an event's knowledge of a call is newer or not.
         let dated: IntMap<i64, i64> = self
             .nodes
@@ -566,9 +615,6 @@ impl SnapshotTx<'_> {
                 (node, timestamp_ms(timestamp))
             })
             .collect();
-        // Calls of its nodes that the snapshot no longer has (but those an event started or
-        // answered after it was taken), in account order: consecutive deletes then touch
-        // neighbouring entries of every (account, …) index.
         let epoch = self.stored.epoch;
         let mut gone: Vec<(i64, i64)> = self
             .stored
@@ -583,46 +629,40 @@ impl SnapshotTx<'_> {
             .map(|(&id, c)| (c.account, id))
             .collect();
         gone.sort_unstable();
-        let mut delete = self.tx.prepare_cached(DELETE_CALL)?;
-        for &(_, call_id) in &gone {
-            changes.removed += delete.execute([call_id])? as u64;
-            if let Some(call) = self.stored.remove(call_id) {
-                self.changed_nodes.insert(call.node_id);
-                if let Some(line) = call.line_key {
-                    self.retired_lines.insert(line);
-                }
-            }
-        }
-        drop(delete);
-        let mut forget = false;
+        gone
+    }
+
+    /// The snapshot file is the whole state of the nodes it feeds: a node it fed before and
+    /// no longer names has no calls, but those call events started or answered after the
+    /// file was written. Removes them (counted in `changes`); the nodes that had some.
+    fn drop_unnamed_nodes(&mut self, changes: &mut Changes) -> rusqlite::Result<Vec<i64>> {
         let mut dropped = Vec::new();
-        if self.origin == Origin::File {
-            // The file is the whole state of the nodes it feeds: a node it fed before and
-            // no longer names has no calls, but those call events started or answered after
-            // the file was written.
-            let fed_before: Vec<i64> = self
-                .tx
-                .prepare_cached(NODES_OF_SOURCE)?
-                .query_map([Origin::File.as_str()], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for &node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
-                let removed = nodes::remove(&self.tx, self.periods, node, self.received_at_ms)?;
-                changes.removed += removed as u64;
-                if removed > 0 {
-                    dropped.push(node);
-                }
-                // Rare: the writer reads the calls anew with the next snapshot.
-                forget |= removed > 0;
+        if self.origin != Origin::File {
+            return Ok(dropped);
+        }
+        let fed_before: Vec<i64> = self
+            .tx
+            .prepare_cached(NODES_OF_SOURCE)?
+            .query_map([Origin::File.as_str()], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for &node in fed_before.iter().filter(|n| !self.nodes.contains_key(n)) {
+            let removed = nodes::remove(&self.tx, self.periods, node, self.received_at_ms)?;
+            changes.removed += removed as u64;
+            if removed > 0 {
+                dropped.push(node);
             }
         }
-        // After the deletes, which then had no index entries to remove.
-        if let Some(dropped) = &self.dropped_indexes {
-            rebuild_secondary_indexes(&self.tx, dropped)?;
-        }
-        let generation: i64 = self
-            .tx
-            .prepare_cached(NEXT_GENERATION)?
-            .query_row([], |r| r.get(0))?;
+        Ok(dropped)
+    }
+
+    /// Records the snapshot's nodes at `generation` (and the `dropped` ones as changed),
+    /// and whether it was a repeat of what the store held.
+    fn record_nodes(
+        &mut self,
+        changes: &mut Changes,
+        dropped: &[i64],
+        generation: i64,
+    ) -> rusqlite::Result<()> {
         changes.repeat = changes.written == 0 && changes.removed == 0 && !self.nodes.is_empty();
         for (node_id, timestamp) in &self.nodes {
             let timestamp = timestamp.as_deref().unwrap_or(&self.received_timestamp);
@@ -640,37 +680,30 @@ impl SnapshotTx<'_> {
             changes.repeat &= before.as_deref() == Some(timestamp);
             changes.nodes.push(*node_id);
         }
-        for &node in &dropped {
+        for &node in dropped {
             nodes::changed(&self.tx, node, generation)?;
         }
-        // After the snapshot's own: a node both sent is heard at the later of the two.
-        self.events.nodes = self.heard.touch(&self.tx, self.staleness, generation)?;
-        events::trim_ended(&self.tx, &mut self.stored, self.ended_most)?;
-        changes.events = std::mem::take(&mut self.events);
-        changes.dropped = dropped;
-        self.tx.commit()?;
-        if !forget {
-            // The reader thread has ended: the line keys are the writer's alone again.
-            let by_line = Arc::make_mut(&mut self.stored.by_line);
-            for line in &self.retired_lines {
-                by_line.remove(line);
-            }
-            for &(line, call_id) in &self.new_lines {
-                // Only a line its call still has (a call rewritten twice in one snapshot
-                // left a line behind).
-                if self
-                    .stored
-                    .calls
-                    .get(&call_id)
-                    .is_some_and(|c| c.line_key == Some(line))
-                {
-                    by_line.insert(line, call_id);
-                }
-            }
-            *self.keep = Some(self.stored);
+        Ok(())
+    }
+}
+
+/// Once a snapshot committed, its line keys in `stored`: the lines of the calls it rewrote
+/// or removed (`retired`) go, and its new ones come.
+fn renew_line_keys(stored: &mut Stored, retired: &IntSet<i64>, new_lines: &[(i64, i64)]) {
+    let by_line = Arc::make_mut(&mut stored.by_line);
+    for line in retired {
+        by_line.remove(line);
+    }
+    for &(line, call_id) in new_lines {
+        // Only a line its call still has (a call rewritten twice in one snapshot left a
+        // line behind).
+        if stored
+            .calls
+            .get(&call_id)
+            .is_some_and(|c| c.line_key == Some(line))
+        {
+            by_line.insert(line, call_id);
         }
-        changes.nodes.sort_unstable();
-        Ok(changes)
     }
 }
 
