@@ -20,9 +20,8 @@ use super::Staleness;
 use super::nodes;
 use super::nodes::Periods;
 use super::stored::{IntMap, IntSet, Stored, StoredCall, TagHash};
-use super::write::{
-    CallValues, DELETE_CALL, INSERT_CALL, NEXT_GENERATION, UPDATE_CALL_VALUES, Writer,
-};
+use super::values::CallValues;
+use super::write::{DELETE_CALL, INSERT_CALL, NEXT_GENERATION, UPDATE_CALL_VALUES, Writer};
 use crate::call::{CallRow, Event, EventKind};
 use crate::clock::{format_datetime, unix_millis};
 

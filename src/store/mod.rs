@@ -45,6 +45,7 @@ mod query;
 mod read;
 mod stored;
 mod stream;
+mod values;
 mod write;
 
 pub use answer::write_json_string;
