@@ -199,7 +199,7 @@ macro_rules! series {
     };
     (
         $(#[$meta:meta])*
-        struct $struct:ident {
+        $vis:vis struct $struct:ident {
             $(
                 $field:ident: $ty:ty $(= $init:expr)?
                     => $name:literal $(in $unit:ident)?, $help:expr;
@@ -207,23 +207,26 @@ macro_rules! series {
         }
     ) => {
         $(#[$meta])*
-        struct $struct {
+        $vis struct $struct {
             $($field: $ty,)*
         }
 
         impl $struct {
-            fn new() -> Self {
+            pub(super) fn new() -> Self {
                 $struct {
                     $($field: series!(@init $($init)?),)*
                 }
             }
 
-            fn register(&self, registry: &mut Registry) {
+            pub(super) fn register(&self, registry: &mut Registry) {
                 $(series!(@register registry, $name, $help, self.$field.clone() $(, $unit)?);)*
             }
         }
     };
 }
+
+// For the series declared beside their users (`streams`).
+use series;
 
 series! {
     /// The agent's own series, under its prefix.

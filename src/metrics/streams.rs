@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use super::series;
+
 /// What a stream shows: a customer's calls, or the node's.
 pub const KINDS: [&str; 2] = ["customer", "node"];
 /// The events a stream sends.
@@ -32,25 +34,31 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
-pub struct StreamMetrics {
-    open: Family<KindLabels, Gauge>,
-    events: Family<EventLabels, Counter>,
-    ended: Family<ReasonLabels, Counter>,
-    refused: Counter,
-    publish_to_send: Histogram,
+series! {
+    /// The streams' series, under the agent's prefix.
+    pub struct StreamMetrics {
+        open: Family<KindLabels, Gauge> => "streams_open",
+            "Live streams open, per kind (customer: the endpoint's; node: the scrape's)";
+        events: Family<EventLabels, Counter> => "stream_events",
+            "Events sent on live streams, per event";
+        ended: Family<ReasonLabels, Counter> => "streams_ended",
+            "Live streams ended, per reason (client: it left; expired: its token; revoked: \
+             its access, account or scrape token left; stopping: the agent; slow: its client \
+             fell too far behind; error: the store could not be read)";
+        refused: Counter => "streams_refused",
+            "Live streams refused with 503 at api.max_streams";
+        // 50 µs to ~3 s: an event read at once, to a 100k-call period read by every stream
+        // of a loaded host.
+        publish_to_send: Histogram = Histogram::new(exponential_buckets(0.000_05, 2.0, 17))
+            => "stream_publish_to_send" in Seconds,
+            "Time from a commit's publication to a stream's event that shows it, queued to \
+             its connection";
+    }
 }
 
 impl Default for StreamMetrics {
     fn default() -> Self {
-        let metrics = StreamMetrics {
-            open: Family::default(),
-            events: Family::default(),
-            ended: Family::default(),
-            refused: Counter::default(),
-            // 50 µs to ~3 s: an event read at once, to a 100k-call period read by every
-            // stream of a loaded host.
-            publish_to_send: Histogram::new(exponential_buckets(0.000_05, 2.0, 17)),
-        };
+        let metrics = StreamMetrics::new();
         // Every series from the start: an alert on a rate needs the zero before the rise.
         for kind in KINDS {
             let _ = metrics.open.get_or_create(&KindLabels { kind });
@@ -75,38 +83,6 @@ impl Drop for OpenStream {
 }
 
 impl StreamMetrics {
-    pub(super) fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "streams_open",
-            "Live streams open, per kind (customer: the endpoint's; node: the scrape's)",
-            self.open.clone(),
-        );
-        registry.register(
-            "stream_events",
-            "Events sent on live streams, per event",
-            self.events.clone(),
-        );
-        registry.register(
-            "streams_ended",
-            "Live streams ended, per reason (client: it left; expired: its token; revoked: \
-             its access, account or scrape token left; stopping: the agent; slow: its client \
-             fell too far behind; error: the store could not be read)",
-            self.ended.clone(),
-        );
-        registry.register(
-            "streams_refused",
-            "Live streams refused with 503 at api.max_streams",
-            self.refused.clone(),
-        );
-        registry.register_with_unit(
-            "stream_publish_to_send",
-            "Time from a commit's publication to a stream's event that shows it, queued to \
-             its connection",
-            Unit::Seconds,
-            self.publish_to_send.clone(),
-        );
-    }
-
     /// A stream of `kind` opens; it counts as open until the guard is dropped.
     pub fn opened(&self, kind: &'static str) -> OpenStream {
         let gauge = self.open.get_or_create(&KindLabels { kind }).clone();
