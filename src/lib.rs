@@ -399,11 +399,7 @@ impl DirectoryReader {
             let one_at_a_time = std::sync::Mutex::new(());
             move || {
                 let _turn = one_at_a_time.lock().unwrap_or_else(|e| e.into_inner());
-                let loaded = reload_directory(&directory, &path);
-                metrics.directory_load(loaded);
-                if loaded {
-                    health.directory_loaded.store(true, Ordering::Release);
-                }
+                reload_directory(&directory, &path, &metrics, &health);
                 // Last: whoever waits on the count sees the health and metrics of this read.
                 reloads_tx.send_modify(|n| *n += 1);
             }
@@ -682,30 +678,40 @@ impl Signals {
     }
 }
 
-/// Reads the directory file into `cell`; a bad file keeps the previous directory.
-/// Returns whether it loaded.
-fn reload_directory(cell: &SwapCell<Directory>, path: &std::path::Path) -> bool {
+/// Reads the directory file into `cell`, counted in `metrics` and, once one has loaded,
+/// ready in `health`; a bad file keeps the previous directory.
+fn reload_directory(
+    cell: &SwapCell<Directory>,
+    path: &std::path::Path,
+    metrics: &Metrics,
+    health: &Health,
+) {
+    // Each outcome is said last, once the directory, the metrics and the health show it:
+    // whoever reads the line finds them so.
     match Directory::load(path) {
         Ok(directory) => {
-            tracing::info!(path = %path.display(), accounts = directory.account_count(), "directory loaded");
-            if directory.drops_every_account_of(&cell.load()) {
+            let accounts = directory.account_count();
+            let drops_every_account = directory.drops_every_account_of(&cell.load());
+            cell.store(directory);
+            metrics.directory_load(true);
+            health.directory_loaded.store(true, Ordering::Release);
+            tracing::info!(path = %path.display(), accounts, "directory loaded");
+            if drops_every_account {
                 tracing::warn!(
                     path = %path.display(),
                     "the directory just loaded has none of the accounts the previous one had: \
                      applied, but if the export went wrong every customer now gets 401"
                 );
-            } else if directory.account_count() == 0 {
+            } else if accounts == 0 {
                 tracing::warn!(path = %path.display(), "the directory lists no account: every customer request gets 401");
             }
-            cell.store(directory);
-            true
         }
         Err(e) => {
+            metrics.directory_load(false);
             tracing::error!(
                 error = format!("{e:#}"),
                 "directory not loaded; keeping the previous one (none at start: no account is known)"
             );
-            false
         }
     }
 }

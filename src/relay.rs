@@ -722,13 +722,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
         let err = upstream(&format!(
-            "[upstream]\nca_file = {missing:?}\nclickhouse_urls = [\"https://u:pw@ch:8443/\"]\n"
+            "[upstream]\nca_file = {missing:?}\nclickhouse_urls = [\"https://u:secret-password@ch:8443/\"]\n"
         ));
         let text = format!("{:#}", err.unwrap_err());
+        // (A word no temporary folder's name holds.)
         assert!(
             text.contains("upstream.ca_file")
                 && text.contains("missing.pem")
-                && !text.contains("pw"),
+                && !text.contains("secret-password"),
             "{text}"
         );
         let junk = dir.path().join("junk.pem");

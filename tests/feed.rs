@@ -102,21 +102,20 @@ fn the_snapshot_timestamp_follows_each_snapshot() {
         .collect();
     assert_eq!(stamps, ["2025-11-25 14:30:05", "2025-11-25 14:29:59"]);
 
-    // A row without one gets the time the snapshot was received (the file's mtime).
+    // A row without one gets the time the snapshot was received: the file just changed,
+    // so when it was read (SPEC 2.2), between the write and the answer.
     let mut bare = call(1, "a", 101, "2025-11-25 10:00:00");
     bare.as_object_mut().unwrap().remove("snapshot_timestamp");
+    let written = active_calls_agent::clock::unix_now();
     agent.feed(&snapshot(&[bare]));
     let rows = agent.get(&format!("account-id={ACCOUNT_101}")).rows();
+    let answered = active_calls_agent::clock::unix_now();
     let stamp = rows[0]["snapshot_timestamp"].as_str().unwrap();
-    let mtime = std::fs::metadata(agent.snapshot_path())
-        .unwrap()
-        .modified()
-        .unwrap();
-    let secs = mtime
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    assert_eq!(stamp, active_calls_agent::clock::format_datetime(secs));
+    let stamped = active_calls_agent::clock::parse_datetime(stamp).unwrap();
+    assert!(
+        (written..=answered).contains(&stamped),
+        "{stamp}, written at {written}, answered at {answered}"
+    );
 }
 
 #[test]

@@ -633,15 +633,16 @@ impl Worker {
     fn replace_store(&mut self, why: String) {
         match self.writer.replace_damaged(why) {
             Ok(aside) => {
+                // Not ready before it is said: whoever reads the line sees /readyz say it.
+                self.metrics.store_replaced();
+                self.health
+                    .replaced(replaced_line(self.writer.path(), &aside));
                 tracing::error!(
                     store = %self.writer.path().display(),
                     error = %aside.why,
                     set_aside = %aside.to.display(),
                     "the store could not be read: it was set aside and a new one created; not ready until the next snapshot"
                 );
-                self.metrics.store_replaced();
-                self.health
-                    .replaced(replaced_line(self.writer.path(), &aside));
                 self.live.publish(live::Scope::everything());
                 self.applied_file = None;
                 if self.watch_path.is_some() {
