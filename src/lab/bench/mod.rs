@@ -7,7 +7,10 @@
 //! 1,000 accounts of 50 customers, one account holding 30% of the calls. Times come from
 //! the client's clock (and, for applies, from the agent's own log line too); memory from
 //! `/proc/<pid>/status`, the peak reset before each apply through `/proc/<pid>/clear_refs`.
-//! Nothing here asserts a timing: it measures and prints.
+//! Each posted apply is also printed as a multiple of its floor (`floor`): the same bytes
+//! posted by the same client to a sink that only reads them, measured in the same run, so
+//! that a figure can be compared across days on a shared machine. Nothing here asserts a
+//! timing: it measures and prints.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::bail;
 
 mod events;
+mod floor;
 mod hostile;
 mod node;
 mod streams;

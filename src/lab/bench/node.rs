@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::floor::{Floor, multiple};
 use super::{
     AgentProcess, BenchOptions, ENDPOINT, LOADED_PERIODS, PERIOD, Series, latencies, p50_p99,
     percentile, sorted, tokens,
@@ -28,14 +29,15 @@ pub(super) fn run(
     legacy: &Series,
     add: &mut impl FnMut(&str, String, &'static str),
 ) -> anyhow::Result<()> {
-    small_node(options, base, small, add)?;
+    let floor = Floor::start()?;
+    small_node(options, base, small, &floor, add)?;
     let old = old_layout(base, legacy)?;
-    let agent = large_node(options, base, &large, &old, add)?;
+    let agent = large_node(options, base, &large, &old, &floor, add)?;
     let tokens = tokens();
     queries(options, &agent, &large, &tokens, add)?;
     under_load(options, &agent, &mut large, now, &tokens, add)?;
     drop(agent);
-    with_relay(options, base, &large, add)?;
+    with_relay(options, base, &large, &floor, add)?;
     file_and_scrape(options, base, &large, add)
 }
 
@@ -49,19 +51,21 @@ fn small_node(
     options: &BenchOptions,
     base: &Path,
     small: &Series,
+    floor: &Floor,
     add: &mut impl FnMut(&str, String, &'static str),
 ) -> anyhow::Result<()> {
     let agent = AgentProcess::start(&base.join("small-socket"))?;
+    let floors = (floor.of(&small.full)?, floor.of(&small.period)?);
     let full = agent.measured_post(&small.full)?;
     add(
         &format!("full {}-call snapshot, socket", options.small_calls),
-        full.text(),
+        format!("{} · {}", multiple(full.wall, floors.0), full.text()),
         "",
     );
     let period = agent.measured_post(&small.period)?;
     add(
         &format!("a 5-second period, {} calls, socket", options.small_calls),
-        period.text(),
+        format!("{} · {}", multiple(period.wall, floors.1), period.text()),
         "≤ 40 ms",
     );
     let agent = AgentProcess::start(&base.join("small-file"))?;
@@ -92,6 +96,7 @@ fn large_node(
     base: &Path,
     large: &Series,
     old: &[Applied],
+    floor: &Floor,
     add: &mut impl FnMut(&str, String, &'static str),
 ) -> anyhow::Result<AgentProcess> {
     let agent = AgentProcess::start(&base.join("large-socket"))?;
@@ -105,24 +110,30 @@ fn large_node(
         (
             "full snapshot into an empty store",
             &large.full,
-            "≤ 1,500 ms",
+            "≤ 4× the floor",
         ),
-        ("the same calls resent", &large.resent, "≤ 250 ms"),
+        ("the same calls resent", &large.resent, "≤ 1.25× the floor"),
         (
             "a 5-second period (3% ended, 3% new, 3% answered)",
             &large.period,
-            "≤ 400 ms, ≤ 0.5 CPU-s",
+            "≤ 2× the floor, ≤ 0.5 CPU-s",
         ),
-        ("10% churn", &large.churn, "≤ 600 ms"),
+        ("10% churn", &large.churn, "≤ 3× the floor"),
     ];
     let mut peaks = Vec::new();
     for (i, (what, body, target)) in steps.into_iter().enumerate() {
+        let floor = floor.of(body)?;
         agent.reset_peak();
         let applied = agent.measured_post(body)?;
         peaks.push(agent.peak_mb());
         add(
             &format!("{}k calls, socket: {what}", options.calls / 1000),
-            format!("{} · old layout: {}", applied.text(), old[i].text()),
+            format!(
+                "{} · {} · old layout: {}",
+                multiple(applied.wall, floor),
+                applied.text(),
+                old[i].text()
+            ),
             target,
         );
         if i == 2 {
@@ -276,8 +287,10 @@ fn with_relay(
     options: &BenchOptions,
     base: &Path,
     large: &Series,
+    floor: &Floor,
     add: &mut impl FnMut(&str, String, &'static str),
 ) -> anyhow::Result<()> {
+    let floors = (floor.of(&large.full)?, floor.of(&large.churn)?);
     let spool = base.join("relay-spool");
     let agent = AgentProcess::start_with(
         &base.join("relay"),
@@ -297,7 +310,9 @@ fn with_relay(
             options.calls
         ),
         format!(
-            "{} / {} ({} while the spooler compressed the one before)",
+            "{} / {} · {} / {} ({} while the spooler compressed the one before)",
+            multiple(full, floors.0),
+            multiple(churn, floors.1),
             ms(full),
             ms(churn),
             ms(overlapped)
