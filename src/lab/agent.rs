@@ -200,7 +200,7 @@ impl AgentProcess {
     }
 
     /// Resident memory now, MB.
-    pub(crate) fn rss_mb(&self) -> f64 {
+    pub fn rss_mb(&self) -> f64 {
         rss_mb(self.pid())
     }
 

@@ -24,13 +24,11 @@ pub struct Event {
 pub struct EventReader {
     /// The answer's head (status line and headers, up to the blank line), once read.
     head: Option<Vec<u8>>,
-    /// Bytes not yet de-chunked, and de-chunked text not yet made into events.
-    raw: Vec<u8>,
+    /// The body's chunks, and the text they made, not yet made into events.
+    chunks: Dechunker,
     text: Vec<u8>,
     /// Where in `text` to look for the next event's end.
     scanned: usize,
-    /// The last chunk has come.
-    ended: bool,
     max_data: usize,
 }
 
@@ -39,10 +37,9 @@ impl EventReader {
     pub fn new(max_data: usize) -> EventReader {
         EventReader {
             head: None,
-            raw: Vec::new(),
+            chunks: Dechunker::default(),
             text: Vec::new(),
             scanned: 0,
-            ended: false,
             max_data,
         }
     }
@@ -54,19 +51,25 @@ impl EventReader {
 
     /// Whether the body's last chunk has come.
     pub fn ended(&self) -> bool {
-        self.ended
+        self.chunks.ended()
     }
 
     /// The events that `bytes` completed, comments (heartbeats) skipped.
     pub fn feed(&mut self, bytes: &[u8]) -> anyhow::Result<Vec<Event>> {
-        self.raw.extend_from_slice(bytes);
-        if self.head.is_none() {
-            let Some(end) = self.raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-                return Ok(Vec::new());
-            };
-            self.head = Some(self.raw.drain(..end + 4).collect());
-        }
-        self.dechunk()?;
+        let body = match &self.head {
+            Some(_) => bytes,
+            None => {
+                // The head's bytes wait in the chunks' buffer until it is whole.
+                self.chunks.raw.extend_from_slice(bytes);
+                let raw = &mut self.chunks.raw;
+                let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    return Ok(Vec::new());
+                };
+                self.head = Some(raw.drain(..end + 4).collect());
+                &[]
+            }
+        };
+        self.chunks.feed(body, &mut self.text)?;
         let mut events = Vec::new();
         while let Some(end) = (self.text[self.scanned..].windows(2)).position(|w| w == b"\n\n") {
             let block_end = self.scanned + end;
@@ -77,28 +80,6 @@ impl EventReader {
         }
         self.scanned = self.text.len().saturating_sub(1);
         Ok(events)
-    }
-
-    /// Whole chunks from `raw` into `text`.
-    fn dechunk(&mut self) -> anyhow::Result<()> {
-        let mut used = 0;
-        while let Some(line) = self.raw[used..].windows(2).position(|w| w == b"\r\n") {
-            let size_text = std::str::from_utf8(&self.raw[used..used + line])?;
-            let size = usize::from_str_radix(size_text.trim(), 16)
-                .with_context(|| format!("a chunk size {size_text:?}"))?;
-            let start = used + line + 2;
-            if self.raw.len() < start + size + 2 {
-                break;
-            }
-            self.text.extend_from_slice(&self.raw[start..start + size]);
-            used = start + size + 2;
-            if size == 0 {
-                self.ended = true;
-                break;
-            }
-        }
-        self.raw.drain(..used);
-        Ok(())
     }
 
     /// The event one block (its lines, without the blank line) makes; `None` for a
@@ -134,6 +115,47 @@ impl EventReader {
             }
         }
         Ok((!event.event.is_empty()).then_some(event))
+    }
+}
+
+/// A chunked body (RFC 9112 7.1) decoded as its bytes come, chunk extensions ignored.
+#[derive(Debug, Default)]
+pub struct Dechunker {
+    /// Bytes not yet decoded: a chunk not yet whole.
+    raw: Vec<u8>,
+    /// The last chunk has come.
+    ended: bool,
+}
+
+impl Dechunker {
+    /// Appends to `body` the data of the chunks `bytes` completed.
+    pub fn feed(&mut self, bytes: &[u8], body: &mut Vec<u8>) -> anyhow::Result<()> {
+        self.raw.extend_from_slice(bytes);
+        let mut used = 0;
+        while !self.ended
+            && let Some(line) = self.raw[used..].windows(2).position(|w| w == b"\r\n")
+        {
+            let size_text = std::str::from_utf8(&self.raw[used..used + line])?;
+            let size_text = size_text.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size_text, 16)
+                .with_context(|| format!("a chunk size {size_text:?}"))?;
+            let start = used + line + 2;
+            if size == 0 {
+                (self.ended, used) = (true, start);
+            } else if self.raw.len() >= start + size + 2 {
+                body.extend_from_slice(&self.raw[start..start + size]);
+                used = start + size + 2;
+            } else {
+                break;
+            }
+        }
+        self.raw.drain(..used);
+        Ok(())
+    }
+
+    /// Whether the last chunk has come.
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 }
 
@@ -175,5 +197,22 @@ mod tests {
         let mut reader = EventReader::new(usize::MAX);
         reader.feed(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
         assert!(reader.feed(b"a\r\nbogus: x\n\n\r\n").is_err());
+    }
+
+    #[test]
+    fn chunks_decode_across_cuts_with_extensions_ignored() {
+        let wire = b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        for cut in 1..wire.len() {
+            let (mut chunks, mut body) = (Dechunker::default(), Vec::new());
+            chunks.feed(&wire[..cut], &mut body).unwrap();
+            chunks.feed(&wire[cut..], &mut body).unwrap();
+            assert_eq!((body.as_slice(), chunks.ended()), (&b"abcde"[..], true));
+        }
+        let (mut chunks, mut body) = (Dechunker::default(), Vec::new());
+        chunks.feed(b"3\r\nab", &mut body).unwrap();
+        assert!(
+            body.is_empty() && !chunks.ended(),
+            "a chunk cut is not yet data"
+        );
     }
 }

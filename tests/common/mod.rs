@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use active_calls_agent::config::{Config, StaleAfter};
 use active_calls_agent::feed::ApplyReport;
 use active_calls_agent::lab::agent::AgentProcess;
+use active_calls_agent::lab::sse::Dechunker;
 use active_calls_agent::{Agent, FeedStatus};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;
@@ -482,23 +483,11 @@ pub fn read_reply(stream: &mut TcpStream) -> Reply {
 }
 
 /// A chunked body's content; panics when it was cut before its last chunk.
-pub fn dechunked(mut raw: &[u8]) -> Vec<u8> {
-    let mut body = Vec::new();
-    loop {
-        let line_end = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("a chunked body cut before its last chunk");
-        let size_text = std::str::from_utf8(&raw[..line_end]).unwrap();
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        raw = &raw[line_end + 2..];
-        if size == 0 {
-            return body;
-        }
-        assert!(raw.len() >= size + 2, "a chunked body cut in a chunk");
-        body.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
-    }
+pub fn dechunked(raw: &[u8]) -> Vec<u8> {
+    let (mut chunks, mut body) = (Dechunker::default(), Vec::new());
+    chunks.feed(raw, &mut body).expect("chunk sizes in hex");
+    assert!(chunks.ended(), "a chunked body cut before its last chunk");
+    body
 }
 
 pub fn parse_reply(raw: &[u8], head_only: bool) -> Reply {
