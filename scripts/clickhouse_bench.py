@@ -16,7 +16,8 @@ input_format_skip_unknown_fields=1):
 Times are the wall time of the chdb call (SQL text in, JSON bytes out), plus ClickHouse's
 own `statistics.elapsed` from the JSON answer (the analogue of the agent's X-Runtime).
 
-Usage: python3 scripts/clickhouse_bench.py [--dir /tmp/chbench]
+Usage: python3 scripts/clickhouse_bench.py [--dir /tmp/chbench] [--summary FILE]
+(`bench` runs it itself when chdb is installed, and prints its figures as multiples.)
 """
 
 import argparse
@@ -140,6 +141,9 @@ def main():
                     help="leading mix queries left out of the figures, as the agent's "
                          "bench does (default 200)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--summary",
+                    help="also write the insert's median and the mix's p50 / p99 (ms, "
+                         "without the warm-up) here as JSON, for `bench` to divide by")
     args = ap.parse_args()
 
     with open(os.path.join(args.dir, "directory.json")) as f:
@@ -207,6 +211,12 @@ def main():
     print(fmt(f"the same without the first {k} (as the agent)", walls[k:], els[k:],
               rows[k:]))
     print(fmt("baseline: SELECT 1 FORMAT JSON", base_w, base_e, [1]))
+    if args.summary:
+        w, e = sorted(walls[k:]), sorted(els[k:])
+        with open(args.summary, "w") as f:
+            json.dump({"insert_ms": statistics.median(times),
+                       "wall_ms": [percentile(w, 0.5), percentile(w, 0.99)],
+                       "elapsed_ms": [percentile(e, 0.5), percentile(e, 0.99)]}, f)
 
     big_id, big_cust = accounts[BIG_ACCOUNT_UUID]
     values = b.scalar(

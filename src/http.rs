@@ -125,11 +125,16 @@ pub fn channel(
 }
 
 /// The socket of the connection a request came on (in the request's extensions), for
-/// an answer that must tune it.
+/// an answer that must tune it, and its peer.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectionSocket(std::os::fd::RawFd);
+pub struct ConnectionSocket(std::os::fd::RawFd, SocketAddr);
 
 impl ConnectionSocket {
+    /// Who is on the other end.
+    pub fn peer(self) -> SocketAddr {
+        self.1
+    }
+
     /// Caps what the kernel buffers for the client at about `bytes` (`SO_SNDBUF`): a
     /// long-lived answer then counts what its client has not taken in its own memory,
     /// where it is bounded and seen, not in the kernel's (up to 4 MB a socket).
@@ -246,7 +251,7 @@ async fn connection<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let socket = ConnectionSocket(std::os::fd::AsRawFd::as_raw_fd(&stream));
+    let socket = ConnectionSocket(std::os::fd::AsRawFd::as_raw_fd(&stream), peer);
     let (name, metrics) = (settings.name, settings.metrics.clone());
     let slot = &held.2;
     let activity = slot.entry.activity.clone();

@@ -463,6 +463,7 @@ async fn serve_feed(
             _ => ".".into(),
         },
         store: readers.health().clone(),
+        direct: Default::default(),
     });
     let counted = ListenerSettings {
         name: "feed",

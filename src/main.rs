@@ -84,6 +84,10 @@ enum Command {
         /// RSS and CPU with 1,000, a period's reach, and 50 streams that never read.
         #[arg(long, conflicts_with_all = ["hostile", "events"])]
         streams: bool,
+        /// Only the large node's four applies beside their floors (issue 23's figures),
+        /// without the queries, the relay and the file.
+        #[arg(long, conflicts_with_all = ["hostile", "events", "streams"])]
+        applies: bool,
     },
     /// A bounded soak: mixed queries while snapshots arrive every second; fails on any
     /// 5xx, torn answer or memory growth (see RELIABILITY.md).
@@ -214,6 +218,7 @@ fn run() -> anyhow::Result<ExitCode> {
             hostile,
             events,
             streams,
+            applies,
         } => active_calls_agent::lab::bench::run(active_calls_agent::lab::bench::BenchOptions {
             calls,
             small_calls,
@@ -224,6 +229,7 @@ fn run() -> anyhow::Result<ExitCode> {
             hostile,
             events,
             streams,
+            applies,
         })?,
         Command::Soak {
             seconds,

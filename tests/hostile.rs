@@ -337,6 +337,20 @@ impl SmallDisk {
     }
 }
 
+/// POSTs `body` to the feed's `/` as one chunk of a chunked body.
+fn post_chunked(addr: std::net::SocketAddr, body: &[u8]) -> Reply {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let head = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(format!("{:x}\r\n", body.len()).as_bytes())
+        .unwrap();
+    stream.write_all(body).unwrap();
+    stream.write_all(b"\r\n0\r\n\r\n").unwrap();
+    read_reply(&mut stream)
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -373,8 +387,9 @@ fn a_full_disk_is_said_by_readyz_refused_with_507_and_a_failed_file_applied_once
     assert_eq!(request(agent.api, "GET", "/readyz", &[]).status, 200);
     let filler = disk.fill();
 
-    // Too large for memory: it cannot be received into its file.
-    let reply = post(agent.feed, "/", &[], &named_snapshot("B", 3000));
+    // Too large for memory, and chunked (no length: received whole before it applies, not
+    // as it arrives): it cannot be received into its file.
+    let reply = post_chunked(agent.feed, &named_snapshot("B", 3000));
     assert_eq!(reply.status, 507, "{}", reply.text());
     assert!(
         reply

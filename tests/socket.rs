@@ -387,6 +387,83 @@ fn a_client_that_stops_mid_body_changes_nothing() {
     assert_eq!(names(&agent, ACCOUNT_101), ["kept"]);
 }
 
+/// A body of node 1 large enough (> 256 KiB) to be applied as it arrives when it comes
+/// fast, with a head that declares its length.
+fn large_post(name: &str) -> (String, Vec<u8>) {
+    let calls: Vec<Value> = (0..3000)
+        .map(|i| call(1, &format!("{name}{i}"), 101, name))
+        .collect();
+    let body = insert_body(&calls);
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    (head, body)
+}
+
+/// Bytes a sender gives at once before it stops: past the 256 KiB that decide whether a
+/// body is applied as it arrives.
+const SENT_AT_ONCE: usize = 400_000;
+
+/// A switch's body that stops coming once the writer applies it as it arrives holds the
+/// store for at most its budget (1 s): a snapshot of another node posted meanwhile is
+/// applied, the stalled one is refused with 503 and Retry-After, and nothing of it shows.
+/// The next body that stalls as long is received whole first, so it is applied.
+#[test]
+fn a_body_that_stalls_while_it_applies_is_refused_and_the_next_is_received_whole() {
+    let agent = start();
+    let feed = agent.agent().feed_addr().unwrap();
+    agent.post("/", &[], &insert_body(&[call(2, "a", 101, "kept")]));
+    let (head, body) = large_post("late");
+    assert!(body.len() > SENT_AT_ONCE + 100_000);
+    let mut stalled = TcpStream::connect(feed).unwrap();
+    stalled.write_all(head.as_bytes()).unwrap();
+    stalled.write_all(&body[..SENT_AT_ONCE]).unwrap();
+    let started = Instant::now();
+    let other = agent.post("/", &[], &insert_body(&[call(3, "b", 101, "other")]));
+    assert_eq!(other.status, 200, "{}", other.text());
+    let refused = read_reply(&mut stalled);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(refused.text().contains("too slowly"), "{}", refused.text());
+    // Generous for a loaded machine; without the budget, the writer waited 30 s.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(names(&agent, ACCOUNT_101), ["kept", "other"]);
+
+    let mut slow = TcpStream::connect(feed).unwrap();
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body[..SENT_AT_ONCE]).unwrap();
+    // The slow sender under test: longer than the budget, well within the idle timeout.
+    std::thread::sleep(Duration::from_millis(1500));
+    slow.write_all(&body[SENT_AT_ONCE..]).unwrap();
+    let applied = read_reply(&mut slow);
+    assert_eq!(applied.status, 200, "{}", applied.text());
+    let names = names(&agent, ACCOUNT_101);
+    assert_eq!(names.len(), 3002);
+    assert!(names.contains(&"late".to_owned()) && names.contains(&"kept".to_owned()));
+}
+
+/// A large body cut short while it was applied as it arrived changes nothing.
+#[test]
+fn a_large_body_cut_while_it_applies_changes_nothing() {
+    let agent = start();
+    let feed = agent.agent().feed_addr().unwrap();
+    agent.post("/", &[], &insert_body(&[call(1, "a", 101, "kept")]));
+    let (head, body) = large_post("cut");
+    let mut stream = TcpStream::connect(feed).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..SENT_AT_ONCE]).unwrap();
+    drop(stream);
+    poll_until("the cut body answered 400", || {
+        feed_requests(&agent, "400") == 1.0
+    });
+    assert_eq!(names(&agent, ACCOUNT_101), ["kept"]);
+    // And a whole one, as fast, is applied.
+    let mut stream = TcpStream::connect(feed).unwrap();
+    assert_eq!(post_as_libcurl(&mut stream, &body, true).status, 200);
+    assert_eq!(names(&agent, ACCOUNT_101).len(), 3000);
+}
+
 /// Requests the feed listener answered with `status`.
 fn feed_requests(agent: &TestAgent, status: &str) -> f64 {
     let text = request(agent.addr(), "GET", "/metrics", &[]).text();

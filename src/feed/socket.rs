@@ -8,14 +8,20 @@
 //! (400 with a one-line reason, 413 past `feed.max_body_bytes`), and a refused snapshot
 //! changes nothing.
 //!
-//! **The writer never waits on a client.** A body is received whole before the writer
-//! hears of it: into memory up to [`IN_MEMORY_BYTES`], past that into an unlinked file
-//! beside the store (page cache, rarely the disk: it is gone a moment later). The writer
-//! then reads it at its own pace, so a sender that trickles or stalls costs its own
-//! connection and nothing else, and snapshots of other nodes never queue behind it. (It
-//! used to stream the body into the writer as it arrived: one POST sending a byte every
-//! 5 s held every snapshot for up to 300 s.) The price is that receiving no longer
-//! overlaps applying: about 60–80 ms for a 100k-call body over loopback.
+//! **The writer waits on no client for long.** A body from this host (the switch's own
+//! libcurl over loopback) whose first [`IN_MEMORY_BYTES`] come within [`PROBE_WITHIN`] is
+//! handed to the writer as it arrives ([`pipe`]): receiving overlaps applying, and the body
+//! is copied nowhere else. The writer then waits for the rest at most
+//! [`pipe::WAIT_BUDGET`] in all; a body that slows down past it is refused (503, send it
+//! again) and, for [`DIRECT_PAUSE`], every body is received whole first. Any other body
+//! (from another host, slow from its start, chunked) is received whole before the writer
+//! hears of it: in memory up to [`IN_MEMORY_BYTES`], past that into an unlinked file
+//! beside the store (page cache, rarely the disk: it is gone a moment later), which the
+//! writer reads at its own pace. So a sender that trickles or stalls costs its own
+//! connection, and snapshots of other nodes never queue behind it for more than the
+//! budget. (Streaming every body into the writer once let one POST sending a byte every
+//! 5 s hold every snapshot for up to 300 s; receiving every body whole first cost a
+//! 100k-call period twice the floor, measured in issue 23.)
 //!
 //! `POST /events` takes the switch's call events (SPEC 2.4), one per request, with the same
 //! credentials: each is read, checked ([`super::event`]) and queued for the writer, and
@@ -30,8 +36,8 @@
 //! ClickHouse's own 516: either way the switch logs a failed post.
 
 use std::io::{BufRead, BufReader, Read, Seek, Write};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use http_body_util::BodyExt;
@@ -44,9 +50,11 @@ use tokio::sync::{oneshot, watch};
 use crate::feed::event::{self, MAX_EVENT_BYTES, Posted};
 use crate::feed::writer::{Job, NotQueued, StreamResult, WriterHandle};
 use crate::feed::{InsertLine, SnapshotError, is_disk_full, strip_insert};
-use crate::http::{self, Body, empty, form_pairs, text};
+use crate::http::{self, Body, ConnectionSocket, empty, form_pairs, text};
 use crate::metrics::{EventOutcome, Metrics};
 use crate::store::{Origin, StoreHealth, is_damage};
+
+mod pipe;
 
 /// A client that stops sending its body for this long is cut off.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,6 +64,12 @@ const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// A body is held in memory up to this size (a switch of a few hundred calls), and goes
 /// to a file past it, so the feed's connections hold at most `max_connections` times this.
 pub const IN_MEMORY_BYTES: usize = 256 * 1024;
+/// A body is applied as it arrives when its first [`IN_MEMORY_BYTES`] came within this of
+/// its first byte: at least 5 MB/s, which a trickle never is and libcurl over loopback
+/// always is.
+const PROBE_WITHIN: Duration = Duration::from_millis(50);
+/// After a body stalled while it was applied, bodies are received whole for this long.
+const DIRECT_PAUSE: Duration = Duration::from_secs(60);
 
 /// The paths the socket source answers, each counted under its own name in the request
 /// metrics (see [`http::ListenerSettings::routes`]).
@@ -74,6 +88,37 @@ pub struct SocketSettings {
     pub spill_dir: std::path::PathBuf,
     /// Told when a body cannot be received into its file (`/readyz` says so).
     pub store: Arc<StoreHealth>,
+    /// Whether a body may be applied as it arrives.
+    pub direct: Arc<Direct>,
+}
+
+/// Whether a posted body may go to the writer as it arrives (see the module's doc): it
+/// comes from this host, says its length, and no body stalled in the last
+/// [`DIRECT_PAUSE`].
+#[derive(Debug, Default)]
+pub struct Direct {
+    stalled_at: Mutex<Option<Instant>>,
+}
+
+impl Direct {
+    fn allows(&self, req: &Request<Incoming>) -> bool {
+        let local = req
+            .extensions()
+            .get::<ConnectionSocket>()
+            .is_some_and(|socket| socket.peer().ip().is_loopback());
+        let sized = req.headers().contains_key(header::CONTENT_LENGTH);
+        let calm = self
+            .stalled_at
+            .lock()
+            .is_ok_and(|at| at.is_none_or(|at| at.elapsed() >= DIRECT_PAUSE));
+        local && sized && calm
+    }
+
+    fn stalled(&self) {
+        if let Ok(mut at) = self.stalled_at.lock() {
+            *at = Some(Instant::now());
+        }
+    }
 }
 
 /// Serves the socket source on `listener` until `shutdown` becomes true.
@@ -142,10 +187,13 @@ async fn call_event(
         Err(refused) => return refused,
     };
     let max = MAX_EVENT_BYTES as u64;
-    let body = match receive(req.into_body(), max, &settings.spill_dir).await {
+    let body = match receive(req.into_body(), max, &settings.spill_dir, false).await {
         Ok(Received::InMemory(body)) => body,
-        // Larger than an event can be, so never spilled: MAX_EVENT_BYTES < IN_MEMORY_BYTES.
-        Ok(Received::Spilled(_)) | Err(BodyError::TooLarge(_)) => return event_too_large(),
+        // Larger than an event can be, so never spilled nor arriving (not `direct`):
+        // MAX_EVENT_BYTES < IN_MEMORY_BYTES.
+        Ok(Received::Spilled(_) | Received::Arriving { .. }) | Err(BodyError::TooLarge(_)) => {
+            return event_too_large();
+        }
         Err(e @ BodyError::Slow) => return text(StatusCode::REQUEST_TIMEOUT, &e.to_string()),
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
@@ -240,8 +288,8 @@ enum BodyError {
     Spill(std::io::Error),
 }
 
-/// A posted snapshot: checked, received whole, handed to the writer, and answered once
-/// the writer has applied or refused it.
+/// A posted snapshot: checked, received (whole, or enough to tell that it comes fast),
+/// handed to the writer, and answered once the writer has applied or refused it.
 async fn insert(
     req: Request<Incoming>,
     writer: &WriterHandle,
@@ -253,8 +301,15 @@ async fn insert(
         Err(refused) => return refused,
     };
     let max = settings.max_body_bytes;
-    let wire = match received(req.into_body(), settings, metrics).await {
-        Ok(wire) => wire,
+    let direct = settings.direct.allows(&req);
+    let (wire, arriving) = match received(req.into_body(), settings, metrics, direct).await {
+        Ok(Received::Arriving { first, body }) => {
+            let counted = first.len() as u64;
+            let (sender, reader) = pipe::pipe(first);
+            let wire: Box<dyn BufRead + Send> = Box::new(reader);
+            (wire, Some((sender, body, counted)))
+        }
+        Ok(whole) => (whole.into_reader(), None),
         Err(refused) => return refused,
     };
     let input: Box<dyn BufRead + Send> = if gzip {
@@ -269,7 +324,7 @@ async fn insert(
     } else {
         wire
     };
-    let (reply_tx, reply_rx) = oneshot::channel();
+    let (reply_tx, mut reply_rx) = oneshot::channel();
     let job = Job::ApplyStream {
         input,
         insert_line,
@@ -279,7 +334,59 @@ async fn insert(
     if !writer.send(job) {
         return empty(StatusCode::SERVICE_UNAVAILABLE);
     }
-    applied(reply_rx.await)
+    let reply = match arriving {
+        None => reply_rx.await,
+        // The writer may finish first: it refused the body, or gave up waiting for it.
+        Some((sender, body, counted)) => tokio::select! {
+            reply = &mut reply_rx => reply,
+            () = feed_pipe(body, sender, counted, max) => reply_rx.await,
+        },
+    };
+    if let Ok(Err(SnapshotError::Io(e))) = &reply
+        && pipe::is_stalled(e)
+    {
+        settings.direct.stalled();
+        tracing::warn!(
+            error = %e,
+            "a posted snapshot stalled while it was applied: refused (503); bodies are \
+             received whole before they apply for the next {} s",
+            DIRECT_PAUSE.as_secs()
+        );
+    }
+    applied(reply)
+}
+
+/// Passes the rest of an arriving body (`counted` bytes of it received already) to the
+/// writer, within `max` bytes and the timeouts, until it ends or the writer stops reading.
+async fn feed_pipe(mut body: Incoming, sender: pipe::PipeSender, counted: u64, max: u64) {
+    let mut total = counted;
+    let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
+    loop {
+        let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
+        let failed = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
+            Ok(None) => {
+                let _ = sender.end().await;
+                return;
+            }
+            Ok(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers
+                };
+                total += data.len() as u64;
+                if total <= max {
+                    if sender.send(data).await.is_err() {
+                        return; // the writer is done with it
+                    }
+                    continue;
+                }
+                BodyError::TooLarge(max)
+            }
+            Ok(Some(Err(e))) => BodyError::Cut(e),
+            Err(_) => BodyError::Slow,
+        };
+        sender.fail(std::io::Error::other(failed)).await;
+        return;
+    }
 }
 
 /// What a post's head says of its body (whether an INSERT line must open it, and whether
@@ -321,20 +428,21 @@ fn accepted_head(
     Ok((insert_line, gzip))
 }
 
-/// The body, received whole ([`receive`]), or the answer to a body that could not be:
-/// too large, too slow, cut, or not written to its file (counted and told as a spill
-/// failure, which a body that could be clears).
+/// The body, received ([`receive`]), or the answer to a body that could not be: too
+/// large, too slow, cut, or not written to its file (counted and told as a spill failure,
+/// which a body that could be clears).
 async fn received(
     body: Incoming,
     settings: &SocketSettings,
     metrics: &Metrics,
-) -> Result<Box<dyn BufRead + Send>, Response<Body>> {
-    match receive(body, settings.max_body_bytes, &settings.spill_dir).await {
+    direct: bool,
+) -> Result<Received, Response<Body>> {
+    match receive(body, settings.max_body_bytes, &settings.spill_dir, direct).await {
         Ok(wire) => {
             if matches!(wire, Received::Spilled(_)) {
                 settings.store.set_spill_failure(None);
             }
-            Ok(wire.into_reader())
+            Ok(wire)
         }
         Err(e @ BodyError::TooLarge(_)) => Err(text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string())),
         Err(e @ BodyError::Slow) => Err(text(StatusCode::REQUEST_TIMEOUT, &e.to_string())),
@@ -363,11 +471,23 @@ fn applied(reply: Result<StreamResult, oneshot::error::RecvError>) -> Response<B
             &format!("Cannot parse snapshot: line {line}: {reason}"),
         ),
         Ok(Err(SnapshotError::Io(e))) => {
-            // Received whole already: only the unpacking can fail (bad gzip, or more
-            // than max_body_bytes unpacked).
+            // A body received whole can only fail its unpacking (bad gzip, or more than
+            // max_body_bytes unpacked); one applied as it arrived, its receiving too.
+            if pipe::is_stalled(&e) {
+                let mut r = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("{e}: send it again"),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return r;
+            }
             match e.get_ref().and_then(|e| e.downcast_ref::<BodyError>()) {
                 Some(cut @ BodyError::TooLarge(_)) => {
                     text(StatusCode::PAYLOAD_TOO_LARGE, &cut.to_string())
+                }
+                Some(slow @ BodyError::Slow) => {
+                    text(StatusCode::REQUEST_TIMEOUT, &slow.to_string())
                 }
                 _ => text(
                     StatusCode::BAD_REQUEST,
@@ -400,11 +520,16 @@ fn applied(reply: Result<StreamResult, oneshot::error::RecvError>) -> Response<B
     }
 }
 
-/// A body received whole.
+/// A body received whole, or its start and the rest still to come.
 enum Received {
     InMemory(Vec<u8>),
     /// Past [`IN_MEMORY_BYTES`]: an unlinked file, at its start.
     Spilled(std::fs::File),
+    /// Its first bytes came fast: the rest is applied as it arrives.
+    Arriving {
+        first: Vec<u8>,
+        body: Incoming,
+    },
 }
 
 impl Received {
@@ -412,20 +537,25 @@ impl Received {
         match self {
             Received::InMemory(bytes) => Box::new(std::io::Cursor::new(bytes)),
             Received::Spilled(file) => Box::new(BufReader::with_capacity(256 * 1024, file)),
+            // insert() pipes it instead.
+            Received::Arriving { first, .. } => Box::new(std::io::Cursor::new(first)),
         }
     }
 }
 
-/// Receives the whole body, within `max` bytes and the timeouts: in memory while it is
-/// small, else in an unlinked file in `spill_dir`.
+/// Receives the body, within `max` bytes and the timeouts: in memory while it is small,
+/// else in an unlinked file in `spill_dir`, unless `direct` allows it to be applied as it
+/// arrives and its first [`IN_MEMORY_BYTES`] came within [`PROBE_WITHIN`].
 async fn receive(
     mut body: Incoming,
     max: u64,
     spill_dir: &std::path::Path,
+    direct: bool,
 ) -> Result<Received, BodyError> {
     let mut total = 0u64;
     let mut held = Vec::new();
     let mut file: Option<std::fs::File> = None;
+    let mut first_at = None;
     let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
     loop {
         let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
@@ -438,12 +568,16 @@ async fn receive(
         let Ok(data) = frame.into_data() else {
             continue; // trailers
         };
+        let first_at = *first_at.get_or_insert_with(Instant::now);
         total += data.len() as u64;
         if total > max {
             return Err(BodyError::TooLarge(max));
         }
         held.extend_from_slice(&data);
         if held.len() >= IN_MEMORY_BYTES {
+            if direct && file.is_none() && first_at.elapsed() <= PROBE_WITHIN {
+                return Ok(Received::Arriving { first: held, body });
+            }
             let piece = std::mem::take(&mut held);
             file = Some(spill(file.take(), spill_dir, piece, false).await?);
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::lab::bench::{SCRAPE_TOKEN, SECRET};
-use crate::lab::client::post_snapshot;
+use crate::lab::client::curl_post_snapshot;
 use crate::lab::sems::directory_json;
 
 /// How long a start may take before its listeners are logged.
@@ -213,15 +213,13 @@ impl AgentProcess {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
     }
 
-    /// POSTs a snapshot the way a switch does (libcurl's `CURLOPT_POSTFIELDS`: its
-    /// `Content-Type`, and `Expect: 100-continue` answered before the body goes); the
-    /// client-observed time until the 200, and the apply time the agent logged.
+    /// POSTs a snapshot with the switch's own client ([`curl_post_snapshot`]); the time
+    /// curl took from its connect to the 200, and the apply time the agent logged.
     pub(crate) fn post(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
         self.skip_log();
-        let started = Instant::now();
-        post_snapshot(self.feed, body)?;
+        let took = curl_post_snapshot(self.feed, body)?;
         let ms = self.next_applied_ms()?;
-        Ok((started.elapsed(), ms))
+        Ok((took, ms))
     }
 
     /// CPU seconds the agent has used so far (all its threads).

@@ -122,6 +122,34 @@ pub fn post_snapshot(feed: SocketAddr, body: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// POSTs a snapshot with curl, the switch's own client: SEMS posts through libcurl
+/// (`CURLOPT_POSTFIELDS`), and `curl --data-binary @file` is that library, sending at its
+/// pace (`samples/README.md`). The benchmark's applies and their floors are posted so, since
+/// the agent cannot take a snapshot faster than the switch's client gives it.
+///
+/// The body is written to a file first (not timed), and the time is curl's whole run, as
+/// `time curl --data-binary @file` gives it: curl reading the file (from the page cache),
+/// connecting, sending, and the answer.
+pub fn curl_post_snapshot(feed: SocketAddr, body: &[u8]) -> anyhow::Result<Duration> {
+    let file = std::env::temp_dir().join(format!("active-calls-post-{}", std::process::id()));
+    std::fs::write(&file, body)?;
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\\n%{http_code}", "--data-binary"])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("http://{feed}/"))
+        .output();
+    let took = started.elapsed();
+    let _ = std::fs::remove_file(&file);
+    let out = out.context("the benchmark posts snapshots with curl, as a switch does")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (answer, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    if !out.status.success() || status != "200" {
+        bail!("snapshot refused: {status} {answer}");
+    }
+    Ok(took)
+}
+
 /// Posts call events to the feed listener at `feed` as a node's `http_events_destination`
 /// does: one request each, over a kept connection, opened again if the agent closed it.
 pub struct EventPoster {

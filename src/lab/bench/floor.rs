@@ -8,11 +8,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::lab::client::post_snapshot;
+use crate::lab::client::curl_post_snapshot;
 
 /// How many posts a floor is the median of.
 const POSTS: usize = 3;
@@ -40,14 +40,12 @@ impl Floor {
         Ok(Floor { addr })
     }
 
-    /// The median time of posting `body` to the sink, as [`post_snapshot`] posts it to
-    /// the agent.
+    /// The median time of posting `body` to the sink, as the bench posts it to the agent
+    /// ([`curl_post_snapshot`]).
     pub(super) fn of(&self, body: &[u8]) -> anyhow::Result<Duration> {
         let mut times = Vec::with_capacity(POSTS);
         for _ in 0..POSTS {
-            let started = Instant::now();
-            post_snapshot(self.addr, body)?;
-            times.push(started.elapsed());
+            times.push(curl_post_snapshot(self.addr, body)?);
         }
         times.sort();
         Ok(times[POSTS / 2])

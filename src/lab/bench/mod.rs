@@ -58,6 +58,8 @@ pub struct BenchOptions {
     /// Only the live streams' figures (issue 21): latency, memory and CPU with 100 and
     /// 1,000 streams, a period's reach, and streams whose clients never read.
     pub streams: bool,
+    /// Only the large node's four applies beside their floors (issue 23).
+    pub applies: bool,
 }
 
 pub(crate) const SECRET: &str = "bench-secret";
@@ -225,7 +227,7 @@ fn sleep_until(at: Instant) {
 }
 
 /// Runs the benchmark and prints its table.
-pub fn run(options: BenchOptions) -> anyhow::Result<()> {
+pub fn run(mut options: BenchOptions) -> anyhow::Result<()> {
     let scratch;
     let base = match &options.dir {
         Some(dir) => dir.clone(),
@@ -236,6 +238,11 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         }
     };
     let _ = std::fs::remove_dir_all(&base);
+    // The default scenario compares with the ClickHouse engine on the same data: it dumps.
+    let default = !(options.events || options.streams || options.hostile || options.applies);
+    if default && options.dump.is_none() {
+        options.dump = Some(base.join("dump"));
+    }
     let mut rows: Vec<Row> = Vec::new();
     let mut add = |what: &str, value: String, target: &'static str| {
         eprintln!("  {what}: {value}");
@@ -270,6 +277,14 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
     if let Some(dump) = &options.dump {
         std::fs::create_dir_all(dump)?;
         std::fs::write(dump.join("snapshot.jsonl"), &large.full)?;
+        // The rest of the series, to post by hand (with a profiler on the agent).
+        for (name, body) in [
+            ("resent", &large.resent),
+            ("period", &large.period),
+            ("churn", &large.churn),
+        ] {
+            std::fs::write(dump.join(format!("{name}.jsonl")), body)?;
+        }
         std::fs::write(dump.join("directory.json"), directory_json())?;
     }
 
@@ -293,7 +308,11 @@ pub fn run(options: BenchOptions) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    node::run(&options, &base, now, large, &small, &legacy, &mut add)?;
+    if options.applies {
+        node::applies(&options, &base, &large, &mut add)?;
+    } else {
+        node::run(&options, &base, now, large, &small, &legacy, &mut add)?;
+    }
     let _ = std::fs::remove_dir_all(&base);
     print_rows(rows);
     Ok(())
