@@ -41,6 +41,14 @@ fn apply(writer: &mut Writer, wal: &std::path::Path, snapshot: &[u8], label: &st
     )
     .expect("applied");
     let (applied, cpu_applied) = (started.elapsed(), cpu() - cpu_before);
+    // A first snapshot's indexes, which the writer thread builds right after its answer.
+    let indexed = Instant::now();
+    if writer.build_pending_indexes().expect("indexes") {
+        println!(
+            "{label}: indexes built after the answer in {:.2?}",
+            indexed.elapsed()
+        );
+    }
     let wal_mb = std::fs::metadata(wal).map_or(0.0, |m| m.len() as f64 / 1e6);
     writer.copy_back().expect("checkpoint");
     // The next commit writes the WAL from its start again.

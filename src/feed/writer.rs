@@ -317,6 +317,7 @@ impl Worker {
             {
                 break;
             }
+            self.build_pending_indexes();
             // What came in meanwhile (events queued behind a snapshot) goes first.
             queue.extend(jobs.try_iter());
             self.between_jobs(&mut queue, &jobs, &mut pace);
@@ -387,6 +388,21 @@ impl Worker {
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// The indexes a first snapshot into an empty store was answered without, built now,
+    /// after its answer and before the next job (`store::Writer::build_pending_indexes`).
+    fn build_pending_indexes(&mut self) {
+        let started = Instant::now();
+        match self.writer.build_pending_indexes() {
+            Ok(true) => tracing::info!(
+                duration_ms = %format_args!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
+                "indexes built after the first snapshot"
+            ),
+            Ok(false) => {}
+            // Tried again before the next snapshot, whose own failure then says why.
+            Err(e) => tracing::warn!(error = %e, "building the indexes failed"),
+        }
     }
 
     /// A reader met damage in store `generation`. Many readers may meet the same damage:

@@ -117,7 +117,13 @@ impl AgentProcess {
                 dir.join("scrape-tokens"),
             ),
         )?;
-        Self::spawn(&std::env::current_exe()?, &config, &[])
+        // Another build of the agent to drive (the same bench against the agent without a
+        // change, in the same session): `BENCH_AGENT=path/to/active-calls-agent`.
+        let agent = match std::env::var_os("BENCH_AGENT") {
+            Some(path) => path.into(),
+            None => std::env::current_exe()?,
+        };
+        Self::spawn(&agent, &config, &[])
     }
 
     /// Kills it (SIGKILL) and reaps it.
@@ -183,11 +189,19 @@ impl AgentProcess {
 
     /// The apply duration (ms) of the next snapshot the agent logs as applied.
     fn next_applied_ms(&self) -> anyhow::Result<f64> {
-        self.wait_log_for(Duration::from_secs(120), |line| {
-            let rest = line.split("duration_ms=").nth(1)?;
+        self.logged_ms("snapshot applied", Duration::from_secs(120))
+            .context("no snapshot was logged as applied")
+    }
+
+    /// The `duration_ms` of the next log line saying `what`, within `limit`.
+    pub(crate) fn logged_ms(&self, what: &str, limit: Duration) -> anyhow::Result<f64> {
+        self.wait_log_for(limit, |line| {
+            let rest = line
+                .split("duration_ms=")
+                .nth(1)
+                .filter(|_| line.contains(what))?;
             rest.split_whitespace().next()?.parse().ok()
         })
-        .context("no snapshot was logged as applied")
     }
 
     /// Forgets the lines logged so far, so that what is waited for next is new.
@@ -284,7 +298,7 @@ pub(crate) struct Applied {
 impl Applied {
     pub(crate) fn text(&self) -> String {
         format!(
-            "{:.0} ms ({:.0} ms logged), {:.2} CPU-s (+{:.2} copying the WAL back)",
+            "{:.0} ms ({:.0} ms logged), {:.2} CPU-s (+{:.2} after the answer)",
             self.wall.as_secs_f64() * 1000.0,
             self.logged_ms,
             self.cpu,

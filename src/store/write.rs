@@ -95,6 +95,9 @@ pub struct Writer {
     pub(super) periods: Periods,
     /// How long, and how many, calls ended by an event are remembered.
     pub(super) ended_limits: (std::time::Duration, usize),
+    /// The secondary indexes a first snapshot into an empty store committed without: built
+    /// by [`build_pending_indexes`](Self::build_pending_indexes) right after its answer.
+    pending_indexes: Option<DroppedIndexes>,
 }
 
 impl Writer {
@@ -122,8 +125,15 @@ impl Writer {
         // A WAL started again from its beginning is cut back to this size.
         conn.pragma_update(None, "journal_size_limit", WAL_KEEP_BYTES as i64)?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version != SCHEMA_VERSION {
-            if version != 0 {
+        let lacks_indexes = version == SCHEMA_VERSION && lacks_calls_indexes(&conn)?;
+        if lacks_indexes {
+            tracing::warn!(
+                "the store lacks indexes (the agent stopped before a first snapshot's were \
+                 built); rebuilding it empty: the next snapshot fills it"
+            );
+        }
+        if version != SCHEMA_VERSION || lacks_indexes {
+            if version != 0 && !lacks_indexes {
                 tracing::warn!(
                     found = version,
                     want = SCHEMA_VERSION,
@@ -146,7 +156,29 @@ impl Writer {
             staleness: Staleness::Auto,
             periods: Periods::default(),
             ended_limits: (super::events::ENDED_FOR, super::events::ENDED_MAX),
+            pending_indexes: None,
         })
+    }
+
+    /// Builds the indexes a snapshot into an empty store committed without, in a
+    /// transaction of their own; whether there were any. Until then its calls are answered
+    /// by reading the table, not the indexes: correct, slower, for about a second once
+    /// after a start. The writer calls it before its next job, so every write meets its
+    /// indexes. Failed (a full disk): kept, and tried again then.
+    pub fn build_pending_indexes(&mut self) -> rusqlite::Result<bool> {
+        let Some(dropped) = self.pending_indexes.take() else {
+            return Ok(false);
+        };
+        let built = (|| {
+            let tx = self.conn.transaction()?;
+            rebuild_secondary_indexes(&tx, &dropped)?;
+            tx.commit()
+        })();
+        if let Err(e) = built {
+            self.pending_indexes = Some(dropped);
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Sets when a silent node's calls stop being current (the default: [`Staleness::Auto`]),
@@ -179,6 +211,8 @@ impl Writer {
         origin: Origin,
         received_at: SystemTime,
     ) -> rusqlite::Result<SnapshotTx<'_>> {
+        // The picture of the stored calls is read through an index.
+        self.build_pending_indexes()?;
         let received_at_ms = unix_millis(received_at);
         let Writer {
             conn,
@@ -187,6 +221,7 @@ impl Writer {
             staleness,
             periods,
             ended_limits,
+            pending_indexes,
             ..
         } = self;
         let tx = conn.transaction()?;
@@ -195,9 +230,11 @@ impl Writer {
             None => Stored::load(&tx)?,
         };
         calls.epoch += 1;
-        // Into an empty store every row is new: the indexes are built once, at commit, from
-        // the first row on.
-        let bulk_after = if calls.calls.is_empty() {
+        // Into an empty store every row is new: the indexes are built once, from the first
+        // row on, and after the commit (no reader needs them yet as much as the switch
+        // needs its answer and the customers the calls).
+        let empty = calls.calls.is_empty();
+        let bulk_after = if empty {
             1
         } else {
             BULK_MIN_WRITES.max((calls.calls.len() as f64 * BULK_SHARE) as u64)
@@ -205,6 +242,7 @@ impl Writer {
         Ok(SnapshotTx {
             tx,
             keep: stored,
+            defer_indexes: empty.then_some(pending_indexes),
             origin,
             received_at_ms,
             received_timestamp: format_datetime(received_at_ms.div_euclid(1000)),
@@ -352,6 +390,9 @@ pub struct SnapshotTx<'w> {
     tx: rusqlite::Transaction<'w>,
     /// Where the picture of the stored calls goes back once the snapshot committed.
     keep: &'w mut Option<Stored>,
+    /// Where indexes not rebuilt at the commit go (into an empty store: see
+    /// [`Writer::build_pending_indexes`]); `None` when they are rebuilt in the snapshot.
+    defer_indexes: Option<&'w mut Option<DroppedIndexes>>,
     origin: Origin,
     received_at_ms: i64,
     received_timestamp: String,
@@ -562,7 +603,9 @@ impl SnapshotTx<'_> {
         // Rare: the writer reads the calls anew with the next snapshot.
         let forget = !dropped.is_empty();
         // After the deletes, which then had no index entries to remove.
-        if let Some(dropped) = &self.dropped_indexes {
+        if let Some(dropped) = &self.dropped_indexes
+            && self.defer_indexes.is_none()
+        {
             rebuild_secondary_indexes(&self.tx, dropped)?;
         }
         let generation: i64 = self
@@ -576,6 +619,9 @@ impl SnapshotTx<'_> {
         changes.events = std::mem::take(&mut self.events);
         changes.dropped = dropped;
         self.tx.commit()?;
+        if let (Some(pending), Some(dropped)) = (self.defer_indexes, self.dropped_indexes) {
+            *pending = Some(dropped);
+        }
         if !forget {
             // The reader thread has ended: the line keys are the writer's alone again.
             renew_line_keys(&mut self.stored, &self.retired_lines, &self.new_lines);
@@ -715,6 +761,19 @@ impl LineKeys {
     pub fn contains(&self, hash: i64) -> bool {
         self.0.contains_key(&hash)
     }
+}
+
+/// Whether the store has fewer indexes on `calls` than [`SCHEMA`] makes.
+fn lacks_calls_indexes(conn: &Connection) -> rusqlite::Result<bool> {
+    let count = |conn: &Connection| -> rusqlite::Result<usize> {
+        Ok(conn
+            .prepare(CALLS_INDEXES)?
+            .query_map([], |_| Ok(()))?
+            .count())
+    };
+    let reference = Connection::open_in_memory()?;
+    reference.execute_batch(SCHEMA)?;
+    Ok(count(conn)? < count(&reference)?)
 }
 
 /// Drops the indexes of `calls` (their definitions and statistics kept, from the database

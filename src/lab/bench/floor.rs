@@ -15,7 +15,7 @@ use anyhow::Context;
 use crate::lab::client::curl_post_snapshot;
 
 /// How many posts a floor is the median of.
-const POSTS: usize = 3;
+const POSTS: usize = 5;
 
 /// A sink on a loopback port, until the bench ends.
 pub(super) struct Floor {
