@@ -457,6 +457,14 @@ fn a_large_body_cut_while_it_applies_changes_nothing() {
     poll_until("the cut body answered 400", || {
         feed_requests(&agent, "400") == 1.0
     });
+    // The writer had it (a body received whole first never reaches it when cut).
+    let metrics = request(agent.addr(), "GET", "/metrics", &[]).text();
+    assert!(
+        metrics.contains(
+            "active_calls_agent_snapshots_rejected_total{source=\"socket\",reason=\"input\"} 1"
+        ),
+        "{metrics}"
+    );
     assert_eq!(names(&agent, ACCOUNT_101), ["kept"]);
     // And a whole one, as fast, is applied.
     let mut stream = TcpStream::connect(feed).unwrap();

@@ -65,9 +65,12 @@ const BODY_TOTAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// to a file past it, so the feed's connections hold at most `max_connections` times this.
 pub const IN_MEMORY_BYTES: usize = 256 * 1024;
 /// A body is applied as it arrives when its first [`IN_MEMORY_BYTES`] came within this of
-/// its first byte: at least 5 MB/s, which a trickle never is and libcurl over loopback
-/// always is.
-const PROBE_WITHIN: Duration = Duration::from_millis(50);
+/// its first byte: over 1 MB/s, which a trickle never is and libcurl over loopback always
+/// is (by far; the wait budget of `pipe` holds a sender to ~64 MB/s after).
+const PROBE_WITHIN: Duration = Duration::from_millis(200);
+/// How long a refused body that is still arriving is read on (and dropped) before the
+/// answer, so that the client reads the answer rather than a reset connection.
+const DRAIN_FOR: Duration = Duration::from_secs(1);
 /// After a body stalled while it was applied, bodies are received whole for this long.
 const DIRECT_PAUSE: Duration = Duration::from_secs(60);
 
@@ -93,25 +96,53 @@ pub struct SocketSettings {
 }
 
 /// Whether a posted body may go to the writer as it arrives (see the module's doc): it
-/// comes from this host, says its length, and no body stalled in the last
-/// [`DIRECT_PAUSE`].
+/// comes from this host, says its length, no body stalled in the last [`DIRECT_PAUSE`],
+/// and no other body is arriving so (one at a time: another would only wait for the
+/// writer, holding its queue's memory meanwhile).
 #[derive(Debug, Default)]
 pub struct Direct {
     stalled_at: Mutex<Option<Instant>>,
+    arriving: std::sync::atomic::AtomicBool,
+}
+
+/// The one body allowed to arrive into the writer ([`Direct`]), until dropped.
+struct DirectTurn<'a>(&'a Direct);
+
+impl Drop for DirectTurn<'_> {
+    fn drop(&mut self) {
+        self.0
+            .arriving
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Direct {
-    fn allows(&self, req: &Request<Incoming>) -> bool {
+    /// The declared length of a body that may arrive into the writer once its start came
+    /// fast ([`turn`](Self::turn)).
+    fn allows(&self, req: &Request<Incoming>) -> Option<u64> {
         let local = req
             .extensions()
             .get::<ConnectionSocket>()
-            .is_some_and(|socket| socket.peer().ip().is_loopback());
-        let sized = req.headers().contains_key(header::CONTENT_LENGTH);
+            .is_some_and(|socket| socket.peer().ip().to_canonical().is_loopback());
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())?;
         let calm = self
             .stalled_at
             .lock()
             .is_ok_and(|at| at.is_none_or(|at| at.elapsed() >= DIRECT_PAUSE));
-        local && sized && calm
+        (local && calm).then_some(declared)
+    }
+
+    /// The turn to arrive into the writer, unless another body has it. Taken once a body's
+    /// start came fast, so that a sender slow from its start never holds it.
+    fn turn(&self) -> Option<DirectTurn<'_>> {
+        use std::sync::atomic::Ordering;
+        self.arriving
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then_some(DirectTurn(self))
     }
 
     fn stalled(&self) {
@@ -187,11 +218,12 @@ async fn call_event(
         Err(refused) => return refused,
     };
     let max = MAX_EVENT_BYTES as u64;
-    let body = match receive(req.into_body(), max, &settings.spill_dir, false).await {
-        Ok(Received::InMemory(body)) => body,
+    let body = match receive(req.into_body(), max, &settings.spill_dir, None).await {
+        Ok(Received::Whole(Whole::InMemory(body))) => body,
         // Larger than an event can be, so never spilled nor arriving (not `direct`):
         // MAX_EVENT_BYTES < IN_MEMORY_BYTES.
-        Ok(Received::Spilled(_) | Received::Arriving { .. }) | Err(BodyError::TooLarge(_)) => {
+        Ok(Received::Whole(Whole::Spilled(_)) | Received::Arriving { .. })
+        | Err(BodyError::TooLarge(_)) => {
             return event_too_large();
         }
         Err(e @ BodyError::Slow) => return text(StatusCode::REQUEST_TIMEOUT, &e.to_string()),
@@ -301,15 +333,16 @@ async fn insert(
         Err(refused) => return refused,
     };
     let max = settings.max_body_bytes;
-    let direct = settings.direct.allows(&req);
+    let declared = settings.direct.allows(&req);
+    let direct = declared.map(|_| &*settings.direct);
     let (wire, arriving) = match received(req.into_body(), settings, metrics, direct).await {
-        Ok(Received::Arriving { first, body }) => {
+        Ok(Received::Arriving { first, body, turn }) => {
             let counted = first.len() as u64;
-            let (sender, reader) = pipe::pipe(first);
+            let (sender, reader) = pipe::pipe(first, declared.unwrap_or(0));
             let wire: Box<dyn BufRead + Send> = Box::new(reader);
-            (wire, Some((sender, body, counted)))
+            (wire, Some((sender, body, counted, turn)))
         }
-        Ok(whole) => (whole.into_reader(), None),
+        Ok(Received::Whole(whole)) => (whole.into_reader(), None),
         Err(refused) => return refused,
     };
     let input: Box<dyn BufRead + Send> = if gzip {
@@ -336,11 +369,19 @@ async fn insert(
     }
     let reply = match arriving {
         None => reply_rx.await,
-        // The writer may finish first: it refused the body, or gave up waiting for it.
-        Some((sender, body, counted)) => tokio::select! {
-            reply = &mut reply_rx => reply,
-            () = feed_pipe(body, sender, counted, max) => reply_rx.await,
-        },
+        Some((sender, body, counted, _turn)) => {
+            let feeding = feed_pipe(body, sender, counted, max);
+            tokio::pin!(feeding);
+            tokio::select! {
+                // The writer finished first: it refused the body, or gave up waiting for
+                // it. What the client still sends is read on a moment, and dropped.
+                reply = &mut reply_rx => {
+                    let _ = tokio::time::timeout(DRAIN_FOR, &mut feeding).await;
+                    reply
+                }
+                () = &mut feeding => reply_rx.await,
+            }
+        }
     };
     if let Ok(Err(SnapshotError::Io(e))) = &reply
         && pipe::is_stalled(e)
@@ -357,10 +398,12 @@ async fn insert(
 }
 
 /// Passes the rest of an arriving body (`counted` bytes of it received already) to the
-/// writer, within `max` bytes and the timeouts, until it ends or the writer stops reading.
+/// writer, within `max` bytes and the timeouts, until it ends; once the writer stopped
+/// reading, drops what still comes (the caller bounds how long).
 async fn feed_pipe(mut body: Incoming, sender: pipe::PipeSender, counted: u64, max: u64) {
     let mut total = counted;
     let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
+    let mut reader_gone = false;
     loop {
         let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
         let failed = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
@@ -373,10 +416,12 @@ async fn feed_pipe(mut body: Incoming, sender: pipe::PipeSender, counted: u64, m
                     continue; // trailers
                 };
                 total += data.len() as u64;
+                if reader_gone {
+                    continue;
+                }
                 if total <= max {
-                    if sender.send(data).await.is_err() {
-                        return; // the writer is done with it
-                    }
+                    // Err: the writer is done with it (refused, or stalled).
+                    reader_gone = sender.send(data).await.is_err();
                     continue;
                 }
                 BodyError::TooLarge(max)
@@ -431,15 +476,15 @@ fn accepted_head(
 /// The body, received ([`receive`]), or the answer to a body that could not be: too
 /// large, too slow, cut, or not written to its file (counted and told as a spill failure,
 /// which a body that could be clears).
-async fn received(
+async fn received<'a>(
     body: Incoming,
     settings: &SocketSettings,
     metrics: &Metrics,
-    direct: bool,
-) -> Result<Received, Response<Body>> {
+    direct: Option<&'a Direct>,
+) -> Result<Received<'a>, Response<Body>> {
     match receive(body, settings.max_body_bytes, &settings.spill_dir, direct).await {
         Ok(wire) => {
-            if matches!(wire, Received::Spilled(_)) {
+            if matches!(wire, Received::Whole(Whole::Spilled(_))) {
                 settings.store.set_spill_failure(None);
             }
             Ok(wire)
@@ -521,37 +566,42 @@ fn applied(reply: Result<StreamResult, oneshot::error::RecvError>) -> Response<B
 }
 
 /// A body received whole, or its start and the rest still to come.
-enum Received {
-    InMemory(Vec<u8>),
-    /// Past [`IN_MEMORY_BYTES`]: an unlinked file, at its start.
-    Spilled(std::fs::File),
-    /// Its first bytes came fast: the rest is applied as it arrives.
+enum Received<'a> {
+    Whole(Whole),
+    /// Its first bytes came fast: the rest is applied as it arrives, in its turn.
     Arriving {
         first: Vec<u8>,
         body: Incoming,
+        turn: DirectTurn<'a>,
     },
 }
 
-impl Received {
+/// A body received whole.
+enum Whole {
+    InMemory(Vec<u8>),
+    /// Past [`IN_MEMORY_BYTES`]: an unlinked file, at its start.
+    Spilled(std::fs::File),
+}
+
+impl Whole {
     fn into_reader(self) -> Box<dyn BufRead + Send> {
         match self {
-            Received::InMemory(bytes) => Box::new(std::io::Cursor::new(bytes)),
-            Received::Spilled(file) => Box::new(BufReader::with_capacity(256 * 1024, file)),
-            // insert() pipes it instead.
-            Received::Arriving { first, .. } => Box::new(std::io::Cursor::new(first)),
+            Whole::InMemory(bytes) => Box::new(std::io::Cursor::new(bytes)),
+            Whole::Spilled(file) => Box::new(BufReader::with_capacity(256 * 1024, file)),
         }
     }
 }
 
 /// Receives the body, within `max` bytes and the timeouts: in memory while it is small,
 /// else in an unlinked file in `spill_dir`, unless `direct` allows it to be applied as it
-/// arrives and its first [`IN_MEMORY_BYTES`] came within [`PROBE_WITHIN`].
-async fn receive(
+/// arrives, its first [`IN_MEMORY_BYTES`] came within [`PROBE_WITHIN`], and it gets the
+/// turn.
+async fn receive<'a>(
     mut body: Incoming,
     max: u64,
     spill_dir: &std::path::Path,
-    direct: bool,
-) -> Result<Received, BodyError> {
+    direct: Option<&'a Direct>,
+) -> Result<Received<'a>, BodyError> {
     let mut total = 0u64;
     let mut held = Vec::new();
     let mut file: Option<std::fs::File> = None;
@@ -575,17 +625,24 @@ async fn receive(
         }
         held.extend_from_slice(&data);
         if held.len() >= IN_MEMORY_BYTES {
-            if direct && file.is_none() && first_at.elapsed() <= PROBE_WITHIN {
-                return Ok(Received::Arriving { first: held, body });
+            let turn = direct
+                .filter(|_| file.is_none() && first_at.elapsed() <= PROBE_WITHIN)
+                .and_then(Direct::turn);
+            if let Some(turn) = turn {
+                return Ok(Received::Arriving {
+                    first: held,
+                    body,
+                    turn,
+                });
             }
             let piece = std::mem::take(&mut held);
             file = Some(spill(file.take(), spill_dir, piece, false).await?);
         }
     }
-    Ok(match file {
-        None => Received::InMemory(held),
-        Some(file) => Received::Spilled(spill(Some(file), spill_dir, held, true).await?),
-    })
+    Ok(Received::Whole(match file {
+        None => Whole::InMemory(held),
+        Some(file) => Whole::Spilled(spill(Some(file), spill_dir, held, true).await?),
+    }))
 }
 
 /// Appends `piece` to a body's file (made unlinked in `dir` the first time), on the

@@ -70,6 +70,9 @@ const FILE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// How soon a store found sound after a reader's report of damage is checked again.
 const DAMAGE_RECHECK: Duration = Duration::from_secs(60);
+/// After the indexes owed to a first snapshot failed to build (a full disk), the writer
+/// tries again between jobs no sooner than this.
+const INDEX_RETRY: Duration = Duration::from_secs(10);
 
 /// Call events that may wait for the writer, by default (`feed.max_queued_events`): a busy
 /// node's events (600 call attempts a second, three events each) for the ~8 s a 100k-call
@@ -198,6 +201,7 @@ impl WriterThread {
             events: events.clone(),
             health,
             damage_checked: None,
+            index_retry_at: None,
             live: committed.live,
             checkpointer: Some(Checkpointer::start(&path)?),
         };
@@ -256,6 +260,8 @@ struct Worker {
     health: Arc<StoreHealth>,
     /// The store generation a reader's report of damage was last checked for, and when.
     damage_checked: Option<(u64, Instant)>,
+    /// Not before this, the writer tries again the indexes it failed to build.
+    index_retry_at: Option<Instant>,
     /// Where each commit's scope goes, for live streams: published after the commit.
     live: live::Feed,
     /// Copies the WAL back beside the writer (`None` once stopped, at the end).
@@ -392,16 +398,29 @@ impl Worker {
 
     /// The indexes a first snapshot into an empty store was answered without, built now,
     /// after its answer and before the next job (`store::Writer::build_pending_indexes`).
+    /// A failure counts as any failed write (damage replaces the store, a full disk makes
+    /// the agent not ready), and is tried again no sooner than [`INDEX_RETRY`] here (the
+    /// next snapshot or event tries it too, as it must).
     fn build_pending_indexes(&mut self) {
+        if self.index_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
         let started = Instant::now();
         match self.writer.build_pending_indexes() {
-            Ok(true) => tracing::info!(
-                duration_ms = %format_args!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
-                "indexes built after the first snapshot"
-            ),
-            Ok(false) => {}
-            // Tried again before the next snapshot, whose own failure then says why.
-            Err(e) => tracing::warn!(error = %e, "building the indexes failed"),
+            Ok(built) => {
+                self.index_retry_at = None;
+                if built {
+                    tracing::info!(
+                        duration_ms = %format_args!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
+                        "indexes built after the first snapshot"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "building the indexes failed");
+                self.index_retry_at = Some(Instant::now() + INDEX_RETRY);
+                self.store_failed(&e);
+            }
         }
     }
 

@@ -172,6 +172,8 @@ impl Writer {
         self.conn = fresh.conn;
         self.stored = None;
         self.periods = Periods::default();
+        // The fresh store has its indexes: none are owed to it.
+        self.pending_indexes = None;
         Ok(aside)
     }
 }

@@ -80,6 +80,8 @@ pub struct ChangedCall {
 impl Writer {
     /// Applies `events`, in their order, in one transaction.
     pub fn apply_events(&mut self, events: &[Event]) -> rusqlite::Result<EventChanges> {
+        // The picture of the stored calls is read through an index.
+        self.build_pending_indexes()?;
         let staleness = self.staleness;
         let tx = self.conn.transaction()?;
         let mut calls = match self.stored.take() {

@@ -97,7 +97,7 @@ pub struct Writer {
     pub(super) ended_limits: (std::time::Duration, usize),
     /// The secondary indexes a first snapshot into an empty store committed without: built
     /// by [`build_pending_indexes`](Self::build_pending_indexes) right after its answer.
-    pending_indexes: Option<DroppedIndexes>,
+    pub(super) pending_indexes: Option<DroppedIndexes>,
 }
 
 impl Writer {
@@ -377,7 +377,7 @@ pub struct Changes {
 }
 
 /// The secondary indexes dropped for a bulk write, with their planner statistics.
-struct DroppedIndexes {
+pub(super) struct DroppedIndexes {
     create: Vec<String>,
     stats: Vec<(Option<String>, String)>,
 }

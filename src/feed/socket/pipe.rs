@@ -4,11 +4,13 @@
 //!
 //! Why it is bounded twice: the queue holds at most [`PIECES`] pieces (hyper's reads, up
 //! to a few hundred KB each), so memory does not grow when the writer is the slower side;
-//! and the writer may wait for the sender at most [`WAIT_BUDGET`] in all, summed over the
-//! whole body, so that a sender that slows down once it is being applied holds every
-//! other snapshot and event for no longer than that. Past it the reader fails with
-//! [`Stalled`], the apply rolls back, and the socket source refuses the post (503, to be
-//! sent again) and receives the next ones whole before applying them (`socket::Direct`).
+//! and the writer may wait for the sender at most its budget in all, summed over the whole
+//! body: [`WAIT_BASE`], and [`WAIT_PER_64_MIB`] for each 64 MiB the body declares (a
+//! sender keeping 64 MB/s never meets it; libcurl over loopback gives GB/s), so that a
+//! sender that slows down once it is being applied holds every other snapshot and event
+//! for no longer than that. Past it the reader fails with [`Stalled`], the apply rolls
+//! back, and the socket source refuses the post (503, to be sent again) and receives the
+//! next ones whole before applying them (`socket::Direct`).
 
 use std::io::{BufRead, Read};
 use std::sync::Arc;
@@ -20,11 +22,13 @@ use tokio::sync::Notify;
 
 /// Pieces queued between the receiving task and the writer's reader.
 const PIECES: usize = 16;
-/// How long, in all, the writer may wait for the rest of a body it applies as it arrives.
-pub const WAIT_BUDGET: Duration = Duration::from_secs(1);
+/// How long, in all, the writer may wait for the rest of a body it applies as it arrives:
+/// this, and [`WAIT_PER_64_MIB`] more for each 64 MiB of it.
+pub const WAIT_BASE: Duration = Duration::from_secs(1);
+pub const WAIT_PER_64_MIB: Duration = Duration::from_secs(1);
 
-/// The body stopped coming while it was being applied: the writer waited
-/// [`WAIT_BUDGET`] for it.
+/// The body stopped coming while it was being applied: the writer waited its budget for
+/// it.
 #[derive(Debug, thiserror::Error)]
 #[error("the body came too slowly to be applied as it arrived (the store waited {0:?} for it)")]
 pub struct Stalled(Duration);
@@ -50,11 +54,13 @@ pub struct PipeReader {
     current: Bytes,
     ended: bool,
     waited: Duration,
+    budget: Duration,
 }
 
-/// A pipe whose reader starts with `first` (what was received before the body was handed
-/// over).
-pub fn pipe(first: Vec<u8>) -> (PipeSender, PipeReader) {
+/// A pipe for a body of `declared` bytes whose reader starts with `first` (what was
+/// received before the body was handed over).
+pub fn pipe(first: Vec<u8>, declared: u64) -> (PipeSender, PipeReader) {
+    let budget = WAIT_BASE + WAIT_PER_64_MIB.mul_f64(declared as f64 / (64 << 20) as f64);
     let (queue, receiver) = std::sync::mpsc::sync_channel(PIECES);
     let space = Arc::new(Notify::new());
     let sender = PipeSender {
@@ -67,6 +73,7 @@ pub fn pipe(first: Vec<u8>) -> (PipeSender, PipeReader) {
         current: Bytes::from(first),
         ended: false,
         waited: Duration::ZERO,
+        budget,
     };
     (sender, reader)
 }
@@ -114,7 +121,7 @@ impl PipeReader {
             Err(TryRecvError::Disconnected) => return Err(cut()),
             Err(TryRecvError::Empty) => {
                 let started = Instant::now();
-                let left = WAIT_BUDGET.saturating_sub(self.waited);
+                let left = self.budget.saturating_sub(self.waited);
                 let piece = self.queue.recv_timeout(left);
                 self.waited += started.elapsed();
                 match piece {
@@ -128,6 +135,13 @@ impl PipeReader {
         };
         self.space.notify_one();
         Ok(piece)
+    }
+}
+
+impl Drop for PipeReader {
+    /// Wakes a sender waiting for room, which then finds the reader gone.
+    fn drop(&mut self) {
+        self.space.notify_one();
     }
 }
 
@@ -181,7 +195,7 @@ mod tests {
 
     #[test]
     fn the_reader_gets_the_first_bytes_then_the_pieces_in_order() {
-        let (sender, mut reader) = pipe(b"first\n".to_vec());
+        let (sender, mut reader) = pipe(b"first\n".to_vec(), 1 << 20);
         let rt = runtime();
         let read = std::thread::spawn(move || {
             let mut text = String::new();
@@ -200,23 +214,23 @@ mod tests {
 
     #[test]
     fn a_sender_that_stops_costs_the_reader_its_budget_then_an_error() {
-        let (sender, mut reader) = pipe(b"x".to_vec());
+        let (sender, mut reader) = pipe(b"x".to_vec(), 32 << 20);
         let started = Instant::now();
         let mut text = String::new();
         let error = reader.read_to_string(&mut text).expect_err("stalled");
         assert!(is_stalled(&error), "{error}");
-        assert!(started.elapsed() >= WAIT_BUDGET);
+        assert!(started.elapsed() >= WAIT_BASE + WAIT_PER_64_MIB / 2);
         drop(sender);
     }
 
     #[test]
     fn a_failure_reaches_the_reader_and_a_gone_reader_reaches_the_sender() {
-        let (sender, mut reader) = pipe(Vec::new());
+        let (sender, mut reader) = pipe(Vec::new(), 0);
         let rt = runtime();
         rt.block_on(sender.fail(std::io::Error::other("too large")));
         let error = reader.read(&mut [0; 8]).expect_err("failed");
         assert_eq!(error.to_string(), "too large");
-        let (sender, reader) = pipe(Vec::new());
+        let (sender, reader) = pipe(Vec::new(), 0);
         drop(reader);
         assert!(rt.block_on(sender.send(Bytes::from_static(b"x"))).is_err());
     }
