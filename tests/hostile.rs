@@ -415,6 +415,15 @@ fn a_full_disk_is_said_by_readyz_refused_with_507_and_a_failed_file_applied_once
     );
     let readyz = request(agent.api, "GET", "/readyz", &[]).text();
     assert!(readyz.contains("the store cannot be written"), "{readyz}");
+    // As the switch sends it (sized, at once, past 256 KB): applied as it arrives, so
+    // never in a file, and refused by the store the same way.
+    let reply = post(agent.feed, "/", &[], &named_snapshot("D", 3000));
+    assert_eq!(reply.status, 507, "{}", reply.text());
+    assert!(
+        reply.text().starts_with("Cannot store the snapshot"),
+        "{}",
+        reply.text()
+    );
     // The watched file fails the same way.
     write_file(
         &dir.path().join("snapshot.jsonl"),
@@ -424,7 +433,7 @@ fn a_full_disk_is_said_by_readyz_refused_with_507_and_a_failed_file_applied_once
     // The calls answered before are still answered.
     assert_eq!(agent.answer(), (vec!["A".to_string()], 3));
     let text = metrics_text(&agent);
-    for (reason, count) in [("spill", 1.0), ("disk", 1.0)] {
+    for (reason, count) in [("spill", 1.0), ("disk", 2.0)] {
         let series = format!(
             "active_calls_agent_snapshots_rejected_total{{source=\"socket\",reason=\"{reason}\"}}"
         );
