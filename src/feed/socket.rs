@@ -11,9 +11,10 @@
 //! **The writer waits on no client for long.** A body from this host (the switch's own
 //! libcurl over loopback) whose first [`IN_MEMORY_BYTES`] come within [`PROBE_WITHIN`] is
 //! handed to the writer as it arrives ([`pipe`]): receiving overlaps applying, and the body
-//! is copied nowhere else. The writer then waits for the rest at most
-//! [`pipe::WAIT_BUDGET`] in all; a body that slows down past it is refused (503, send it
-//! again) and, for [`DIRECT_PAUSE`], every body is received whole first. Any other body
+//! is copied nowhere else, one body at a time. The writer then waits for the rest at
+//! most [`pipe::WAIT_BASE`] in all, and [`pipe::WAIT_PER_64_MIB`] more per 64 MiB declared;
+//! a body that slows down past that is refused (503, send it again) and, for
+//! [`DIRECT_PAUSE`], every body is received whole first. Any other body
 //! (from another host, slow from its start, chunked) is received whole before the writer
 //! hears of it: in memory up to [`IN_MEMORY_BYTES`], past that into an unlinked file
 //! beside the store (page cache, rarely the disk: it is gone a moment later), which the
