@@ -118,17 +118,14 @@ impl Drop for DirectTurn<'_> {
 }
 
 impl Direct {
-    /// The declared length of a body that may arrive into the writer once its start came
+    /// The `declared` length of a body that may arrive into the writer once its start came
     /// fast ([`turn`](Self::turn)).
-    fn allows(&self, req: &Request<Incoming>) -> Option<u64> {
+    fn allows(&self, req: &Request<Incoming>, declared: Option<u64>) -> Option<u64> {
+        let declared = declared?;
         let local = req
             .extensions()
             .get::<ConnectionSocket>()
             .is_some_and(|socket| socket.peer().ip().to_canonical().is_loopback());
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())?;
         let calm = self
             .stalled_at
             .lock()
@@ -329,12 +326,12 @@ async fn insert(
     settings: &SocketSettings,
     metrics: &Metrics,
 ) -> Response<Body> {
-    let (insert_line, gzip) = match accepted_head(&req, settings) {
+    let (insert_line, gzip, declared) = match accepted_head(&req, settings) {
         Ok(head) => head,
         Err(refused) => return refused,
     };
     let max = settings.max_body_bytes;
-    let declared = settings.direct.allows(&req);
+    let declared = settings.direct.allows(&req, declared);
     let direct = declared.map(|_| &*settings.direct);
     let (wire, arriving) = match received(req.into_body(), settings, metrics, direct).await {
         Ok(Received::Arriving { first, body, turn }) => {
@@ -435,14 +432,15 @@ async fn feed_pipe(mut body: Incoming, sender: pipe::PipeSender, counted: u64, m
     }
 }
 
-/// What a post's head says of its body (whether an INSERT line must open it, and whether
-/// it is gzipped), or the answer refusing it before a byte of the body is read: bad
-/// credentials, another query, another encoding, a declared length past the bound.
+/// What a post's head says of its body (whether an INSERT line must open it, whether it
+/// is gzipped, and its declared length), or the answer refusing it before a byte of the
+/// body is read: bad credentials, another query, another encoding, a declared length past
+/// the bound.
 #[allow(clippy::result_large_err)]
 fn accepted_head(
     req: &Request<Incoming>,
     settings: &SocketSettings,
-) -> Result<(InsertLine, bool), Response<Body>> {
+) -> Result<(InsertLine, bool, Option<u64>), Response<Body>> {
     if !authorized(req, settings) {
         return Err(unauthorized());
     }
@@ -471,7 +469,7 @@ fn accepted_head(
             &BodyError::TooLarge(max).to_string(),
         ));
     }
-    Ok((insert_line, gzip))
+    Ok((insert_line, gzip, declared))
 }
 
 /// The body, received ([`receive`]), or the answer to a body that could not be: too
