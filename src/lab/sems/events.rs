@@ -233,67 +233,13 @@ impl Switch {
 mod tests {
     use std::collections::{HashMap, HashSet};
 
-    use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
     use serde_json::Value;
 
     use super::body::write_epoch;
     use super::body::{CONNECTED_KEYS, ROUTING_FLAGS, ROUTING_KEYS, ROUTING_NULLS, STARTED_KEYS};
     use super::*;
     use crate::clock::format_datetime;
-    use crate::lab::sems::tests::{NOW, rows, spaced, value};
-
-    /// Any JSON value, accepted only if every object in it, at every level, has its keys
-    /// in strictly increasing byte order.
-    struct Ordered;
-
-    impl<'de> Deserialize<'de> for Ordered {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Ordered, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Ordered;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("JSON")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
-                    let mut last: Option<String> = None;
-                    while let Some(key) = map.next_key::<String>()? {
-                        if last
-                            .as_ref()
-                            .is_some_and(|l| l.as_bytes() >= key.as_bytes())
-                        {
-                            return Err(A::Error::custom(format!("{key} after {last:?}")));
-                        }
-                        map.next_value::<Ordered>()?;
-                        last = Some(key);
-                    }
-                    Ok(Ordered)
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ordered, A::Error> {
-                    while seq.next_element::<Ordered>()?.is_some() {}
-                    Ok(Ordered)
-                }
-                fn visit_bool<E>(self, _: bool) -> Result<Ordered, E> {
-                    Ok(Ordered)
-                }
-                fn visit_i64<E>(self, _: i64) -> Result<Ordered, E> {
-                    Ok(Ordered)
-                }
-                fn visit_u64<E>(self, _: u64) -> Result<Ordered, E> {
-                    Ok(Ordered)
-                }
-                fn visit_f64<E>(self, _: f64) -> Result<Ordered, E> {
-                    Ok(Ordered)
-                }
-                fn visit_str<E>(self, _: &str) -> Result<Ordered, E> {
-                    Ok(Ordered)
-                }
-                fn visit_unit<E>(self) -> Result<Ordered, E> {
-                    Ok(Ordered)
-                }
-            }
-            d.deserialize_any(V)
-        }
-    }
+    use crate::lab::sems::tests::{NOW, Ordered, rows, spaced, value};
 
     const STARTED: &str = include_str!("../../../tests/fixtures/events/01-started-EPH.json");
     const REFUSED: &str = include_str!("../../../tests/fixtures/events/02-disconnected-EPH.json");
