@@ -388,22 +388,30 @@ fn a_client_that_stops_mid_body_changes_nothing() {
 }
 
 /// A body of node 1 large enough (> 256 KiB) to be applied as it arrives when it comes
-/// fast, with a head that declares its length.
-fn large_post(name: &str) -> (String, Vec<u8>) {
+/// fast.
+fn large_body(name: &str) -> Vec<u8> {
     let calls: Vec<Value> = (0..3000)
         .map(|i| call(1, &format!("{name}{i}"), 101, name))
         .collect();
-    let body = insert_body(&calls);
-    let head = format!(
-        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    (head, body)
+    insert_body(&calls)
 }
 
 /// Bytes a sender gives at once before it stops: past the 256 KiB that decide whether a
 /// body is applied as it arrives.
 const SENT_AT_ONCE: usize = 400_000;
+
+/// Begins posting `body` on a new connection to `feed`: a head declaring its length, and
+/// its first [`SENT_AT_ONCE`] bytes at once. The connection, for the rest and the answer.
+fn begin_post(feed: std::net::SocketAddr, body: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(feed).unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body[..SENT_AT_ONCE]).unwrap();
+    stream
+}
 
 /// A switch's body that stops coming once the writer applies it as it arrives holds the
 /// store for at most its budget (1 s): a snapshot of another node posted meanwhile is
@@ -414,11 +422,9 @@ fn a_body_that_stalls_while_it_applies_is_refused_and_the_next_is_received_whole
     let agent = start();
     let feed = agent.agent().feed_addr().unwrap();
     agent.post("/", &[], &insert_body(&[call(2, "a", 101, "kept")]));
-    let (head, body) = large_post("late");
+    let body = large_body("late");
     assert!(body.len() > SENT_AT_ONCE + 100_000);
-    let mut stalled = TcpStream::connect(feed).unwrap();
-    stalled.write_all(head.as_bytes()).unwrap();
-    stalled.write_all(&body[..SENT_AT_ONCE]).unwrap();
+    let mut stalled = begin_post(feed, &body);
     let started = Instant::now();
     let other = agent.post("/", &[], &insert_body(&[call(3, "b", 101, "other")]));
     assert_eq!(other.status, 200, "{}", other.text());
@@ -430,9 +436,7 @@ fn a_body_that_stalls_while_it_applies_is_refused_and_the_next_is_received_whole
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(names(&agent, ACCOUNT_101), ["kept", "other"]);
 
-    let mut slow = TcpStream::connect(feed).unwrap();
-    slow.write_all(head.as_bytes()).unwrap();
-    slow.write_all(&body[..SENT_AT_ONCE]).unwrap();
+    let mut slow = begin_post(feed, &body);
     // The slow sender under test: longer than the budget, well within the idle timeout.
     std::thread::sleep(Duration::from_millis(1500));
     slow.write_all(&body[SENT_AT_ONCE..]).unwrap();
@@ -449,22 +453,15 @@ fn a_large_body_cut_while_it_applies_changes_nothing() {
     let agent = start();
     let feed = agent.agent().feed_addr().unwrap();
     agent.post("/", &[], &insert_body(&[call(1, "a", 101, "kept")]));
-    let (head, body) = large_post("cut");
-    let mut stream = TcpStream::connect(feed).unwrap();
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(&body[..SENT_AT_ONCE]).unwrap();
-    drop(stream);
+    let body = large_body("cut");
+    drop(begin_post(feed, &body));
     poll_until("the cut body answered 400", || {
         feed_requests(&agent, "400") == 1.0
     });
     // The writer had it (a body received whole first never reaches it when cut).
     let metrics = request(agent.addr(), "GET", "/metrics", &[]).text();
-    assert!(
-        metrics.contains(
-            "active_calls_agent_snapshots_rejected_total{source=\"socket\",reason=\"input\"} 1"
-        ),
-        "{metrics}"
-    );
+    let series = r#"active_calls_agent_snapshots_rejected_total{source="socket",reason="input"}"#;
+    assert_eq!(metric(&metrics, series), Some(1.0), "{metrics}");
     assert_eq!(names(&agent, ACCOUNT_101), ["kept"]);
     // And a whole one, as fast, is applied.
     let mut stream = TcpStream::connect(feed).unwrap();

@@ -227,8 +227,9 @@ impl AgentProcess {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
     }
 
-    /// POSTs a snapshot with the switch's own client ([`curl_post_snapshot`]); the time
-    /// curl took from its connect to the 200, and the apply time the agent logged.
+    /// POSTs a snapshot with the switch's own client ([`curl_post_snapshot`]); curl's
+    /// whole run until the 200 (reading the body included, as for the floor), and the
+    /// apply time the agent logged.
     pub(crate) fn post(&self, body: &[u8]) -> anyhow::Result<(Duration, f64)> {
         self.skip_log();
         let took = curl_post_snapshot(self.feed, body)?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use super::{BenchOptions, ENDPOINT, SCRAPE_TOKEN, Series, tokens};
+use super::{BenchOptions, ENDPOINT, SCRAPE_TOKEN, Series, ms, tokens};
 use crate::lab::agent::AgentProcess;
 use crate::lab::sems::{BIG_ACCOUNT, customer_of, uuid_of};
 
@@ -27,7 +27,6 @@ pub(super) fn hostile(
     large: &Series,
     add: &mut impl FnMut(&str, String, &'static str),
 ) -> anyhow::Result<()> {
-    let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
     let agent = AgentProcess::start(&base.join("hostile"))?;
     agent.post(&large.full)?;
     let (alone, _) = agent.post(&large.period)?;

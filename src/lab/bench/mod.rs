@@ -121,6 +121,11 @@ pub(crate) fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// A duration as whole milliseconds: `1265 ms`.
+pub(crate) fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
 /// "p50 / p99 ms" of measurements in milliseconds.
 pub(crate) fn p50_p99(values: Vec<f64>) -> String {
     let values = sorted(values);
@@ -238,9 +243,11 @@ pub fn run(mut options: BenchOptions) -> anyhow::Result<()> {
         }
     };
     let _ = std::fs::remove_dir_all(&base);
-    // The default scenario compares with the ClickHouse engine on the same data: it dumps.
+    // The default scenario compares with the ClickHouse engine on the same data: it dumps
+    // what that needs, and the whole series only when asked to.
+    let asked_to_dump = options.dump.is_some();
     let default = !(options.events || options.streams || options.hostile || options.applies);
-    if default && options.dump.is_none() {
+    if default && !asked_to_dump {
         options.dump = Some(base.join("dump"));
     }
     let mut rows: Vec<Row> = Vec::new();
@@ -276,13 +283,16 @@ pub fn run(mut options: BenchOptions) -> anyhow::Result<()> {
     );
     if let Some(dump) = &options.dump {
         std::fs::create_dir_all(dump)?;
-        std::fs::write(dump.join("snapshot.jsonl"), &large.full)?;
-        // The rest of the series, to post by hand (with a profiler on the agent).
-        for (name, body) in [
+        // The snapshot for ClickHouse; the rest of the series to post by hand (with a
+        // profiler on the agent).
+        let series = [
+            ("snapshot", &large.full),
             ("resent", &large.resent),
             ("period", &large.period),
             ("churn", &large.churn),
-        ] {
+        ];
+        let wanted = if asked_to_dump { series.len() } else { 1 };
+        for (name, body) in &series[..wanted] {
             std::fs::write(dump.join(format!("{name}.jsonl")), body)?;
         }
         std::fs::write(dump.join("directory.json"), directory_json())?;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::floor::{Floor, multiple};
 use super::{
-    AgentProcess, BenchOptions, ENDPOINT, LOADED_PERIODS, PERIOD, Series, latencies, p50_p99,
+    AgentProcess, BenchOptions, ENDPOINT, LOADED_PERIODS, PERIOD, Series, latencies, ms, p50_p99,
     percentile, sorted, tokens,
 };
 use crate::lab::agent::{Applied, scrape, wait_for_spooled};
@@ -52,10 +52,6 @@ pub(super) fn applies(
     add: &mut impl FnMut(&str, String, &'static str),
 ) -> anyhow::Result<()> {
     large_node(options, base, large, None, &Floor::start()?, add).map(drop)
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 /// The small node: its full snapshot, then a period, through the socket; then the full
