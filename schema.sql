@@ -96,9 +96,10 @@ CREATE TABLE calls (
     event_ms                        INTEGER
 ) STRICT;
 
--- A call's identity is (node, local_tag), whatever account it is on. The index also holds
--- what a snapshot compares, so the writer reads a node's calls from it alone.
-CREATE INDEX calls_by_node ON calls (node_id, local_tag, customer_acc_id, row_hash, key_hash, line_key, snapshot_timestamp, event_ms);
+-- A call's identity is (node, local_tag), whatever account it is on: a node's calls are
+-- read (and removed) through this index. It holds nothing else, so that a call whose
+-- unindexed values change (it is answered) rewrites its row alone.
+CREATE INDEX calls_by_node ON calls (node_id, local_tag);
 
 -- Calls a "disconnected" event ended, remembered so that a snapshot dated before the end, or
 -- a buffered row of the call, does not bring it back (SPEC 2.4). Bounded: an entry goes
@@ -133,7 +134,7 @@ CREATE INDEX calls_dst_prefix_routing_rev ON calls (customer_acc_id, dst_prefix_
 ANALYZE sqlite_schema;
 INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', NULL, '100000'),
-    ('calls', 'calls_by_node', '100000 20000 1 1 1 1 1 1'),
+    ('calls', 'calls_by_node', '100000 20000 1'),
     ('calls', 'calls_src_name_in', '100000 1000 2'),
     ('calls', 'calls_src_prefix_in', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_in', '100000 1000 2'),
@@ -145,4 +146,4 @@ INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES
     ('calls', 'calls_src_prefix_routing_rev', '100000 1000 2'),
     ('calls', 'calls_dst_prefix_routing_rev', '100000 1000 2');
 
-PRAGMA user_version = 6;
+PRAGMA user_version = 7;

@@ -60,7 +60,7 @@ pub use write::{Changes, LineKeys, SnapshotTx, Writer};
 /// The whole schema, applied to a new database.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 /// The `user_version` that [`SCHEMA`] sets.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// Which feed sent a snapshot; a file's content replaces every node the file fed before.
 /// (A node heard from only by its call events has `events` as its source.)

@@ -2,17 +2,17 @@
 //!
 //! A snapshot of 100k calls must find each of its lines' calls, compare them and tell
 //! which ended, without a query per line: so the writer loads once what it compares (ids,
-//! hashes, line keys, from the covering `calls_by_node` index, and the calls events ended)
-//! and keeps it up to date with every snapshot and event it applies.
+//! hashes, line keys, and the calls events ended) and keeps it up to date with every
+//! snapshot and event it applies. It reads them from the table: once after a start, an idle
+//! spell or a failed write, never per snapshot, so no index is kept up to date for it.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, LazyLock};
 
-/// Every stored call, with what the writer compares and looks up, from the covering
-/// `calls_by_node` index.
+/// Every stored call, with what the writer compares and looks up.
 const LOAD_STORED_CALLS: &str = "SELECT call_id, node_id, local_tag, customer_acc_id, row_hash,
-    key_hash, line_key, snapshot_timestamp IS NOT NULL, event_ms FROM calls INDEXED BY calls_by_node";
+    key_hash, line_key, snapshot_timestamp IS NOT NULL, event_ms FROM calls";
 /// The calls events ended, still remembered.
 const LOAD_ENDED_CALLS: &str = "SELECT node_id, local_tag, ended_at_ms FROM ended_calls";
 
@@ -106,9 +106,9 @@ pub(super) struct StoredCall {
 /// to collide: the writer's name for a call, without holding its tag.
 pub(super) type TagHash = u64;
 
-/// The writer's picture of the stored calls: loaded once from the covering
-/// `calls_by_node` index, then kept up to date by each snapshot it applies, so that an
-/// apply finds a call, compares it and tells what ended without a query.
+/// The writer's picture of the stored calls: loaded once from the table, then kept up to
+/// date by each snapshot it applies, so that an apply finds a call, compares it and tells
+/// what ended without a query.
 pub(super) struct Stored {
     pub calls: IntMap<i64, StoredCall>,
     pub by_tag: IntMap<TagHash, i64>,
