@@ -436,20 +436,6 @@ impl SnapshotTx<'_> {
         Ok(())
     }
 
-    /// Whether a row of `node_id` with snapshot timestamp `row` (`None`: the receive time)
-    /// keeps a timestamp of its own: the first row of a node sets the node's.
-    fn own_timestamp(&mut self, node_id: i64, row: Option<&str>) -> bool {
-        let row = row.unwrap_or(&self.received_timestamp);
-        let node = self.nodes.entry(node_id).or_default();
-        match node {
-            Some(node) => node != row,
-            None => {
-                *node = Some(row.to_owned());
-                false
-            }
-        }
-    }
-
     /// The fast path: a line whose key is that of a stored call, which would change
     /// nothing. Returns `false` when the line must be parsed and [`put`](Self::put) instead.
     pub fn put_unchanged(&mut self, key: &LineKey<'_>) -> rusqlite::Result<bool> {
@@ -460,19 +446,17 @@ impl SnapshotTx<'_> {
             return Ok(false);
         };
         let epoch = self.stored.epoch;
-        let Some(call) = self.stored.calls.get(&call_id) else {
+        let Some(call) = self.stored.calls.get_mut(&call_id) else {
             return Ok(false);
         };
         if call.own_timestamp || call.seen_in == epoch {
             return Ok(false);
         }
-        let node_id = call.node_id;
-        if self.own_timestamp(node_id, key.snapshot_timestamp) {
+        let (nodes, received) = (&mut self.nodes, &self.received_timestamp);
+        if own_timestamp(nodes, received, call.node_id, key.snapshot_timestamp) {
             return Ok(false);
         }
-        if let Some(call) = self.stored.calls.get_mut(&call_id) {
-            call.seen_in = epoch;
-        }
+        call.seen_in = epoch;
         Ok(true)
     }
 
@@ -481,7 +465,12 @@ impl SnapshotTx<'_> {
     /// Where an event knows the call better (SPEC 2.4), the row changes nothing.
     pub fn put(&mut self, row: &CallRow<'_>, line_key: Option<i64>) -> rusqlite::Result<()> {
         let line_key = line_key.filter(|_| self.fast_path);
-        let own = self.own_timestamp(row.node_id, row.snapshot_timestamp.as_deref());
+        let own = own_timestamp(
+            &mut self.nodes,
+            &self.received_timestamp,
+            row.node_id,
+            row.snapshot_timestamp.as_deref(),
+        );
         let row_timestamp = row
             .snapshot_timestamp
             .as_deref()
@@ -730,6 +719,25 @@ impl SnapshotTx<'_> {
             nodes::changed(&self.tx, node, generation)?;
         }
         Ok(())
+    }
+}
+
+/// Whether a row of `node_id` with snapshot timestamp `row` (`None`: the receive time,
+/// `received`) keeps a timestamp of its own: the first row of a node sets the node's in
+/// `nodes` (the snapshot's nodes).
+fn own_timestamp(
+    nodes: &mut IntMap<i64, Option<String>>,
+    received: &str,
+    node_id: i64,
+    row: Option<&str>,
+) -> bool {
+    let row = row.unwrap_or(received);
+    match nodes.entry(node_id).or_default() {
+        Some(node) => node != row,
+        node => {
+            *node = Some(row.to_owned());
+            false
+        }
     }
 }
 
