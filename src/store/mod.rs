@@ -7,7 +7,7 @@
 //!
 //! Writes are the expensive part (ten secondary indexes), so the [`SnapshotTx`] writes only
 //! what changed. The [`Writer`] keeps a picture of the stored calls in memory between
-//! snapshots (their hashes, line keys and ids: loaded once from a covering index), so an
+//! snapshots (their hashes, line keys and ids: read once from the table), so an
 //! apply finds each incoming call, compares the hash of its row and rewrites it only when
 //! it differs (and its index entries only when an indexed value did), without a query;
 //! calls the snapshot no longer has are deleted at commit, in account order. Most lines of
