@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
@@ -334,11 +334,14 @@ async fn insert(
     let declared = settings.direct.allows(&req, declared);
     let direct = declared.map(|_| &*settings.direct);
     let (wire, arriving) = match received(req.into_body(), settings, metrics, direct).await {
-        Ok(Received::Arriving { first, body, turn }) => {
-            let counted = first.len() as u64;
+        Ok(Received::Arriving {
+            first,
+            frames,
+            turn,
+        }) => {
             let (sender, reader) = pipe::pipe(first, declared.unwrap_or(0));
             let wire: Box<dyn BufRead + Send> = Box::new(reader);
-            (wire, Some((sender, body, counted, turn)))
+            (wire, Some((sender, frames, turn)))
         }
         Ok(Received::Whole(whole)) => (whole.into_reader(), None),
         Err(refused) => return refused,
@@ -367,8 +370,8 @@ async fn insert(
     }
     let reply = match arriving {
         None => reply_rx.await,
-        Some((sender, body, counted, _turn)) => {
-            let feeding = feed_pipe(body, sender, counted, max);
+        Some((sender, frames, _turn)) => {
+            let feeding = feed_pipe(frames, sender);
             tokio::pin!(feeding);
             tokio::select! {
                 // The writer finished first: it refused the body, or gave up waiting for
@@ -395,37 +398,25 @@ async fn insert(
     applied(reply)
 }
 
-/// Passes the rest of an arriving body (`counted` bytes of it received already) to the
-/// writer, within `max` bytes and the timeouts, until it ends; once the writer stopped
-/// reading, drops what still comes (the caller bounds how long).
-async fn feed_pipe(mut body: Incoming, sender: pipe::PipeSender, counted: u64, max: u64) {
-    let mut total = counted;
-    let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
+/// Passes the rest of an arriving body to the writer until it ends; once the writer
+/// stopped reading, drops what still comes (the caller bounds how long).
+async fn feed_pipe(mut frames: Frames, sender: pipe::PipeSender) {
     let mut reader_gone = false;
     loop {
-        let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
-        let failed = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
+        let failed = match frames.next().await {
             Ok(None) => {
                 let _ = sender.end().await;
                 return;
             }
-            Ok(Some(Ok(frame))) => {
-                let Ok(data) = frame.into_data() else {
-                    continue; // trailers
-                };
-                total += data.len() as u64;
-                if reader_gone {
-                    continue;
-                }
-                if total <= max {
+            Ok(Some(data)) => {
+                if !reader_gone {
                     // Err: the writer is done with it (refused, or stalled).
                     reader_gone = sender.send(data).await.is_err();
-                    continue;
                 }
-                BodyError::TooLarge(max)
+                continue;
             }
-            Ok(Some(Err(e))) => BodyError::Cut(e),
-            Err(_) => BodyError::Slow,
+            Err(BodyError::TooLarge(_)) if reader_gone => continue,
+            Err(failed) => failed,
         };
         sender.fail(std::io::Error::other(failed)).await;
         return;
@@ -570,7 +561,7 @@ enum Received<'a> {
     /// Its first bytes came fast: the rest is applied as it arrives, in its turn.
     Arriving {
         first: Vec<u8>,
-        body: Incoming,
+        frames: Frames,
         turn: DirectTurn<'a>,
     },
 }
@@ -591,37 +582,66 @@ impl Whole {
     }
 }
 
+/// A posted body's data, read within `max` bytes in all, [`BODY_IDLE_TIMEOUT`] between
+/// frames and [`BODY_TOTAL_TIMEOUT`] from the start: how [`receive`] reads a body, and
+/// [`feed_pipe`] the rest of one arriving into the writer.
+struct Frames {
+    body: Incoming,
+    total: u64,
+    max: u64,
+    deadline: tokio::time::Instant,
+}
+
+impl Frames {
+    fn new(body: Incoming, max: u64) -> Frames {
+        let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
+        Frames {
+            body,
+            total: 0,
+            max,
+            deadline,
+        }
+    }
+
+    /// The next piece of data (trailers are skipped); `None` once the body ended.
+    async fn next(&mut self) -> Result<Option<Bytes>, BodyError> {
+        loop {
+            let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
+            let frame =
+                match tokio::time::timeout_at(idle.min(self.deadline), self.body.frame()).await {
+                    Ok(None) => return Ok(None),
+                    Ok(Some(Ok(frame))) => frame,
+                    Ok(Some(Err(e))) => return Err(BodyError::Cut(e)),
+                    Err(_) => return Err(BodyError::Slow),
+                };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            self.total += data.len() as u64;
+            if self.total > self.max {
+                return Err(BodyError::TooLarge(self.max));
+            }
+            return Ok(Some(data));
+        }
+    }
+}
+
 /// Receives the body, within `max` bytes and the timeouts: in memory while it is small,
 /// else in an unlinked file in `spill_dir`, unless `direct` allows it to be applied as it
 /// arrives, its first [`IN_MEMORY_BYTES`] came within [`PROBE_WITHIN`], and it gets the
 /// turn.
 async fn receive<'a>(
-    mut body: Incoming,
+    body: Incoming,
     max: u64,
     spill_dir: &std::path::Path,
     direct: Option<&'a Direct>,
 ) -> Result<Received<'a>, BodyError> {
-    let mut total = 0u64;
+    let mut frames = Frames::new(body, max);
     let mut held = Vec::new();
     let mut file: Option<std::fs::File> = None;
     let mut first_at = None;
-    let deadline = tokio::time::Instant::now() + BODY_TOTAL_TIMEOUT;
-    loop {
-        let idle = tokio::time::Instant::now() + BODY_IDLE_TIMEOUT;
-        let frame = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
-            Ok(None) => break,
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(e))) => return Err(BodyError::Cut(e)),
-            Err(_) => return Err(BodyError::Slow),
-        };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
+    while let Some(data) = frames.next().await? {
         let first_at = *first_at.get_or_insert_with(Instant::now);
-        total += data.len() as u64;
-        if total > max {
-            return Err(BodyError::TooLarge(max));
-        }
         held.extend_from_slice(&data);
         if held.len() >= IN_MEMORY_BYTES {
             let turn = direct
@@ -630,7 +650,7 @@ async fn receive<'a>(
             if let Some(turn) = turn {
                 return Ok(Received::Arriving {
                     first: held,
-                    body,
+                    frames,
                     turn,
                 });
             }
