@@ -337,6 +337,12 @@ impl SmallDisk {
     }
 }
 
+/// Asserts a snapshot was refused for the disk: 507, and a body that starts with `text`.
+fn refused_507(reply: &Reply, text: &str) {
+    assert_eq!(reply.status, 507, "{}", reply.text());
+    assert!(reply.text().starts_with(text), "{}", reply.text());
+}
+
 /// POSTs `body` to the feed's `/` as one chunk of a chunked body.
 fn post_chunked(addr: std::net::SocketAddr, body: &[u8]) -> Reply {
     use std::io::Write;
@@ -390,14 +396,7 @@ fn a_full_disk_is_said_by_readyz_refused_with_507_and_a_failed_file_applied_once
     // Too large for memory, and chunked (no length: received whole before it applies, not
     // as it arrives): it cannot be received into its file.
     let reply = post_chunked(agent.feed, &named_snapshot("B", 3000));
-    assert_eq!(reply.status, 507, "{}", reply.text());
-    assert!(
-        reply
-            .text()
-            .starts_with("Cannot receive the snapshot into a file"),
-        "{}",
-        reply.text()
-    );
+    refused_507(&reply, "Cannot receive the snapshot into a file");
     let readyz = request(agent.api, "GET", "/readyz", &[]);
     assert_eq!(readyz.status, 503, "{}", readyz.text());
     assert!(
@@ -407,23 +406,13 @@ fn a_full_disk_is_said_by_readyz_refused_with_507_and_a_failed_file_applied_once
     );
     // Received in memory, but the store cannot take it.
     let reply = post(agent.feed, "/", &[], &named_snapshot("C", 500));
-    assert_eq!(reply.status, 507, "{}", reply.text());
-    assert!(
-        reply.text().starts_with("Cannot store the snapshot"),
-        "{}",
-        reply.text()
-    );
+    refused_507(&reply, "Cannot store the snapshot");
     let readyz = request(agent.api, "GET", "/readyz", &[]).text();
     assert!(readyz.contains("the store cannot be written"), "{readyz}");
     // As the switch sends it (sized, at once, past 256 KB): applied as it arrives, so
     // never in a file, and refused by the store the same way.
     let reply = post(agent.feed, "/", &[], &named_snapshot("D", 3000));
-    assert_eq!(reply.status, 507, "{}", reply.text());
-    assert!(
-        reply.text().starts_with("Cannot store the snapshot"),
-        "{}",
-        reply.text()
-    );
+    refused_507(&reply, "Cannot store the snapshot");
     // The watched file fails the same way.
     write_file(
         &dir.path().join("snapshot.jsonl"),

@@ -80,7 +80,7 @@ pub struct ChangedCall {
 impl Writer {
     /// Applies `events`, in their order, in one transaction.
     pub fn apply_events(&mut self, events: &[Event]) -> rusqlite::Result<EventChanges> {
-        // The picture of the stored calls is read through an index.
+        // Every write meets the indexes: those owed to a first snapshot come first.
         self.build_pending_indexes()?;
         let staleness = self.staleness;
         let tx = self.conn.transaction()?;

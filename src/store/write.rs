@@ -214,7 +214,7 @@ impl Writer {
         origin: Origin,
         received_at: SystemTime,
     ) -> rusqlite::Result<SnapshotTx<'_>> {
-        // The picture of the stored calls is read through an index.
+        // Every write meets the indexes: those owed to a first snapshot come first.
         self.build_pending_indexes()?;
         let received_at_ms = unix_millis(received_at);
         let Writer {
