@@ -404,8 +404,12 @@ fn a_full_disk_is_said_by_readyz_refused_with_507_and_a_failed_file_applied_once
         "{}",
         readyz.text()
     );
-    // Received in memory, but the store cannot take it.
-    let reply = post(agent.feed, "/", &[], &named_snapshot("C", 500));
+    // Received in memory, but the store cannot take it. Its rows are made wide (a long
+    // name: a wide tag and wide src_name_in entries) so that its write is larger than the
+    // WAL file holds already: a write that fits there needs no new space, and a full disk
+    // may take it (the body stays under the 256 KB kept in memory).
+    let wide = format!("C{}", "c".repeat(29));
+    let reply = post(agent.feed, "/", &[], &named_snapshot(&wide, 500));
     refused_507(&reply, "Cannot store the snapshot");
     let readyz = request(agent.api, "GET", "/readyz", &[]).text();
     assert!(readyz.contains("the store cannot be written"), "{readyz}");
